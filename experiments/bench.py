@@ -1,0 +1,235 @@
+r"""Benchmarks. Each suite warms up (compiles) first, blocks on results, reports medians and
+runs its baseline in the same process, so figures are ratios measured side by side.
+
+    python -m experiments.bench --suite=env --out=/tmp/bench_env.json
+    python -m experiments.bench --suite=env --quick        # small sizes, a smoke run
+
+Suites: env (Countdown-v0 vs gymnax CartPole-v1 vs a plain-Python Countdown;
+generate_problems). Later suites (datagen, sampler, runtime, train) register here too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("suite", "env", ["env"], "Which benchmark suite to run.")
+flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
+flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
+flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
+
+
+def machine() -> dict:
+    import jax
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` (which must block on its result) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall times of several blocking callables, timed in turn (A, B, A, B, ...) after
+    one warm-up call each, so that a baseline and its competitor see the same machine."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------------------
+# env suite
+# ----------------------------------------------------------------------------------------
+def _scan_steps(env, params, policy, batch: int, steps: int):
+    """A jitted function key -> (total reward) running `steps` vmapped env steps in lax.scan."""
+    import jax
+    import jax.numpy as jnp
+
+    step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def run(key):
+        k0, k1 = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k0, batch), params)
+
+        def body(carry, key):
+            obs, state, aux = carry
+            k_act, k_step = jax.random.split(key)
+            action, aux = policy(k_act, obs, state, aux)
+            obs, state, reward, *_rest, info = step(jax.random.split(k_step, batch), state, action, params)
+            return (obs, state, info.get("action_mask", aux)), reward.sum()
+
+        aux0 = jax.vmap(env.action_mask, in_axes=(0, None))(state, params) if hasattr(env, "action_mask") else None
+        _, rewards = jax.lax.scan(body, (obs, state, aux0), jax.random.split(k1, steps))
+        return rewards.sum()
+
+    return jax.jit(run)
+
+
+def _countdown_policy(batch, num_actions):
+    """Uniform over legal actions: one random word per env picks r in [0, #legal), then the
+    r-th legal action is found with a running count over the (static) action axis, which is
+    much cheaper on CPU than cumsum or a rank matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    def policy(key, obs, state, mask):
+        m = mask.astype(jnp.int32)
+        r = jnp.floor(jax.random.uniform(key, (batch,)) * m.sum(-1)).astype(jnp.int32)
+        seen = jnp.zeros((batch,), jnp.int32)
+        action = jnp.zeros((batch,), jnp.int32)
+        for a in range(num_actions):
+            seen = seen + m[:, a]
+            action = action + (seen <= r)
+        return action, mask
+
+    return policy
+
+
+def _gymnax_cartpole():
+    """gymnax's CartPole-v1 (gymnax >= 1.0 has the same 6-tuple step), or None."""
+    try:
+        import gymnax
+    except ImportError:
+        return None
+    return gymnax.make("CartPole-v1")
+
+
+def _python_countdown_steps_per_s(num_numbers: int, seconds: float) -> float:
+    """The plain-Python Countdown from the test suite, random legal actions, auto-reset."""
+    import numpy as np
+
+    from envs import countdown
+    from tests import oracle
+
+    numbers, targets = countdown.generate_problems(__import__("jax").random.PRNGKey(0), 1000, num_numbers)
+    bank = list(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))
+    rng = random.Random(0)
+    env = oracle.PyCountdown(num_numbers)
+    env.reset(*rng.choice(bank))
+    steps, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(1000):
+            legal = [a for a, ok in enumerate(env.mask()) if ok]
+            _, _, done, _ = env.step(rng.choice(legal))
+            if done:
+                env.reset(*rng.choice(bank))
+        steps += 1000
+        if time.perf_counter() - t0 > seconds:
+            return steps / (time.perf_counter() - t0)
+
+
+def suite_env(quick: bool, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import envs
+    from envs import countdown
+
+    batches = [1, 16, 256, 4096, 65536] if not quick else [1, 256]
+    results = {"countdown": {}, "cartpole": {}, "python_countdown": None, "generate_problems": None}
+    env, params = envs.make("Countdown-v0", num_numbers=4)
+    cart = _gymnax_cartpole()
+    rows = []
+    for batch in batches:
+        steps = max(32, min(2048, 2**21 // batch)) if not quick else 32
+        fns = {"countdown": _scan_steps(env, params, _countdown_policy(batch, env.num_actions), batch, steps)}
+        if cart is not None:
+            def cart_policy(key, obs, state, aux, batch=batch):  # one random word per env, as above
+                return (jax.random.uniform(key, (batch,)) < 0.5).astype(jnp.int32), aux
+
+            fns["cartpole"] = _scan_steps(cart[0], cart[1], cart_policy, batch, steps)
+        times = interleaved_medians(
+            {name: (lambda f=f: f(jax.random.PRNGKey(0)).block_until_ready()) for name, f in fns.items()}, repeats
+        )
+        row = {"batch": batch}
+        for name, t in times.items():
+            results[name][batch] = batch * steps / t
+        row["Countdown-v0 steps/s"] = results["countdown"][batch]
+        if cart is not None:
+            row["CartPole-v1 steps/s"] = results["cartpole"][batch]
+            row["ratio"] = row["Countdown-v0 steps/s"] / row["CartPole-v1 steps/s"]
+        rows.append(row)
+    py = _python_countdown_steps_per_s(4, 0.5 if quick else 3.0)
+    results["python_countdown"] = py
+    print("\nCountdown-v0 (N=4, random legal actions, lax.scan of vmapped steps) vs gymnax CartPole-v1")
+    print_table(rows, ["batch", "Countdown-v0 steps/s", "CartPole-v1 steps/s", "ratio"])
+    top = max(batches)
+    print(f"\nplain-Python Countdown: {py:,.0f} steps/s; Countdown-v0 at batch {top}: "
+          f"{results['countdown'][top] / py:,.0f}x")
+    results["ratio_vs_python"] = results["countdown"][top] / py
+    if cart is not None:
+        results["ratio_vs_cartpole"] = results["countdown"][top] / results["cartpole"][top]
+    else:
+        print("gymnax not installed: CartPole-v1 baseline skipped (pip install '.[compat]')")
+
+    num = 500_000 if not quick else 20_000
+    key = jax.random.PRNGKey(0)
+    countdown.generate_problems(key, 1000)  # compile
+    t = median_time(lambda: countdown.generate_problems(key, num)[0].block_until_ready(), max(1, repeats // 2))
+    results["generate_problems"] = {"problems": num, "seconds": t, "problems_per_s": num / t}
+    print(f"\ngenerate_problems: {num:,} paper-distribution problems (N=4, targets 10..100, numbers "
+          f"1..99) in {t:.2f} s = {num / t:,.0f} problems/s")
+    return results
+
+
+SUITES = {"env": suite_env}
+
+
+def main(argv):
+    del argv
+    t0 = time.time()
+    results = {"suite": FLAGS.suite, "quick": FLAGS.quick, "machine": machine()}
+    results["results"] = SUITES[FLAGS.suite](FLAGS.quick, FLAGS.repeats if not FLAGS.quick else 1)
+    results["wall_s"] = time.time() - t0
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

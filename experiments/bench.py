@@ -5,7 +5,9 @@ runs its baseline in the same process, so figures are ratios measured side by si
     python -m experiments.bench --suite=env --quick        # small sizes, a smoke run
 
 Suites: env (Countdown-v0 vs gymnax CartPole-v1 vs a plain-Python Countdown;
-generate_problems). Later suites (datagen, sampler, runtime, train) register here too.
+generate_problems); datagen (traces/s of each solver and tokens/s of the tokenizer, per core,
+and a timed SoS+ + APR dataset build of --datagen_problems paper problems on all cores).
+Later suites (sampler, runtime, train) register here too.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Callable
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env"], "Which benchmark suite to run.")
+flags.DEFINE_enum("suite", "env", ["env", "datagen"], "Which benchmark suite to run.")
+flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
@@ -215,7 +218,74 @@ def suite_env(quick: bool, repeats: int) -> dict:
     return results
 
 
-SUITES = {"env": suite_env}
+def suite_datagen(quick: bool, repeats: int) -> dict:
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from envs import countdown
+    from jaxapr import data, traces
+    from jaxapr.tokenizer import CountdownTokenizer
+
+    n = 300 if quick else 2000
+    numbers, targets = jax.device_get(countdown.generate_problems(jax.random.PRNGKey(0), n))
+    problems = list(zip(numbers.tolist(), targets.tolist()))
+    rng = random.Random(0)
+    sizes = [(rng.randint(1, 5), rng.randint(1, 6)) for _ in problems]
+    sub_sizes = [rng.randint(b, 10) for _, b in sizes]
+    solvers = {
+        "SoS+ (sosp)": lambda: [traces.sosp(x, t, beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))],
+        "APR (apr)": lambda: [traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k)
+                              for k, ((x, t), (_, b), sb) in enumerate(zip(problems, sizes, sub_sizes))],
+        "SoS DFS": lambda: [traces.sos(x, t, strategy="dfs", seed=k) for k, (x, t) in enumerate(problems)],
+        "SoS BFS": lambda: [traces.sos(x, t, strategy="bfs", beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))],
+    }
+    results, rows = {"solvers": {}}, []
+    texts = {}
+    for name, fn in solvers.items():
+        texts[name] = fn()
+        t = median_time(fn, max(1, repeats // 2))
+        results["solvers"][name] = n / t
+        rows.append({"what": name, "per core /s": n / t, "unit": "traces"})
+    tok = CountdownTokenizer()
+    all_text = texts["SoS+ (sosp)"] + [c for tree in texts["APR (apr)"] for c in _all_calls(tree)]
+    num_tokens = sum(len(tok.encode(x)) for x in all_text)
+    t = median_time(lambda: [tok.encode(x) for x in all_text], repeats)
+    results["tokenizer_tokens_per_s"] = num_tokens / t
+    rows.append({"what": "tokenizer encode", "per core /s": num_tokens / t, "unit": "tokens"})
+    print("\nSolvers and tokenizer, one process (4-number paper problems, beams drawn as the original scripts do)")
+    print_table(rows, ["what", "per core /s", "unit"])
+    print("(the original Python solvers: about 300 APR and 900 SoS+ traces/s per core; target 3x)")
+
+    total = 2000 if quick else FLAGS.datagen_problems
+    splits = countdown.make_splits(0, {"train": total})
+    build = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("sosp", "apr"):
+            t0 = time.perf_counter()
+            m = data.build_dataset(os.path.join(tmp, kind), splits.splits, data.TraceConfig(kind=kind), seed=0)
+            build[kind] = {"seconds": time.perf_counter() - t0, "bytes_on_disk": m["bytes_on_disk"],
+                           "tokens_per_problem": m["splits"]["train"]["tokens_per_problem"],
+                           "examples": m["splits"]["train"]["examples"], "solved": m["splits"]["train"]["solved"]}
+    seconds = sum(b["seconds"] for b in build.values())
+    results["build"] = {"problems": total, "workers": os.cpu_count(), "seconds": seconds, "kinds": build}
+    print(f"\nDataset build: {total:,} paper problems, SoS+ and APR traces, tokenized (uint16), "
+          f"{os.cpu_count()} worker processes: {seconds:.1f} s")
+    for kind, b in build.items():
+        print(f"  {kind}: {b['seconds']:.1f} s, {b['tokens_per_problem']:,.0f} tokens/problem, "
+              f"{b['examples']:,} examples, solved {b['solved'] / total:.1%}, {b['bytes_on_disk'] / 2**20:,.1f} MiB")
+    return results
+
+
+def _all_calls(tree):
+    yield from tree.main_calls
+    for children in tree.sub_calls:
+        for child in children:
+            yield from _all_calls(child)
+
+
+SUITES = {"env": suite_env, "datagen": suite_datagen}
 
 
 def main(argv):

@@ -1,0 +1,32 @@
+"""Dataset configs for ``python -m experiments.gen_data --config=experiments/configs/data.py:<preset>``.
+
+Presets: ``tiny`` (3 numbers, small; tests and the quickstart), ``mini`` (4 small numbers, tens
+of thousands of problems; a 2-core CPU), ``paper`` (the APR paper: 4 numbers in 1..99, targets
+10..100, 500k training problems). Any field can be overridden: ``--config.problems.train=1000``.
+"""
+from ml_collections import ConfigDict
+
+PRESETS = ("tiny", "mini", "paper")
+
+
+def get_config(preset: str = "tiny") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown data preset {preset!r}: expected one of {PRESETS}")
+    c = ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.kinds = ("sosp", "apr")
+    c.num_workers = -1  # -1: all cores; 0: in the calling process
+    c.problems_per_task = 256
+    c.shard_examples = 200_000
+    problems = {
+        "tiny": dict(num_numbers=3, min_target=1, max_target=30, max_number=20, train=4_000, val=200, test=200),
+        "mini": dict(num_numbers=4, min_target=10, max_target=50, max_number=25, train=50_000, val=500, test=500),
+        "paper": dict(num_numbers=4, min_target=10, max_target=100, max_number=99, train=500_000, val=1_000, test=1_000),
+    }[preset]
+    c.problems = ConfigDict(dict(problems, holdout_target_fraction=0.0, test_unseen=0))
+    # Beam sizes as the original generation scripts draw them.
+    c.sosp = ConfigDict(dict(min_beam_size=1, max_beam_size=5, token_budget=False, only_solved=False))
+    c.apr = ConfigDict(dict(min_beam_size=1, max_beam_size=6, max_sub_call_beam_size=10, spawn_prob=0.9,
+                            max_depth=1, sub_call_budget=False, only_solved=False))
+    return c

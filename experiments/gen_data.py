@@ -1,0 +1,100 @@
+r"""Build the SoS+ and APR datasets: problems -> split -> traces -> tokenized shards.
+
+    python -m experiments.gen_data --config=experiments/configs/data.py:tiny --out=/tmp/jaxapr_data
+    python -m experiments.gen_data --config=experiments/configs/data.py:paper --out=data/paper \
+        --config.num_workers=16
+
+Writes <out>/problems (the splits, with a manifest), <out>/<kind> for each kind in
+config.kinds (shards + manifest), <out>/config.json (the resolved config) and
+<out>/gen_data.json (counts, token statistics, timings), and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
+flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
+flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
+
+
+def run(config, out: str, overwrite: bool = False, log=print) -> dict:
+    from envs import countdown
+    from jaxapr import data
+
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"--out={out!r} is not empty: expected a new directory (or pass --overwrite)")
+    os.makedirs(out, exist_ok=True)
+    kinds = tuple(config.kinds)
+    unknown = [k for k in kinds if k not in data.KINDS]
+    if unknown:
+        raise ValueError(f"config.kinds has {unknown}: expected some of {data.KINDS}")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    log(f"resolved config:\n{config}")
+    p = config.problems
+    sizes = {"train": p.train, "val": p.val, "test": p.test}
+    heldout = []
+    if p.test_unseen:
+        sizes["test_unseen"] = p.test_unseen
+        heldout = ["test_unseen"]
+    t0 = time.time()
+    splits = countdown.make_splits(
+        config.seed, sizes, num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target,
+        max_number=p.max_number, holdout_target_fraction=p.holdout_target_fraction, heldout_splits=heldout)
+    splits.save(os.path.join(out, "problems"))
+    report = {"problems_seconds": time.time() - t0, "kinds": {}}
+    log(f"problems: {sizes} in {report['problems_seconds']:.1f} s")
+    workers = os.cpu_count() if config.num_workers < 0 else config.num_workers
+    for kind in kinds:
+        trace_config = data.TraceConfig(kind=kind, **config[kind].to_dict())
+        t1 = time.time()
+        last = [0.0]
+
+        def progress(done, total, kind=kind, t1=t1):
+            if time.time() - last[0] > 5 or done == total:
+                last[0] = time.time()
+                log(f"  {kind}: {done:,}/{total:,} problems ({done / max(1e-9, time.time() - t1):,.0f}/s)")
+
+        manifest = data.build_dataset(
+            os.path.join(out, kind), splits.splits, trace_config, seed=config.seed, num_workers=workers,
+            problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress)
+        report["kinds"][kind] = {"seconds": time.time() - t1, "bytes_on_disk": manifest["bytes_on_disk"],
+                                 "splits": {s: {k: v for k, v in m.items() if k != "files"}
+                                            for s, m in manifest["splits"].items()}}
+    report["total_seconds"] = time.time() - t0
+    with open(os.path.join(out, "gen_data.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    rows = [("kind", "split", "problems", "solved", "examples", "tokens/problem", "max tokens", "MB")]
+    for kind, r in report["kinds"].items():
+        for split, s in r["splits"].items():
+            rows.append((kind, split, f"{s['problems']:,}", f"{s['solved'] / max(1, s['problems']):.1%}",
+                         f"{s['examples']:,}", f"{s['tokens_per_problem']:,.0f}",
+                         f"{s['tokens_per_example']['max']:,}", ""))
+        rows.append((kind, "(all)", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        log("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    log(f"wrote {out} in {report['total_seconds']:.1f} s")
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.out:
+        raise app.UsageError("--out is required: the directory to write the dataset into")
+    try:
+        run(FLAGS.config, FLAGS.out, FLAGS.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"gen_data: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -71,7 +71,7 @@ def _verify_one(tokens, length, nums, target):
     goal = (toks == ids["eq_goal"]) | (toks == ids["sub_goal"])
     spelled = jnp.ones((L,), bool)
     for k, t in enumerate(ids["spelled"]):
-        shifted = jnp.concatenate([toks[k:], jnp.full((k,), -1, jnp.int32)])
+        shifted = jnp.pad(toks, (0, k), constant_values=-1)[k:k + L]
         spelled &= shifted == t
     goal |= spelled
     line_goal = jax.ops.segment_max(goal.astype(jnp.int32), line, num_segments=L) > 0

@@ -132,6 +132,9 @@ def test_jit_vmap_no_retrace_and_bad_shapes():
     eager = traces.verify_tokens(ids, lens, nums4, np.array([target] * 4))
     assert eager.tolist() == [True] * 4
     chex.clear_trace_counter()
+    # Sequences shorter than the 12-token spelled "Goal Reached" pattern work too.
+    short = traces.verify_tokens(np.zeros((2, 3), np.int32), np.array([3, 0]), np.ones((2, 2), np.int32), np.ones(2))
+    assert short.tolist() == [False, False]
     with pytest.raises(ValueError, match="expected int32\\[B, L\\]"):
         traces.verify_tokens(ids[0], lens, nums4, np.zeros(4))
     with pytest.raises(ValueError, match="expected int32\\[B, N\\]"):

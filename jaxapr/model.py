@@ -1,0 +1,278 @@
+"""The policy: a Llama-style decoder-only transformer in Flax NNX.
+
+RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (``num_kv_heads`` <
+``num_heads``), tied or untied embeddings, attention through ``jax.nn.dot_product_attention``
+(a fused kernel on GPUs). Parameters are float32 by default; ``dtype`` is the compute dtype
+(float32 on CPU, bfloat16 on GPU/TPU); logits are always float32.
+
+Two forwards share the layers:
+
+- ``model(tokens, positions=None, segment_ids=None) -> logits`` for training: causal within a
+  row, and tokens of different segments (packed examples; 0 = padding) never attend to each
+  other.
+- ``model.forward_cached(tokens, positions, cache, write_mask) -> (logits, cache)`` for
+  decoding with a KV cache of a fixed number of rows (slots): the keys/values of token
+  ``(b, t)`` are written at cache index ``positions[b, t]`` where ``write_mask[b, t]``, and
+  each query attends to the cache entries at indices ``<= positions[b, t]``. So every row can
+  be at a different position: a prefill writes a prompt at 0..n-1, a decode step writes one
+  token per row at that row's own position. Entries beyond a row's position are never read,
+  so a released slot needs no clearing.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``norm``) that ``jaxapr.sharding`` maps to mesh axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxapr.tokenizer import CountdownTokenizer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = CountdownTokenizer().vocab_size
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # default d_model // num_heads
+    mlp_dim: int = 384
+    max_len: int = 1024  # the context window of one call
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def check(self) -> "ModelConfig":
+        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r}: expected a positive int")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: set head_dim")
+        if self.dims_per_head % 2:
+            raise ValueError(f"head dimension {self.dims_per_head} must be even for rotary positions")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {sorted(_DTYPES)}")
+        return self
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw).check()
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~1M parameters: tests and the quickstart on a 2-core CPU.
+    "tiny": ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=1024),
+    # a few M parameters: a 2-core CPU in <= 2 hours.
+    "mini": ModelConfig(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=768, max_len=1024),
+    # the APR paper: 18 layers, d 1024, 16 heads, MLP 2752, 4096 context (228M non-embedding).
+    "paper": ModelConfig(d_model=1024, num_layers=18, num_heads=16, num_kv_heads=16, mlp_dim=2752, max_len=4096,
+                         dtype="bfloat16"),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with optional field overrides; one-line error for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name].check()
+
+
+def param_count(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Number of parameters (computed from the shapes, not hand-written)."""
+    h, kv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head, cfg.d_model
+    attn = d * h * dh + 2 * d * kv * dh + h * dh * d
+    layer = attn + 3 * d * cfg.mlp_dim + 2 * d
+    total = cfg.num_layers * layer + d  # final norm
+    if embeddings:
+        total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Forward FLOPs per token with ``context`` keys attended (2 per multiply-add), including
+    the output projection; training costs about 3x this."""
+    matmul = 2 * (param_count(cfg, embeddings=False) - cfg.num_layers * 2 * cfg.d_model - cfg.d_model)
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.dims_per_head * context
+    return float(matmul + attention + 2 * cfg.d_model * cfg.vocab_size)
+
+
+def _param(rngs: nnx.Rngs, shape, names, scale: float, dtype) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, dtype) * scale
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",), eager_sharding=False)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding on x [B, T, H, D] at integer positions [B, T]."""
+    d = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
+        pd = _DTYPES[cfg.param_dtype]
+        self.cfg = cfg
+        self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), d**-0.5, pd)
+        self.wk = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), d**-0.5, pd)
+        self.wv = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), d**-0.5, pd)
+        self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), (h * dh) ** -0.5 / math.sqrt(2 * cfg.num_layers), pd)
+
+    def qkv(self, x, positions):
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        theta = self.cfg.rope_theta
+        return rotary(q, positions, theta), rotary(k, positions, theta), v
+
+    def attend(self, q, k, v, mask):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # mask [B, 1, T, S]
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, m, pd = cfg.d_model, cfg.mlp_dim, _DTYPES[cfg.param_dtype]
+        self.w_gate = _param(rngs, (d, m), ("embed", "mlp"), d**-0.5, pd)
+        self.w_up = _param(rngs, (d, m), ("embed", "mlp"), d**-0.5, pd)
+        self.w_down = _param(rngs, (m, d), ("mlp", "embed"), m**-0.5 / math.sqrt(2 * cfg.num_layers), pd)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = _DTYPES[cfg.param_dtype]
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        self.mlp = MLP(cfg, rngs)
+
+
+class Transformer(nnx.Module):
+    """The decoder-only policy; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = cfg.check()
+        self.cfg = cfg
+        pd = _DTYPES[cfg.param_dtype]
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pd)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model**-0.5, pd)
+
+    @property
+    def dtype(self):
+        return _DTYPES[self.cfg.dtype]
+
+    def _embed(self, tokens):
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            w = self.embed[...].astype(x.dtype).T * self.cfg.d_model**-0.5
+        else:
+            w = self.unembed[...].astype(x.dtype)
+        return (x @ w).astype(jnp.float32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Training forward: logits float32[B, T, V] for tokens int32[B, T]."""
+        b, t = tokens.shape
+        idx = jnp.arange(t, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(idx, (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        mask = (idx[None, :, None] >= idx[None, None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        x = self._embed(tokens)
+        for block in self.blocks:
+            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+            x = x + block.attn.attend(q, k, v, mask)
+            x = x + block.mlp(block.mlp_norm(x))
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> dict:
+        """A zero KV cache: {"k", "v"}: [layers, batch, max_len, kv_heads, head_dim]."""
+        max_len = max_len or self.cfg.max_len
+        shape = (self.cfg.num_layers, batch_size, max_len, self.cfg.num_kv_heads, self.cfg.dims_per_head)
+        dtype = dtype or self.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def forward_cached(self, tokens, positions, cache: dict, write_mask=None):
+        """Forward with a KV cache (see the module docstring) -> (logits f32[B, T, V], cache)."""
+        b, t = tokens.shape
+        s = cache["k"].shape[2]
+        if write_mask is None:
+            write_mask = jnp.ones((b, t), bool)
+        where = jnp.where(write_mask, positions, s)  # index s = out of range: dropped
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        x = self._embed(tokens)
+        new_k, new_v = [], []
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+            ck = cache["k"][layer].at[rows, where].set(k.astype(cache["k"].dtype), mode="drop")
+            cv = cache["v"][layer].at[rows, where].set(v.astype(cache["v"].dtype), mode="drop")
+            x = x + block.attn.attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+            x = x + block.mlp(block.mlp_norm(x))
+            new_k.append(ck)
+            new_v.append(cv)
+        return self._logits(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+
+def cache_bytes_per_slot(cfg: ModelConfig, max_len: int | None = None, dtype=None) -> int:
+    """Bytes of KV cache one slot holds."""
+    itemsize = jnp.dtype(dtype or _DTYPES[cfg.dtype]).itemsize
+    return 2 * cfg.num_layers * (max_len or cfg.max_len) * cfg.num_kv_heads * cfg.dims_per_head * itemsize
+
+
+def check_tokens(tokens: Any, cfg: ModelConfig, what: str = "tokens") -> None:
+    """One-line errors for host-side token input: ids outside the vocabulary, too long."""
+    import numpy as np
+
+    arr = np.asarray(tokens)
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{what} has dtype {arr.dtype}: expected integer token ids")
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = int(arr[(arr < 0) | (arr >= cfg.vocab_size)].flat[0])
+        raise ValueError(f"{what} contains token id {bad}: expected ids in [0, {cfg.vocab_size})")
+    if arr.ndim and arr.shape[-1] > cfg.max_len:
+        raise ValueError(f"{what} has length {arr.shape[-1]}: longer than the context max_len={cfg.max_len}")

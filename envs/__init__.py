@@ -4,12 +4,24 @@
     env, params = envs.make("Countdown-v0", num_numbers=4)
     obs, state = env.reset(key, params)
     obs, state, reward, terminated, truncated, info = env.step(key, state, action, params)
+
+    env = envs.make("ParallelSearch-v0", num_threads=4)[0]         # multi-agent (JaxMARL API)
+    obs, state = env.reset(key)
+    obs, state, rewards, dones, infos = env.step(key, state, actions)
+
+Adapters for gymnax's and JaxMARL's own wrappers: ``envs.compat`` (extra ``compat``).
 """
-from envs import countdown, spaces
+from envs import compat, countdown, multi_agent, parallel_search, scripted, spaces
 from envs.environment import Environment
+from envs.multi_agent import MultiAgentEnv
+from envs.parallel_search import ParallelSearch
 from envs.registry import make, register, registered_envs
 
 register("Countdown-v0", countdown.Countdown)
+register("ParallelSearch-v0", ParallelSearch)
 
-__all__ = ["Environment", "countdown", "make", "register", "registered_envs", "spaces"]
+__all__ = [
+    "Environment", "MultiAgentEnv", "ParallelSearch", "compat", "countdown", "make", "multi_agent",
+    "parallel_search", "register", "registered_envs", "scripted", "spaces",
+]
 __version__ = "0.1.0"

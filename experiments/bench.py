@@ -7,7 +7,10 @@ runs its baseline in the same process, so figures are ratios measured side by si
 Suites: env (Countdown-v0 vs gymnax CartPole-v1 vs a plain-Python Countdown;
 generate_problems); datagen (traces/s of each solver and tokens/s of the tokenizer, per core,
 and a timed SoS+ + APR dataset build of --datagen_problems paper problems on all cores).
-Later suites (sampler, runtime, train) register here too.
+sampler (the slot engine's decode and prefill tokens/s for the tiny and mini presets at
+batch 1..256, against a no-cache full-forward baseline, a matmul peak and, when torch and
+transformers are installed, Hugging Face ``LlamaForCausalLM.generate`` of the same shape).
+Later suites (runtime, train) register here too.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from typing import Callable
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env", "datagen"], "Which benchmark suite to run.")
+flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler"], "Which benchmark suite to run.")
 flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
+flags.DEFINE_list("sampler_presets", ["tiny", "mini"], "sampler: model presets (quick: tiny).")
+flags.DEFINE_list("sampler_batches", ["1", "16", "64", "256"], "sampler: batch sizes (quick: 1, 16).")
 
 
 def machine() -> dict:
@@ -285,7 +290,162 @@ def _all_calls(tree):
             yield from _all_calls(child)
 
 
-SUITES = {"env": suite_env, "datagen": suite_datagen}
+# ----------------------------------------------------------------------------------------
+# sampler suite
+# ----------------------------------------------------------------------------------------
+def _matmul_peak_flops(n: int = 2048) -> float:
+    """FLOP/s of a jitted float32 [n, n] @ [n, n] (the reference peak of this machine)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), 3)
+
+
+def _no_cache_segments(policy, batch: int, prompt_len: int, new: int, probe_steps: int):
+    """The no-cache baseline: greedy decoding that re-runs the full forward over the whole
+    sequence for every token. Shapes are static per length bucket (a power of two >= the
+    current length), so a step costs the same within a bucket; each bucket's jitted
+    ``fori_loop`` is timed for ``probe_steps`` steps and scaled to the steps that fall in it.
+    Returns [(steps in bucket, blocking callable running probe_steps steps)]."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params = nnx.split(policy)
+
+    def run(params, buf, start, steps):
+        model = nnx.merge(graphdef, params)
+
+        def body(i, buf):
+            t = start + i
+            logits = model(buf)
+            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), -1)
+            return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype)[:, None], t, axis=1)
+
+        return jax.lax.fori_loop(0, steps, body, buf)
+
+    jitted = jax.jit(run, static_argnums=(3,))
+    segments, length, end = [], prompt_len, prompt_len + new
+    while length < end:
+        bucket = 1 << length.bit_length()  # the smallest power of two > length: room for one more
+        steps = min(end, bucket) - length
+        buf = jnp.zeros((batch, bucket), jnp.int32)
+        start, k = length, min(probe_steps, steps)
+        segments.append((steps, k, lambda buf=buf, start=start, k=k: jitted(params, buf, start, k).block_until_ready()))
+        length += steps
+    return segments
+
+
+def _hf_llama(cfg):
+    """A random-weight Hugging Face LlamaForCausalLM of the same shape, or None."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    conf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.dims_per_head, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    return transformers.LlamaForCausalLM(conf).eval()
+
+
+def _hf_generate(hf, prompts, new: int):
+    import torch
+
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, eos_token_id=None, pad_token_id=0)
+    return run
+
+
+def suite_sampler(quick: bool, repeats: int) -> dict:
+    """Decode / prefill tokens/s of the slot engine vs a no-cache baseline and HF generate."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxapr import engine, model
+
+    presets = ["tiny"] if quick else FLAGS.sampler_presets
+    batches = [1, 16] if quick else [int(b) for b in FLAGS.sampler_batches]
+    prompt_len, new = 16, (32 if quick else 512)
+    repeats = min(repeats, 3)
+    peak = _matmul_peak_flops(1024 if quick else 2048)
+    print(f"\nmatmul peak (f32 jnp.dot): {peak / 1e9:,.1f} GFLOP/s")
+    results = {"matmul_peak_flops": peak, "prompt_len": prompt_len, "new_tokens": new, "rows": []}
+    rows = []
+    for preset in presets:
+        cfg = model.PRESETS[preset]
+        policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
+        hf = _hf_llama(cfg)
+        max_len = min(cfg.max_len, engine._next_pow2(prompt_len + new))
+        # useful FLOPs per generated token, at the mean context of the generation
+        flops = model.flops_per_token(cfg, prompt_len + new // 2)
+        for batch in batches:
+            rng = np.random.default_rng(batch)
+            prompts = rng.integers(3, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+            eng = engine.Engine(policy, num_slots=batch, max_len=max_len)
+            times = {"prefill": [], "decode": []}
+
+            def run_engine():
+                eng.release(range(batch))
+                t0 = time.perf_counter()
+                eng.insert(list(prompts), max_new_tokens=new)
+                jax.block_until_ready(eng.slots)
+                t1 = time.perf_counter()
+                steps = int(eng.decode(new))
+                t2 = time.perf_counter()
+                assert steps == new - 1 and eng.finished() == list(range(batch))
+                times["prefill"].append(t1 - t0)
+                times["decode"].append(t2 - t1)
+
+            segments = _no_cache_segments(policy, batch, prompt_len, new, probe_steps=2 if quick else 4)
+            fns = {"engine": run_engine}
+            fns.update({f"nocache{i}": fn for i, (_, _, fn) in enumerate(segments)})
+            if hf is not None:
+                fns["hf"] = _hf_generate(hf, prompts, new)
+            med = interleaved_medians(fns, repeats)
+            prefill_t = statistics.median(times["prefill"][1:])
+            decode_t = statistics.median(times["decode"][1:])
+            decode_tps = batch * (new - 1) / decode_t
+            engine_tps = batch * new / (prefill_t + decode_t)
+            nocache_t = sum(steps / k * med[f"nocache{i}"] for i, (steps, k, _) in enumerate(segments))
+            row = {
+                "preset": preset, "batch": batch,
+                "decode tok/s": decode_tps,
+                "prefill tok/s": batch * prompt_len / prefill_t,
+                "gen tok/s": engine_tps,
+                "no-cache tok/s": batch * new / nocache_t,
+                "x no-cache": engine_tps / (batch * new / nocache_t),
+                "HF tok/s": batch * new / med["hf"] if hf is not None else None,
+                "x HF": engine_tps / (batch * new / med["hf"]) if hf is not None else None,
+                "peak frac": decode_tps * flops / peak,
+                "KV bytes/slot": model.cache_bytes_per_slot(cfg, max_len),
+            }
+            rows.append(row)
+            results["rows"].append(row)
+            print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+    print(f"\nSlot engine, greedy, prompt {prompt_len} + {new} generated tokens (stop_ids=(): all real), "
+          f"cache max_len {max_len}; gen = prefill + decode; no-cache = full forward per token "
+          "(length-bucketed, probed and scaled); HF = LlamaForCausalLM.generate, same shape, random weights")
+    print_table(rows, ["preset", "batch", "decode tok/s", "prefill tok/s", "gen tok/s", "no-cache tok/s",
+                       "x no-cache", "HF tok/s", "x HF", "peak frac", "KV bytes/slot"])
+    if rows and rows[0]["HF tok/s"] is None:
+        print("torch/transformers not installed: the HF generate row is skipped")
+    return results
+
+
+SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler}
 
 
 def main(argv):

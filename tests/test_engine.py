@@ -1,0 +1,263 @@
+"""The slot engine against a no-cache reference (full forward per token) on a random tiny model."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxapr import engine, model
+
+CFG = model.ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64,
+                        tie_embeddings=False)  # untied: random weights give varied greedy tokens
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return model.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, CFG.vocab_size, size=n).astype(np.int32) for n in (1, 5, 9, 17, 3, 30)]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(graphdef):
+    """Jitted full forward of a fixed-length [1, max_len] row: logits at every position."""
+    return jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
+
+
+def full_logits(policy, seq):
+    """No-cache reference: logits f32[len(seq), V] of the full (non-cached) forward."""
+    graphdef, params = nnx.split(policy)
+    row = np.zeros((1, CFG.max_len), np.int32)
+    row[0, : len(seq)] = seq
+    return np.asarray(_forward(graphdef)(params, row))[: len(seq)]
+
+
+def greedy_reference(policy, prompt, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(np.argmax(full_logits(policy, seq)[-1])))
+    return np.array(seq[len(prompt):], np.int32)
+
+
+@pytest.fixture(scope="module")
+def reference(policy, prompts):
+    return [greedy_reference(policy, p, NEW) for p in prompts]
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------------------
+def test_greedy_cache_equals_no_cache(policy, prompts, reference):
+    out = engine.generate(policy, prompts, max_new_tokens=NEW)
+    assert out.tokens.shape == (len(prompts), NEW) and out.tokens.dtype == np.int32
+    assert out.lengths.tolist() == [NEW] * len(prompts)
+    for row, ref in zip(out.tokens, reference):
+        np.testing.assert_array_equal(row, ref)
+    assert len({tuple(r) for r in reference}) > 1 and any(len(set(r)) > 2 for r in reference)  # not degenerate
+
+
+def test_batch_equals_each_alone(policy, prompts):
+    batched = engine.generate(policy, prompts, max_new_tokens=NEW, num_slots=8)
+    for i, p in enumerate(prompts):
+        alone = engine.generate(policy, [p], max_new_tokens=NEW, num_slots=1, max_len=batched_max_len(prompts))
+        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[i])
+        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], atol=1e-5)
+
+
+def batched_max_len(prompts):
+    return min(CFG.max_len, engine._next_pow2(max(len(p) for p in prompts) + NEW))
+
+
+def test_queue_more_prompts_than_slots(policy, prompts, reference):
+    out = engine.generate(policy, prompts, max_new_tokens=NEW, num_slots=2, steps_per_call=3)
+    np.testing.assert_array_equal(out.tokens, np.stack(reference))
+
+
+def test_insert_while_others_decode(policy, prompts, reference):
+    eng = engine.Engine(policy, num_slots=4)
+    a = eng.insert(prompts[:2], max_new_tokens=NEW)
+    eng.decode(4)
+    assert eng.finished() == [] and eng.free_slots() == [2, 3]
+    b = eng.insert(prompts[2:4], max_new_tokens=NEW)          # mid-way, others at step 5
+    eng.decode(3)
+    eng.release([a[0]])                                         # cancel a running slot
+    c = eng.insert(prompts[4:5], slots=[a[0]], max_new_tokens=NEW)
+    eng.decode(100)
+    assert sorted(eng.finished()) == [0, 1, 2, 3]
+    outs = eng.read([a[1]] + b + c)
+    for out, ref in zip(outs, [reference[1], reference[2], reference[3], reference[4]]):
+        np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_stop_tokens_and_limits(policy, prompts, reference):
+    stop = int(reference[3][4])  # prompt 3 stops at its first occurrence of this token
+    first = int(np.flatnonzero(reference[3] == stop)[0])
+    long_prompt = np.resize(prompts[5], CFG.max_len - 3)  # context end: room for 3 tokens
+    eng = engine.Engine(policy, num_slots=4)
+    ps = [prompts[3], prompts[0], prompts[1], long_prompt]
+    eng.insert(ps, max_new_tokens=[NEW, NEW, 4, NEW], stop_ids=[stop])
+    eng.decode(1)
+    eng.decode(100)
+    out = eng.read(range(4))
+    np.testing.assert_array_equal(out[0].tokens, reference[3][: first + 1])  # stop token included
+    assert out[0].tokens[-1] == stop
+    for j, (o, ref) in enumerate(zip(out[1:3], (reference[0], reference[1]))):
+        stops = np.flatnonzero(ref == stop)
+        end = min(stops[0] + 1 if stops.size else NEW, (NEW, 4)[j])
+        np.testing.assert_array_equal(o.tokens, ref[:end])
+    assert len(out[3].tokens) <= 3 and (len(out[3].tokens) == 3 or out[3].tokens[-1] == stop)
+    assert eng.finished() == [0, 1, 2, 3]
+    eng.decode(5)  # finished slots neither write nor advance
+    assert [len(o.tokens) for o in eng.read(range(4))] == [len(o.tokens) for o in out]
+    eng.release([1])
+    assert eng.finished() == [0, 2, 3] and eng.free_slots() == [1]
+
+
+def test_stop_ids_empty_runs_to_max_new(policy, prompts):
+    out = engine.generate(policy, prompts[:2], max_new_tokens=5, stop_ids=())
+    assert out.lengths.tolist() == [5, 5]
+
+
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                dict(temperature=1.3, top_p=0.8)])
+def test_seed_reproduces_and_slot_independent(policy, prompts, kw):
+    key = jax.random.key(3)
+    a = engine.generate(policy, prompts, max_new_tokens=NEW, key=key, **kw)
+    b = engine.generate(policy, prompts, max_new_tokens=NEW, key=key, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    c = engine.generate(policy, prompts, max_new_tokens=NEW, key=key, num_slots=2, steps_per_call=3, **kw)
+    np.testing.assert_array_equal(a.tokens, c.tokens)  # other slots / queueing do not matter
+    d = engine.generate(policy, prompts, max_new_tokens=NEW, key=jax.random.key(4), **kw)
+    assert not np.array_equal(a.tokens, d.tokens)
+
+
+def test_top_k_one_is_greedy(policy, prompts, reference):
+    out = engine.generate(policy, prompts, max_new_tokens=NEW, temperature=1.0, top_k=1, key=jax.random.key(0))
+    np.testing.assert_array_equal(out.tokens, np.stack(reference))
+
+
+def test_top_p_keeps_the_right_set():
+    probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    kept = lambda p, k=0: np.isfinite(np.asarray(engine.filter_logits(logits, 1.0, k, p))).nonzero()[0].tolist()
+    assert kept(0.3) == [1]             # 0.4 >= 0.3
+    assert kept(0.5) == [1, 3]          # 0.4 < 0.5 <= 0.7
+    assert kept(0.7) == [1, 3]          # exactly reached: no more
+    assert kept(0.71) == [1, 3, 4]
+    assert kept(0.96) == [0, 1, 2, 3, 4]
+    assert kept(1.0) == [0, 1, 2, 3, 4]
+    assert kept(1.0, k=2) == [1, 3]
+    assert kept(0.9, k=3) == [1, 3, 4]
+    # samples only ever come from the kept set
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), 2000))
+    toks, _ = engine.sample_logits(jnp.tile(logits, (2000, 1)), keys, jnp.ones(2000), jnp.zeros(2000, jnp.int32),
+                                   jnp.full(2000, 0.5))
+    assert set(np.asarray(toks).tolist()) == {1, 3}
+    frac = float(np.mean(np.asarray(toks) == 1))
+    assert abs(frac - 0.4 / 0.7) < 0.05  # renormalized within the set
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.5, top_p=0.9), dict(temperature=0.0)])
+def test_logprobs_match_full_forward(policy, prompts, kw):
+    out = engine.generate(policy, prompts[:3], max_new_tokens=NEW, key=jax.random.key(7), **kw)
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        logits = full_logits(policy, np.concatenate([p, toks]))
+        ref = log_softmax(logits[len(p) - 1: len(p) - 1 + NEW])[np.arange(NEW), toks]
+        np.testing.assert_allclose(lps, ref, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------
+def test_no_retrace_beyond_buckets(policy):
+    before = dict(engine.TRACE_COUNTS)
+    eng = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        lens = rng.integers(1, 30, size=rng.integers(1, 5))
+        eng.insert([rng.integers(3, CFG.vocab_size, size=n) for n in lens], max_new_tokens=int(rng.integers(1, 20)),
+                   temperature=float(rng.choice([0.0, 1.0])), top_p=0.9, key=jax.random.key(1))
+        eng.decode(int(rng.integers(1, 9)))
+        eng.release(eng.finished())
+        eng.release(eng.running())
+    eng.update_params(model.Transformer(CFG, rngs=nnx.Rngs(9)))  # new weights, no recompile
+    eng.insert([np.arange(3, 10)], max_new_tokens=3)
+    eng.decode(3)
+    again = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))
+    again.insert([np.arange(3, 10)], max_new_tokens=3)
+    again.decode(3)
+    delta = {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode", "release")}
+    assert delta["prefill"] <= 2 and delta["decode"] <= 1 and delta["release"] <= 1, delta
+
+
+def test_update_params_changes_outputs(policy, prompts, reference):
+    eng = engine.Engine(policy, num_slots=2)
+    other = model.Transformer(CFG, rngs=nnx.Rngs(11))
+    eng.update_params(nnx.split(other)[1])
+    eng.insert(prompts[:1], max_new_tokens=NEW)
+    eng.decode(NEW)
+    np.testing.assert_array_equal(eng.read([0])[0].tokens, greedy_reference(other, prompts[0], NEW))
+
+
+# ----------------------------------------------------------------------------------------
+def test_sharded_equals_unsharded(policy, prompts):
+    from jaxapr import sharding
+
+    assert len(jax.devices()) == 8
+    mesh = sharding.make_mesh(data=4, fsdp=1, tensor=2)
+    rules = sharding.rules_for("fsdp_tp")  # heads, kv heads, mlp over "tensor"; slots over data
+    shard_policy = model.Transformer(CFG, rngs=nnx.Rngs(0))
+    for kw in (dict(), dict(temperature=1.0, top_p=0.9, key=jax.random.key(2))):
+        plain = engine.generate(policy, prompts, max_new_tokens=NEW, num_slots=8, **kw)
+        sharded = engine.generate(shard_policy, prompts, max_new_tokens=NEW, num_slots=8, mesh=mesh, rules=rules, **kw)
+        np.testing.assert_array_equal(plain.tokens, sharded.tokens)
+        np.testing.assert_allclose(plain.logprobs, sharded.logprobs, atol=1e-4)
+    eng = engine.Engine(shard_policy, num_slots=8, mesh=mesh, rules=rules)
+    eng.insert(prompts[:3], max_new_tokens=NEW)
+    eng.decode(2)
+    for arr in (eng.cache["k"][0], eng.slots.tokens):  # layouts survive prefill and decode
+        assert arr.sharding.spec[0] in ("data", ("data", "fsdp")), arr.sharding
+    assert eng.cache["k"][0].sharding.spec[1] == "tensor"
+    with pytest.raises(ValueError, match="divisible"):
+        engine.Engine(shard_policy, num_slots=6, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------------------
+def _raises_before_compile(fn, match):
+    before = dict(engine.TRACE_COUNTS)
+    with pytest.raises(ValueError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+    assert dict(engine.TRACE_COUNTS) == before
+
+
+def test_bad_input_one_line_errors_before_compile(policy):
+    eng = engine.Engine(policy, num_slots=2, max_len=32)
+    ok = np.arange(3, 8)
+    _raises_before_compile(lambda: eng.insert([np.arange(40) % 300], max_new_tokens=2), "length 40")
+    _raises_before_compile(lambda: eng.insert([np.arange(3, 35)], max_new_tokens=2), "room for at least one")
+    _raises_before_compile(lambda: eng.insert([np.array([3, CFG.vocab_size])], max_new_tokens=2),
+                           f"token id {CFG.vocab_size}")
+    _raises_before_compile(lambda: eng.insert([np.array([-1])], max_new_tokens=2), "token id -1")
+    _raises_before_compile(lambda: eng.insert([np.array([], np.int32)], max_new_tokens=2), "non-empty")
+    _raises_before_compile(lambda: eng.insert([ok], max_new_tokens=2, temperature=1.0), "PRNG key")
+    _raises_before_compile(lambda: eng.insert([ok], max_new_tokens=2, top_p=0.0), "top_p")
+    _raises_before_compile(lambda: eng.insert([ok], max_new_tokens=0), "max_new_tokens")
+    _raises_before_compile(lambda: eng.insert([ok], max_new_tokens=2, stop_ids=[999]), "stop_ids")
+    _raises_before_compile(lambda: eng.insert([ok] * 3, max_new_tokens=2), "3 prompts but only 2 free")
+    _raises_before_compile(lambda: engine.generate(policy, [np.arange(3, 100)], max_new_tokens=2), "length 97")
+    eng.insert([ok], slots=[1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="slot 1 is busy") as info:
+        eng.insert([ok], slots=[1], max_new_tokens=2)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="slot 0 holds no sequence"):
+        eng.read([0])

@@ -93,10 +93,10 @@ def problem_texts(nums: Sequence[int], target: int, config: TraceConfig, seed: i
     tree = traces.apr(nums, target, beam_size=beam, sub_call_beam_size=sub_beam, seed=rng.getrandbits(32),
                       max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=config.sub_call_budget)
     solved = traces.verify(tree.final_text, nums, target).success
-    return list(_tree_calls(tree, is_root=True)), solved
+    return list(tree_calls(tree, is_root=True)), solved
 
 
-def _tree_calls(tree, is_root: bool):
+def tree_calls(tree, is_root: bool):
     """(prompt, output, kind) of every call of a CallTree, parents before their children."""
     from jaxapr import traces
 
@@ -112,7 +112,7 @@ def _tree_calls(tree, is_root: bool):
         yield call[:cut], call[cut:], kind
         if k < len(tree.sub_calls):
             for child in tree.sub_calls[k]:
-                yield from _tree_calls(child, is_root=False)
+                yield from tree_calls(child, is_root=False)
 
 
 def _after_line(text: str, lines: int) -> int:

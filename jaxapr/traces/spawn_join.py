@@ -253,3 +253,14 @@ class CallTree:
             joined = join(self.main_calls[k], [child.final_text for child in children])
             if not self.main_calls[k + 1].startswith(joined):
                 raise ValueError(f"{where} main_calls[{k + 1}]: does not start with the join of main_calls[{k}] and its children")
+
+
+def root_prompt(nums, target, mode: str = "apr", prefix: str = "") -> str:
+    """The prompt that starts a problem: for ``apr`` the root thread's two lines
+    (``Moving to Node #0`` / ``Current State: T:[...], Operations: []``), for ``sosp`` the
+    ``Current State`` line alone, after an optional conditioning ``prefix`` such as
+    ``"Sub Call Budget: 4 "`` or ``"Token Budget: 1024 "``."""
+    if mode not in ("apr", "sosp"):
+        raise ValueError(f"mode={mode!r}: expected 'apr' or 'sosp'")
+    state = f"Current State: {int(target)}:{[int(x) for x in nums]}, Operations: []\n"
+    return prefix + ("Moving to Node #0\n" + state if mode == "apr" else state)

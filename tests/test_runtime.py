@@ -1,0 +1,235 @@
+"""The APR runtime, driven by a scripted engine (exact replay) and by a random tiny policy."""
+import itertools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from envs import countdown
+from jaxapr import data, runtime, traces
+from jaxapr.scripted_engine import ScriptedEngine
+from jaxapr.tokenizer import CountdownTokenizer
+from tests.traces import mutations
+
+TOK = CountdownTokenizer()
+BIG = 1 << 15  # replay contexts: some fixture calls are longer than 4096 of our tokens
+
+
+def responses_of(trees):
+    out = {}
+    for tree in trees:
+        for prompt, output, _ in data.tree_calls(traces.CallTree.from_dict(tree), is_root=True):
+            assert out.setdefault(prompt, output) == output  # no conflicting prompts
+    return out
+
+
+def problems_of(rows):
+    return np.array([r["nums"] for r in rows]), np.array([r["target"] for r in rows])
+
+
+@pytest.fixture(scope="module")
+def fixture_rows():
+    if not os.path.exists(mutations.FIXTURES):
+        pytest.skip("fixtures not found")
+    return mutations.load_rows()
+
+
+@pytest.mark.parametrize("num_slots", [1, 2, 7, 64])
+def test_replay_rebuilds_every_fixture_tree(fixture_rows, num_slots):
+    responses = responses_of(r["apr"]["tree"] for r in fixture_rows)
+    for n in (3, 4):
+        rows = [r for r in fixture_rows if len(r["nums"]) == n]
+        eng = ScriptedEngine(responses, num_slots=num_slots, max_len=BIG)
+        results = runtime.rollout(None, problems_of(rows), "apr", engine=eng, decode_chunk=5)
+        for row, res in zip(rows, results):
+            assert res.tree == row["apr"]["tree"], row["id"]
+            final = row["apr"]["tree"]["main_calls"][-1]
+            assert res.text == final
+            assert res.success == traces.verify(final, row["nums"], row["target"]).success
+        assert set(eng.inserted) <= set(responses)  # every prompt it was asked is a reference prompt
+
+
+def test_replay_of_our_depth_2_and_3_trees():
+    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(5), 40, num_numbers=5, max_number=30,
+                                                   min_target=10, max_target=60)
+    trees = [traces.apr(x, t, beam_size=3, sub_call_beam_size=3, seed=k, max_depth=3, spawn_prob=1.0).to_dict()
+             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    deep = sum("at level 2>" in c for tree in trees for c in _all_texts(tree))
+    assert deep > 0
+    for slots in (3, 16):
+        results = runtime.rollout(None, (numbers, targets), "apr", engine=ScriptedEngine(responses_of(trees), slots, BIG),
+                                  max_depth=3)
+        for tree, res in zip(trees, results):
+            assert res.tree == tree
+    # With max_depth=1 a child's spawn ends the child: the trees differ exactly there.
+    shallow = runtime.rollout(None, (numbers, targets), "apr", engine=ScriptedEngine(responses_of(trees), 8, BIG))
+    assert any(r.tree != t for r, t in zip(shallow, trees))
+
+
+def _all_texts(tree):
+    yield from tree["main_calls"]
+    for children in tree["sub_calls"]:
+        for child in children:
+            yield from _all_texts(child)
+
+
+def _outputs(tree):
+    """Output texts of one thread's calls (prompt = two lines, or the join context)."""
+    outs = []
+    for k, call in enumerate(tree["main_calls"]):
+        if k == 0:
+            cut = len("".join(call.split("\n")[:2])) + 2
+        else:
+            finals = [c["main_calls"][-1] for c in tree["sub_calls"][k - 1]]
+            cut = len(traces.join(tree["main_calls"][k - 1], finals))
+        outs.append(call[cut:])
+    return outs
+
+
+def _seq(tree):
+    own = sum(len(TOK.encode(o)) + 1 for o in _outputs(tree))
+    return own + sum(max(_seq(c) for c in children) for children in tree["sub_calls"] if children)
+
+
+def test_metrics_by_hand():
+    # Root: one spawn of two children, then the root's continuation call.
+    nums, target = [4, 23, 59, 44], 47
+    tree = traces.apr(nums, target, beam_size=2, sub_call_beam_size=2, seed=3, spawn_prob=1.0).to_dict()
+    assert len(tree["main_calls"]) == 2 and len(tree["sub_calls"][0]) == 2
+    eng = ScriptedEngine(responses_of([tree]), num_slots=4, max_len=BIG)
+    (res,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr", engine=eng, decode_chunk=1)
+    root_len = [len(TOK.encode(o)) + 1 for o in _outputs(tree)]  # + EOS
+    child_len = [len(TOK.encode(c["main_calls"][0][len(p):])) + 1
+                 for c, p in zip(tree["sub_calls"][0], traces.child_prompts(tree["main_calls"][0]))]
+    assert res.total_tokens == sum(root_len) + sum(child_len)
+    assert res.sequential_tokens == sum(root_len) + max(child_len) == _seq(tree)
+    assert res.num_children == 2 and res.num_spawns == 1 and res.num_calls == 4
+    # Each call's first token comes with its prefill; decode_chunk=1 schedules step by step.
+    assert res.latency_steps == (root_len[0] - 1) + (max(child_len) - 1) + (root_len[1] - 1)
+    prompts = [c.prompt for c in res.calls]
+    assert prompts[0] == traces.root_prompt(nums, target) and prompts[1:3] == traces.child_prompts(tree["main_calls"][0])
+    assert res.prompt_tokens == sum(len(TOK.encode(p)) + 1 for p in prompts)
+    assert all(len(c.logprobs) == len(c.output_tokens) for c in res.calls)
+    assert res.success == traces.verify(tree["main_calls"][-1], nums, target).success
+
+
+def test_sosp_mode_replays_fixture_traces(fixture_rows):
+    rows = [r for r in fixture_rows if len(r["nums"]) == 4][:40]
+    responses = {}
+    for r in rows:
+        trace = r["sosp"]["trace"]
+        head = trace.index("\n") + 1
+        responses[trace[:head]] = trace[head:]
+    results = runtime.rollout(None, problems_of(rows), "sosp", engine=ScriptedEngine(responses, 5, BIG))
+    for r, res in zip(rows, results):
+        assert res.text == r["sosp"]["trace"] and res.num_children == 0 and res.num_calls == 1
+        assert res.success == traces.verify(r["sosp"]["trace"], r["nums"], r["target"]).success
+
+
+def test_sampling_modes_vote_and_choose():
+    nums, target = [3, 5], 8
+    good = "Exploring Operation: 3+5=8, Resulting Numbers: [8]\n8,8 equal: Goal Reached\n"
+    claim_good = good + "Moving to Node #0\n" + good
+    claim_bad = good.replace("3+5=8", "5-3=2").replace("[8]", "[2]").replace("8,8 equal", "2,2 equal")
+    claim_bad = claim_bad + "Moving to Node #0\n" + good.replace("3+5=8", "3*5=8")  # wrong arithmetic
+    answers = itertools.cycle([claim_bad, claim_good, claim_bad, "No solution found.\n"])
+    eng = ScriptedEngine(lambda prompt: next(answers), num_slots=2, max_len=BIG)
+    key = jax.random.key(0)
+    probs = (np.array([nums]), np.array([target]))
+    (passed,) = runtime.rollout(None, probs, "pass@4", engine=eng, temperature=1.0, key=key)
+    assert passed.success and len(passed.samples) == 4
+    assert passed.total_tokens == sum(s.total_tokens for s in passed.samples)
+    (voted,) = runtime.rollout(None, probs, "cons@4", engine=eng, temperature=1.0, key=key)
+    assert not voted.success  # the wrong claim has two votes
+    assert runtime.claimed_answer(claim_good) == ("3+5=8",)
+    assert runtime.claimed_answer("No solution found.\n") is None
+    with pytest.raises(ValueError, match="expected temperature > 0"):
+        runtime.rollout(None, probs, "cons@4", engine=eng)
+    with pytest.raises(ValueError, match="mode='apr@3'"):
+        runtime.rollout(None, probs, "apr@3", engine=eng)
+
+
+def _spawning_root(nums, target, children):
+    """A root call that expands the root and spawns ``children`` of its generated nodes."""
+    lines, ops = [], []
+    for k, m in enumerate(countdown.moves(list(nums))):
+        if k == children:
+            break
+        lines.append(f"Exploring Operation: {m.text}, Resulting Numbers: {m.numbers}")
+        lines.append(f"Generated Node #0,{k}: {target}:{m.numbers} Operation: {m.text}")
+    block = ["<Calling Sub Searches>"] + [f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}" for k in range(children)]
+    return "\n".join(lines + block + ["<End Calling Sub Searches>"]) + "\n"
+
+
+@pytest.mark.parametrize("output", [
+    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n",  # unclosed
+    "<Calling Sub Searches>\n<End Calling Sub Searches>\n",  # no children
+    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,9\n<End Calling Sub Searches>\n",  # unknown node
+    "\x00\x01 garbage \ud800 Goal Reached Goal Reached",
+    "",
+])
+def test_malformed_outputs_end_cleanly_not_solved(output):
+    eng = ScriptedEngine(lambda prompt: output, num_slots=3, max_len=BIG)
+    (res,) = runtime.rollout(None, (np.array([[2, 3, 4]]), np.array([9])), "apr", engine=eng)
+    assert not res.success and res.reason and res.num_children == 0
+
+
+def test_caps_on_children_tokens_and_context():
+    nums, target = [4, 23, 59, 44], 47
+    root = _spawning_root(nums, target, 5)
+    child = "No solution found.\n"
+    answers = lambda p: "" if "<Sub Searches>" in p else (root if p.startswith("Moving to Node #0\n") else child)
+    (res,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
+                             engine=ScriptedEngine(answers, 2, BIG), max_children=3)
+    assert res.num_children == 3 and res.num_spawns == 1
+    assert res.tree["main_calls"][1].count("<No Solution in Sub Search") == 5  # capped ones join as no solution
+    # A total-token cap stops the problem: no children run.
+    root_tokens = len(TOK.encode(root)) + 1
+    (capped,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
+                                engine=ScriptedEngine(answers, 2, BIG), max_total_tokens=root_tokens)
+    assert capped.total_tokens == root_tokens and capped.num_calls >= 1 and not capped.success
+    # A per-call context window truncates a call at the window.
+    (short,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
+                               engine=ScriptedEngine(answers, 2, BIG), max_context=40)
+    assert short.calls[0].stopped == "length" and len(short.calls[0].prompt_tokens) + len(short.calls[0].output_tokens) == 40
+    assert short.num_children == 0 and not short.success
+
+
+def test_bad_arguments():
+    probs = (np.array([[1, 2]]), np.array([3]))
+    eng = ScriptedEngine({}, 1)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        runtime.rollout(None, probs, "fast", engine=eng)
+    with pytest.raises(ValueError, match="problems shapes"):
+        runtime.rollout(None, (np.array([1, 2]), np.array([3])), engine=eng)
+    with pytest.raises(ValueError, match="needs key"):
+        runtime.rollout(None, probs, engine=eng, temperature=1.0)
+    with pytest.raises(ValueError, match="needs a policy or an engine"):
+        runtime.rollout(None, probs)
+
+
+def test_random_tiny_policy_rollouts_finish_and_report():
+    from flax import nnx
+
+    from jaxapr import engine, model
+
+    cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=128,
+                            tie_embeddings=False)
+    policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
+    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(0), 6, num_numbers=3)
+    eng = engine.Engine(policy, num_slots=4, max_len=128)
+    for mode in ("apr", "sosp", "pass@2"):
+        results = runtime.rollout(None, (numbers, targets), mode, engine=eng, temperature=1.0,
+                                  key=jax.random.key(1), decode_chunk=16)
+        assert len(results) == 6 and not any(r.success for r in results)
+        for r in results:
+            assert r.reason and r.total_tokens > 0 and r.calls[0].stopped in ("eos", "length")
+            for c in r.calls:
+                assert len(c.logprobs) == len(c.output_tokens) and (c.logprobs <= 0).all()
+                assert len(c.prompt_tokens) + len(c.output_tokens) <= 128
+    # Same key, same samples, whatever the slot count.
+    again = runtime.rollout(policy, (numbers, targets), "apr", temperature=1.0, key=jax.random.key(1), num_slots=2,
+                            max_context=128)
+    first = runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1))
+    assert [r.text for r in again] == [r.text for r in first]

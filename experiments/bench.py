@@ -220,6 +220,16 @@ def suite_env(quick: bool, repeats: int) -> dict:
     results["generate_problems"] = {"problems": num, "seconds": t, "problems_per_s": num / t}
     print(f"\ngenerate_problems: {num:,} paper-distribution problems (N=4, targets 10..100, numbers "
           f"1..99) in {t:.2f} s = {num / t:,.0f} problems/s")
+
+    from experiments import bench_parallel_search
+
+    ps_results, ps_rows = bench_parallel_search.run(quick, repeats)
+    results["parallel_search"] = ps_results
+    print("\nParallelSearch-v0 (K=4 threads, N=4, random masked actions, lax.scan of vmapped steps)")
+    print_table([r for r in ps_rows if r["table"] == "throughput"], ["batch", "K", "env steps/s", "agent steps/s"])
+    print("\nScripted policies on the default bank: serial depth-first search vs fork-at-root")
+    scripted_rows = [r for r in ps_rows if r["table"] != "throughput"]
+    print_table(scripted_rows, [c for c in scripted_rows[0] if c != "table"] if scripted_rows else [])
     return results
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler"], "Which benchmark suite to run.")
+flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime"], "Which benchmark suite to run.")
 flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
@@ -455,7 +455,120 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
     return results
 
 
-SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler}
+# ----------------------------------------------------------------------------------------
+# runtime suite
+# ----------------------------------------------------------------------------------------
+def suite_runtime(quick: bool, repeats: int) -> dict:
+    """APR vs SoS+ rollouts on ONE slot engine: the mini model (random weights) runs every
+    token, its outputs are forced to our solvers' traces (``ForcedEngine``), so the spawn/join
+    structure is real while the compute per token is the model's. Spawn-heavy APR trees
+    (spawn_prob 1); SoS+ traces of the same problems. Reports per mode problems/s, generated
+    tokens/s (real tokens only), slot utilization, host overhead and the prefill share."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from envs import countdown
+    from jaxapr import data, engine, model, runtime, traces
+    from jaxapr.scripted_engine import ForcedEngine
+    from jaxapr.tokenizer import CountdownTokenizer
+
+    tok = CountdownTokenizer()
+    num_slots, num_problems, num_numbers = (16, 32, 3) if quick else (32, 64, 4)
+    max_len, chunk = 1024, 16
+    repeats = max(1, min(repeats, 3))
+    numbers, targets = jax.device_get(countdown.generate_problems(
+        jax.random.PRNGKey(0), num_problems, num_numbers=num_numbers, max_number=25, min_target=10, max_target=50))
+    problems = list(zip(numbers.tolist(), targets.tolist()))
+    rng = random.Random(0)
+    beams = [(rng.randint(1, 2), rng.randint(2, 3)) for _ in problems]  # traces that fit the 1024 context
+    trees = [traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k, spawn_prob=1.0)
+             for k, ((x, t), (b, sb)) in enumerate(zip(problems, beams))]
+    sosp = [traces.sosp(x, t, beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, beams))]
+    responses = {"apr": {}, "sosp": {}}
+    for tree in trees:
+        for prompt, output, _ in data.tree_calls(tree, is_root=True):
+            responses["apr"][prompt] = output
+    for (x, t), trace in zip(problems, sosp):
+        head = traces.root_prompt(x, t, "sosp")
+        assert trace.startswith(head)
+        responses["sosp"][head] = trace[len(head):]
+    longest = max(len(tok.encode(p)) + len(tok.encode(o)) + 2 for r in responses.values() for p, o in r.items())
+    assert longest <= max_len, f"a call of {longest} tokens does not fit the {max_len} context"
+
+    cfg = model.PRESETS["mini"]
+    policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
+    batch_buckets, prefill_buckets = (1, 4, num_slots), (64, 128, 256, 512, max_len)
+    eng = engine.Engine(policy, num_slots=num_slots, max_len=max_len, batch_buckets=batch_buckets,
+                        prefill_buckets=prefill_buckets)
+    for b in batch_buckets:  # compile every (batch, length) bucket before timing
+        for t in prefill_buckets:
+            eng.insert([np.full(t - 1, 3, np.int32)] * b, max_new_tokens=1)
+            eng.decode(1)
+            eng.release(range(num_slots))
+    eng.wait()
+    problems_arr = (np.asarray(numbers), np.asarray(targets))
+    runs = {"apr": [], "sosp": []}
+
+    def run(mode):
+        forced = ForcedEngine(eng, responses[mode])
+        results = runtime.rollout(None, problems_arr, mode, engine=forced, decode_chunk=chunk)
+        runs[mode].append(results)
+
+    for mode in runs:  # warm up and check the replay: every call ends at its EOS, trees as scripted
+        run(mode)
+        for k, r in enumerate(runs[mode][-1]):
+            assert all(c.stopped == "eos" for c in r.calls)
+            assert r.tree == trees[k].to_dict() if mode == "apr" else r.text == sosp[k]
+    traces_before = dict(engine.TRACE_COUNTS)
+    times = interleaved_medians({mode: (lambda mode=mode: run(mode)) for mode in runs}, repeats)
+    recompiles = {k: engine.TRACE_COUNTS[k] - traces_before.get(k, 0) for k in ("prefill", "decode", "release")}
+
+    out, rows = {"num_slots": num_slots, "problems": num_problems, "num_numbers": num_numbers, "max_len": max_len,
+                 "decode_chunk": chunk, "repeats": repeats, "recompiles_while_timed": recompiles, "modes": {}}, []
+    for mode, all_runs in runs.items():
+        timed = all_runs[2:]  # drop the replay check and interleaved_medians' warm-up call
+        per_run = []
+        for results in timed:
+            sch = results[0].schedule
+            gen = sum(r.total_tokens for r in results)
+            assert gen == sch["generated_tokens"]
+            per_run.append({
+                "wall_s": sch["wall_s"],
+                "util": sch["useful_slot_steps"] / (num_slots * sch["steps"]),
+                "util_saturated": sch["useful_slot_steps_saturated"] / max(1, num_slots * sch["saturated_steps"]),
+                "saturated_share": sch["saturated_steps"] / sch["steps"],
+                "host": 1 - sch["device_s"] / sch["wall_s"],
+                "prefill_time_share": sch["prefill_s"] / sch["device_s"],
+                "decode_calls": sch["decode_calls"], "steps": sch["steps"]})
+        med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+        results = timed[-1]
+        sch = results[0].schedule
+        gen = sum(r.total_tokens for r in results)
+        m = {"seconds": times[mode], "problems_per_s": num_problems / times[mode], "gen_tokens": gen,
+             "gen_tokens_per_s": gen / times[mode], "calls": sum(r.num_calls for r in results),
+             "prefill_tokens": sch["prefill_tokens"], "prefill_token_share": sch["prefill_tokens"] / (sch["prefill_tokens"] + gen),
+             "solved": sum(r.success for r in results), **med}
+        out["modes"][mode] = m
+        rows.append({"mode": mode, "problems/s": m["problems_per_s"], "gen tok/s": m["gen_tokens_per_s"],
+                     "tokens": gen, "calls": m["calls"], "steps": int(m["steps"]), "chunks": int(m["decode_calls"]),
+                     "util": f"{m['util']:.1%}", "util (saturated)": f"{m['util_saturated']:.1%}",
+                     "saturated": f"{m['saturated_share']:.0%}", "host": f"{m['host']:.1%}",
+                     "prefill (time)": f"{m['prefill_time_share']:.1%}", "prefill (tokens)": f"{m['prefill_token_share']:.1%}"})
+    out["apr_over_sosp_tokens_per_s"] = out["modes"]["apr"]["gen_tokens_per_s"] / out["modes"]["sosp"]["gen_tokens_per_s"]
+    print(f"\nRuntime: mini preset (random weights), one engine of {num_slots} slots, context {max_len}, decode "
+          f"chunk {chunk}; {num_problems} problems ({num_numbers} numbers in 1..25, targets 10..50); outputs forced "
+          f"to solver traces (APR spawn_prob 1, SoS+ same problems); medians of {repeats} interleaved runs")
+    print_table(rows, ["mode", "problems/s", "gen tok/s", "tokens", "calls", "steps", "chunks", "util",
+                       "util (saturated)", "saturated", "host", "prefill (time)", "prefill (tokens)"])
+    print(f"apr / sosp generated tokens/s: {out['apr_over_sosp_tokens_per_s']:.2f}; re-traces while timed: {recompiles}")
+    print("util = sum over calls of (tokens - 1) / (slots x decode steps) (a call's first token comes from its "
+          "prefill); saturated = steps in chunks that began with calls queued; host = 1 - time blocked on the "
+          "device / wall; prefill (time) = blocked in prefill / all blocked")
+    return out
+
+
+SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime}
 
 
 def main(argv):

@@ -43,6 +43,15 @@ whose probability reaches p, always at least one; 1.0 = off), then a categorical
 key of a draw is ``fold_in(prompt_key, i)`` for the i-th generated token of that prompt, so a
 prompt's samples depend only on its key, never on which slot it landed in or which other
 slots are active.
+
+**Forced decoding.** ``insert(..., forced=[tokens or None per prompt])`` makes a slot emit
+given tokens instead of samples (inside the same jitted prefill/decode: the forced tokens
+wait in the slot's ``tokens`` row and a ``jnp.where`` picks them over the sampled token), with
+the policy's log-probability of each forced token recorded; the slot finishes when they run
+out (or at a stop token or its limit, whichever comes first). The model runs every step as
+usual, so the cost per token is that of free decoding: ``scripted_engine.ForcedEngine`` uses
+it to drive real compute with scripted outputs. No extra compiles: the buffer has the slot
+row's static shape.
 """
 from __future__ import annotations
 
@@ -71,7 +80,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class SlotState:
     """Per-slot device state; every leading axis is the slot axis S (L = engine max_len)."""
 
-    tokens: jax.Array       # int32[S, L]  generated tokens (first num_tokens are valid)
+    tokens: jax.Array       # int32[S, L]  generated tokens (first num_tokens are valid); a forced
+                            #              slot holds its tokens still to emit at num_tokens..num_forced-1
     logprobs: jax.Array     # f32[S, L]    policy log-prob of each generated token
     num_tokens: jax.Array   # int32[S]     tokens generated so far
     next_pos: jax.Array     # int32[S]     cache index where the last token will be written
@@ -83,6 +93,7 @@ class SlotState:
     top_k: jax.Array        # int32[S]     0 = off
     top_p: jax.Array        # f32[S]       1 = off
     key: jax.Array          # uint32[S, 2] raw PRNG key data of the prompt
+    num_forced: jax.Array   # int32[S]     forced decoding: emit tokens[:num_forced] (0 = free sampling)
 
     @property
     def running(self) -> jax.Array:
@@ -102,7 +113,7 @@ def init_slots(num_slots: int, max_len: int, max_stop_ids: int) -> SlotState:
         limit=jnp.zeros((s,), jnp.int32), done=jnp.zeros((s,), bool), active=jnp.zeros((s,), bool),
         stop_ids=jnp.full((s, max_stop_ids), -1, jnp.int32), temperature=jnp.zeros((s,), jnp.float32),
         top_k=jnp.zeros((s,), jnp.int32), top_p=jnp.ones((s,), jnp.float32),
-        key=jnp.zeros((s, 2), jnp.uint32))
+        key=jnp.zeros((s, 2), jnp.uint32), num_forced=jnp.zeros((s,), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,11 +136,13 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  top_p: jax.Array, forced: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row -> (tokens int32[B], logprobs f32[B]).
 
     logits f32[B, V]; keys uint32[B, 2] (raw key data); temperature/top_p f32[B]; top_k int32[B].
-    logprobs = ``log_softmax(logits)[token]`` of the unmodified logits (see module docstring).
+    ``forced`` int32[B] (optional): rows with an id >= 0 emit that token instead of a sample.
+    logprobs = ``log_softmax(logits)[token]`` of the unmodified logits (see module docstring),
+    for a forced row the policy's log-probability of the forced token.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -144,6 +157,8 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         return jnp.where(temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+    if forced is not None:
+        tokens = jnp.where(forced >= 0, forced, tokens)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
@@ -239,9 +254,10 @@ class _Layout:
 
 
 def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths, slot_ids, limit,
-             stop_ids, temperature, top_k, top_p, keys):
+             stop_ids, temperature, top_k, top_p, keys, forced, num_forced):
     """Prefill ``prompts`` int32[n, T] (right-padded, true ``lengths``) into rows ``slot_ids``
-    (index num_slots = padding row, dropped), sample each first token, set the slot state."""
+    (index num_slots = padding row, dropped), sample each first token, set the slot state.
+    ``forced`` int32[n, L] / ``num_forced`` int32[n]: forced tokens per prompt (0 = free)."""
     TRACE_COUNTS["prefill"] += 1
     policy = nnx.merge(graphdef, params)
     n, t = prompts.shape
@@ -249,7 +265,8 @@ def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths
     small = policy.init_cache(n, t, dtype=cache["k"][0].dtype)
     logits, small = policy.forward_cached(prompts, positions, small, jnp.ones((n, t), bool))
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first, logp = sample_logits(last, _step_keys(keys, jnp.zeros((n,), jnp.int32)), temperature, top_k, top_p)
+    first, logp = sample_logits(last, _step_keys(keys, jnp.zeros((n,), jnp.int32)), temperature, top_k, top_p,
+                                jnp.where(num_forced > 0, forced[:, 0], -1))
     cache = {name: tuple(c.at[slot_ids, :, :t].set(small[name][layer].transpose(0, 2, 1, 3), mode="drop")
                          for layer, c in enumerate(cache[name])) for name in ("k", "v")}
 
@@ -257,15 +274,16 @@ def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths
         return field.at[slot_ids].set(values, mode="drop")
 
     max_len = slots.tokens.shape[1]
-    row = jnp.zeros((n, max_len), jnp.int32).at[:, 0].set(first)
+    row = forced.at[:, 0].set(first)  # a forced slot's remaining tokens wait in its row
     lp_row = jnp.zeros((n, max_len), jnp.float32).at[:, 0].set(logp)
     slots = slots.replace(
         tokens=put(slots.tokens, row), logprobs=put(slots.logprobs, lp_row),
         num_tokens=put(slots.num_tokens, jnp.ones((n,), jnp.int32)), next_pos=put(slots.next_pos, lengths),
-        limit=put(slots.limit, limit), done=put(slots.done, _is_stop(first, stop_ids) | (limit <= 1)),
+        limit=put(slots.limit, limit),
+        done=put(slots.done, _is_stop(first, stop_ids) | (limit <= 1) | (num_forced == 1)),
         active=put(slots.active, jnp.ones((n,), bool)), stop_ids=put(slots.stop_ids, stop_ids),
         temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
-        top_p=put(slots.top_p, top_p), key=put(slots.key, keys))
+        top_p=put(slots.top_p, top_p), key=put(slots.key, keys), num_forced=put(slots.num_forced, num_forced))
     return layout.constrain(cache, slots)
 
 
@@ -275,16 +293,20 @@ def _decode_step(policy, cache, slots: SlotState):
     max_len = cache["k"][0].shape[2]
     pos = jnp.clip(slots.next_pos, 0, max_len - 1)
     logits, cache = decode_forward(policy, slots.last_token, pos, cache, run)
+    rows = jnp.arange(run.shape[0])
+    max_cols = slots.tokens.shape[1]
+    forced = jnp.where(slots.num_tokens < slots.num_forced,
+                       slots.tokens[rows, jnp.minimum(slots.num_tokens, max_cols - 1)], -1)
     tok, logp = sample_logits(logits, _step_keys(slots.key, slots.num_tokens), slots.temperature,
-                              slots.top_k, slots.top_p)
-    rows = jnp.arange(tok.shape[0])
-    col = jnp.where(run, slots.num_tokens, slots.tokens.shape[1])  # out of range: dropped
+                              slots.top_k, slots.top_p, forced)
+    col = jnp.where(run, slots.num_tokens, max_cols)  # out of range: dropped
     n = slots.num_tokens + run
+    out_of_forced = (slots.num_forced > 0) & (n >= slots.num_forced)
     slots = slots.replace(
         tokens=slots.tokens.at[rows, col].set(tok, mode="drop"),
         logprobs=slots.logprobs.at[rows, col].set(logp, mode="drop"),
         num_tokens=n, next_pos=slots.next_pos + run,
-        done=slots.done | (run & (_is_stop(tok, slots.stop_ids) | (n >= slots.limit))))
+        done=slots.done | (run & (_is_stop(tok, slots.stop_ids) | (n >= slots.limit) | out_of_forced)))
     return cache, slots
 
 
@@ -452,17 +474,24 @@ class Engine:
         return np.flatnonzero(~self._busy).tolist()
 
     def insert(self, prompts: Sequence, slots: Sequence[int] | None = None, *, max_new_tokens,
-               stop_ids: Sequence[int] = (), temperature=0.0, top_k=None, top_p=None, key=None) -> list[int]:
+               stop_ids: Sequence[int] = (), temperature=0.0, top_k=None, top_p=None, key=None,
+               forced: Sequence | None = None) -> list[int]:
         """Prefill ``prompts`` (list of int arrays) into free slots (``slots``, default the
         lowest free ones) and sample each first token; returns the slot ids.
 
         ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``: a scalar or one per prompt.
         A slot also stops at the context end (prompt + generated = max_len). ``key``: one key
         (prompt i gets ``fold_in(key, i)``) or one key per prompt; required when sampling.
+        ``forced``: None, or one entry per prompt, None (sample freely) or a non-empty int array:
+        **forced decoding** -- the slot emits exactly those tokens in order (the model still runs
+        every step, and each recorded log-prob is the policy's log-prob of the forced token, so
+        this also scores given outputs) and finishes when they run out, or earlier at a stop
+        token, its ``max_new_tokens`` or the context end.
         All checks run before anything is compiled or launched.
         """
         prompts = [self._check_prompt(p, i) for i, p in enumerate(prompts)]
         n = len(prompts)
+        forced = self._check_forced(forced, n)
         if n == 0:
             return []
         slots = self._choose_slots(n, slots)
@@ -490,12 +519,18 @@ class Engine:
         tokens = np.full((nb, tb), 0, np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
+        forced_rows = np.zeros((nb, self.max_len), np.int32)
+        num_forced = np.zeros((nb,), np.int32)
+        for i, f in enumerate(forced):
+            if f is not None:
+                num_forced[i] = min(f.size, self.max_len)
+                forced_rows[i, : num_forced[i]] = f[: num_forced[i]]
         pad = lambda a, fill: np.concatenate([a, np.full((nb - n,) + a.shape[1:], fill, a.dtype)])
         self.cache, self.slots = _prefill_jit(
             self.graphdef, self._layout, self.params, self.cache, self.slots, tokens,
             pad(lengths, 1), pad(np.asarray(slots, np.int32), self.num_slots), pad(limit, 1),
             np.repeat(stops[None], nb, 0), pad(temp, 0), pad(tk.astype(np.int32), 0), pad(tp, 1),
-            pad(keys, 0))
+            pad(keys, 0), forced_rows, num_forced)
         self._busy[slots] = True
         return list(slots)
 
@@ -508,6 +543,10 @@ class Engine:
         self.cache, self.slots, steps = _decode_jit(self.graphdef, self._layout, self.params, self.cache,
                                                     self.slots, np.int32(num_steps))
         return steps
+
+    def wait(self) -> None:
+        """Block until the work dispatched so far (prefills, decodes) is done."""
+        jax.block_until_ready((self.cache, self.slots))
 
     def done(self) -> np.ndarray:
         """bool[S]: slot holds a sequence that has finished (blocks on the device)."""
@@ -554,6 +593,26 @@ class Engine:
             raise ValueError(f"prompt {i} has length {arr.size}: expected < max_len={self.max_len} "
                              "(room for at least one new token)")
         return arr.astype(np.int32)
+
+    def _check_forced(self, forced, n: int) -> list:
+        if forced is None:
+            return [None] * n
+        forced = list(forced)
+        if len(forced) != n:
+            raise ValueError(f"forced has {len(forced)} entries for {n} prompts: expected one (an array or None) per prompt")
+        out = []
+        for i, f in enumerate(forced):
+            if f is None:
+                out.append(None)
+                continue
+            arr = np.asarray(f)
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"forced[{i}] has shape {arr.shape} and dtype {arr.dtype}: expected None or a "
+                                 "non-empty 1-D int array of token ids")
+            arr = arr[: self.max_len]  # a slot never emits more than max_len - 1 tokens
+            model_lib.check_tokens(arr, self.cfg, what=f"forced[{i}]")
+            out.append(arr.astype(np.int32))
+        return out
 
     def _choose_slots(self, n: int, slots) -> list[int]:
         free = self.free_slots()

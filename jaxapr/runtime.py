@@ -2,7 +2,7 @@
 
 ``rollout(policy, problems, mode=...)`` runs every problem's threads through one engine
 (``jaxapr.engine.Engine`` or anything with its small interface: ``num_slots``, ``max_len``,
-``free_slots``, ``insert``, ``decode``, ``finished``, ``read``, ``release``):
+``free_slots``, ``insert``, ``decode``, ``finished``, ``read``, ``release``; optionally ``wait``):
 
 - A **call** is one decoding of a thread: a prompt (BOS + text) inserted into a free slot and
   decoded until EOS or its limit. Calls wait in a FIFO queue when no slot is free.
@@ -136,7 +136,10 @@ class _Scheduler:
         self.first_step: dict[int, int] = {}
         self.last_step = collections.Counter()
         self.prefill_tokens = 0
-        self.device_s = 0.0
+        self.prefill_s = 0.0  # time blocked waiting for prefills (see ``run``)
+        self.decode_s = 0.0   # time blocked waiting for decode chunks
+        self.chunks: list = []  # per decode call: (first step, steps run, saturated)
+        self.spans: list = []   # per finished call: (start step, decode steps it ran = tokens - 1)
 
     # -- threads -------------------------------------------------------------------------
     def start(self, problem: int, prompt: str, path=()) -> None:
@@ -166,7 +169,15 @@ class _Scheduler:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
+        """The loop. Time accounting (``schedule``): dispatch is asynchronous, so the host
+        blocks on the device only in ``wait`` after an insert (the prefill) and in ``int()``
+        of a decode's step count (the chunk); ``prefill_s`` and ``decode_s`` sum exactly those
+        blocked times, everything else (building prompts, dispatching, reading outputs,
+        spawn/join text work) is host time. Blocked time is device time the host could not
+        hide, so ``1 - device_s / wall_s`` bounds from above the share of time the device is
+        idle waiting for the host."""
         eng = self.engine
+        wait = getattr(eng, "wait", None) or (lambda: None)
         while self.queue or self.in_slot:
             free = eng.free_slots()
             if self.queue and free:
@@ -175,18 +186,22 @@ class _Scheduler:
                 limits = [max(1, min(self.max_context - len(call.prompt_tokens),
                                      self._budget_left(self.threads[t].problem))) for t, call in batch]
                 keys = [self._call_key(self.threads[t]) for t, _ in batch] if self.temperature > 0 else None
-                t0 = time.perf_counter()
                 slots = eng.insert(prompts, free[:len(batch)], max_new_tokens=limits, stop_ids=(_TOK.eos_id,),
                                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                    key=None if keys is None else jax.numpy.stack(keys))
-                self.device_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                wait()
+                self.prefill_s += time.perf_counter() - t0
                 self.prefill_tokens += sum(len(p) for p in prompts)
                 for slot, (tid, call) in zip(slots, batch):
-                    self.in_slot[slot] = (tid, call)
+                    self.in_slot[slot] = (tid, call, self.step)
                     self.first_step.setdefault(self.threads[tid].problem, self.step)
+            saturated = bool(self.queue)  # calls wait while every slot is busy
+            pending = eng.decode(self.decode_chunk)
             t0 = time.perf_counter()
-            steps = int(eng.decode(self.decode_chunk))
-            self.device_s += time.perf_counter() - t0
+            steps = int(pending)
+            self.decode_s += time.perf_counter() - t0
+            self.chunks.append((self.step, steps, saturated))
             self.step += steps
             finished = eng.finished()
             if not finished and steps == 0 and self.in_slot:
@@ -196,8 +211,29 @@ class _Scheduler:
             outputs = eng.read(finished)
             eng.release(finished)
             for slot, out in zip(finished, outputs):
-                tid, call = self.in_slot.pop(slot)
+                tid, call, start = self.in_slot.pop(slot)
+                self.spans.append((start, max(0, len(out.tokens) - 1)))
                 self._complete(self.threads[tid], call, out)
+
+    def stats(self, wall_s: float) -> dict:
+        """The batch's schedule: steps, slot utilization, prefill tokens, blocked times.
+
+        ``useful_slot_steps``: decode steps that produced a token, summed over calls: a call
+        with n generated tokens ran n - 1 decode steps (its first token comes from its
+        prefill). Utilization = useful / (num_slots x steps); ``*_saturated`` counts only the
+        chunks that started with calls waiting in the queue (demand exceeding the slots)."""
+        sat = np.zeros(self.step + 1, bool)
+        for first, steps, saturated in self.chunks:
+            sat[first:first + steps] = saturated
+        cum = np.concatenate([[0], np.cumsum(sat)])
+        spans = np.asarray(self.spans, np.int64).reshape(-1, 2)
+        start, length = spans[:, 0], spans[:, 1]
+        useful_sat = int((cum[np.minimum(start + length, self.step)] - cum[np.minimum(start, self.step)]).sum())
+        return {"num_slots": self.engine.num_slots, "steps": self.step, "saturated_steps": int(sat.sum()),
+                "useful_slot_steps": int(length.sum()), "useful_slot_steps_saturated": useful_sat,
+                "decode_calls": len(self.chunks), "prefill_tokens": self.prefill_tokens,
+                "generated_tokens": int(sum(self.generated.values())), "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "device_s": self.prefill_s + self.decode_s, "wall_s": wall_s}
 
     def _complete(self, thread: Thread, call: Call, out) -> None:
         tokens = np.asarray(out.tokens, np.int32)
@@ -336,8 +372,7 @@ def rollout(
     for p, (nums, target) in enumerate(zip(numbers.tolist(), targets.tolist())):
         samples = [_result(sched, sched.threads[starts[p * n + s]], nums, target, wall) for s in range(n)]
         results.append(samples[0] if kind in ("apr", "sosp") else _aggregate(kind, samples))
-    sched_stats = {"steps": sched.step, "prefill_tokens": sched.prefill_tokens, "device_s": sched.device_s,
-                   "wall_s": wall}
+    sched_stats = sched.stats(wall)
     for r in results:
         r.schedule = sched_stats
     return results

@@ -5,6 +5,11 @@ It has the engine's runtime interface (``num_slots``, ``max_len``, ``free_slots`
 answer per decode step, so the runtime's scheduling, queueing, latency and token accounting
 can be tested (and benchmarked) without a model: e.g. with the reference solver's text for
 every prompt, a rollout must rebuild the reference call tree exactly.
+
+``ForcedEngine`` gives the same scripted answers through a real ``engine.Engine`` with forced
+decoding: every token costs a real model step (and gets the policy's log-prob), while the
+spawn/join structure is the script's -- what ``bench --suite=runtime`` measures, since a
+random-weight model never writes spawn blocks.
 """
 from __future__ import annotations
 
@@ -76,3 +81,39 @@ class ScriptedEngine:
         for s in slots:
             self._out[s] = None
             self._pos[s] = 0
+
+
+class ForcedEngine:
+    """A real ``engine.Engine`` that answers each prompt with known text by forced decoding.
+
+    ``responses``: as ``ScriptedEngine`` (prompt text without BOS -> output text without
+    EOS; unknown prompts get EOS alone). Each prompt is inserted with ``forced =
+    encode(response) + [EOS]``; the slot still stops at its ``max_new_tokens``, its stop ids
+    or the context end. Everything else is the wrapped engine's (``engine`` attribute), so
+    ``runtime.rollout(None, problems, mode, engine=ForcedEngine(eng, responses))`` runs the
+    model on every token with the script's spawn/join structure.
+    """
+
+    def __init__(self, engine, responses: Mapping[str, str] | Callable[[str], str]):
+        self.engine = engine
+        self.respond = responses if callable(responses) else (lambda p: responses.get(p, ""))
+        self.inserted: list[str] = []
+
+    @property
+    def num_slots(self) -> int:
+        return self.engine.num_slots
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    def insert(self, prompts: Sequence, slots: Sequence[int] | None = None, **kw) -> list[int]:
+        forced = []
+        for prompt in prompts:
+            text = _TOK.decode(np.asarray(prompt))
+            self.inserted.append(text)
+            forced.append(np.concatenate([_TOK.encode(self.respond(text)), [_TOK.eos_id]]).astype(np.int32))
+        return self.engine.insert(prompts, slots, forced=forced, **kw)
+
+    def __getattr__(self, name):  # free_slots, decode, finished, read, release, running, ...
+        return getattr(self.engine, name)

@@ -261,3 +261,61 @@ def test_bad_input_one_line_errors_before_compile(policy):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="slot 0 holds no sequence"):
         eng.read([0])
+
+
+# ----------------------------------------------------------------------------------------
+def test_forced_decoding_tokens_logprobs_and_free_slots(policy, prompts, reference):
+    rng = np.random.default_rng(8)
+    forced = [rng.integers(3, CFG.vocab_size, size=n).astype(np.int32) for n in (7, 1, 12)]
+    eng = engine.Engine(policy, num_slots=8)
+    # forced slots (0, 2, 4, 5) mixed with free ones (1, 3); slot 5 stops at a stop id inside
+    # its forced tokens, slot 4 at its max_new_tokens
+    stop = int(forced[2][5])
+    ps = [prompts[0], prompts[1], prompts[2], prompts[3], prompts[4], prompts[5]]
+    fs = [forced[0], None, forced[1], None, forced[2], forced[2]]
+    eng.insert(ps[:4], max_new_tokens=NEW, forced=fs[:4])
+    eng.decode(3)
+    eng.insert(ps[4:5], max_new_tokens=4, forced=fs[4:5])  # inserted while others decode
+    eng.insert(ps[5:], max_new_tokens=NEW, forced=fs[5:], stop_ids=[stop])
+    eng.decode(100)
+    assert sorted(eng.finished()) == list(range(6))
+    out = eng.read(range(6))
+    np.testing.assert_array_equal(out[0].tokens, forced[0])
+    np.testing.assert_array_equal(out[2].tokens, forced[1])
+    np.testing.assert_array_equal(out[4].tokens, forced[2][:4])
+    first_stop = int(np.flatnonzero(forced[2] == stop)[0])
+    np.testing.assert_array_equal(out[5].tokens, forced[2][: first_stop + 1])
+    for s in (1, 3):  # free slots: exactly the greedy reference
+        np.testing.assert_array_equal(out[s].tokens, reference[s])
+    for p, o in zip(ps, out):  # log-probs: the full forward's, at the emitted (forced) tokens
+        logits = full_logits(policy, np.concatenate([p, o.tokens]))
+        n = len(o.tokens)
+        ref = log_softmax(logits[len(p) - 1: len(p) - 1 + n])[np.arange(n), o.tokens]
+        np.testing.assert_allclose(o.logprobs, ref, atol=2e-4)
+    # a released forced slot reused by a free prompt samples freely again
+    eng.release([0])
+    eng.insert(ps[1:2], slots=[0], max_new_tokens=NEW)
+    eng.decode(100)
+    np.testing.assert_array_equal(eng.read([0])[0].tokens, reference[1])
+    with pytest.raises(ValueError, match="forced has 1 entries for 2 prompts"):
+        eng.insert(ps[:2], slots=[6, 7], max_new_tokens=2, forced=[None])
+    with pytest.raises(ValueError, match=r"forced\[0\] has shape \(0,\)"):
+        eng.insert(ps[:1], slots=[6], max_new_tokens=2, forced=[np.array([], np.int32)])
+    with pytest.raises(ValueError, match=r"forced\[0\] contains token id"):
+        eng.insert(ps[:1], slots=[6], max_new_tokens=2, forced=[np.array([CFG.vocab_size])])
+
+
+def test_forced_decoding_no_retrace(policy):
+    eng = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))
+    eng.insert([np.arange(3, 10), np.arange(3, 30)], max_new_tokens=3)  # compile each bucket once
+    eng.decode(3)
+    eng.release(eng.finished())
+    before = dict(engine.TRACE_COUNTS)
+    rng = np.random.default_rng(6)
+    for _ in range(4):
+        lens = rng.integers(1, 30, size=rng.integers(1, 5))
+        fs = [None if rng.random() < 0.5 else rng.integers(3, CFG.vocab_size, size=rng.integers(1, 40)) for _ in lens]
+        eng.insert([rng.integers(3, CFG.vocab_size, size=n) for n in lens], max_new_tokens=8, forced=fs)
+        eng.decode(int(rng.integers(1, 9)))
+        eng.release(range(4))
+    assert {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode")} == {"prefill": 0, "decode": 0}

@@ -8,7 +8,7 @@ import pytest
 
 from envs import countdown
 from jaxapr import data, runtime, traces
-from jaxapr.scripted_engine import ScriptedEngine
+from jaxapr.scripted_engine import ForcedEngine, ScriptedEngine
 from jaxapr.tokenizer import CountdownTokenizer
 from tests.traces import mutations
 
@@ -233,3 +233,31 @@ def test_random_tiny_policy_rollouts_finish_and_report():
                             max_context=128)
     first = runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1))
     assert [r.text for r in again] == [r.text for r in first]
+
+
+def test_forced_engine_rebuilds_scripted_trees():
+    from flax import nnx
+
+    from jaxapr import engine, model
+
+    cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=512)
+    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(2), 4, num_numbers=3, max_number=25,
+                                                   min_target=10, max_target=50)
+    trees = [traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    assert any(tree["sub_calls"] for tree in trees)
+    responses = responses_of(trees)
+    scripted = runtime.rollout(None, (numbers, targets), "apr", engine=ScriptedEngine(responses, 3, 512), decode_chunk=8)
+    forced_eng = ForcedEngine(engine.Engine(model.Transformer(cfg, rngs=nnx.Rngs(0)), num_slots=3, max_len=512),
+                              responses)
+    forced = runtime.rollout(None, (numbers, targets), "apr", engine=forced_eng, decode_chunk=8)
+    for tree, s, f in zip(trees, scripted, forced):
+        assert f.tree == s.tree == tree
+        assert (f.total_tokens, f.prompt_tokens, f.num_calls, f.success, f.latency_steps) == (
+            s.total_tokens, s.prompt_tokens, s.num_calls, s.success, s.latency_steps)
+        for call in f.calls:  # real log-probs of the forced tokens
+            assert len(call.logprobs) == len(call.output_tokens) and (call.logprobs < 0).all()
+    sched = forced[0].schedule
+    assert sched["steps"] == scripted[0].schedule["steps"] > 0 and 0 < sched["device_s"] < sched["wall_s"]
+    assert sched["useful_slot_steps"] == sum(len(c.output_tokens) - 1 for r in forced for c in r.calls)
+    assert sched["useful_slot_steps"] <= 3 * sched["steps"]

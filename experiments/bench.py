@@ -445,6 +445,26 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
             rows.append(row)
             results["rows"].append(row)
             print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+    results["prefill"] = {}
+    plen, pbatch = (128, 8) if quick else (512, 16)
+    for preset in presets:
+        cfg = model.PRESETS[preset]
+        policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
+        eng = engine.Engine(policy, num_slots=pbatch, max_len=min(cfg.max_len, 2 * plen))
+        prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(pbatch, plen)).astype(np.int32)
+
+        def run_prefill():
+            eng.release(range(pbatch))
+            eng.insert(list(prompts), max_new_tokens=1)
+            jax.block_until_ready(eng.slots)
+
+        t = median_time(run_prefill, repeats)
+        tps = pbatch * plen / t
+        # Attention in a prefill of length T sees T/2 keys on average.
+        frac = tps * model.flops_per_token(cfg, plen // 2) / peak
+        results["prefill"][preset] = {"prompt_len": plen, "batch": pbatch, "tokens_per_s": tps, "peak_frac": frac}
+        print(f"prefill {preset}: {pbatch} prompts x {plen} tokens: {tps:,.0f} tokens/s = {frac:.1%} of the "
+              f"matmul peak ({peak / 1e9:,.0f} GFLOP/s)")
     print(f"\nSlot engine, greedy, prompt {prompt_len} + {new} generated tokens (stop_ids=(): all real), "
           f"cache max_len {max_len}; gen = prefill + decode; no-cache = full forward per token "
           "(length-bucketed, probed and scaled); HF = LlamaForCausalLM.generate, same shape, random weights")

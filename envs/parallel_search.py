@@ -163,14 +163,6 @@ def _default_params(num_numbers, min_target, max_target, max_number, bank_size, 
     return make_params(bank.numbers, bank.targets, *budgets)
 
 
-def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
-    """values[..., index[...]] over a small last axis, as a one-hot select (no gather)."""
-    hot = jnp.arange(values.shape[-1], dtype=jnp.int32) == index[..., None]
-    if values.dtype == jnp.bool_:
-        return jnp.any(hot & values, axis=-1)
-    return jnp.sum(jnp.where(hot, values, 0), axis=-1, dtype=values.dtype)
-
-
 class ParallelSearch(MultiAgentEnv[EnvState, EnvParams]):
     """One Countdown problem searched by up to K thread-agents; see the module docstring."""
 
@@ -335,7 +327,7 @@ class ParallelSearch(MultiAgentEnv[EnvState, EnvParams]):
         act = self._stack_actions(actions)
         cur, count, untried = self._node(state)
         avail = self._avail(state, untried)
-        legal = (act >= 0) & (act < self.num_actions) & _pick(avail, jnp.clip(act, 0, self.num_actions - 1))
+        legal = (act >= 0) & (act < self.num_actions) & rules.pick(avail, jnp.clip(act, 0, self.num_actions - 1))
         act = jnp.where(legal, act, self.NOOP)
         running = state.status == RUNNING
         is_move, is_back = act < a_moves, act == self.BACKTRACK

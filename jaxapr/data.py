@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from envs.countdown.problems import sha256_file
 from jaxapr.tokenizer import VOCAB_VERSION, CountdownTokenizer
 
 FORMAT = "jaxapr.traces.dataset/1"
@@ -148,14 +149,6 @@ def _build_chunk(args):
     return tokens, index, solved
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_dataset(
     out_dir: str,
     splits: dict,
@@ -212,7 +205,7 @@ def build_dataset(
                 "tokens_per_example": {"mean": float(lengths.mean()) if len(lengths) else 0.0,
                                        "max": int(lengths.max(initial=0)),
                                        "p99": float(np.percentile(lengths, 99)) if len(lengths) else 0.0},
-                "files": {os.path.relpath(f, out_dir): _sha256(f) for f in files},
+                "files": {os.path.relpath(f, out_dir): sha256_file(f) for f in files},
             }
     finally:
         if pool:
@@ -279,7 +272,7 @@ def load_manifest(data_dir: str, verify_checksums: bool = False) -> dict:
     if verify_checksums:
         for split in manifest["splits"].values():
             for rel, digest in split["files"].items():
-                if _sha256(os.path.join(data_dir, rel)) != digest:
+                if sha256_file(os.path.join(data_dir, rel)) != digest:
                     raise ValueError(f"checksum of {os.path.join(data_dir, rel)!r} does not match the manifest (file changed or corrupt)")
     return manifest
 

@@ -160,7 +160,7 @@ class ProblemSplits:
         for name, (numbers, targets) in self.splits.items():
             path = os.path.join(directory, f"{name}.npz")
             np.savez(path, numbers=np.asarray(numbers, np.int32), targets=np.asarray(targets, np.int32))
-            entries[name] = {"file": f"{name}.npz", "size": int(len(targets)), "sha256": _sha256(path)}
+            entries[name] = {"file": f"{name}.npz", "size": int(len(targets)), "sha256": sha256_file(path)}
         manifest = {
             "format": SPLITS_FORMAT,
             "config": self.config,
@@ -186,7 +186,7 @@ class ProblemSplits:
             file = os.path.join(directory, entry["file"])
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"split file {file!r} listed in the manifest is missing")
-            digest = _sha256(file)
+            digest = sha256_file(file)
             if digest != entry["sha256"]:
                 raise ValueError(f"checksum of {file!r} is {digest[:12]}...: expected {entry['sha256'][:12]}... (file changed or corrupt)")
             with np.load(file) as data:
@@ -197,7 +197,8 @@ class ProblemSplits:
         return cls(splits, manifest["config"], manifest["heldout_targets"])
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes (manifests use it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

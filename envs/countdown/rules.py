@@ -218,7 +218,7 @@ def legal_mask(numbers: jax.Array, count: jax.Array) -> jax.Array:
     return legal.reshape(-1)
 
 
-def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
+def pick(values: jax.Array, index: jax.Array) -> jax.Array:
     """values[..., index] for a small static last axis, as a one-hot select (vectorises
     far better on CPU than a per-row gather under vmap)."""
     hot = jnp.arange(values.shape[-1], dtype=jnp.int32) == index[..., None]
@@ -240,15 +240,15 @@ def step_numbers(numbers: jax.Array, count: jax.Array, action: jax.Array):
     in_range = (action >= 0) & (action < a_count)
     safe = jnp.where(in_range, action, 0)
     pair, op = safe // NUM_OPS, safe % NUM_OPS
-    i, j = _pick(jnp.asarray(ii), pair), _pick(jnp.asarray(jj), pair)
-    values, legal = op_values(_pick(numbers, i), _pick(numbers, j))
-    ok = in_range & (j < count) & _pick(legal, op)
+    i, j = pick(jnp.asarray(ii), pair), pick(jnp.asarray(jj), pair)
+    values, legal = op_values(pick(numbers, i), pick(numbers, j))
+    ok = in_range & (j < count) & pick(legal, op)
     zero = jnp.zeros((2,), jnp.int32)
     shift1 = jnp.concatenate([numbers[1:], zero[:1]])
     shift2 = jnp.concatenate([numbers[2:], zero])
     m = jnp.arange(n, dtype=jnp.int32)
     kept = jnp.where(m < i, numbers, jnp.where(m < j - 1, shift1, shift2))
-    new = jnp.where(m == count - 2, _pick(values, op), jnp.where(m < count - 2, kept, 0))
+    new = jnp.where(m == count - 2, pick(values, op), jnp.where(m < count - 2, kept, 0))
     return jnp.where(ok, new, numbers), jnp.where(ok, count - 1, count), ok
 
 

@@ -40,7 +40,7 @@ import collections
 import dataclasses
 import re
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -399,9 +399,9 @@ def claimed_answer(text: str) -> tuple | None:
     lines = [l for l in text.split("\n") if l and not l.startswith("Exit Sub Search")]
     if not lines or not lines[-1].endswith("equal: Goal Reached") or lines[-1].find("unequal") >= 0:
         return None
-    goal_lines = [i for i, l in enumerate(lines) if "Goal Reached" in l]
-    start = goal_lines[-2] + 1 if len(goal_lines) >= 2 else 0
-    return tuple(l.split(",")[0].split(": ", 1)[1] for l in lines[start:] if l.startswith("Exploring Operation: "))
+    spans = traces.goal_line_spans(text)
+    path = text[text.find("\n", spans[0]) + 1:] if spans else text
+    return tuple(l.split(",")[0].split(": ", 1)[1] for l in path.split("\n") if l.startswith("Exploring Operation: "))
 
 
 def _aggregate(kind: str, samples: list) -> RolloutResult:

@@ -38,7 +38,7 @@ import dataclasses
 import re
 from typing import NamedTuple
 
-from jaxapr.traces.verifier import GOAL
+from jaxapr.traces.verifier import goal_line_spans
 
 CALL_OPEN = "<Calling Sub Searches>"
 CALL_CLOSE = "<End Calling Sub Searches>"
@@ -148,15 +148,11 @@ def child_result(child_text: str | None) -> str | None:
     """What a child hands back: its restated path (see the module docstring), or None."""
     if not isinstance(child_text, str):
         return None
-    last = child_text.rfind(GOAL)
-    if last < 0:
+    spans = goal_line_spans(child_text)
+    if spans is None:
         return None
-    last_line = child_text.rfind("\n", 0, last) + 1
-    prev = child_text.rfind(GOAL, 0, last_line)
-    if prev < 0:
-        return None
-    start = child_text.find("\n", prev) + 1
-    end = child_text.find("\n", last)
+    start = child_text.find("\n", spans[0]) + 1
+    end = child_text.find("\n", spans[1])
     if end < 0:
         end = len(child_text)
     for line in child_text[end:].split("\n"):

@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from envs.countdown import rules
 from jaxapr.tokenizer import CountdownTokenizer

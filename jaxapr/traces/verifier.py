@@ -84,7 +84,7 @@ def _int(token: str, lineno: int) -> int:
         raise _Fail(f"line {lineno}: number too long ({len(token)} digits)") from None
 
 
-def _goal_line_spans(text: str) -> tuple[int, int] | None:
+def goal_line_spans(text: str) -> tuple[int, int] | None:
     """Start offsets of the second-to-last and last lines containing GOAL, or None."""
     last = text.rfind(GOAL)
     if last < 0:
@@ -106,7 +106,7 @@ def _check_problem(nums, target) -> tuple[list[int], int]:
 
 
 def _replay(text: str, nums: list[int], target: int) -> str:
-    spans = _goal_line_spans(text)
+    spans = goal_line_spans(text)
     if spans is None:
         raise _Fail(f"fewer than two lines containing '{GOAL}'")
     path_start = text.find("\n", spans[0])

@@ -94,7 +94,6 @@ def _fmt(v) -> str:
 def _scan_steps(env, params, policy, batch: int, steps: int):
     """A jitted function key -> (total reward) running `steps` vmapped env steps in lax.scan."""
     import jax
-    import jax.numpy as jnp
 
     step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
@@ -237,7 +236,6 @@ def suite_datagen(quick: bool, repeats: int) -> dict:
     import tempfile
 
     import jax
-    import numpy as np
 
     from envs import countdown
     from jaxapr import data, traces

@@ -27,7 +27,6 @@ def play(env, params, key, num_envs, policy):
     """Plays one episode in each of ``num_envs`` envs; returns (solved fraction, steps/s)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from envs import countdown
 

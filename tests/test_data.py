@@ -1,12 +1,11 @@
 """jaxapr.data: building tokenized SoS+/APR datasets and loading fixed-shape batches."""
 import json
-import os
 
 import numpy as np
 import pytest
 
 from envs import countdown
-from jaxapr import data, traces
+from jaxapr import data
 from jaxapr.tokenizer import CountdownTokenizer
 
 TOK = CountdownTokenizer()

@@ -1,6 +1,5 @@
 """The APR runtime, driven by a scripted engine (exact replay) and by a random tiny policy."""
 import itertools
-import os
 
 import jax
 import numpy as np
@@ -10,7 +9,6 @@ from envs import countdown
 from jaxapr import data, runtime, traces
 from jaxapr.scripted_engine import ForcedEngine, ScriptedEngine
 from jaxapr.tokenizer import CountdownTokenizer
-from tests.traces import mutations
 
 TOK = CountdownTokenizer()
 BIG = 1 << 15  # replay contexts: some fixture calls are longer than 4096 of our tokens
@@ -26,13 +24,6 @@ def responses_of(trees):
 
 def problems_of(rows):
     return np.array([r["nums"] for r in rows]), np.array([r["target"] for r in rows])
-
-
-@pytest.fixture(scope="module")
-def fixture_rows():
-    if not os.path.exists(mutations.FIXTURES):
-        pytest.skip("fixtures not found")
-    return mutations.load_rows()
 
 
 @pytest.mark.parametrize("num_slots", [1, 2, 7, 64])
@@ -152,7 +143,7 @@ def test_sampling_modes_vote_and_choose():
 
 def _spawning_root(nums, target, children):
     """A root call that expands the root and spawns ``children`` of its generated nodes."""
-    lines, ops = [], []
+    lines = []
     for k, m in enumerate(countdown.moves(list(nums))):
         if k == children:
             break

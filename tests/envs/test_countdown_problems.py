@@ -1,14 +1,11 @@
 """generate_problems and the train/val/test splits."""
 import json
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from envs import countdown
-from envs.countdown import problems
 from tests import oracle
 
 

@@ -1,8 +1,5 @@
 """The Countdown rules (jnp and Python forms), count_solutions and solve, against the oracle."""
-import gzip
 import itertools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +9,6 @@ import pytest
 from envs import countdown
 from envs.countdown import rules
 from tests import oracle
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "apr_reference_traces.jsonl.gz")
-
-
-def load_fixtures():
-    path = os.path.normpath(FIXTURES)
-    if not os.path.exists(path):
-        pytest.skip(f"fixtures not found at {path}")
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f]
 
 
 def random_problems(rng, count, n, max_number=20, max_target=60):
@@ -113,8 +100,8 @@ def test_count_solutions_matches_oracle(n, count):
     np.testing.assert_array_equal(solvable, expect > 0)
 
 
-def test_count_solutions_on_every_fixture():
-    rows = load_fixtures()
+def test_count_solutions_on_every_fixture(fixture_rows):
+    rows = fixture_rows
     assert len(rows) == 200
     count = jax.jit(countdown.count_solutions)
     for row in rows:

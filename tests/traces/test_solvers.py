@@ -9,9 +9,7 @@ all 200 APR trees), which pins down everything deterministic about the algorithm
 """
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import random
 
 import jax
@@ -24,21 +22,12 @@ from jaxapr.traces.solvers import apr, sos, sosp
 from jaxapr.traces.spawn_join import CallTree
 from jaxapr.traces.verifier import verify
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "apr_reference_traces.jsonl.gz")
 GOAL = "Goal Reached"
 
 
 # --------------------------------------------------------------------------------------
 # Problems
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fixture_rows():
-    if not os.path.exists(FIXTURES):
-        pytest.skip(f"fixtures not found at {FIXTURES}")
-    with gzip.open(FIXTURES, "rt") as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def problems(fixture_rows):
     """Fixture problems, generated solvable ones (N = 3 and 4) and random ones (maybe unsolvable)."""

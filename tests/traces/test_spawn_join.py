@@ -1,21 +1,10 @@
 """spawn/join text ops and CallTree: fixture conformance, nesting, malformed input."""
 import copy
-import os
 
 import pytest
 
 from jaxapr.traces import CallTree, child_prompts, child_result, join, parse_spawn_block, verify
 from tests.traces import mutations
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "apr_reference_traces.jsonl.gz")
-
-
-@pytest.fixture(scope="module")
-def rows():
-    if not os.path.exists(os.path.normpath(FIXTURES)):
-        pytest.skip(f"fixtures not found at {os.path.normpath(FIXTURES)}")
-    return mutations.load_rows()
-
 
 def threads(tree):
     """Every thread (dict) of a fixture tree, root first."""
@@ -28,9 +17,9 @@ def threads(tree):
 # --------------------------------------------------------------------------------------
 # Conformance on the fixtures
 # --------------------------------------------------------------------------------------
-def test_child_prompts_are_the_first_two_lines_of_each_child(rows):
+def test_child_prompts_are_the_first_two_lines_of_each_child(fixture_rows):
     checked = 0
-    for row in rows:
+    for row in fixture_rows:
         for thread in threads(row["apr"]["tree"]):
             for k, children in enumerate(thread["sub_calls"]):
                 prompts = child_prompts(thread["main_calls"][k])
@@ -42,9 +31,9 @@ def test_child_prompts_are_the_first_two_lines_of_each_child(rows):
     assert checked > 1000
 
 
-def test_join_is_a_prefix_of_the_next_call(rows):
+def test_join_is_a_prefix_of_the_next_call(fixture_rows):
     checked = 0
-    for row in rows:
+    for row in fixture_rows:
         for thread in threads(row["apr"]["tree"]):
             for k, children in enumerate(thread["sub_calls"]):
                 joined = join(thread["main_calls"][k], [c["main_calls"][-1] for c in children])
@@ -57,9 +46,9 @@ def test_join_is_a_prefix_of_the_next_call(rows):
     assert checked == 200
 
 
-def test_child_results(rows):
+def test_child_results(fixture_rows):
     succeeded = 0
-    for row in rows:
+    for row in fixture_rows:
         for thread in threads(row["apr"]["tree"]):
             for children in thread["sub_calls"]:
                 for child in children:
@@ -76,8 +65,8 @@ def test_child_results(rows):
     assert succeeded > 100
 
 
-def test_call_tree_round_trip_and_validate(rows):
-    for row in rows:
+def test_call_tree_round_trip_and_validate(fixture_rows):
+    for row in fixture_rows:
         tree = CallTree.from_dict(row["apr"]["tree"])
         assert tree.to_dict() == row["apr"]["tree"]
         assert CallTree.from_dict(tree.to_dict()) == tree
@@ -85,12 +74,12 @@ def test_call_tree_round_trip_and_validate(rows):
         tree.validate()
 
 
-def _multi_call_row(rows):
-    return next(r for r in rows if len(r["apr"]["tree"]["main_calls"]) >= 3)
+def _multi_call_row(fixture_rows):
+    return next(r for r in fixture_rows if len(r["apr"]["tree"]["main_calls"]) >= 3)
 
 
-def test_validate_catches_inconsistent_trees(rows):
-    base = _multi_call_row(rows)["apr"]["tree"]
+def test_validate_catches_inconsistent_trees(fixture_rows):
+    base = _multi_call_row(fixture_rows)["apr"]["tree"]
 
     def broken(edit):
         d = copy.deepcopy(base)

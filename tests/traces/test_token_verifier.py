@@ -1,7 +1,6 @@
 """verify_tokens (jittable, on token ids) agrees with verify (text) everywhere."""
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

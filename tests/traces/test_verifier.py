@@ -13,16 +13,6 @@ from jaxapr.traces import Verdict, verify
 from envs.countdown.rules import OP_SYMBOLS, apply_op
 from tests.traces import mutations
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "apr_reference_traces.jsonl.gz")
-
-
-@pytest.fixture(scope="module")
-def rows():
-    if not os.path.exists(os.path.normpath(FIXTURES)):
-        pytest.skip(f"fixtures not found at {os.path.normpath(FIXTURES)}")
-    return mutations.load_rows()
-
-
 def _child_state(text):
     m = re.match(r"Moving to Node #\S+\nCurrent State: (\d+):\[([^\]]*)\]", text)
     return [int(x) for x in m.group(2).split(", ")]
@@ -31,11 +21,11 @@ def _child_state(text):
 # --------------------------------------------------------------------------------------
 # Conformance on the fixtures
 # --------------------------------------------------------------------------------------
-def test_fixture_verdicts_match_whether_the_reference_reached_the_goal(rows):
+def test_fixture_verdicts_match_whether_the_reference_reached_the_goal(fixture_rows):
     """Expected verdict read off the text (ends with a goal line, Exit lines aside); every
     trace that did not reach the goal ends with 'No solution found.'."""
     reached = collections.Counter()
-    for row in rows:
+    for row in fixture_rows:
         for kind, text in (("sosp", row["sosp"]["trace"]), ("apr", row["apr"]["tree"]["main_calls"][-1])):
             expected = mutations.reached_goal(text)
             if not expected:
@@ -45,13 +35,13 @@ def test_fixture_verdicts_match_whether_the_reference_reached_the_goal(rows):
             assert bool(v) == expected
             reached[kind] += expected
     # All 200 problems are solvable, yet the heuristic searches do not always reach the goal.
-    assert all(row["num_solutions"] > 0 for row in rows)
+    assert all(row["num_solutions"] > 0 for row in fixture_rows)
     assert reached == {"sosp": 119, "apr": 154}, reached
 
 
-def test_children_verify_against_their_own_state_not_the_roots(rows):
+def test_children_verify_against_their_own_state_not_the_roots(fixture_rows):
     counts = collections.Counter()
-    for row in rows:
+    for row in fixture_rows:
         for children in row["apr"]["tree"]["sub_calls"]:
             for child in children:
                 text = child["main_calls"][-1]
@@ -65,7 +55,7 @@ def test_children_verify_against_their_own_state_not_the_roots(rows):
 # --------------------------------------------------------------------------------------
 # Mutations
 # --------------------------------------------------------------------------------------
-def test_mutated_traces_get_the_verdict_the_rule_demands(rows):
+def test_mutated_traces_get_the_verdict_the_rule_demands(fixture_rows):
     cases = mutations.mutated_traces_with_kinds(seed=0, count=6000)
     assert len(cases) == 6000
     wrong = []
@@ -82,7 +72,7 @@ def test_mutated_traces_get_the_verdict_the_rule_demands(rows):
     assert sum(n for (_, e), n in by_kind.items() if not e) > 3000
 
 
-def test_mutations_are_deterministic_and_public_shape(rows):
+def test_mutations_are_deterministic_and_public_shape(fixture_rows):
     a = mutations.mutated_traces(seed=7, count=300)
     assert a == mutations.mutated_traces(seed=7, count=300)
     assert a != mutations.mutated_traces(seed=8, count=300)
@@ -90,7 +80,7 @@ def test_mutations_are_deterministic_and_public_shape(rows):
     assert isinstance(text, str) and isinstance(nums, list) and isinstance(target, int) and isinstance(expected, bool)
 
 
-def test_mutation_suite_catches_a_checker_that_ignores_reuse(rows):
+def test_mutation_suite_catches_a_checker_that_ignores_reuse(fixture_rows):
     """The suite can fail: a replay that skips operands absent from the multiset (blind to a
     number used twice, like the original SoS+ checker) accepts every reuse_last trace."""
 

@@ -1,0 +1,251 @@
+"""Training metrics: a JSONL file (always), TensorBoard event files, a console progress bar.
+
+``MetricWriter(workdir)`` appends one JSON object per ``write(step, metrics)`` to
+``<workdir>/metrics.jsonl`` (``{"step": step, name: value, ...}``, flushed per line; NaN and
+infinities are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``, which
+:func:`read_metrics` turns back into floats) and the same scalars to TensorBoard event files
+under ``<workdir>/tensorboard`` (written with tensorboard's ``EventFileWriter`` and protos, no
+TensorFlow). ``progress(step, ...)`` moves a tqdm bar on stderr with a postfix (loss,
+tokens/s, ...).
+
+Resuming: ``MetricWriter(workdir, resume_step=s)`` drops the JSONL lines with ``step > s``
+(the file is rewritten atomically) and marks a TensorBoard restart at ``s + 1`` (a
+``SessionLog.START`` event, which makes TensorBoard discard the old events after ``s``), so a
+resumed run's metrics equal an uninterrupted run's.
+
+In a multi-host run only one process writes: pass ``enabled=(jax.process_index() == 0)``;
+a disabled writer does nothing at all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+JSONL = "metrics.jsonl"
+TB_DIR = "tensorboard"
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _scalar(name: str, value: Any) -> int | float | bool | str:
+    """A JSON-ready Python scalar from a number (Python, numpy, or a one-element jax array,
+    bfloat16 included); non-finite floats as "nan"/"inf"/"-inf"."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    arr = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf":
+                import jax.numpy as jnp
+
+                arr = arr.astype(np.float64) if jnp.issubdtype(arr.dtype, jnp.floating) else None
+        except Exception:  # noqa: BLE001
+            arr = None
+    if arr is None or arr.size != 1:
+        shape = f" of shape {arr.shape}" if arr is not None else ""
+        raise ValueError(f"metric {name!r} is a {type(value).__name__}{shape}: expected a number (a scalar)")
+    item = arr.reshape(()).item()
+    if isinstance(item, float) and not math.isfinite(item):
+        return "nan" if math.isnan(item) else ("inf" if item > 0 else "-inf")
+    return item
+
+
+def _decode(row: dict) -> dict:
+    return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+
+
+def _read_lines(path: str) -> tuple[list[dict], bool]:
+    """The rows of a JSONL file and whether its last line was a torn (partial) write."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    ends_clean = lines[-1] == ""
+    if ends_clean:
+        lines.pop()
+    torn = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if number == len(lines) and not ends_clean:
+                torn = True  # a crash in the middle of the last write
+                continue
+            raise ValueError(f"{path}:{number} is not a metrics line: expected a JSON object with an int 'step' "
+                             f"(got {line[:80]!r})") from None
+        rows.append(row)
+    return rows, torn
+
+
+def read_metrics(workdir: str | os.PathLike, prefix: str | None = None) -> list[dict]:
+    """The rows of ``<workdir>/metrics.jsonl`` in order (``"nan"``/``"inf"`` strings back to
+    floats); with ``prefix``, only rows that have a key starting with it. A torn last line
+    (a crash mid-write) is skipped."""
+    path = os.path.join(os.fspath(workdir), JSONL)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {JSONL} in '{workdir}': expected a workdir written by MetricWriter")
+    rows = [_decode(r) for r in _read_lines(path)[0]]
+    if prefix is not None:
+        rows = [r for r in rows if any(k.startswith(prefix) for k in r if k != "step")]
+    return rows
+
+
+class MetricWriter:
+    """Write metrics to ``<workdir>/metrics.jsonl``, TensorBoard and a progress bar.
+
+    ``total_steps``: the length of the progress bar. ``enabled``: False makes every method a
+    no-op (pass ``jax.process_index() == 0``). ``tensorboard``/``progress``: turn those parts
+    off. ``resume_step``: continue a run from this step (see the module docstring).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, total_steps: int | None = None, enabled: bool = True,
+                 tensorboard: bool = True, progress: bool = True, resume_step: int | None = None):
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
+            raise ValueError(f"total_steps={total_steps!r}: expected a non-negative int or None")
+        if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
+            raise ValueError(f"resume_step={resume_step!r}: expected a non-negative int or None")
+        self.workdir = os.fspath(workdir)
+        self.enabled = bool(enabled)
+        self.path = os.path.join(self.workdir, JSONL)
+        self._file = None
+        self._tb = None
+        self._bar = None
+        self._closed = False
+        self._last_time = time.perf_counter()
+        if not self.enabled:
+            return
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise ValueError(f"metrics workdir '{self.workdir}' is a file: expected a directory")
+        os.makedirs(self.workdir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+            self._tb = EventFileWriter(os.path.join(self.workdir, TB_DIR))
+            if resume_step is not None:
+                # TensorBoard drops the earlier events with step >= this one (a restart).
+                self._tb.add_event(event_pb2.Event(
+                    wall_time=time.time(), step=resume_step + 1,
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+                self._tb.flush()
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, file=sys.stderr, unit="step",
+                             dynamic_ncols=True, smoothing=0.1)
+
+    def _truncate_after(self, step: int) -> None:
+        rows, torn = _read_lines(self.path)
+        kept = [r for r in rows if r["step"] <= step]
+        if len(kept) == len(rows) and not torn:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=JSONL + ".", suffix=".tmp", dir=self.workdir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for row in kept:
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        logger.info("resuming at step %d: dropped %d metric line(s) after it from %s", step,
+                    len(rows) - len(kept) + torn, self.path)
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"MetricWriter for '{self.workdir}' is closed: expected an open one")
+
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+        """Append ``{"step": step, prefix + name: value, ...}`` to the JSONL file and the
+        numeric values to TensorBoard (tag ``prefix + name``)."""
+        self._check_open()
+        if not self.enabled:
+            return
+        if isinstance(step, np.integer) or (hasattr(step, "shape") and getattr(step, "shape", None) == ()):
+            step = int(np.asarray(step))
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step={step!r}: expected an int >= 0")
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"metrics is a {type(metrics).__name__}: expected a dict of name -> number")
+        row: dict[str, Any] = {"step": step}
+        for name, value in metrics.items():
+            key = f"{prefix}{name}"
+            if key == "step":
+                raise ValueError("metric name 'step' is reserved: expected another name (the step is the row key)")
+            row[key] = _scalar(key, value)
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            summary = self._summary_pb2.Summary
+            values = [summary.Value(tag=key, simple_value=float(_NONFINITE[value] if isinstance(value, str) else value))
+                      for key, value in row.items() if key != "step"]
+            if values:
+                self._tb.add_event(self._event_pb2.Event(wall_time=time.time(), step=step,
+                                                         summary=summary(value=values)))
+                self._tb.flush()
+
+    def progress(self, step: int, *, tokens: int | None = None, **postfix: Any) -> None:
+        """Move the bar to ``step`` and show ``postfix`` (numbers shortened). ``tokens``: the
+        tokens processed since the previous call; shown as ``tok/s`` over the wall time since
+        then."""
+        self._check_open()
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        shown = {}
+        if tokens is not None:
+            shown["tok/s"] = f"{tokens / max(now - self._last_time, 1e-9):.4g}"
+        self._last_time = now
+        for name, value in postfix.items():
+            try:
+                value = float(np.asarray(value))
+                shown[name] = f"{value:.4g}"
+            except (TypeError, ValueError):
+                shown[name] = str(value)
+        if int(step) > self._bar.n:
+            self._bar.update(int(step) - self._bar.n)
+        self._bar.set_postfix(shown, refresh=True)
+
+    def flush(self) -> None:
+        if self._file is not None and not self._closed:
+            self._file.flush()
+        if self._tb is not None and not self._closed:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flush and close the files and the bar (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,47 @@
+"""SFT configs: ``python -m experiments.train_sft --config=experiments/configs/sft.py:<preset>``.
+
+Presets: ``tiny`` (minutes on 2 CPU cores; tests and the quickstart), ``mini`` (<= 2 hours on
+2 CPU cores), ``paper`` (the APR paper's model on GPU/TPU). Every field can be overridden from
+the command line, e.g. ``--config.kind=apr --config.num_steps=500 --config.model.d_model=192``.
+The model fields are ``jaxapr.model.PRESETS[preset]``'s (one source of truth).
+"""
+import dataclasses
+
+from ml_collections import ConfigDict
+
+PRESETS = ("tiny", "mini", "paper")
+
+
+def get_config(preset: str = "tiny") -> ConfigDict:
+    from jaxapr import model
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown SFT preset {preset!r}: expected one of {PRESETS}")
+    c = ConfigDict()
+    c.preset = preset
+    c.model = ConfigDict(dataclasses.asdict(model.PRESETS[preset]))
+    c.kind = "sosp"  # "sosp" | "apr": which dataset of data_dir trains, and how validation rolls out
+    c.data_dir = ""  # an experiments.gen_data output directory (required)
+    c.seed = 0
+    c.train_on_prompt = False  # the paper trained on all tokens; we mask prompts/join contexts by default
+    run = {
+        #        seq_len batch accum steps  lr    warmup eval_every ckpt_every eval_problems max_context slots
+        "tiny": (512, 16, 1, 2_000, 2e-3, 100, 250, 250, 100, 512, 64),
+        "mini": (1024, 16, 2, 6_000, 1e-3, 200, 500, 500, 200, 1024, 64),
+        "paper": (4096, 256, 1, 100_000, 1e-3, 2_000, 2_000, 2_000, 1_000, 4096, 256),
+    }[preset]
+    (c.seq_len, c.batch_size, c.accum_steps, c.num_steps, lr, warmup, c.eval_every, c.checkpoint_every,
+     c.eval_problems, c.eval_max_context, c.eval_num_slots) = run
+    c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=warmup, schedule="cosine", end_fraction=0.1,
+                              weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
+    c.max_train_seconds = 0  # > 0: stop (evaluate, checkpoint) after this much training time
+    c.log_every = 10
+    c.eval_batches = 4  # validation-loss batches
+    c.eval_split = "val"
+    c.eval_at_start = False
+    c.keep = 3
+    c.async_checkpoint = True
+    c.progress = True
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+    c.rules = "auto"  # or a jaxapr.sharding.RULES name
+    return c

@@ -1,0 +1,274 @@
+"""What the SFT and GRPO runs share: the policy and mesh from a config, placing state and
+batches on the mesh, held-out rollouts, config checks, a NaN guard.
+
+A run config is an ``ml_collections.ConfigDict`` (see ``experiments/configs/sft.py`` and
+``rl.py``) with at least ``model`` (every ``model.ModelConfig`` field), ``mesh`` (``data``,
+``fsdp``, ``tensor``; -1 = all remaining devices) and ``rules`` (a ``sharding.RULES`` name or
+``"auto"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxapr import model as model_lib
+from jaxapr import sharding
+
+
+class TrainingError(RuntimeError):
+    """A run stopped on purpose (NaN loss, bad data); the last good checkpoint is intact."""
+
+
+def to_dict(config) -> dict:
+    return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def model_config(config) -> model_lib.ModelConfig:
+    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    given = to_dict(config.model)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}: expected some of {sorted(fields)}")
+    return model_lib.ModelConfig(**given).check()
+
+
+def make_run_mesh(config):
+    """The mesh of ``config.mesh`` over all (global) devices."""
+    m = config.mesh
+    sizes = {"data": int(m.data), "fsdp": int(m.fsdp), "tensor": int(m.tensor)}
+    n = jax.device_count()
+    fixed = math.prod(v for v in sizes.values() if v > 0)
+    free = [k for k, v in sizes.items() if v < 0]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh={sizes}: at most one axis may be -1 (all remaining devices)")
+    if free:
+        if n % fixed:
+            raise ValueError(f"config.mesh={sizes}: {n} devices are not divisible by {fixed}")
+        sizes[free[0]] = n // fixed
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"config.mesh={sizes} has {math.prod(sizes.values())} devices: expected {n} (all devices)")
+    return sharding.make_mesh(**sizes)
+
+
+def run_rules(config, cfg: model_lib.ModelConfig):
+    name = config.get("rules", "auto")
+    if name == "auto":
+        return sharding.rules_for(cfg)
+    if name not in sharding.RULES:
+        raise ValueError(f"config.rules={name!r}: expected 'auto' or one of {sorted(sharding.RULES)}")
+    return sharding.RULES[name]
+
+
+def check_batch_fits(batch_size: int, accum_steps: int, mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % accum_steps or (batch_size // accum_steps) % ways:
+        raise ValueError(f"batch_size={batch_size} with accum_steps={accum_steps}: each micro-batch "
+                         f"({batch_size / accum_steps:g} rows) must be divisible by data x fsdp = {ways}")
+
+
+def check_memory(cfg: model_lib.ModelConfig, batch_size: int, seq_len: int, accum_steps: int, what: str = "training") -> None:
+    """Fail fast when a preset clearly does not fit this machine's memory (host RAM on CPU)."""
+    params = model_lib.param_count(cfg)
+    micro = batch_size // max(accum_steps, 1)
+    # params + grads + 2 Adam moments + reference (f32), activations ~ 34 * d * L per layer-token
+    # plus the float32 logits; a rough upper bound, conservative by design.
+    need = 5 * 4 * params + micro * seq_len * (cfg.num_layers * 34 * cfg.d_model + 3 * cfg.vocab_size) * 4
+    avail = _available_bytes()
+    if avail and need > avail:
+        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB (model d_model={cfg.d_model}, "
+                         f"{cfg.num_layers} layers, micro-batch {micro} x {seq_len}) but this machine has "
+                         f"{avail / 2**30:.1f} GiB available: use a smaller preset, batch or seq_len, or more accum_steps")
+
+
+def _available_bytes() -> int | None:
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
+    """(graphdef, TrainState at step 0, its shardings): parameters placed by ``rules``, the
+    optimizer state initialised under jit so its moments follow their parameters."""
+    import jax.numpy as jnp
+
+    from jaxapr.train.state import TrainState
+
+    graphdef, params = nnx.split(policy)
+    param_sh = sharding.param_shardings(policy, mesh, rules)
+    by_path = {tuple(path): (sh, leaf.shape) for (path, sh), leaf in zip(
+        jax.tree_util.tree_flatten_with_path(param_sh)[0], jax.tree.leaves(params))}
+    rep = sharding.replicated(mesh)
+
+    def like_param(path, leaf):  # optimizer moments mirror their parameter's path (as a suffix)
+        for n in range(len(path)):
+            hit = by_path.get(tuple(path[n:]))
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return rep
+
+    make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))  # noqa: E731
+    shardings = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(make, params))
+    state = jax.jit(make, out_shardings=shardings)(jax.device_put(params, param_sh))
+    return graphdef, state, shardings
+
+
+def batch_to_device(batch: dict, mesh) -> dict:
+    s = sharding.data_sharding(mesh)
+    if mesh.devices.size == 1:
+        return {k: np.asarray(v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
+
+
+def rollout_metrics(policy, problems, *, mode: str, max_context: int, num_slots: int, prefix: str = "",
+                    temperature: float = 0.0, key=None, engine=None) -> dict:
+    """Held-out accuracy and cost of ``mode`` rollouts on ``problems`` = (numbers, targets)."""
+    from jaxapr import runtime
+
+    t0 = time.perf_counter()
+    results = runtime.rollout(policy, problems, mode=mode, max_context=max_context, num_slots=num_slots,
+                              engine=engine, temperature=temperature, key=key, prefix=prefix)
+    wall = time.perf_counter() - t0
+    return {
+        "accuracy": float(np.mean([r.success for r in results])),
+        "total_tokens": float(np.mean([r.total_tokens for r in results])),
+        "sequential_tokens": float(np.mean([r.sequential_tokens for r in results])),
+        "children": float(np.mean([r.num_children for r in results])),
+        "latency_steps": float(np.mean([r.latency_steps for r in results])),
+        "seconds": wall,
+    }
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    loss = float(metrics.get("loss", 0.0))
+    if not bool(metrics.get("finite", True)) or not np.isfinite(loss):
+        raise TrainingError(f"non-finite loss {loss} at step {step}: stopped (the update was not applied; the last "
+                            "good checkpoint is intact) - lower the learning rate or check the data")
+
+
+def host(tree) -> Any:
+    return jax.tree.map(lambda x: x.item() if hasattr(x, "item") and np.ndim(x) == 0 else np.asarray(x), jax.device_get(tree))
+
+
+def seconds_since(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+def make_policy(cfg: model_lib.ModelConfig, seed: int) -> nnx.Module:
+    return model_lib.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def ensure_workdir(workdir: str | None) -> str:
+    if not workdir:
+        raise ValueError("--workdir is required: expected a directory for checkpoints and metrics")
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 [n, n] @ [n, n] on the default device: the reference peak
+    that "fraction of peak" figures are measured against (in the same run)."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def read_last_eval(workdir: str) -> dict | None:
+    """The newest line of ``metrics.jsonl`` with validation metrics (``val/...``)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if any(k.startswith("val/") for k in row):
+                last = row
+    return last
+
+
+def quiet_logs() -> None:
+    """absl INFO logs (orbax writes several lines per save) off; warnings stay."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
+def make_run_optimizer(config):
+    """(tx, schedule) from ``config.optim`` and ``config.num_steps`` (SFT and GRPO alike)."""
+    from jaxapr.train.state import make_optimizer
+
+    o = config.optim
+    if o.warmup_steps > config.num_steps:
+        raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} is more than config.num_steps={config.num_steps}")
+    return make_optimizer(o.learning_rate, total_steps=config.num_steps, warmup_steps=o.warmup_steps,
+                          schedule=o.schedule, end_fraction=o.end_fraction, weight_decay=o.weight_decay, b1=o.b1,
+                          b2=o.b2, clip_norm=o.clip_norm)
+
+
+def load_run_config(workdir: str):
+    """The ``config.json`` a run wrote into ``workdir``, as a ConfigDict."""
+    from ml_collections import ConfigDict
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {workdir!r}: expected the workdir of a train_sft / train_rl run")
+    with open(path) as f:
+        return ConfigDict(json.load(f))
+
+
+def load_params(workdir: str, which: str = "best", step: int | None = None):
+    """(ModelConfig, params, run config) of a run's checkpoint: ``which`` = "best" (the best
+    validation checkpoint; the latest when none has metrics) or "latest", or an explicit
+    ``step``. ``nnx.merge(nnx.graphdef(model.Transformer(cfg, ...)), params)`` or
+    :func:`load_policy` make the policy."""
+    from jaxapr.train.checkpoint import Checkpointer
+    from jaxapr.train.state import abstract_train_state
+
+    if which not in ("best", "latest"):
+        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+    config = load_run_config(workdir)
+    cfg = model_config(config)
+    tx, _ = make_run_optimizer(config)
+    policy = nnx.eval_shape(lambda: make_policy(cfg, 0))
+    _, abstract_params = nnx.split(policy)
+    target = abstract_train_state(None, tx, abstract_params)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=to_dict(config), compare_keys=())
+    try:
+        if step is None and which == "best":
+            step = ckpt.best_step()
+        state, _ = ckpt.restore(target, step=step)
+    finally:
+        ckpt.close()
+    return cfg, state.params, config
+
+
+def load_policy(workdir: str, which: str = "best", step: int | None = None) -> nnx.Module:
+    """The policy of a run's checkpoint (see :func:`load_params`)."""
+    cfg, params, _ = load_params(workdir, which, step)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
+    return nnx.merge(graphdef, params)

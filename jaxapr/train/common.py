@@ -230,41 +230,59 @@ def make_run_optimizer(config):
                           b2=o.b2, clip_norm=o.clip_norm)
 
 
-def load_run_config(workdir: str):
-    """The ``config.json`` a run wrote into ``workdir``, as a ConfigDict."""
-    from ml_collections import ConfigDict
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {workdir!r}: expected the workdir of a train_sft / train_rl run")
-    with open(path) as f:
-        return ConfigDict(json.load(f))
+def best_step(ckpt) -> int | None:
+    """The kept checkpoint with the highest ``val/accuracy`` (ties: the later), else the
+    lowest ``val/loss``; None when no kept checkpoint has validation metrics."""
+    scored = []
+    for step in ckpt.all_steps():
+        m = ckpt.metadata(step).get("metrics") or {}
+        if "val/accuracy" in m:
+            scored.append(((1, float(m["val/accuracy"]), step), step))
+        elif "val/loss" in m:
+            scored.append(((0, -float(m["val/loss"]), step), step))
+    return max(scored)[1] if scored else None
 
 
 def load_params(workdir: str, which: str = "best", step: int | None = None):
-    """(ModelConfig, params, run config) of a run's checkpoint: ``which`` = "best" (the best
-    validation checkpoint; the latest when none has metrics) or "latest", or an explicit
-    ``step``. ``nnx.merge(nnx.graphdef(model.Transformer(cfg, ...)), params)`` or
-    :func:`load_policy` make the policy."""
+    """(ModelConfig, params, run config) of a run's checkpoint: ``which`` = "best" (see
+    :func:`best_step`; the latest when no checkpoint has validation metrics) or "latest", or
+    an explicit ``step``. The config is the one saved in the checkpoint. :func:`load_policy`
+    makes the policy."""
+    from ml_collections import ConfigDict
+
     from jaxapr.train.checkpoint import Checkpointer
     from jaxapr.train.state import abstract_train_state
 
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-    config = load_run_config(workdir)
-    cfg = model_config(config)
-    tx, _ = make_run_optimizer(config)
-    policy = nnx.eval_shape(lambda: make_policy(cfg, 0))
-    _, abstract_params = nnx.split(policy)
-    target = abstract_train_state(None, tx, abstract_params)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=to_dict(config), compare_keys=())
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {workdir!r}: expected the workdir of a train_sft / train_rl run")
+    ckpt = Checkpointer(directory, config={}, compare_keys=())
     try:
         if step is None and which == "best":
-            step = ckpt.best_step()
-        state, _ = ckpt.restore(target, step=step)
+            step = best_step(ckpt)
+        config = ConfigDict(ckpt.metadata(step)["config"])
+        cfg = model_config(config)
+        tx, _ = make_run_optimizer(optimizer_config(config))
+        _, abstract_params = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
+        state, _ = ckpt.restore(abstract_train_state(None, tx, abstract_params), step=step)
     finally:
         ckpt.close()
     return cfg, state.params, config
+
+
+def optimizer_config(config):
+    """The config whose ``make_run_optimizer`` gives a run's optimizer state structure (GRPO
+    runs count optimizer updates, not RL steps)."""
+    if "grpo" not in config:
+        return config
+    c = config.copy_and_resolve_references()
+    per = int(config.grpo.inner_epochs) * int(config.grpo.num_minibatches)
+    with c.unlocked():
+        c.num_steps = config.num_steps * per
+        c.optim.warmup_steps = config.optim.warmup_steps * per
+    return c
 
 
 def load_policy(workdir: str, which: str = "best", step: int | None = None) -> nnx.Module:

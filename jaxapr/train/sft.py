@@ -172,8 +172,6 @@ def train(config, workdir: str, log=print) -> dict:
     tx, schedule = common.make_run_optimizer(config)
     policy = common.make_policy(cfg, config.seed)
     graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=common.to_dict(config), keep=config.keep,
                         best_metric="val/accuracy" if eval_problems is not None else "val/loss",
                         best_mode="max" if eval_problems is not None else "min",
@@ -185,6 +183,8 @@ def train(config, workdir: str, log=print) -> dict:
         it.set_state(extra["data"])
         train_seconds, start = float(extra["train_seconds"]), int(state.step)
         log(f"resumed from step {start} ({train_seconds:.0f} s of training so far)")
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
+        f.write(config.to_json(indent=2))
     writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=process == 0,
                           progress=config.progress, resume_step=start)
     step_fn = make_sft_step(graphdef, tx, config.accum_steps, schedule, state_shardings=shardings,

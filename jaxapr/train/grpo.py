@@ -1,0 +1,420 @@
+"""GRPO: group-relative policy optimisation on spawn/join rollouts (the APR paper's RL stage).
+
+One GRPO step:
+
+1. **Sample.** P problems, each repeated G times (``rollout_groups``: ``runtime.rollout`` at
+   temperature 1 with no top-k/top-p, on an ``engine.Engine`` whose parameters are the
+   trainer's current ``state.params``: the same device arrays, swapped in with
+   ``Engine.update_params``, no copy and no other process). Rollout ``i = p * G + g`` is
+   sample g of problem p.
+2. **Reward** (``rewards``): ``R_i = 1[verified success] - length_penalty * len_i -
+   thread_penalty * children_i``, with ``len_i`` the rollout's generated tokens
+   (``length_measure="total"``) or its critical path (``"sequential"``) and ``children_i``
+   its number of child threads. Both shaping weights are 0 (off) by default, as in the paper.
+3. **Advantage** (``group_advantages``): within each problem's group of G rollouts,
+   ``A_i = (R_i - mean_g R) / (std_g R + adv_eps)`` with the *population* standard deviation
+   (``ddof=0``, divide by G). A group whose rewards are all equal gets ``A = 0`` exactly.
+4. **Batch** (``make_batch``): one row per call c (every decoding of every thread) of every
+   rollout: ``tokens = prompt_tokens (BOS + prompt) ++ output_tokens`` (the EOS included when
+   the call stopped on it), padded with id 0. Only generated tokens train (``loss_mask``).
+   The call inherits its rollout's advantage ``A_c = A_i``, and its weight is
+   ``w_c = 1 / (K_i * N)`` with ``K_i`` the number of calls of rollout i that generated
+   tokens and N the number of rollouts in the batch (so the weights of a rollout sum to 1/N,
+   and of the batch to 1). ``old_logprobs`` are the log-probs the engine recorded while
+   sampling: ``log_softmax(logits)[token]`` of the policy at temperature 1 (the engine records
+   them before temperature/top-k/top-p, so with GRPO's temperature 1 and no filtering they are
+   exactly the sampling distribution's; see ``engine``). Rows are padded to a static bucket
+   with zero-weight rows so that the jitted update never re-traces within a bucket.
+5. **Update** (``make_grpo_step``): ``inner_epochs`` passes (mu) over ``num_minibatches``
+   shuffled minibatches of rows, one optimizer update per minibatch, all in one jitted call.
+
+**The loss** (``grpo_loss``), for rows c with generated-token set T_c (|T_c| >= 1), per
+token t in T_c with ``logp_t`` the current policy's log-prob, ``old_t`` the rollout's and
+``ref_t`` the frozen reference policy's::
+
+    r_t    = exp(logp_t - old_t)
+    pg_t   = -min(r_t * A_c, clip(r_t, 1 - clip_eps, 1 + clip_eps) * A_c)
+    k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (low-variance KL estimator)
+    L_c    = (1 / |T_c|) * sum_{t in T_c} (pg_t + beta * k3_t)
+    loss   = sum_c w_c * L_c
+
+(the log-ratio inside k3 is clamped to [-20, 20] against overflow; values that large never
+occur in a healthy run). With ``old = logp`` (on-policy) and ``beta = 0`` the gradient is
+REINFORCE's: ``-sum_c w_c A_c mean_{t in T_c} grad logp_t``. In a minibatch update the loss
+is ``num_minibatches * sum_{c in minibatch} w_c L_c``: an unbiased estimate of the whole
+batch's loss, so the gradient scale does not depend on the number of minibatches.
+``beta = 0`` skips the reference forward entirely.
+
+Metrics (``grpo_loss``): ``loss``, ``pg_loss`` (the ``sum_c w_c mean pg`` part), ``kl``
+(mean k3 over generated tokens), ``clip_fraction`` (share of generated tokens with
+``|r_t - 1| > clip_eps``), ``ratio_mean`` (mean r_t over generated tokens), ``tokens``
+(generated tokens). The step returns them aggregated over its updates (token metrics as
+token means, loss terms as means over updates) plus ``grad_norm``, ``updates`` (finite
+updates applied), ``finite`` and ``lr`` (with ``schedule``).
+
+**Donation and the engine.** The step donates ``state``: after it, the engine must be given
+the new ``state.params`` (``rollout_groups`` does that before every rollout) and the
+reference must be a real copy (``reference_params``), never the initial state's own arrays.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxapr.train.sft import target_mask, token_logprobs
+from jaxapr.train.state import TrainState
+
+# Times the update function was traced (incremented at trace time only): tests check that
+# steps with new data of the same bucket do not re-trace.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_KL_CLAMP = 20.0
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO hyper-parameters; defaults are the APR paper's (64 problems x 5 rollouts, lr 1e-5,
+    clip 0.2, beta 0.001, 2 inner epochs) where it gives them. ``num_minibatches`` is ours."""
+
+    num_problems: int = 64  # P problems per step
+    group_size: int = 5  # G rollouts per problem
+    learning_rate: float = 1e-5  # for make_optimizer (the step itself takes a tx)
+    clip_eps: float = 0.2  # PPO clip range
+    beta: float = 0.001  # weight of the k3 KL to the reference (0 = no reference forward)
+    inner_epochs: int = 2  # mu: passes over the batch per step
+    num_minibatches: int = 4  # optimizer updates per pass
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    adv_eps: float = 1e-6  # A = (R - mean) / (std + adv_eps)
+    length_penalty: float = 0.0  # reward -= length_penalty * tokens (off by default)
+    length_measure: str = "total"  # "total" generated tokens or "sequential" (critical path)
+    thread_penalty: float = 0.0  # reward -= thread_penalty * child threads (off by default)
+    recompute_old_logprobs: bool = False  # True: old log-probs from the trainer at the step's start
+
+    def check(self) -> "GRPOConfig":
+        for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GRPOConfig.{name}={value!r}: expected a positive int")
+        for name, low in (("learning_rate", 0.0), ("temperature", 0.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > low):
+                raise ValueError(f"GRPOConfig.{name}={value!r}: expected a finite number > {low}")
+        if not (isinstance(self.clip_eps, (int, float)) and 0 < self.clip_eps < 1):
+            raise ValueError(f"GRPOConfig.clip_eps={self.clip_eps!r}: expected a number in (0, 1)")
+        for name in ("beta", "adv_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"GRPOConfig.{name}={value!r}: expected a finite number >= 0")
+        for name in ("length_penalty", "thread_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value)):
+                raise ValueError(f"GRPOConfig.{name}={value!r}: expected a finite number (0 = off)")
+        if self.length_measure not in ("total", "sequential"):
+            raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
+        return self
+
+    def replace(self, **kw) -> "GRPOConfig":
+        return dataclasses.replace(self, **kw).check()
+
+
+# ----------------------------------------------------------------------------------------
+# host side: sampling, rewards, advantages, the batch
+# ----------------------------------------------------------------------------------------
+def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str = "apr", **rollout_kw) -> list:
+    """Samples ``cfg.group_size`` rollouts of each problem with the trainer's current
+    ``params`` (swapped into ``engine`` in place: ``engine.update_params(params)``).
+
+    ``problems`` = (numbers int[P, N], targets int[P]). Returns P * G ``RolloutResult``s,
+    rollout ``p * G + g`` being sample g of problem p (each sample draws from its own keys:
+    the runtime derives them from ``key`` and the repeated problem's index).
+    ``rollout_kw``: more ``runtime.rollout`` arguments (``max_context``, ``max_depth``, ...).
+    """
+    from jaxapr import runtime
+
+    cfg.check()
+    numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
+    if numbers.ndim != 2 or targets.shape != (numbers.shape[0],):
+        raise ValueError(f"problems shapes {numbers.shape}, {targets.shape}: expected (numbers int[P, N], targets int[P])")
+    for bad in ("temperature", "top_k", "top_p", "engine"):
+        if bad in rollout_kw:
+            raise ValueError(f"rollout_groups: {bad} is set by GRPO (cfg.temperature, no top-k/top-p, the engine argument)")
+    if params is not None:
+        engine.update_params(params)
+    g = cfg.group_size
+    return runtime.rollout(None, (np.repeat(numbers, g, axis=0), np.repeat(targets, g, axis=0)), mode, engine=engine,
+                           temperature=cfg.temperature, key=key, **rollout_kw)
+
+
+def rewards(results: Sequence, cfg: GRPOConfig) -> np.ndarray:
+    """float32[len(results)]: ``1[success] - length_penalty * length - thread_penalty *
+    num_children`` (see the module docstring)."""
+    cfg.check()
+    success = np.array([bool(r.success) for r in results], np.float64)
+    out = success
+    if cfg.length_penalty:
+        attr = "total_tokens" if cfg.length_measure == "total" else "sequential_tokens"
+        out = out - cfg.length_penalty * np.array([getattr(r, attr) for r in results], np.float64)
+    if cfg.thread_penalty:
+        out = out - cfg.thread_penalty * np.array([r.num_children for r in results], np.float64)
+    return out.astype(np.float32)
+
+
+def group_advantages(rewards_pg, eps: float = 1e-6) -> np.ndarray:
+    """float32[P, G]: ``(R - mean_g) / (std_g + eps)`` per group (row), with the population
+    standard deviation (ddof=0). Groups whose rewards are all equal get exactly 0."""
+    r = np.asarray(rewards_pg, np.float64)
+    if r.ndim != 2 or r.shape[1] < 1:
+        raise ValueError(f"rewards have shape {r.shape}: expected [num_problems, group_size]")
+    if not np.isfinite(r).all():
+        raise ValueError("rewards contain non-finite values")
+    mean = r.mean(axis=1, keepdims=True)
+    std = r.std(axis=1, keepdims=True)
+    adv = (r - mean) / (std + eps)
+    adv = np.where(np.ptp(r, axis=1, keepdims=True) == 0, 0.0, adv)
+    return adv.astype(np.float32)
+
+
+def bucket_rows(n: int, multiple_of: int = 1) -> int:
+    """The row bucket of ``n`` calls: ``multiple_of`` x (the smallest power of two >=
+    n / multiple_of), ``make_batch``'s default ``num_rows``."""
+    per = max(1, -(-n // multiple_of))
+    return multiple_of * (1 << (per - 1).bit_length())
+
+
+_bucket_rows = bucket_rows  # the name a first caller used
+
+
+def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | None = None,
+               multiple_of: int = 1) -> dict:
+    """The training batch of ``results`` (see the module docstring), numpy arrays:
+
+    - ``tokens`` int32[C, L]: prompt_tokens ++ output_tokens, then pad id 0;
+    - ``positions`` int32[C, L] (0.. on real tokens, 0 on padding), ``segment_ids`` int32[C, L]
+      (1 on real tokens, 0 on padding);
+    - ``loss_mask`` int32[C, L]: 1 on generated tokens (output_tokens, EOS included);
+    - ``old_logprobs`` f32[C, L-1]: the engine's log-prob of token t+1 at index t (as
+      ``sft.token_logprobs``), 0 elsewhere;
+    - ``advantages`` f32[C]: the call's rollout's; ``weights`` f32[C]: 1 / (calls that
+      generated tokens in its rollout) / (rollouts);
+    - ``rollout`` int32[C]: the rollout's index in ``results`` (-1 for padding rows).
+
+    ``advantages``: one per rollout (shape [len(results)] or [P, G]). Calls that generated no
+    tokens (never run: the context or token budget was full) get no row and do not count.
+    C = ``num_rows`` (default: ``multiple_of`` x a power of two, the smallest that holds every
+    call); the extra rows are padding with weight 0. ``seq_len``: L, at least the longest call.
+    """
+    adv = np.asarray(advantages, np.float32).reshape(-1)
+    if adv.shape[0] != len(results):
+        raise ValueError(f"{adv.shape[0]} advantages for {len(results)} rollouts: expected one per rollout")
+    if not len(results):
+        raise ValueError("make_batch: no rollouts")
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+        raise ValueError(f"seq_len={seq_len!r}: expected an int >= 2")
+    if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
+    rows = []  # (rollout, call)
+    for i, res in enumerate(results):
+        calls = [c for c in res.calls if len(c.output_tokens)]
+        for k, c in enumerate(calls):
+            n, m = len(c.prompt_tokens), len(c.output_tokens)
+            if len(c.logprobs) != m:
+                raise ValueError(f"rollout {i} call {k}: {len(c.logprobs)} log-probs for {m} output tokens")
+            if n < 1:
+                raise ValueError(f"rollout {i} call {k}: empty prompt (expected BOS + prompt)")
+            if n + m > seq_len:
+                raise ValueError(f"rollout {i} call {k} has {n} prompt + {m} output = {n + m} tokens: "
+                                 f"expected <= seq_len={seq_len}")
+            rows.append((i, c, len(calls)))
+    if num_rows is None:
+        num_rows = bucket_rows(len(rows), multiple_of)
+    if not isinstance(num_rows, (int, np.integer)) or num_rows < max(1, len(rows)):
+        raise ValueError(f"num_rows={num_rows!r}: expected an int >= the number of calls ({len(rows)})")
+    if num_rows % multiple_of:
+        raise ValueError(f"num_rows={num_rows} is not a multiple of {multiple_of}")
+    c_rows, n_roll = int(num_rows), len(results)
+    batch = {
+        "tokens": np.full((c_rows, seq_len), PAD_ID, np.int32),
+        "positions": np.zeros((c_rows, seq_len), np.int32),
+        "segment_ids": np.zeros((c_rows, seq_len), np.int32),
+        "loss_mask": np.zeros((c_rows, seq_len), np.int32),
+        "old_logprobs": np.zeros((c_rows, seq_len - 1), np.float32),
+        "advantages": np.zeros((c_rows,), np.float32),
+        "weights": np.zeros((c_rows,), np.float32),
+        "rollout": np.full((c_rows,), -1, np.int32),
+    }
+    for row, (i, c, k) in enumerate(rows):
+        n, m = len(c.prompt_tokens), len(c.output_tokens)
+        batch["tokens"][row, :n] = c.prompt_tokens
+        batch["tokens"][row, n:n + m] = c.output_tokens
+        batch["positions"][row, :n + m] = np.arange(n + m)
+        batch["segment_ids"][row, :n + m] = 1
+        batch["loss_mask"][row, n:n + m] = 1
+        batch["old_logprobs"][row, n - 1:n - 1 + m] = c.logprobs
+        batch["advantages"][row] = adv[i]
+        batch["weights"][row] = 1.0 / (k * n_roll)
+        batch["rollout"][row] = i
+    return batch
+
+
+def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: int | None = None) -> tuple[dict, dict]:
+    """rewards -> group advantages -> ``make_batch`` (rows a multiple of
+    ``cfg.num_minibatches``) for ``results`` ordered as ``rollout_groups`` returns them.
+    Returns (batch, host stats: reward_mean, success_rate, advantage_abs_mean,
+    zero_groups (share of groups with all-equal rewards), calls, rows)."""
+    cfg.check()
+    g = cfg.group_size
+    if len(results) % g:
+        raise ValueError(f"{len(results)} rollouts: expected a multiple of group_size={g}")
+    r = rewards(results, cfg).reshape(-1, g)
+    adv = group_advantages(r, cfg.adv_eps)
+    batch = make_batch(results, adv, seq_len=seq_len, num_rows=num_rows, multiple_of=cfg.num_minibatches)
+    stats = {"reward_mean": float(r.mean()), "success_rate": float(np.mean([x.success for x in results])),
+             "advantage_abs_mean": float(np.abs(adv).mean()), "zero_groups": float(np.mean(np.ptp(r, axis=1) == 0)),
+             "calls": int((batch["rollout"] >= 0).sum()), "rows": int(batch["tokens"].shape[0])}
+    return batch, stats
+
+
+def reference_params(params):
+    """A frozen copy of ``params`` for the KL term (new buffers: the step donates the state's)."""
+    return jax.tree.map(jnp.copy, params)
+
+
+# ----------------------------------------------------------------------------------------
+# the loss
+# ----------------------------------------------------------------------------------------
+def clipped_pg(ratio, advantages, clip_eps):
+    """The PPO-clipped policy-gradient loss per token: ``-min(r A, clip(r, 1-eps, 1+eps) A)``."""
+    return -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages)
+
+
+def k3_kl(logp, ref_logp):
+    """The low-variance KL estimator per token: ``exp(d) - d - 1`` with ``d = ref_logp - logp``
+    (clamped to [-20, 20])."""
+    d = jnp.clip(ref_logp - logp, -_KL_CLAMP, _KL_CLAMP)
+    return jnp.exp(d) - d - 1.0
+
+
+def _logprobs(graphdef, params, batch):
+    return token_logprobs(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def _loss_sums(graphdef, params, ref_params, batch: dict, clip_eps, beta):
+    """(loss, sums) for ``batch``; ``batch["ref_logprobs"]`` (if present) replaces the
+    reference forward."""
+    logp = _logprobs(graphdef, params, batch)
+    mask = target_mask(batch)
+    on = mask > 0
+    ratio = jnp.exp(jnp.where(on, logp - batch["old_logprobs"], 0.0))
+    pg = clipped_pg(ratio, batch["advantages"][:, None], clip_eps)
+    if beta:
+        ref = batch["ref_logprobs"] if "ref_logprobs" in batch else _logprobs(graphdef, ref_params, batch)
+        kl = jnp.where(on, k3_kl(logp, jax.lax.stop_gradient(ref)), 0.0)
+    else:
+        kl = jnp.zeros_like(logp)
+    count = mask.sum(axis=1)
+    per_call = lambda x: (x * mask).sum(axis=1) / jnp.maximum(count, 1.0)  # noqa: E731
+    w = batch["weights"]
+    pg_loss = (w * per_call(pg)).sum()
+    kl_loss = (w * per_call(kl)).sum()
+    loss = pg_loss + beta * kl_loss
+    sums = {"pg_loss": pg_loss, "kl_loss": kl_loss, "kl_sum": (kl * mask).sum(),
+            "clipped": ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum(), "ratio_sum": (ratio * mask).sum(),
+            "tokens": mask.sum()}
+    return loss, sums
+
+
+def _metrics(loss, sums) -> dict:
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    return {"loss": loss, "pg_loss": sums["pg_loss"], "kl": sums["kl_sum"] / tokens,
+            "clip_fraction": sums["clipped"] / tokens, "ratio_mean": sums["ratio_sum"] / tokens,
+            "tokens": sums["tokens"]}
+
+
+def grpo_loss(graphdef, params, ref_params, batch: dict, clip_eps: float, beta: float) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of the module docstring's formula on ``batch`` (from ``make_batch``).
+    ``ref_params`` is unused (may be None) when ``beta == 0``."""
+    loss, sums = _loss_sums(graphdef, params, ref_params, batch, clip_eps, beta)
+    return loss, _metrics(loss, sums)
+
+
+# ----------------------------------------------------------------------------------------
+# the update
+# ----------------------------------------------------------------------------------------
+def _chunked_logprobs(graphdef, params, batch: dict, chunks: int) -> jax.Array:
+    """token log-probs f32[C, L-1] of every row, ``chunks`` row blocks at a time (lax.map)."""
+    c = batch["tokens"].shape[0]
+    parts = {k: batch[k].reshape(chunks, c // chunks, *batch[k].shape[1:])
+             for k in ("tokens", "positions", "segment_ids")}
+    out = jax.lax.map(lambda mb: _logprobs(graphdef, params, mb), parts)
+    return out.reshape(c, -1)
+
+
+def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, state: TrainState, ref_params,
+                batch: dict, key, schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+    """The (unjitted) GRPO update: ``cfg.inner_epochs`` passes, each over the rows shuffled
+    with ``fold``s of ``key`` and split into ``cfg.num_minibatches`` minibatches, one
+    optimizer update per minibatch (``lax.scan``). An update whose loss or gradient is not
+    finite is skipped (params and optimizer state kept) and ``finite`` reports False."""
+    TRACE_COUNTS["grpo_update"] += 1
+    rows = batch["tokens"].shape[0]
+    m, epochs = cfg.num_minibatches, cfg.inner_epochs
+    if rows % m:
+        raise ValueError(f"batch has {rows} rows: expected a multiple of num_minibatches={m} "
+                         "(make_batch(..., multiple_of=num_minibatches))")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    if cfg.recompute_old_logprobs:
+        batch["old_logprobs"] = jax.lax.stop_gradient(_chunked_logprobs(graphdef, state.params, batch, m))
+    if cfg.beta:  # the reference is fixed during the step: one forward per row, not one per epoch
+        batch["ref_logprobs"] = jax.lax.stop_gradient(_chunked_logprobs(graphdef, ref_params, batch, m))
+    perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)])
+    order = perms.reshape(epochs * m, rows // m)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta), has_aux=True)
+
+    def body(carry, idx):
+        params, opt_state, step = carry
+        mb = {k: v[idx] for k, v in batch.items()}
+        mb["weights"] = mb["weights"] * m  # unbiased estimate of the whole batch's loss
+        (loss, sums), grads = grad_fn(params, mb)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        out = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), finite=finite)
+        return (keep(new_params, params), keep(new_opt, opt_state), step + finite.astype(jnp.int32)), out
+
+    (params, opt_state, step), per = jax.lax.scan(body, (state.params, state.opt_state, state.step), order)
+    tokens = jnp.maximum(per["tokens"].sum(), 1.0)
+    metrics = {"loss": per["loss"].mean(), "pg_loss": per["pg_loss"].mean(), "kl_loss": per["kl_loss"].mean(),
+               "kl": per["kl_sum"].sum() / tokens, "clip_fraction": per["clipped"].sum() / tokens,
+               "ratio_mean": per["ratio_sum"].sum() / tokens, "tokens": per["tokens"].sum() / epochs,
+               "grad_norm": per["grad_norm"].mean(), "updates": step - state.step, "finite": jnp.all(per["finite"])}
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    return TrainState(step=step, params=params, opt_state=opt_state), metrics
+
+
+def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig,
+                   schedule: optax.Schedule | None = None, state_shardings=None, batch_sharding=None):
+    """A jitted ``step(state, ref_params, batch, key) -> (state, metrics)`` (``grpo_update``;
+    state donated). ``ref_params``: ``reference_params(initial params)``, or None when
+    ``cfg.beta == 0``. ``state.step`` counts optimizer updates (``inner_epochs x
+    num_minibatches`` per call when all are finite)."""
+    cfg.check()
+
+    def step(state, ref_params, batch, key):
+        return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule)
+
+    kw: dict[str, Any] = {"donate_argnums": (0,)}
+    if state_shardings is not None:
+        ref_shardings = state_shardings.params if cfg.beta else None
+        kw["in_shardings"] = (state_shardings, ref_shardings, batch_sharding, None)
+        kw["out_shardings"] = (state_shardings, None)
+    return jax.jit(step, **kw)

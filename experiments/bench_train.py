@@ -1,0 +1,130 @@
+"""Training benchmarks (``experiments/bench.py --suite=train``).
+
+    python -m experiments.bench --suite=train [--quick] --out=bench_train.json
+
+1. SFT: tokens/s of the jitted SFT step (forward + backward + AdamW) on fully packed rows at
+   the tiny and mini presets, and its fraction of a float32 matmul peak measured in the same
+   run (training FLOPs = 3 x the forward FLOPs of ``model.flops_per_token`` at the mean
+   context of a row, seq_len / 2).
+2. GRPO: one step of the tiny preset split into the rollout (engine + runtime, temperature 1)
+   and the update (one jitted step over all calls, inner epochs x minibatches).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, peak: float) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxapr import model
+    from jaxapr.train import common, sft
+    from jaxapr.train.state import init_train_state, make_optimizer
+
+    cfg = model.get_config(preset)
+    tx, sched = make_optimizer(1e-4, total_steps=1000)
+    graphdef, state = init_train_state(common.make_policy(cfg, 0), tx)
+    rng = np.random.default_rng(0)
+    # Fully packed rows: segments of 200..400 tokens, as packed trace examples are.
+    seg = np.zeros((batch, seq_len), np.int32)
+    pos = np.zeros((batch, seq_len), np.int32)
+    for r in range(batch):
+        s, k = 0, 1
+        while s < seq_len:
+            n = min(int(rng.integers(200, 400)), seq_len - s)
+            seg[r, s:s + n], pos[r, s:s + n] = k, np.arange(n)
+            s, k = s + n, k + 1
+    b = {"tokens": rng.integers(3, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+         "loss_mask": np.ones((batch, seq_len), np.int32), "segment_ids": seg, "positions": pos}
+    step = sft.make_sft_step(graphdef, tx, accum, sched)
+    box = [state]
+
+    def run():
+        box[0], m = step(box[0], b)
+        jax.block_until_ready(m["loss"])
+
+    seconds = _time(run, repeats)
+    tps = batch * seq_len / seconds
+    flops = 3 * model.flops_per_token(cfg, seq_len // 2)
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "accum": accum, "step_s": seconds,
+            "tokens_per_s": tps, "train_gflops": tps * flops / 1e9, "peak_fraction": tps * flops / peak,
+            "params": model.param_count(cfg)}
+
+
+def suite_train(quick: bool, repeats: int) -> dict:
+    from experiments.bench import print_table
+    from jaxapr.train import common
+
+    peak = common.matmul_peak_flops(1024 if quick else 2048)
+    print(f"\nmatmul peak (f32 jnp.dot, same run): {peak / 1e9:,.1f} GFLOP/s")
+    shapes = [("tiny", 16, 512, 1), ("mini", 16, 512, 1), ("mini", 16, 1024, 2)]
+    if quick:
+        shapes = [("tiny", 8, 256, 1), ("mini", 8, 256, 1)]
+    rows = [_sft_row(p, b, L, a, repeats, peak) for p, b, L, a in shapes]
+    out = {"matmul_peak_flops": peak, "sft": rows}
+    print("\nSFT step (forward + backward + AdamW), fully packed rows of random tokens")
+    print_table([{**r, "params": f"{r['params'] / 1e6:.2f}M", "peak_fraction": f"{r['peak_fraction']:.1%}"} for r in rows],
+                ["preset", "params", "batch", "seq_len", "accum", "step_s", "tokens_per_s", "train_gflops", "peak_fraction"])
+    out["grpo"] = _grpo(quick, repeats)
+    return out
+
+
+def _grpo(quick: bool, repeats: int) -> dict:
+    """One GRPO step of the tiny preset (random weights: outputs run to the length limit, the
+    worst case for the update) split into rollout and update time."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from envs import countdown
+    from experiments.bench import print_table
+    from jaxapr import engine as engine_lib
+    from jaxapr import model
+    from jaxapr.train import common, grpo
+    from jaxapr.train.state import init_train_state, make_optimizer
+
+    p, g, ctx = (4, 4, 256) if quick else (16, 4, 512)
+    gcfg = grpo.GRPOConfig(num_problems=p, group_size=g, num_minibatches=2)
+    cfg = model.get_config("tiny", max_len=ctx)
+    tx, _ = make_optimizer(gcfg.learning_rate, total_steps=1000, schedule="constant")
+    graphdef, state = init_train_state(common.make_policy(cfg, 0), tx)
+    ref = grpo.reference_params(state.params)
+    engine = engine_lib.Engine(nnx.merge(graphdef, state.params), num_slots=64, max_len=ctx)
+    step_fn = grpo.make_grpo_step(graphdef, tx, gcfg)
+    problems = countdown.generate_problems(jax.random.key(0), p, num_numbers=3, min_target=1, max_target=30,
+                                           max_number=20)
+    problems = tuple(np.asarray(x) for x in problems)
+    box = [state]
+    rows = []
+    for i in range(1 + max(1, repeats)):  # the first step compiles
+        t0 = time.perf_counter()
+        results = grpo.rollout_groups(engine, box[0].params, problems, gcfg, key=jax.random.key(i), mode="apr",
+                                      max_context=ctx)
+        t1 = time.perf_counter()
+        batch, stats = grpo.build_batch(results, gcfg, seq_len=ctx)
+        batch.pop("rollout")
+        box[0], m = step_fn(box[0], ref, batch, jax.random.key(100 + i))
+        jax.block_until_ready(m["loss"])
+        t2 = time.perf_counter()
+        if i:
+            rows.append({"rollout_s": t1 - t0, "update_s": t2 - t1, "rows": stats["rows"], "calls": stats["calls"],
+                         "gen_tokens": sum(r.total_tokens for r in results)})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med["rollout_share"] = med["rollout_s"] / (med["rollout_s"] + med["update_s"])
+    print(f"\nGRPO step, tiny preset (random weights), {p} problems x {g} rollouts (APR), context {ctx}, "
+          f"{gcfg.inner_epochs} epochs x {gcfg.num_minibatches} minibatches; medians of {len(rows)}")
+    print_table([{**med, "rollout_share": f"{med['rollout_share']:.0%}"}],
+                ["rollout_s", "update_s", "rollout_share", "calls", "rows", "gen_tokens"])
+    return med

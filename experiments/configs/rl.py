@@ -1,0 +1,52 @@
+"""GRPO configs: ``python -m experiments.train_rl --config=experiments/configs/rl.py:<preset>``.
+
+``init_from`` is an SFT workdir (its best checkpoint; the model config comes from it). The
+``grpo`` fields are ``jaxapr.train.grpo.GRPOConfig``'s; the paper preset uses the APR paper's
+values (64 problems x 5 rollouts, lr 1e-5, clip 0.2, beta 0.001, 2 inner epochs); the CPU
+presets sample fewer rollouts per step so that a step takes seconds, not minutes.
+"""
+from ml_collections import ConfigDict
+
+PRESETS = ("tiny", "mini", "paper")
+
+
+def get_config(preset: str = "tiny") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown RL preset {preset!r}: expected one of {PRESETS}")
+    c = ConfigDict()
+    c.preset = preset
+    c.init_from = ""  # an SFT (or GRPO) workdir (required)
+    c.init_which = "best"  # "best" or "latest" checkpoint of init_from
+    c.data_dir = ""  # an experiments.gen_data output directory: its problems/ splits (required)
+    c.kind = "apr"  # "apr" | "sosp": how rollouts run
+    c.model = ConfigDict()  # filled from init_from's config
+    c.seed = 0
+    #        problems group  lr    beta  minibatches steps  max_context slots eval_every eval_problems
+    p, g, lr, beta, mbs, steps, ctx, slots, ev, evp = {
+        "tiny": (16, 4, 1e-5, 0.001, 2, 100, 512, 64, 10, 100),
+        "mini": (16, 4, 1e-5, 0.001, 2, 100, 1024, 64, 10, 200),
+        "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
+    }[preset]
+    c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
+                             inner_epochs=2, num_minibatches=mbs, temperature=1.0, adv_eps=1e-6,
+                             length_penalty=0.0, length_measure="total", thread_penalty=0.0,
+                             recompute_old_logprobs=False))
+    c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=0, schedule="constant", end_fraction=1.0,
+                              weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0))
+    c.num_steps = steps
+    c.max_context = ctx  # per-call context window of the rollouts
+    c.max_depth = 1
+    c.num_slots = slots
+    c.decode_chunk = 16
+    c.eval_every = ev
+    c.eval_problems = evp
+    c.eval_split = "val"
+    c.eval_at_start = True
+    c.checkpoint_every = ev
+    c.keep = 3
+    c.async_checkpoint = True
+    c.max_train_seconds = 0
+    c.progress = True
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = "auto"
+    return c

@@ -1,0 +1,140 @@
+"""The SFT and GRPO runs end to end (in-process, a very small policy): outputs, resume,
+and bad input (missing data, NaN loss, a config that does not match the checkpoint)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from envs import countdown
+from jaxapr import data
+from jaxapr.train import common, rl, sft
+
+SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs_data")
+    splits = countdown.make_splits(0, {"train": 120, "val": 16}, num_numbers=3, min_target=1, max_target=30,
+                                   max_number=20)
+    splits.save(str(root / "problems"))
+    for kind in ("sosp", "apr"):
+        data.build_dataset(str(root / kind), splits.splits, data.TraceConfig(kind=kind, max_beam_size=2), seed=0,
+                           num_workers=0)
+    return str(root)
+
+
+def sft_config(data_dir, **kw):
+    from experiments.configs import sft as sft_configs
+
+    c = sft_configs.get_config("tiny")
+    c.model.update(SMALL)
+    c.update(dict(data_dir=data_dir, kind="apr", num_steps=6, seq_len=256, batch_size=8, log_every=2, eval_every=3,
+                  checkpoint_every=3, eval_problems=4, eval_max_context=128, eval_num_slots=8, eval_batches=1,
+                  progress=False, async_checkpoint=False))
+    c.optim.warmup_steps = 2
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def rl_config(data_dir, init_from, **kw):
+    from experiments.configs import rl as rl_configs
+
+    c = rl_configs.get_config("tiny")
+    c.update(dict(data_dir=data_dir, init_from=init_from, kind="apr", num_steps=3, max_context=128, num_slots=16,
+                  eval_every=2, checkpoint_every=1, eval_problems=4, eval_at_start=False, progress=False,
+                  async_checkpoint=False))
+    c.grpo.update(dict(num_problems=2, group_size=2, learning_rate=1e-3))
+    c.optim.learning_rate = 1e-3
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def sft_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sft"))
+    summary = sft.train(sft_config(data_dir), workdir, log=lambda *_: None)
+    return workdir, summary
+
+
+def test_sft_run_writes_metrics_checkpoints_and_summary(sft_run):
+    workdir, summary = sft_run
+    assert summary["step"] == 6 and np.isfinite(summary["loss"]) and 0.0 <= summary["val/accuracy"] <= 1.0
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert train_rows[0]["train/loss"] > train_rows[-1]["train/loss"]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_fraction"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "val/accuracy" in r] == [3, 6]
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    policy = common.load_policy(workdir, which="latest")
+    assert policy.cfg.d_model == SMALL["d_model"]
+    # Running again on a finished workdir resumes at the end and trains nothing more.
+    again = sft.train(sft_config(sft_run_data(workdir)),
+                      workdir, log=lambda *_: None)
+    assert again["step"] == 6
+
+
+def sft_run_data(workdir):
+    return json.load(open(os.path.join(workdir, "config.json")))["data_dir"]
+
+
+def test_bad_input_is_a_clear_error(tmp_path, data_dir, sft_run):
+    with pytest.raises(ValueError, match="config.data_dir is required"):
+        sft.train(sft_config(""), str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        sft.train(sft_config(str(tmp_path / "nowhere")), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="config.kind='x'"):
+        sft.train(sft_config(data_dir, kind="x"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="warmup_steps=2 is more than config.num_steps=1"):
+        sft.train(sft_config(data_dir, num_steps=1), str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="seq_len=512"):
+        sft.train(sft_config(data_dir, seq_len=512), str(tmp_path / "e"))
+    # The workdir's checkpoint is for d_model=32: a different model is refused, naming the key.
+    workdir, _ = sft_run
+    other = sft_config(data_dir)
+    other.model.d_model = 64
+    with pytest.raises(ValueError, match="model.d_model=32 differs from this run's 64"):
+        sft.train(other, workdir)
+    with pytest.raises(ValueError, match="config.init_from is required"):
+        rl.train(rl_config(data_dir, ""), str(tmp_path / "f"))
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+        rl.train(rl_config(data_dir, str(tmp_path)), str(tmp_path / "g"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    workdir = str(tmp_path / "nan")
+    sft.train(sft_config(data_dir, num_steps=3), workdir, log=lambda *_: None)
+    blowup = sft_config(data_dir, num_steps=30, checkpoint_every=100, eval_every=0)
+    blowup.optim.learning_rate = 1e30
+    with pytest.raises(common.TrainingError, match="non-finite loss") as err:
+        sft.train(blowup, workdir, log=lambda *_: None)
+    assert "\n" not in str(err.value)
+    _, params, _ = common.load_params(workdir, which="latest")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
+    init, _ = sft_run
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    s = rl.train(rl_config(data_dir, init, init_which="latest"), straight, log=lambda *_: None)
+    assert s["rl_step"] == 3 and 0.0 <= s["success"] <= 1.0 and s["calls"] >= 4
+    rows = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+    rl_rows = [r for r in rows if "rl/reward" in r]
+    assert [r["step"] for r in rl_rows] == [1, 2, 3]
+    assert {"rl/kl", "rl/clip_fraction", "rl/children_per_problem", "rl/sequential_tokens",
+            "rl/rollout_seconds", "rl/update_seconds"} <= set(rl_rows[0])
+    rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
+    rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
+    a = common.load_params(straight, which="latest")[1]
+    b = common.load_params(split, which="latest")[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    init_params = common.load_params(init, which="latest")[1]
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init_params)))

@@ -10,7 +10,10 @@ and a timed SoS+ + APR dataset build of --datagen_problems paper problems on all
 sampler (the slot engine's decode and prefill tokens/s for the tiny and mini presets at
 batch 1..256, against a no-cache full-forward baseline, a matmul peak and, when torch and
 transformers are installed, Hugging Face ``LlamaForCausalLM.generate`` of the same shape).
-Later suites (runtime, train) register here too.
+runtime (APR and SoS+ rollouts through one engine with forced solver traces; APR with both
+join strategies, reprefill and keep_slot, side by side:
+``--suite=runtime --runtime_preset=tiny --runtime_slots=16 --runtime_problems=32``).
+Later suites (train) register here too.
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 flags.DEFINE_list("sampler_presets", ["tiny", "mini"], "sampler: model presets (quick: tiny).")
 flags.DEFINE_list("sampler_batches", ["1", "16", "64", "256"], "sampler: batch sizes (quick: 1, 16).")
+flags.DEFINE_enum("runtime_preset", "mini", ["tiny", "mini"], "runtime: model preset (random weights).")
+flags.DEFINE_integer("runtime_slots", None, "runtime: engine slots (default 32; quick 16).")
+flags.DEFINE_integer("runtime_problems", None, "runtime: problems per rollout (default 64; quick 32).")
 
 
 def machine() -> dict:
@@ -477,11 +483,13 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
 # runtime suite
 # ----------------------------------------------------------------------------------------
 def suite_runtime(quick: bool, repeats: int) -> dict:
-    """APR vs SoS+ rollouts on ONE slot engine: the mini model (random weights) runs every
-    token, its outputs are forced to our solvers' traces (``ForcedEngine``), so the spawn/join
-    structure is real while the compute per token is the model's. Spawn-heavy APR trees
-    (spawn_prob 1); SoS+ traces of the same problems. Reports per mode problems/s, generated
-    tokens/s (real tokens only), slot utilization, host overhead and the prefill share."""
+    """APR vs SoS+ rollouts on ONE slot engine: the model (random weights; ``--runtime_preset``)
+    runs every token, its outputs are forced to our solvers' traces (``ForcedEngine``), so the
+    spawn/join structure is real while the compute per token is the model's. Spawn-heavy APR
+    trees (spawn_prob 1); SoS+ traces of the same problems. APR runs with both join strategies
+    (``join="reprefill"``, the default, and ``join="keep_slot"``) on the same engine, problems
+    and script. Reports per run problems/s, generated tokens/s (real tokens only), slot
+    utilization, host overhead and the prefill share, and keep_slot / reprefill ratios."""
     import jax
     import numpy as np
     from flax import nnx
@@ -493,8 +501,11 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
 
     tok = CountdownTokenizer()
     num_slots, num_problems, num_numbers = (16, 32, 3) if quick else (32, 64, 4)
+    num_slots = FLAGS.runtime_slots or num_slots
+    num_problems = FLAGS.runtime_problems or num_problems
+    preset = FLAGS.runtime_preset
     max_len, chunk = 1024, 16
-    repeats = max(1, min(repeats, 3))
+    repeats = max(1, min(repeats, 9))
     numbers, targets = jax.device_get(countdown.generate_problems(
         jax.random.PRNGKey(0), num_problems, num_numbers=num_numbers, max_number=25, min_target=10, max_target=50))
     problems = list(zip(numbers.tolist(), targets.tolist()))
@@ -514,7 +525,7 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
     longest = max(len(tok.encode(p)) + len(tok.encode(o)) + 2 for r in responses.values() for p, o in r.items())
     assert longest <= max_len, f"a call of {longest} tokens does not fit the {max_len} context"
 
-    cfg = model.PRESETS["mini"]
+    cfg = model.PRESETS[preset]
     policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
     batch_buckets, prefill_buckets = (1, 4, num_slots), (64, 128, 256, 512, max_len)
     eng = engine.Engine(policy, num_slots=num_slots, max_len=max_len, batch_buckets=batch_buckets,
@@ -526,25 +537,33 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
             eng.release(range(num_slots))
     eng.wait()
     problems_arr = (np.asarray(numbers), np.asarray(targets))
-    runs = {"apr": [], "sosp": []}
+    configs = {"apr": ("apr", "reprefill"), "apr keep_slot": ("apr", "keep_slot"), "sosp": ("sosp", "reprefill")}
+    runs = {name: [] for name in configs}
 
-    def run(mode):
+    def run(name):
+        mode, join = configs[name]
         forced = ForcedEngine(eng, responses[mode])
-        results = runtime.rollout(None, problems_arr, mode, engine=forced, decode_chunk=chunk)
-        runs[mode].append(results)
+        results = runtime.rollout(None, problems_arr, mode, engine=forced, decode_chunk=chunk, join=join)
+        runs[name].append(results)
 
-    for mode in runs:  # warm up and check the replay: every call ends at its EOS, trees as scripted
-        run(mode)
-        for k, r in enumerate(runs[mode][-1]):
+    for name in runs:  # warm up (extend buckets compile here) and check the replay
+        run(name)
+        for k, r in enumerate(runs[name][-1]):
             assert all(c.stopped == "eos" for c in r.calls)
-            assert r.tree == trees[k].to_dict() if mode == "apr" else r.text == sosp[k]
+            assert r.tree == trees[k].to_dict() if configs[name][0] == "apr" else r.text == sosp[k]
+    for a, b in zip(runs["apr"][-1], runs["apr keep_slot"][-1]):  # same calls, same log-probs (float noise)
+        assert (a.text, a.total_tokens, a.prompt_tokens) == (b.text, b.total_tokens, b.prompt_tokens)
+        for ca, cb in zip(a.calls, b.calls):
+            np.testing.assert_allclose(ca.logprobs, cb.logprobs, atol=1e-3)
+    counted = ("prefill", "extend", "decode", "release")
     traces_before = dict(engine.TRACE_COUNTS)
-    times = interleaved_medians({mode: (lambda mode=mode: run(mode)) for mode in runs}, repeats)
-    recompiles = {k: engine.TRACE_COUNTS[k] - traces_before.get(k, 0) for k in ("prefill", "decode", "release")}
+    times = interleaved_medians({name: (lambda name=name: run(name)) for name in runs}, repeats)
+    recompiles = {k: engine.TRACE_COUNTS[k] - traces_before.get(k, 0) for k in counted}
 
-    out, rows = {"num_slots": num_slots, "problems": num_problems, "num_numbers": num_numbers, "max_len": max_len,
-                 "decode_chunk": chunk, "repeats": repeats, "recompiles_while_timed": recompiles, "modes": {}}, []
-    for mode, all_runs in runs.items():
+    out, rows = {"preset": preset, "num_slots": num_slots, "problems": num_problems, "num_numbers": num_numbers,
+                 "max_len": max_len, "decode_chunk": chunk, "repeats": repeats,
+                 "recompiles_while_timed": recompiles, "modes": {}}, []
+    for name, all_runs in runs.items():
         timed = all_runs[2:]  # drop the replay check and interleaved_medians' warm-up call
         per_run = []
         for results in timed:
@@ -557,24 +576,39 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
                 "util_saturated": sch["useful_slot_steps_saturated"] / max(1, num_slots * sch["saturated_steps"]),
                 "saturated_share": sch["saturated_steps"] / sch["steps"],
                 "host": 1 - sch["device_s"] / sch["wall_s"],
+                "prefill_s": sch["prefill_s"], "decode_s": sch["decode_s"],
                 "prefill_time_share": sch["prefill_s"] / sch["device_s"],
                 "decode_calls": sch["decode_calls"], "steps": sch["steps"]})
         med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
         results = timed[-1]
         sch = results[0].schedule
         gen = sum(r.total_tokens for r in results)
-        m = {"seconds": times[mode], "problems_per_s": num_problems / times[mode], "gen_tokens": gen,
-             "gen_tokens_per_s": gen / times[mode], "calls": sum(r.num_calls for r in results),
-             "prefill_tokens": sch["prefill_tokens"], "prefill_token_share": sch["prefill_tokens"] / (sch["prefill_tokens"] + gen),
+        m = {"join": configs[name][1], "seconds": times[name], "problems_per_s": num_problems / times[name],
+             "gen_tokens": gen, "gen_tokens_per_s": gen / times[name], "calls": sum(r.num_calls for r in results),
+             "prefill_tokens": sch["prefill_tokens"],
+             "prefill_token_share": sch["prefill_tokens"] / (sch["prefill_tokens"] + gen),
+             "extend_calls": sch["extend_calls"], "reused_prefix_tokens": sch["reused_prefix_tokens"],
+             "evictions": sch["evictions"], "held_slot_steps": sch["held_slot_steps"],
+             "median_latency_steps": statistics.median(r.latency_steps for r in results),
              "solved": sum(r.success for r in results), **med}
-        out["modes"][mode] = m
-        rows.append({"mode": mode, "problems/s": m["problems_per_s"], "gen tok/s": m["gen_tokens_per_s"],
+        out["modes"][name] = m
+        rows.append({"mode": name, "problems/s": m["problems_per_s"], "gen tok/s": m["gen_tokens_per_s"],
                      "tokens": gen, "calls": m["calls"], "steps": int(m["steps"]), "chunks": int(m["decode_calls"]),
                      "util": f"{m['util']:.1%}", "util (saturated)": f"{m['util_saturated']:.1%}",
                      "saturated": f"{m['saturated_share']:.0%}", "host": f"{m['host']:.1%}",
                      "prefill (time)": f"{m['prefill_time_share']:.1%}", "prefill (tokens)": f"{m['prefill_token_share']:.1%}"})
     out["apr_over_sosp_tokens_per_s"] = out["modes"]["apr"]["gen_tokens_per_s"] / out["modes"]["sosp"]["gen_tokens_per_s"]
-    print(f"\nRuntime: mini preset (random weights), one engine of {num_slots} slots, context {max_len}, decode "
+    re, keep = out["modes"]["apr"], out["modes"]["apr keep_slot"]
+    ratio_keys = {"wall s": "seconds", "decode steps": "steps", "prefill tokens": "prefill_tokens",
+                  "prefill s (blocked)": "prefill_s", "decode s (blocked)": "decode_s", "slot util": "util",
+                  "median latency steps": "median_latency_steps"}
+    out["keep_slot_over_reprefill"] = {k: keep[v] / re[v] if re[v] else None for k, v in ratio_keys.items()}
+    join_rows = []
+    for name, m in (("reprefill", re), ("keep_slot", keep),
+                    ("keep / reprefill", {v: out["keep_slot_over_reprefill"][k] for k, v in ratio_keys.items()})):
+        join_rows.append({"join": name, **{k: m[v] for k, v in ratio_keys.items()},
+                          "extends": m.get("extend_calls"), "evictions": m.get("evictions")})
+    print(f"\nRuntime: {preset} preset (random weights), one engine of {num_slots} slots, context {max_len}, decode "
           f"chunk {chunk}; {num_problems} problems ({num_numbers} numbers in 1..25, targets 10..50); outputs forced "
           f"to solver traces (APR spawn_prob 1, SoS+ same problems); medians of {repeats} interleaved runs")
     print_table(rows, ["mode", "problems/s", "gen tok/s", "tokens", "calls", "steps", "chunks", "util",
@@ -583,7 +617,69 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
     print("util = sum over calls of (tokens - 1) / (slots x decode steps) (a call's first token comes from its "
           "prefill); saturated = steps in chunks that began with calls queued; host = 1 - time blocked on the "
           "device / wall; prefill (time) = blocked in prefill / all blocked")
+    print(f"\nAPR join strategies, same engine, problems and script ({keep['extend_calls']} of "
+          f"{keep['extend_calls'] + keep['evictions']} joins extended a kept slot, {keep['evictions']} parents evicted)")
+    print_table(join_rows, ["join", *ratio_keys, "extends", "evictions"])
+    out["join_kernels"] = _join_kernels(eng, runs["apr"][-1], repeats)
+    jk = out["join_kernels"]
+    print(f"\nPrefill of each APR join context alone (one slot, {jk['joins']} joins of this run, medians of "
+          f"{jk['repeats']} interleaved repeats): whole prompt (insert, reprefill) {jk['insert_s'] * 1e3:,.1f} ms for "
+          f"{jk['insert_tokens']:,} tokens vs suffix only (extend, keep_slot) {jk['extend_s'] * 1e3:,.1f} ms for "
+          f"{jk['extend_tokens']:,} tokens: ratio {jk['extend_over_insert']:.2f}")
     return out
+
+
+def _join_kernels(eng, results, repeats: int) -> dict:
+    """The prefill work of each APR join of ``results`` alone, both ways, on one slot of
+    ``eng``: ``insert`` of the whole join prompt (reprefill) against ``extend`` of what follows
+    the prefix the parent's slot holds (keep_slot), timed interleaved; the slot is set up
+    untimed (an extend's slot holds the kept prefix)."""
+    import numpy as np
+
+    from jaxapr import runtime
+
+    pairs = []
+    for r in results:
+        by_text = {c.text: c for c in r.calls}
+
+        def walk(tree):
+            calls = [by_text[t] for t in tree["main_calls"]]
+            for prev, call in zip(calls, calls[1:]):
+                held = np.concatenate([prev.prompt_tokens, prev.output_tokens])
+                pairs.append((call.prompt_tokens, runtime.reusable_prefix(held, call.prompt_tokens)))
+            for children in tree["sub_calls"]:
+                for child in children:
+                    walk(child)
+
+        walk(r.tree)
+
+    def setup(prompt, start, kind):
+        eng.release(range(eng.num_slots))
+        if kind == "extend":
+            eng.insert([prompt[:max(start, 1)]], [0], max_new_tokens=1)
+        eng.wait()
+
+    def op(prompt, start, kind):
+        if kind == "insert":
+            eng.insert([prompt], [0], max_new_tokens=1)
+        else:
+            eng.extend([0], [prompt[start:]], [start], max_new_tokens=1)
+        eng.wait()
+
+    times = {"insert": [[] for _ in pairs], "extend": [[] for _ in pairs]}
+    for rep in range(repeats + 1):  # the first pass compiles any missing bucket
+        for i, (prompt, start) in enumerate(pairs):
+            for kind in times:
+                setup(prompt, start, kind)
+                t0 = time.perf_counter()
+                op(prompt, start, kind)
+                if rep:
+                    times[kind][i].append(time.perf_counter() - t0)
+    eng.release(range(eng.num_slots))
+    med = {kind: sum(statistics.median(ts) for ts in per) for kind, per in times.items()}
+    return {"joins": len(pairs), "repeats": repeats, "insert_s": med["insert"], "extend_s": med["extend"],
+            "insert_tokens": int(sum(len(p) for p, _ in pairs)), "extend_tokens": int(sum(len(p) - s for p, s in pairs)),
+            "extend_over_insert": med["extend"] / med["insert"] if med["insert"] else None}
 
 
 SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime}

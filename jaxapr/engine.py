@@ -6,11 +6,12 @@ of a KV cache (per layer ``[num_slots, kv_heads, max_len, head_dim]``, see
 position, per-slot limit, stop ids, sampling parameters and key). Every slot can hold a
 sequence of a different length at a different step: the cache is written and read at per-row
 positions. Prefill runs ``Transformer.forward_cached``; decode runs ``decode_forward``, the
-same computation for one token per slot on the engine's heads-major cache layout.
+same computation for one token per slot on the engine's heads-major cache layout; ``extend``
+runs ``extend_forward``, the same for new tokens appended to occupied rows.
 
-The interface the APR runtime drives (all host-side calls; the work is in two jitted
-functions, ``_prefill`` and ``_decode``, which take the parameters explicitly and donate the
-cache and the slot state)::
+The interface the APR runtime drives (all host-side calls; the work is in three jitted
+functions, ``_prefill``, ``_extend`` and ``_decode``, which take the parameters explicitly and
+donate the cache and the slot state)::
 
     eng = Engine(policy, num_slots=64)
     slots = eng.insert(prompts, max_new_tokens=256, stop_ids=(eos,), temperature=1.0, key=key)
@@ -19,14 +20,21 @@ cache and the slot state)::
         out = eng.read([s])[0]      # SlotOutput(tokens int32[n], logprobs f32[n])
     eng.release(eng.finished())     # the slots are free again
     eng.free_slots()                # -> list[int]
+    eng.extend([s], [suffix], [start], max_new_tokens=256)  # continue a finished slot, keeping
+                                    # its cache below `start`: a new call, as if inserted whole
 
-A finished slot keeps its outputs until released; ``release`` of a running slot cancels it.
+A finished slot keeps its outputs (and its cache) until released; ``release`` of a running
+slot cancels it. ``extend`` starts a new call in a finished slot whose prompt is the slot's
+first ``start`` tokens (prompt, then generated) followed by ``suffix``: only the suffix is
+prefilled (the runtime's ``join="keep_slot"``).
 Errors in the input (busy slot, prompt too long or leaving no room for a new token, id outside
 the vocabulary, bad sampling parameters) are one-line ``ValueError``s raised before anything
 is compiled or launched.
 
 Compiles are bounded: ``_decode`` compiles once per engine shape (the step count is a traced
-argument), ``_prefill`` once per (prompt-batch bucket, prompt-length bucket) pair actually used.
+argument), ``_prefill`` once per (prompt-batch bucket, prompt-length bucket) pair actually used,
+``_extend`` per (batch bucket, suffix-length bucket, context bucket) -- its attention reads
+only the smallest prefill bucket of cache entries that covers start + suffix.
 The jitted functions live at module level with the graphdef as a static argument, so two
 engines over the same architecture (e.g. successive ``generate`` calls) share compiles.
 
@@ -253,6 +261,29 @@ class _Layout:
         return jax.lax.with_sharding_constraint(slots, jax.tree.map(lambda _: self.slots, slots))
 
 
+def _start_rows(slots: SlotState, slot_ids, first, logp, next_pos, limit, stop_ids, temperature, top_k, top_p,
+                keys, forced, num_forced) -> SlotState:
+    """Slot state of rows ``slot_ids`` after a prefill (``insert``) or an extension
+    (``extend``): a new call whose first token ``first`` (log-prob ``logp``) came with it, the
+    next token's cache index ``next_pos``, its limits, stop ids and sampling parameters."""
+    n = first.shape[0]
+
+    def put(field, values):
+        return field.at[slot_ids].set(values, mode="drop")
+
+    max_len = slots.tokens.shape[1]
+    row = forced.at[:, 0].set(first)  # a forced slot's remaining tokens wait in its row
+    lp_row = jnp.zeros((n, max_len), jnp.float32).at[:, 0].set(logp)
+    return slots.replace(
+        tokens=put(slots.tokens, row), logprobs=put(slots.logprobs, lp_row),
+        num_tokens=put(slots.num_tokens, jnp.ones((n,), jnp.int32)), next_pos=put(slots.next_pos, next_pos),
+        limit=put(slots.limit, limit),
+        done=put(slots.done, _is_stop(first, stop_ids) | (limit <= 1) | (num_forced == 1)),
+        active=put(slots.active, jnp.ones((n,), bool)), stop_ids=put(slots.stop_ids, stop_ids),
+        temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
+        top_p=put(slots.top_p, top_p), key=put(slots.key, keys), num_forced=put(slots.num_forced, num_forced))
+
+
 def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths, slot_ids, limit,
              stop_ids, temperature, top_k, top_p, keys, forced, num_forced):
     """Prefill ``prompts`` int32[n, T] (right-padded, true ``lengths``) into rows ``slot_ids``
@@ -269,21 +300,62 @@ def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths
                                 jnp.where(num_forced > 0, forced[:, 0], -1))
     cache = {name: tuple(c.at[slot_ids, :, :t].set(small[name][layer].transpose(0, 2, 1, 3), mode="drop")
                          for layer, c in enumerate(cache[name])) for name in ("k", "v")}
+    slots = _start_rows(slots, slot_ids, first, logp, lengths, limit, stop_ids, temperature, top_k, top_p, keys,
+                        forced, num_forced)
+    return layout.constrain(cache, slots)
 
-    def put(field, values):
-        return field.at[slot_ids].set(values, mode="drop")
 
-    max_len = slots.tokens.shape[1]
-    row = forced.at[:, 0].set(first)  # a forced slot's remaining tokens wait in its row
-    lp_row = jnp.zeros((n, max_len), jnp.float32).at[:, 0].set(logp)
-    slots = slots.replace(
-        tokens=put(slots.tokens, row), logprobs=put(slots.logprobs, lp_row),
-        num_tokens=put(slots.num_tokens, jnp.ones((n,), jnp.int32)), next_pos=put(slots.next_pos, lengths),
-        limit=put(slots.limit, limit),
-        done=put(slots.done, _is_stop(first, stop_ids) | (limit <= 1) | (num_forced == 1)),
-        active=put(slots.active, jnp.ones((n,), bool)), stop_ids=put(slots.stop_ids, stop_ids),
-        temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
-        top_p=put(slots.top_p, top_p), key=put(slots.key, keys), num_forced=put(slots.num_forced, num_forced))
+def extend_forward(policy, tokens, starts, lengths, slot_ids, cache: dict, window: int | None = None):
+    """Forward of new tokens appended to occupied cache rows -> (logits f32[n, V] of each
+    row's last new token, cache).
+
+    tokens int32[n, T] (right-padded, true ``lengths``) go to engine rows ``slot_ids`` (index
+    num_slots = padding row: nothing written) at cache indices ``starts[i] .. starts[i] +
+    lengths[i] - 1``; each attends to the row's entries ``<=`` its own index, i.e. to the
+    entries below ``starts[i]`` that the row already holds. The same computation as
+    ``policy.forward_cached`` over the row (same attention call), on the engine's layout.
+    ``window`` (static, default max_len): attention reads only cache indices below it, which
+    must cover every ``starts[i] + lengths[i]`` (a short context need not pay for the whole row).
+    """
+    n, t = tokens.shape
+    num_slots, _, max_len, _ = cache["k"][0].shape
+    window = max_len if window is None else window
+    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    write = jnp.arange(t)[None, :] < lengths[:, None]
+    rows = jnp.broadcast_to(slot_ids[:, None], (n, t))
+    where = jnp.where(write, positions, max_len)  # out of range: dropped
+    gather = jnp.minimum(slot_ids, num_slots - 1)  # a padding row reads some row; its result is unused
+    mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [n, T, window]
+    x = policy._embed(tokens)
+    new_k, new_v = [], []
+    for layer, block in enumerate(policy.blocks):
+        q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+        ck = cache["k"][layer].at[rows, :, where].set(k.astype(cache["k"][layer].dtype), mode="drop")
+        cv = cache["v"][layer].at[rows, :, where].set(v.astype(cache["v"][layer].dtype), mode="drop")
+        kr = ck[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)  # [n, window, kv_heads, head_dim]
+        vr = cv[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)
+        x = x + block.attn.attend(q, kr, vr, mask)
+        x = x + block.mlp(block.mlp_norm(x))
+        new_k.append(ck)
+        new_v.append(cv)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    return policy._logits(last)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+
+
+def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes, lengths, starts, slot_ids, limit,
+            stop_ids, temperature, top_k, top_p, keys, forced, num_forced):
+    """Prefill ``suffixes`` int32[n, T] (right-padded, true ``lengths``) into occupied rows
+    ``slot_ids`` from cache index ``starts`` on, attending within the first ``window`` cache
+    entries (see ``extend_forward``), sample each first token and start a new call in the
+    row, as ``_prefill`` does for a whole prompt."""
+    TRACE_COUNTS["extend"] += 1
+    policy = nnx.merge(graphdef, params)
+    n = suffixes.shape[0]
+    last, cache = extend_forward(policy, suffixes, starts, lengths, slot_ids, cache, window)
+    first, logp = sample_logits(last, _step_keys(keys, jnp.zeros((n,), jnp.int32)), temperature, top_k, top_p,
+                                jnp.where(num_forced > 0, forced[:, 0], -1))
+    slots = _start_rows(slots, slot_ids, first, logp, starts + lengths, limit, stop_ids, temperature, top_k, top_p,
+                        keys, forced, num_forced)
     return layout.constrain(cache, slots)
 
 
@@ -331,6 +403,7 @@ def _decode(graphdef, layout, params, cache, slots: SlotState, num_steps):
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3, 4))
+_extend_jit = jax.jit(_extend, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3, 4))
 
 
@@ -495,25 +568,53 @@ class Engine:
         if n == 0:
             return []
         slots = self._choose_slots(n, slots)
-        limit = _per_prompt(max_new_tokens, n, "max_new_tokens", np.int64)
-        if limit.min() < 1:
-            raise ValueError(f"max_new_tokens={limit.min()}: expected >= 1")
-        temp = _per_prompt(temperature, n, "temperature", np.float32)
-        tk = _per_prompt(0 if top_k is None else top_k, n, "top_k", np.int64)
-        tp = _per_prompt(1.0 if top_p is None else top_p, n, "top_p", np.float32)
-        if temp.min() < 0 or not np.isfinite(temp).all():
-            raise ValueError(f"temperature={temp.min()}: expected a finite value >= 0 (0 = greedy)")
-        if tk.min() < 0:
-            raise ValueError(f"top_k={tk.min()}: expected >= 0 (0 or None = off)")
-        if not ((tp > 0) & (tp <= 1)).all():
-            raise ValueError(f"top_p={tp[(tp <= 0) | (tp > 1)][0]}: expected a value in (0, 1]")
-        if key is None and (temp > 0).any():
-            raise ValueError("temperature > 0 needs a PRNG key: pass key=jax.random.key(seed)")
-        stops = self._stop_row(stop_ids)
+        sampling = self._check_sampling(n, max_new_tokens, temperature, top_k, top_p, key, stop_ids)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        limit = np.minimum(limit, self.max_len - lengths).astype(np.int32)
-        keys = _key_data(key, n)
+        self._launch(_prefill_jit, prompts, lengths, None, slots, forced, sampling)
+        return list(slots)
 
+    def extend(self, slots: Sequence[int], suffixes: Sequence, start_positions: Sequence[int], *, max_new_tokens,
+               stop_ids: Sequence[int] = (), temperature=0.0, top_k=None, top_p=None, key=None,
+               forced: Sequence | None = None) -> list[int]:
+        """Continue finished slots with a new prompt that shares a prefix with what they hold,
+        keeping their KV cache: ``suffixes[i]`` (an int array) is written into slot
+        ``slots[i]`` at cache positions ``start_positions[i]`` on, attending to the slot's
+        cached entries below that position, then the first token is sampled and a new call
+        starts in the slot, exactly as ``insert`` of the whole prompt (the slot's tokens up to
+        ``start_positions[i]``, then the suffix) would start it; returns the slot ids.
+
+        A slot's cached tokens are its prompt and all but the last of its generated tokens
+        (``len(prompt) + len(generated) - 1``); ``start_positions[i]`` may be anything from 0
+        to that count. Entries from the start position on are overwritten or never read again,
+        so truncating needs no clearing. The slots must be occupied and finished (not
+        released). Sampling arguments, keys and ``forced`` as in ``insert``; the new call's
+        samples depend only on its key, as there. One compile per (slot-count bucket,
+        suffix-length bucket, context bucket): attention reads only the smallest prefill bucket
+        of cache entries that covers every ``start + len(suffix)``. All checks run before
+        anything is compiled or launched.
+        """
+        slots, suffixes, starts = list(slots), list(suffixes), list(start_positions)
+        if not (len(slots) == len(suffixes) == len(starts)):
+            raise ValueError(f"extend got {len(slots)} slots, {len(suffixes)} suffixes and {len(starts)} "
+                             "start_positions: expected one suffix and one start position per slot")
+        suffixes = [self._check_prompt(p, i, what="suffix") for i, p in enumerate(suffixes)]
+        n = len(suffixes)
+        forced = self._check_forced(forced, n)
+        if n == 0:
+            return []
+        slots = self._check_extend_slots(slots)
+        starts = self._check_starts(slots, starts, suffixes)
+        sampling = self._check_sampling(n, max_new_tokens, temperature, top_k, top_p, key, stop_ids)
+        lengths = np.array([len(p) for p in suffixes], np.int32)
+        self._launch(_extend_jit, suffixes, lengths, starts, slots, forced, sampling)
+        return list(slots)
+
+    def _launch(self, kernel, prompts, lengths, starts, slots, forced, sampling) -> None:
+        """Pad to the buckets and run ``_prefill_jit`` (starts None) or ``_extend_jit``."""
+        limit, temp, tk, tp, keys, stops = sampling
+        n = len(prompts)
+        end = lengths if starts is None else starts + lengths
+        limit = np.minimum(limit, self.max_len - end).astype(np.int32)
         nb = _bucket(n, self.batch_buckets, "number of prompts")
         tb = _bucket(int(lengths.max()), self.prefill_buckets, "prompt length")
         tokens = np.full((nb, tb), 0, np.int32)
@@ -526,13 +627,17 @@ class Engine:
                 num_forced[i] = min(f.size, self.max_len)
                 forced_rows[i, : num_forced[i]] = f[: num_forced[i]]
         pad = lambda a, fill: np.concatenate([a, np.full((nb - n,) + a.shape[1:], fill, a.dtype)])
-        self.cache, self.slots = _prefill_jit(
-            self.graphdef, self._layout, self.params, self.cache, self.slots, tokens,
-            pad(lengths, 1), pad(np.asarray(slots, np.int32), self.num_slots), pad(limit, 1),
+        if starts is None:
+            static, head = (), (pad(lengths, 1),)
+        else:  # extend: attention reads the smallest bucket of cache entries that covers every row
+            static = (_bucket(int(end.max()), self.prefill_buckets, "context"),)
+            head = (pad(lengths, 1), pad(np.asarray(starts, np.int32), 0))
+        self.cache, self.slots = kernel(
+            self.graphdef, self._layout, *static, self.params, self.cache, self.slots, tokens, *head,
+            pad(np.asarray(slots, np.int32), self.num_slots), pad(limit, 1),
             np.repeat(stops[None], nb, 0), pad(temp, 0), pad(tk.astype(np.int32), 0), pad(tp, 1),
             pad(keys, 0), forced_rows, num_forced)
         self._busy[slots] = True
-        return list(slots)
 
     def decode(self, num_steps: int) -> jax.Array:
         """Run up to ``num_steps`` decode steps for all running slots in one jitted call
@@ -584,15 +689,62 @@ class Engine:
         self._busy[slots] = False
 
     # -- input checks ------------------------------------------------------------------
-    def _check_prompt(self, prompt, i: int) -> np.ndarray:
+    def _check_prompt(self, prompt, i: int, what: str = "prompt") -> np.ndarray:
         arr = np.asarray(prompt)
         if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"prompt {i} has shape {arr.shape}: expected a non-empty 1-D array of token ids")
-        model_lib.check_tokens(arr, self.cfg, what=f"prompt {i}")
+            raise ValueError(f"{what} {i} has shape {arr.shape}: expected a non-empty 1-D array of token ids")
+        model_lib.check_tokens(arr, self.cfg, what=f"{what} {i}")
         if arr.size >= self.max_len:
-            raise ValueError(f"prompt {i} has length {arr.size}: expected < max_len={self.max_len} "
+            raise ValueError(f"{what} {i} has length {arr.size}: expected < max_len={self.max_len} "
                              "(room for at least one new token)")
         return arr.astype(np.int32)
+
+    def _check_sampling(self, n: int, max_new_tokens, temperature, top_k, top_p, key, stop_ids) -> tuple:
+        """(limit, temperature, top_k, top_p, keys, stop row) per prompt, checked."""
+        limit = _per_prompt(max_new_tokens, n, "max_new_tokens", np.int64)
+        if limit.min() < 1:
+            raise ValueError(f"max_new_tokens={limit.min()}: expected >= 1")
+        temp = _per_prompt(temperature, n, "temperature", np.float32)
+        tk = _per_prompt(0 if top_k is None else top_k, n, "top_k", np.int64)
+        tp = _per_prompt(1.0 if top_p is None else top_p, n, "top_p", np.float32)
+        if temp.min() < 0 or not np.isfinite(temp).all():
+            raise ValueError(f"temperature={temp.min()}: expected a finite value >= 0 (0 = greedy)")
+        if tk.min() < 0:
+            raise ValueError(f"top_k={tk.min()}: expected >= 0 (0 or None = off)")
+        if not ((tp > 0) & (tp <= 1)).all():
+            raise ValueError(f"top_p={tp[(tp <= 0) | (tp > 1)][0]}: expected a value in (0, 1]")
+        if key is None and (temp > 0).any():
+            raise ValueError("temperature > 0 needs a PRNG key: pass key=jax.random.key(seed)")
+        stops = self._stop_row(stop_ids)
+        return limit, temp, tk, tp, _key_data(key, n), stops
+
+    def _check_extend_slots(self, slots) -> list[int]:
+        slots = [int(s) for s in slots]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} contain duplicates")
+        done = self.done()  # blocks on the device: one read per extend, not per token
+        for s in slots:
+            if not 0 <= s < self.num_slots:
+                raise ValueError(f"slot {s} is out of range: expected 0..{self.num_slots - 1}")
+            if not self._busy[s]:
+                raise ValueError(f"slot {s} holds no sequence: extend continues an occupied, finished slot "
+                                 "(insert into a free one)")
+            if not done[s]:
+                raise ValueError(f"slot {s} is still running: extend needs a finished slot")
+        return slots
+
+    def _check_starts(self, slots, starts, suffixes) -> np.ndarray:
+        cached = np.asarray(jax.device_get(self.slots.next_pos))  # cache entries 0..next_pos-1 are valid
+        out = np.zeros((len(slots),), np.int32)
+        for i, (s, start, suffix) in enumerate(zip(slots, starts, suffixes)):
+            if not isinstance(start, (int, np.integer)) or not 0 <= start <= cached[s]:
+                raise ValueError(f"start_positions[{i}]={start!r} for slot {s}: expected an int in 0..{cached[s]} "
+                                 "(the slot's cached tokens: its prompt and all but its last generated token)")
+            if start + suffix.size >= self.max_len:
+                raise ValueError(f"suffix {i} of length {suffix.size} from position {start} ends at "
+                                 f"{start + suffix.size}: expected < max_len={self.max_len} (room for at least one new token)")
+            out[i] = start
+        return out
 
     def _check_forced(self, forced, n: int) -> list:
         if forced is None:

@@ -2,7 +2,8 @@
 
 ``rollout(policy, problems, mode=...)`` runs every problem's threads through one engine
 (``jaxapr.engine.Engine`` or anything with its small interface: ``num_slots``, ``max_len``,
-``free_slots``, ``insert``, ``decode``, ``finished``, ``read``, ``release``; optionally ``wait``):
+``free_slots``, ``insert``, ``decode``, ``finished``, ``read``, ``release``; optionally ``wait``,
+and ``extend`` for ``join="keep_slot"``):
 
 - A **call** is one decoding of a thread: a prompt (BOS + text) inserted into a free slot and
   decoded until EOS or its limit. Calls wait in a FIFO queue when no slot is free.
@@ -19,14 +20,29 @@
   operations) of the samples that claim success, as the APR paper does, and verifies the
   winner; best-of-n verifies the claiming sample with the highest mean log-probability.
 
-**A waiting parent gives up its slot** and is re-prefilled with its join context. Keeping the
-slot (and its cache) would save re-reading the prefix, but a parent holding a slot while its
-children wait in the queue can deadlock the pool (every slot held by a waiting parent), and
-caps the parallelism children get; the join context also rewrites the parent's tail (its
-spawn block is replaced). Prefill is parallel over the prompt, so the re-read costs little
-next to decoding (``bench --suite=runtime`` reports the prefill share).
+**Joins: ``join="reprefill"`` (the default) or ``join="keep_slot"``.** With reprefill a
+waiting parent gives up its slot, and its join context is queued as a new call and prefilled
+whole. With keep_slot the parent keeps its slot and KV cache while its children run; at the
+join, ``engine.extend`` prefills only the join prompt's tokens after the longest common prefix
+with what the slot ran (``reusable_prefix``: the join text is the parent's text up to its
+spawn block, then the children's results, so about everything before the spawn block is
+kept), and decoding continues in the same slot. **Eviction rule**, which is also the deadlock
+guard (every slot held by a waiting parent while children queue): before each insert, if more
+calls are queued than slots are free, the most recently suspended waiting parents give up their
+slots, as many as are missing (their joins are re-prefilled later). A held slot thus never
+keeps a queued call out: decode steps and latencies equal reprefill's, and the results are
+the same (at temperature 0 the same tokens; log-probs equal up to float rounding). Evicting
+only at a deadlock was tried and rejected: held slots sat idle while children queued (up to
+3.8x the decode steps on the fixture trees). Reprefill stays the default: on dev-cpu
+keep_slot saves about 43% of the prefill tokens only while the pool has spare slots (under
+load every parent is evicted), a join's extend costs 0.65-0.7x of re-prefilling it, and
+re-prefilling the joins is only 0.5-2.3% of device time, so wall time did not change
+measurably (BUILD_NOTES.md, runtime suite); reprefill also needs no ``extend`` from the
+engine. keep_slot is for setups where prefill weighs more (long join contexts, spare slots).
 
-Metrics per problem: generated tokens (``total_tokens``), prompt tokens (all prefills),
+Metrics per problem: generated tokens (``total_tokens``), prompt tokens (``prompt_tokens``:
+every call's whole prompt, however much of it was prefilled; the batch's ``schedule`` counts
+the tokens actually prefilled, extends, reused prefix tokens and evictions),
 ``sequential_tokens`` (the longest causal chain: a thread's own generated tokens plus, per
 spawn, its longest child's sequential tokens, recursively), children, spawns, latency in
 engine decode steps from the problem's first insert to its last call's end, and wall time.
@@ -106,6 +122,18 @@ class RolloutResult:
         return len(self.calls)
 
 
+def reusable_prefix(held: np.ndarray, prompt: np.ndarray) -> int:
+    """How many leading tokens of ``prompt`` a slot that ran ``held`` (its call's prompt and
+    generated tokens) keeps in its cache for a ``join="keep_slot"`` extend: their longest
+    common prefix, at most the cached tokens (all but the last generated one, whose key/value
+    is never written) and at most ``len(prompt) - 1`` (the last prompt token must run to
+    give the next token's logits)."""
+    m = min(len(held), len(prompt))
+    diff = np.flatnonzero(np.asarray(held[:m]) != np.asarray(prompt[:m]))
+    common = int(diff[0]) if diff.size else m
+    return max(0, min(common, len(held) - 1, len(prompt) - 1))
+
+
 def parse_mode(mode: str) -> tuple[str, int]:
     """("apr" | "sosp" | "pass" | "cons" | "best", n)."""
     m = _MODE_RE.match(mode) if isinstance(mode, str) else None
@@ -123,8 +151,9 @@ class _Scheduler:
     """Runs threads of many problems through one engine (see the module docstring)."""
 
     def __init__(self, engine, *, mode, temperature, key, max_context, decode_chunk, max_depth,
-                 max_children, max_total_tokens, top_k, top_p):
+                 max_children, max_total_tokens, top_k, top_p, join="reprefill"):
         self.engine, self.mode, self.temperature, self.key = engine, mode, temperature, key
+        self.join = join
         self.max_context = min(max_context or engine.max_len, engine.max_len)
         self.decode_chunk, self.max_depth, self.max_children = decode_chunk, max_depth, max_children
         self.max_total_tokens, self.top_k, self.top_p = max_total_tokens, top_k, top_p
@@ -138,8 +167,15 @@ class _Scheduler:
         self.prefill_tokens = 0
         self.prefill_s = 0.0  # time blocked waiting for prefills (see ``run``)
         self.decode_s = 0.0   # time blocked waiting for decode chunks
-        self.chunks: list = []  # per decode call: (first step, steps run, saturated)
+        self.chunks: list = []  # per decode call: (first step, steps run, saturated, slots held by waiting parents)
         self.spans: list = []   # per finished call: (start step, decode steps it ran = tokens - 1)
+        # join="keep_slot": slot -> id of the waiting parent that holds it, in suspension order
+        self.held: dict[int, int] = {}
+        self.extends: list = []  # (thread id, call, slot, start position): joins ready to extend their slot
+        self.extend_calls = 0
+        self.reused_tokens = 0  # prompt tokens of extended calls that were not prefilled again
+        self.evictions = 0
+        self.to_release: set = set()  # slots to free once the finished calls are processed
 
     # -- threads -------------------------------------------------------------------------
     def start(self, problem: int, prompt: str, path=()) -> None:
@@ -151,10 +187,20 @@ class _Scheduler:
         tokens = np.concatenate([[_TOK.bos_id], _TOK.encode(prompt)]).astype(np.int32)
         call = Call(prompt, tokens)
         thread.calls.append(call)
+        slot = next((s for s, t in self.held.items() if t == thread.id), None)
+        if slot is not None:
+            del self.held[slot]
         if len(tokens) >= self.max_context or self._budget_left(thread.problem) <= 0:
+            if slot is not None:
+                self.to_release.add(slot)
             self._finish_thread(thread)  # cannot run: the context or the token budget is full
             return
-        self.queue.append((thread.id, call))
+        if slot is None:
+            self.queue.append((thread.id, call))
+            return
+        prev = thread.calls[-2]
+        start = reusable_prefix(np.concatenate([prev.prompt_tokens, prev.output_tokens]), tokens)
+        self.extends.append((thread.id, call, slot, start))
 
     def _budget_left(self, problem: int) -> int:
         if self.max_total_tokens is None:
@@ -178,8 +224,14 @@ class _Scheduler:
         idle waiting for the host."""
         eng = self.engine
         wait = getattr(eng, "wait", None) or (lambda: None)
-        while self.queue or self.in_slot:
+        while self.queue or self.in_slot or self.extends:
+            if self.extends:
+                self._extend(wait)
             free = eng.free_slots()
+            short = len(self.queue) - len(free)  # queued calls that would find no slot
+            if short > 0 and self.held:
+                self._evict(min(short, len(self.held)))
+                free = eng.free_slots()
             if self.queue and free:
                 batch = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
                 prompts = [call.prompt_tokens for _, call in batch]
@@ -201,19 +253,55 @@ class _Scheduler:
             t0 = time.perf_counter()
             steps = int(pending)
             self.decode_s += time.perf_counter() - t0
-            self.chunks.append((self.step, steps, saturated))
+            self.chunks.append((self.step, steps, saturated, len(self.held)))
             self.step += steps
-            finished = eng.finished()
+            finished = [s for s in eng.finished() if s in self.in_slot]  # held slots are finished too
             if not finished and steps == 0 and self.in_slot:
                 raise RuntimeError("engine made no progress: no slot finished and no step ran")
             if not finished:
                 continue
             outputs = eng.read(finished)
-            eng.release(finished)
             for slot, out in zip(finished, outputs):
                 tid, call, start = self.in_slot.pop(slot)
                 self.spans.append((start, max(0, len(out.tokens) - 1)))
-                self._complete(self.threads[tid], call, out)
+                self._complete(self.threads[tid], call, out, slot)
+            kept = set(self.held) | {slot for _, _, slot, _ in self.extends}  # keep_slot parents
+            eng.release(sorted((set(finished) - kept) | self.to_release))
+            self.to_release.clear()
+        if self.held:  # cannot happen: a held parent's join always follows its children
+            raise RuntimeError(f"slots {sorted(self.held)} still held by waiting parents at the end")
+
+    def _extend(self, wait) -> None:
+        """Run the joins of parents that kept their slots: one ``extend`` for all of them."""
+        batch, self.extends = self.extends, []
+        calls = [(self.threads[t], call) for t, call, _, _ in batch]
+        slots = [slot for _, _, slot, _ in batch]
+        starts = [start for *_, start in batch]
+        suffixes = [call.prompt_tokens[start:] for (_, call), start in zip(calls, starts)]
+        limits = [max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(th.problem)))
+                  for th, call in calls]
+        keys = [self._call_key(th) for th, _ in calls] if self.temperature > 0 else None
+        self.engine.extend(slots, suffixes, starts, max_new_tokens=limits, stop_ids=(_TOK.eos_id,),
+                           temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                           key=None if keys is None else jax.numpy.stack(keys))
+        t0 = time.perf_counter()
+        wait()
+        self.prefill_s += time.perf_counter() - t0
+        self.prefill_tokens += sum(len(x) for x in suffixes)
+        self.reused_tokens += sum(starts)
+        self.extend_calls += len(batch)
+        for slot, (tid, call, _, _) in zip(slots, batch):
+            self.in_slot[slot] = (tid, call, self.step)
+
+    def _evict(self, count: int) -> None:
+        """keep_slot's eviction rule (it is also the deadlock guard): more calls are queued than
+        slots are free, so the ``count`` most recently suspended waiting parents give up their
+        slots (their joins will be re-prefilled). A held slot never keeps a queued call out."""
+        victims = list(self.held)[-count:]
+        for slot in victims:
+            del self.held[slot]
+        self.engine.release(victims)
+        self.evictions += len(victims)
 
     def stats(self, wall_s: float) -> dict:
         """The batch's schedule: steps, slot utilization, prefill tokens, blocked times.
@@ -223,7 +311,7 @@ class _Scheduler:
         prefill). Utilization = useful / (num_slots x steps); ``*_saturated`` counts only the
         chunks that started with calls waiting in the queue (demand exceeding the slots)."""
         sat = np.zeros(self.step + 1, bool)
-        for first, steps, saturated in self.chunks:
+        for first, steps, saturated, _ in self.chunks:
             sat[first:first + steps] = saturated
         cum = np.concatenate([[0], np.cumsum(sat)])
         spans = np.asarray(self.spans, np.int64).reshape(-1, 2)
@@ -233,9 +321,11 @@ class _Scheduler:
                 "useful_slot_steps": int(length.sum()), "useful_slot_steps_saturated": useful_sat,
                 "decode_calls": len(self.chunks), "prefill_tokens": self.prefill_tokens,
                 "generated_tokens": int(sum(self.generated.values())), "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "device_s": self.prefill_s + self.decode_s, "wall_s": wall_s}
+                "decode_s": self.decode_s, "device_s": self.prefill_s + self.decode_s, "wall_s": wall_s,
+                "join": self.join, "extend_calls": self.extend_calls, "reused_prefix_tokens": self.reused_tokens,
+                "evictions": self.evictions, "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks))}
 
-    def _complete(self, thread: Thread, call: Call, out) -> None:
+    def _complete(self, thread: Thread, call: Call, out, slot: int) -> None:
         tokens = np.asarray(out.tokens, np.int32)
         call.stopped = "eos" if len(tokens) and tokens[-1] == _TOK.eos_id else "length"
         call.output_tokens, call.logprobs = tokens, np.asarray(out.logprobs, np.float32)
@@ -248,6 +338,8 @@ class _Scheduler:
             except ValueError:
                 prompts = None  # no or malformed spawn block: the thread ends here
             if prompts:
+                if self.join == "keep_slot":
+                    self.held[slot] = thread.id  # before its children run: one may finish at once
                 self._spawn(thread, prompts)
                 return
         self._finish_thread(thread)
@@ -328,6 +420,7 @@ def rollout(
     top_k: int | None = None,
     top_p: float | None = None,
     prefix: str = "",
+    join: str = "reprefill",
 ) -> list[RolloutResult]:
     """Runs ``problems`` = (numbers int[P, N], targets int[P]) and returns one result each.
 
@@ -335,6 +428,10 @@ def rollout(
     for it) or None when ``engine`` is given (anything with the engine interface).
     ``max_context``: the per-call context window (default: the engine's). ``prefix``: a
     conditioning prefix on root prompts (``"Sub Call Budget: 4 "``, ``"Token Budget: 1024 "``).
+    ``join``: ``"reprefill"`` (a waiting parent gives up its slot; its join context is
+    prefilled whole into a free slot) or ``"keep_slot"`` (it keeps its slot and KV cache and
+    the join extends them; needs an engine with ``extend``); see the module docstring. The
+    results are the same either way; the schedule differs.
     """
     kind, n = parse_mode(mode)
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -346,6 +443,10 @@ def rollout(
         raise ValueError("temperature > 0 needs key=jax.random.key(seed)")
     if kind in ("pass", "cons", "best") and n > 1 and temperature == 0:
         raise ValueError(f"mode={mode!r} draws {n} samples: expected temperature > 0")
+    if join not in ("reprefill", "keep_slot"):
+        raise ValueError(f"join={join!r}: expected 'reprefill' or 'keep_slot'")
+    if join == "keep_slot" and engine is not None and not callable(getattr(engine, "extend", None)):
+        raise ValueError(f"join='keep_slot' needs an engine with an extend() method; {type(engine).__name__} has none")
     for name, value in (("decode_chunk", decode_chunk), ("max_depth", max_depth), ("max_children", max_children)):
         if not isinstance(value, int) or value < (0 if name == "max_depth" else 1):
             raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -359,7 +460,8 @@ def rollout(
     t0 = time.perf_counter()
     sched = _Scheduler(engine, mode="apr" if kind == "apr" else "sosp", temperature=temperature, key=key,
                        max_context=max_context, decode_chunk=decode_chunk, max_depth=max_depth if kind == "apr" else 0,
-                       max_children=max_children, max_total_tokens=max_total_tokens, top_k=top_k, top_p=top_p)
+                       max_children=max_children, max_total_tokens=max_total_tokens, top_k=top_k, top_p=top_p,
+                       join=join)
     prompt_mode = "apr" if kind == "apr" else "sosp"
     starts = []
     for p, (nums, target) in enumerate(zip(numbers.tolist(), targets.tolist())):

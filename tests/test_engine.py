@@ -319,3 +319,113 @@ def test_forced_decoding_no_retrace(policy):
         eng.decode(int(rng.integers(1, 9)))
         eng.release(range(4))
     assert {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode")} == {"prefill": 0, "decode": 0}
+
+
+# ----------------------------------------------------------------------------------------
+# extend: continue a finished slot from a common prefix, keeping its cache
+def _held(eng, slots, prompts):
+    """What each finished slot holds: its prompt + generated tokens."""
+    return [np.concatenate([p, o.tokens]) for p, o in zip(prompts, eng.read(slots))]
+
+
+def test_extend_equals_full_insert(policy, prompts, reference):
+    rng = np.random.default_rng(12)
+    eng = engine.Engine(policy, num_slots=8)
+    base = [prompts[1], prompts[3], prompts[2], prompts[5], prompts[0]]
+    eng.insert(base, max_new_tokens=NEW)
+    eng.decode(NEW)
+    held = _held(eng, range(5), base)
+    # start positions: 0 (nothing kept), inside the prompt, inside the generated tokens, and
+    # everything cached (prompt + all but the last generated token)
+    starts = [0, 3, len(held[2]) - 4, len(held[3]) - 1, len(held[4]) - 1]
+    tails = [rng.integers(3, CFG.vocab_size, size=n).astype(np.int32) for n in (4, 1, 7, 12, 2)]
+    joined = [np.concatenate([h[:s], t]) for h, s, t in zip(held, starts, tails)]
+    forced = [None, None, rng.integers(3, CFG.vocab_size, size=6).astype(np.int32), None, None]
+    sampling = dict(max_new_tokens=NEW, temperature=[0.0, 1.0, 0.0, 0.0, 1.0], key=jax.random.key(5))
+    eng.insert([prompts[4]], slots=[6], max_new_tokens=NEW)  # slot 6 keeps decoding meanwhile
+    eng.decode(2)
+    assert eng.extend(range(5), [j[s:] for j, s in zip(joined, starts)], starts, forced=forced, **sampling) == [0, 1, 2, 3, 4]
+    eng.decode(100)
+    got = eng.read(range(5))
+    ref = engine.Engine(policy, num_slots=8)
+    ref.insert(joined, forced=forced, **sampling)
+    ref.decode(100)
+    want = ref.read(range(5))
+    for g, w in zip(got, want):  # the same tokens (greedy, sampled with the same key, forced)
+        np.testing.assert_array_equal(g.tokens, w.tokens)
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(got[2].tokens, forced[2])
+    np.testing.assert_array_equal(eng.read([6])[0].tokens, reference[4])  # the other slot is untouched
+    # the no-cache forward agrees on the greedy rows
+    for k in (0, 3):
+        logits = full_logits(policy, np.concatenate([joined[k], got[k].tokens]))
+        np.testing.assert_array_equal(got[k].tokens, np.argmax(logits[len(joined[k]) - 1: -1], -1))
+    # an extended slot extends again (a chain of joins), here keeping all of its cache
+    again = np.concatenate([joined[0], got[0].tokens, [7, 8, 9]]).astype(np.int32)
+    eng.extend([0], [again[len(again) - 4:]], [len(again) - 4], max_new_tokens=NEW)
+    eng.decode(100)
+    ref.release(range(8))
+    ref.insert([again], max_new_tokens=NEW)
+    ref.decode(100)
+    np.testing.assert_array_equal(eng.read([0])[0].tokens, ref.read([0])[0].tokens)
+
+
+def test_extend_no_retrace(policy):
+    traced_before = dict(engine.TRACE_COUNTS)
+    eng = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))
+    rng = np.random.default_rng(13)
+
+    def refill():
+        eng.release(range(4))
+        lens = rng.integers(1, 20, size=4)
+        eng.insert([rng.integers(3, CFG.vocab_size, size=n) for n in lens], max_new_tokens=4)
+        eng.decode(8)
+        return lens + 3  # cached tokens per slot: prompt + 4 generated - 1
+
+    # compile each (suffix bucket, context bucket) pair once: contexts 8, 32 and 64 (max_len)
+    for n, start in ((5, 0), (5, 10), (5, 40), (20, 0), (20, 30)):
+        eng.release(range(4))
+        eng.insert([np.arange(3, 48)] * 4, max_new_tokens=4)
+        eng.decode(8)
+        eng.extend(range(4), [np.arange(3, 3 + n)] * 4, [start] * 4, max_new_tokens=2)
+    for n in (5, 20):  # and the prefill buckets refill() uses
+        eng.release(range(4))
+        eng.insert([np.arange(3, 3 + n)] * 4, max_new_tokens=1)
+    before = dict(engine.TRACE_COUNTS)
+    assert before["extend"] - traced_before.get("extend", 0) <= 5  # at most one compile per pair
+    for _ in range(5):
+        cached = refill()
+        slots = sorted(rng.choice(4, size=int(rng.integers(1, 5)), replace=False).tolist())
+        starts = [int(rng.integers(0, cached[s] + 1)) for s in slots]
+        suffixes = [rng.integers(3, CFG.vocab_size, size=int(rng.integers(1, 30))) for _ in slots]
+        forced = [None if rng.random() < 0.5 else rng.integers(3, CFG.vocab_size, size=3) for _ in slots]
+        eng.extend(slots, suffixes, starts, max_new_tokens=int(rng.integers(1, 9)), forced=forced,
+                   temperature=float(rng.choice([0.0, 1.0])), top_k=3, key=jax.random.key(2))
+        eng.decode(int(rng.integers(1, 9)))
+    delta = {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "extend", "decode", "release")}
+    assert delta == {"prefill": 0, "extend": 0, "decode": 0, "release": 0}, delta
+
+
+def test_extend_bad_input_one_line_errors_before_compile(policy):
+    eng = engine.Engine(policy, num_slots=3, max_len=32)
+    ok, suf = np.arange(3, 8), np.arange(3, 6)
+    eng.insert([ok], slots=[0], max_new_tokens=2)
+    eng.decode(5)                                  # slot 0 finished: it caches 5 + 2 - 1 = 6 tokens
+    eng.insert([ok], slots=[1], max_new_tokens=20)  # slot 1 running; slot 2 free
+    ext = eng.extend
+    _raises_before_compile(lambda: ext([2], [suf], [0], max_new_tokens=2), "slot 2 holds no sequence")
+    _raises_before_compile(lambda: ext([1], [suf], [0], max_new_tokens=2), "slot 1 is still running")
+    _raises_before_compile(lambda: ext([5], [suf], [0], max_new_tokens=2), "slot 5 is out of range")
+    _raises_before_compile(lambda: ext([0, 0], [suf, suf], [0, 0], max_new_tokens=2), "duplicates")
+    _raises_before_compile(lambda: ext([0], [suf], [7], max_new_tokens=2),
+                           r"start_positions\[0\]=7 for slot 0: expected an int in 0\.\.6")
+    _raises_before_compile(lambda: ext([0], [suf], [-1], max_new_tokens=2), r"start_positions\[0\]=-1")
+    _raises_before_compile(lambda: ext([0], [np.arange(3, 30)], [6], max_new_tokens=2), "ends at 33: expected < max_len=32")
+    _raises_before_compile(lambda: ext([0], [suf], [0, 1], max_new_tokens=2), "1 slots, 1 suffixes and 2 start_positions")
+    _raises_before_compile(lambda: ext([0], [np.array([], np.int32)], [0], max_new_tokens=2), "suffix 0 has shape")
+    _raises_before_compile(lambda: ext([0], [np.array([CFG.vocab_size])], [0], max_new_tokens=2),
+                           f"token id {CFG.vocab_size}")
+    _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=0), "max_new_tokens")
+    _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=2, temperature=1.0), "PRNG key")
+    _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=2, forced=[None, None]), "forced has 2 entries")
+    assert eng.extend([], [], [], max_new_tokens=2) == []

@@ -198,6 +198,13 @@ def test_bad_arguments():
         runtime.rollout(None, probs, engine=eng, temperature=1.0)
     with pytest.raises(ValueError, match="needs a policy or an engine"):
         runtime.rollout(None, probs)
+    with pytest.raises(ValueError, match="join='keep'"):
+        runtime.rollout(None, probs, engine=eng, join="keep")
+
+    class NoExtend:  # the engine interface without extend
+        num_slots, max_len = 1, 64
+    with pytest.raises(ValueError, match="join='keep_slot' needs an engine with an extend"):
+        runtime.rollout(None, probs, engine=NoExtend(), join="keep_slot")
 
 
 def test_random_tiny_policy_rollouts_finish_and_report():
@@ -252,3 +259,76 @@ def test_forced_engine_rebuilds_scripted_trees():
     assert sched["steps"] == scripted[0].schedule["steps"] > 0 and 0 < sched["device_s"] < sched["wall_s"]
     assert sched["useful_slot_steps"] == sum(len(c.output_tokens) - 1 for r in forced for c in r.calls)
     assert sched["useful_slot_steps"] <= 3 * sched["steps"]
+
+
+# ----------------------------------------------------------------------------------------
+# join="keep_slot": a waiting parent keeps its slot; its join extends the slot's cache
+def _by_join(run):
+    return {join: run(join) for join in ("reprefill", "keep_slot")}
+
+
+@pytest.mark.parametrize("num_slots", [1, 3, 256])
+def test_keep_slot_replays_fixture_trees_like_reprefill(fixture_rows, num_slots):
+    responses = responses_of(r["apr"]["tree"] for r in fixture_rows)
+    for n in (3, 4):
+        rows = [r for r in fixture_rows if len(r["nums"]) == n]
+        engines = {}
+
+        def run(join):
+            engines[join] = ScriptedEngine(responses, num_slots=num_slots, max_len=BIG)
+            return runtime.rollout(None, problems_of(rows), "apr", engine=engines[join], decode_chunk=16, join=join)
+
+        res = _by_join(run)
+        for row, a, b in zip(rows, res["reprefill"], res["keep_slot"]):
+            assert a.tree == b.tree == row["apr"]["tree"], row["id"]
+            assert (a.text, a.success, a.reason, a.total_tokens, a.prompt_tokens, a.sequential_tokens) == (
+                b.text, b.success, b.reason, b.total_tokens, b.prompt_tokens, b.sequential_tokens)
+        re, keep = res["reprefill"][0].schedule, res["keep_slot"][0].schedule
+        # every prompt token is either prefilled or reused from the kept cache
+        assert keep["prefill_tokens"] + keep["reused_prefix_tokens"] == re["prefill_tokens"]
+        assert re["extend_calls"] == re["evictions"] == re["reused_prefix_tokens"] == 0
+        assert keep["steps"] == re["steps"]  # a held slot never keeps a queued call out
+        assert engines["keep_slot"].free_slots() == list(range(num_slots))  # nothing left held
+        assert sorted(engines["keep_slot"].inserted) == sorted(engines["reprefill"].inserted)
+        if num_slots == 1:  # the one slot's parent must give it up to its children: all evicted
+            assert keep["extend_calls"] == 0 and keep["evictions"] > 0
+        if num_slots == 256:
+            assert keep["extend_calls"] > 0 and keep["prefill_tokens"] < 0.8 * re["prefill_tokens"]
+        if n == 4 and num_slots == 256:  # 150 problems: demand exceeds 256 slots at times, both happen
+            assert keep["evictions"] > 0
+
+
+def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
+    """Roots and children are forced to scripted text; every join context is decoded freely
+    (greedy) by a random tiny model: after an extend and after a full prefill alike. Six
+    problems on 16 slots: six parents held and twelve children queued, so some parents are
+    evicted and the others extend their slots."""
+    from flax import nnx
+
+    from jaxapr import engine, model
+
+    cfg = model.ModelConfig(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=256,
+                            tie_embeddings=False)
+    policy = model.Transformer(cfg, rngs=nnx.Rngs(3))
+    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(2), 6, num_numbers=3, max_number=25,
+                                                   min_target=10, max_target=50)
+    trees = [traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    responses = responses_of(trees)
+    script = lambda prompt: None if "<Sub Searches>" in prompt else responses.get(prompt, "")
+    eng = engine.Engine(policy, num_slots=16, max_len=256, prefill_buckets=(64, 256), batch_buckets=(16,))
+    res = _by_join(lambda join: runtime.rollout(None, (numbers, targets), "apr", engine=ForcedEngine(eng, script),
+                                                decode_chunk=32, join=join))
+    for tree, a, b in zip(trees, res["reprefill"], res["keep_slot"]):
+        assert a.tree["sub_calls"] == tree["sub_calls"] and len(a.calls) == len(b.calls) > 1
+        assert (a.text, a.success, a.total_tokens) == (b.text, b.success, b.total_tokens)
+        for ca, cb in zip(a.calls, b.calls):
+            np.testing.assert_array_equal(ca.prompt_tokens, cb.prompt_tokens)
+            np.testing.assert_array_equal(ca.output_tokens, cb.output_tokens)
+            np.testing.assert_allclose(ca.logprobs, cb.logprobs, atol=1e-4)
+    joins = [c for r in res["keep_slot"] for c in r.calls if "<Sub Searches>" in c.prompt]
+    assert len(joins) == 6 and all(len(c.output_tokens) > 1 for c in joins)  # free decoding, not just EOS
+    re, keep = res["reprefill"][0].schedule, res["keep_slot"][0].schedule
+    assert keep["extend_calls"] > 0 and keep["evictions"] > 0 and keep["extend_calls"] + keep["evictions"] == 6
+    assert keep["prefill_tokens"] + keep["reused_prefix_tokens"] == re["prefill_tokens"]
+    assert eng.free_slots() == list(range(16))

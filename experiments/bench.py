@@ -13,7 +13,8 @@ transformers are installed, Hugging Face ``LlamaForCausalLM.generate`` of the sa
 runtime (APR and SoS+ rollouts through one engine with forced solver traces; APR with both
 join strategies, reprefill and keep_slot, side by side:
 ``--suite=runtime --runtime_preset=tiny --runtime_slots=16 --runtime_problems=32``).
-Later suites (train) register here too.
+train (``experiments/bench_train.py``: the SFT step's tokens/s and fraction of a matmul peak at
+the tiny and mini presets, and a GRPO step split into rollout and update time).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Callable
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime"], "Which benchmark suite to run.")
+flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train"], "Which benchmark suite to run.")
 flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
@@ -309,12 +310,9 @@ def _all_calls(tree):
 # ----------------------------------------------------------------------------------------
 def _matmul_peak_flops(n: int = 2048) -> float:
     """FLOP/s of a jitted float32 [n, n] @ [n, n] (the reference peak of this machine)."""
-    import jax
-    import jax.numpy as jnp
+    from jaxapr.train.common import matmul_peak_flops
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), 3)
+    return matmul_peak_flops(n)
 
 
 def _no_cache_segments(policy, batch: int, prompt_len: int, new: int, probe_steps: int):
@@ -682,7 +680,14 @@ def _join_kernels(eng, results, repeats: int) -> dict:
             "extend_over_insert": med["extend"] / med["insert"] if med["insert"] else None}
 
 
-SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime}
+def suite_train(quick: bool, repeats: int) -> dict:
+    from experiments.bench_train import suite_train as run
+
+    return run(quick, repeats, print_table)
+
+
+SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,
+          "train": suite_train}
 
 
 def main(argv):

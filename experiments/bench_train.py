@@ -63,8 +63,9 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
             "params": model.param_count(cfg)}
 
 
-def suite_train(quick: bool, repeats: int) -> dict:
-    from experiments.bench import print_table
+def suite_train(quick: bool, repeats: int, print_table) -> dict:
+    """``print_table(rows, columns)`` is ``experiments.bench``'s (passed in: that module is
+    ``__main__`` when the suite runs)."""
     from jaxapr.train import common
 
     peak = common.matmul_peak_flops(1024 if quick else 2048)
@@ -77,11 +78,11 @@ def suite_train(quick: bool, repeats: int) -> dict:
     print("\nSFT step (forward + backward + AdamW), fully packed rows of random tokens")
     print_table([{**r, "params": f"{r['params'] / 1e6:.2f}M", "peak_fraction": f"{r['peak_fraction']:.1%}"} for r in rows],
                 ["preset", "params", "batch", "seq_len", "accum", "step_s", "tokens_per_s", "train_gflops", "peak_fraction"])
-    out["grpo"] = _grpo(quick, repeats)
+    out["grpo"] = _grpo(quick, repeats, print_table)
     return out
 
 
-def _grpo(quick: bool, repeats: int) -> dict:
+def _grpo(quick: bool, repeats: int, print_table) -> dict:
     """One GRPO step of the tiny preset (random weights: outputs run to the length limit, the
     worst case for the update) split into rollout and update time."""
     import jax
@@ -89,7 +90,6 @@ def _grpo(quick: bool, repeats: int) -> dict:
     from flax import nnx
 
     from envs import countdown
-    from experiments.bench import print_table
     from jaxapr import engine as engine_lib
     from jaxapr import model
     from jaxapr.train import common, grpo

@@ -55,6 +55,8 @@ def make_schedule(learning_rate: float, *, total_steps: int, warmup_steps: int =
             [warmup_steps])
     if schedule != "cosine":
         raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
+    if warmup_steps == 0:
+        return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=end_fraction)
     return optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value=learning_rate * end_fraction)
 

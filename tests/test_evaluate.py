@@ -1,0 +1,65 @@
+"""experiments.evaluate on two very small trained runs: every analysis, JSON and plots."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from envs import countdown
+from jaxapr import data
+from jaxapr.train import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A reproduce-like work directory: data/, sft_sosp/, sft_apr/ (a few SFT steps each)."""
+    from tests.train.test_runs import sft_config
+
+    root = tmp_path_factory.mktemp("eval")
+    splits = countdown.make_splits(0, {"train": 60, "test": 6}, num_numbers=3, min_target=1, max_target=30,
+                                   max_number=20)
+    splits.save(str(root / "data" / "problems"))
+    for kind in ("sosp", "apr"):
+        data.build_dataset(str(root / "data" / kind), splits.splits,
+                           data.TraceConfig(kind=kind, max_beam_size=2, sub_call_budget=kind == "apr"), seed=0,
+                           num_workers=0)
+        c = sft_config(str(root / "data"), kind=kind, num_steps=2, eval_every=0, checkpoint_every=2,
+                       eval_problems=0, eval_batches=0)
+        c.optim.warmup_steps = 1
+        sft.train(c, str(root / f"sft_{kind}"), log=lambda *_: None)
+    return str(root)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_every_analysis(workdir, tmp_path):
+    out = str(tmp_path / "out")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", f"--out={out}",
+                           "--num_problems=3", "--contexts=64,128", "--n_max=2", "--budgets=1,2", "--num_slots=8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.load(open(os.path.join(out, "evaluate.json")))
+    conds = result["conditions"]
+    assert {(c["run"], c["context"]) for c in conds if c["analysis"] == "context"} == {
+        ("sosp", 64), ("sosp", 128), ("apr", 64), ("apr", 128)}
+    assert sorted(c["mode"] for c in conds if c["run"] == "sosp" and c["analysis"] == "tokens") == [
+        "cons@1", "cons@2", "pass@1", "pass@2"]
+    assert sorted(c["prefix"] for c in conds if c["run"] == "apr" and c["analysis"] == "tokens") == [
+        "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
+    for c in conds:
+        assert 0.0 <= c["accuracy"] <= 1.0 and c["total_tokens"] > 0
+    assert len(result["plots"]) == 4 and all(os.path.getsize(p) > 1000 for p in result["plots"])
+    assert "Accuracy vs per-call context window" in proc.stdout
+
+
+def test_evaluate_bad_input(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    for args, message in ((["--out=" + str(tmp_path)], "no runs found"),
+                          (["--workdir=" + str(tmp_path / "missing"), "--out=" + str(tmp_path)], "does not exist"),
+                          (["--workdir=" + str(tmp_path)], "--out is required")):
+        proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-500:]

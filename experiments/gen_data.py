@@ -7,18 +7,25 @@ r"""Build the SoS+ and APR datasets: problems -> split -> traces -> tokenized sh
 Writes <out>/problems (the splits, with a manifest), <out>/<kind> for each kind in
 config.kinds (shards + manifest), <out>/config.json (the resolved config) and
 <out>/gen_data.json (counts, token statistics, timings), and prints a table.
+
+Many hosts (see jaxapr.distributed; e.g. ``python -m experiments.launch --num_processes=2 --
+experiments.gen_data ...``): every process draws the same problems (cheap, deterministic),
+the trace chunks are split over the processes, and process 0 writes every file: the output
+is byte for byte the single-process one (<out> must be on a file system all processes see).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxapr import distributed
+
 FLAGS = flags.FLAGS
+distributed.define_flags()
 config_flags.DEFINE_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
 flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
 flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
@@ -28,15 +35,19 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
     from envs import countdown
     from jaxapr import data
 
+    process, processes = distributed.process_index(), distributed.process_count()
+    main = process == 0
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"--out={out!r} is not empty: expected a new directory (or pass --overwrite)")
-    os.makedirs(out, exist_ok=True)
     kinds = tuple(config.kinds)
     unknown = [k for k in kinds if k not in data.KINDS]
     if unknown:
         raise ValueError(f"config.kinds has {unknown}: expected some of {data.KINDS}")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    distributed.barrier("gen_data checked --out")  # nobody writes before every process has checked it
+    os.makedirs(out, exist_ok=True)
+    if main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     log(f"resolved config:\n{config}")
     p = config.problems
     sizes = {"train": p.train, "val": p.val, "test": p.test}
@@ -48,7 +59,8 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
     splits = countdown.make_splits(
         config.seed, sizes, num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target,
         max_number=p.max_number, holdout_target_fraction=p.holdout_target_fraction, heldout_splits=heldout)
-    splits.save(os.path.join(out, "problems"))
+    if main:
+        splits.save(os.path.join(out, "problems"))
     report = {"problems_seconds": time.time() - t0, "kinds": {}}
     log(f"problems: {sizes} in {report['problems_seconds']:.1f} s")
     workers = os.cpu_count() if config.num_workers < 0 else config.num_workers
@@ -64,13 +76,15 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
 
         manifest = data.build_dataset(
             os.path.join(out, kind), splits.splits, trace_config, seed=config.seed, num_workers=workers,
-            problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress)
+            problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress,
+            process_index=process, num_processes=processes)
         report["kinds"][kind] = {"seconds": time.time() - t1, "bytes_on_disk": manifest["bytes_on_disk"],
                                  "splits": {s: {k: v for k, v in m.items() if k != "files"}
                                             for s, m in manifest["splits"].items()}}
     report["total_seconds"] = time.time() - t0
-    with open(os.path.join(out, "gen_data.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    if main:
+        with open(os.path.join(out, "gen_data.json"), "w") as f:
+            json.dump(report, f, indent=2)
     rows = [("kind", "split", "problems", "solved", "examples", "tokens/problem", "max tokens", "MB")]
     for kind, r in report["kinds"].items():
         for split, s in r["splits"].items():
@@ -91,9 +105,10 @@ def main(argv):
     if not FLAGS.out:
         raise app.UsageError("--out is required: the directory to write the dataset into")
     try:
-        run(FLAGS.config, FLAGS.out, FLAGS.overwrite)
+        distributed.initialize_from_flags()  # before any JAX computation
+        run(FLAGS.config, FLAGS.out, FLAGS.overwrite, log=distributed.log)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"gen_data: {e}")
+        distributed.fail(f"gen_data: {e}")
 
 
 if __name__ == "__main__":

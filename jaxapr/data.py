@@ -13,7 +13,7 @@ shard, flat, in the vocabulary's storage dtype, uint16) and ``shard-00000.index.
 (int64[E, 5]: offset, length, prompt_len, problem, call kind), plus ``<dir>/manifest.json``
 (config, seed, counts, token statistics, sha256 of every file). Building is deterministic:
 problem ``i`` draws its beam sizes and solver seed from ``(seed, i)`` alone, so the files do
-not depend on the number of worker processes.
+not depend on the number of worker processes, nor of hosts (``process_index``/``num_processes``).
 
 Loading (``make_loader``) uses grain: a random-access source over the memory-mapped shards,
 per-host sharding, a per-epoch shuffle from a seed, then packing into fixed-length rows
@@ -159,16 +159,34 @@ def build_dataset(
     problems_per_task: int = 256,
     shard_examples: int = 200_000,
     progress=None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict:
     """Writes a dataset of ``config.kind`` traces for each split; returns the manifest.
 
     ``splits``: {name: (numbers int[P, N], targets int[P])}, e.g. ``ProblemSplits.splits``.
     ``num_workers``: solver processes (default: all cores; 0 = in this process). ``progress``:
-    optional callable(done_problems, total_problems).
+    optional callable(done_problems, total_problems) (with several processes: this one's).
+
+    Many hosts (``num_processes`` > 1, after ``jax.distributed`` is initialized): every process
+    calls this with the same arguments and its ``process_index``, ``out_dir`` on a shared file
+    system. Process i builds the chunks of ``problems_per_task`` problems whose number is i
+    modulo ``num_processes`` into ``<out_dir>/.parts/``; after a barrier, process 0 writes the
+    shards and the manifest from all chunks in order and removes the parts, so the files are
+    byte for byte those of one process. Every process returns the manifest.
     """
     config.check()
     if not splits:
         raise ValueError("splits is empty: expected at least one {name: (numbers, targets)}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index={process_index} of num_processes={num_processes}: expected "
+                         "0 <= process_index < num_processes")
+    if num_processes > 1:
+        from jaxapr import distributed
+
+        if distributed.process_count() != num_processes:
+            raise ValueError(f"num_processes={num_processes} but jax.process_count()={distributed.process_count()}: "
+                             "expected jax.distributed to be initialized with that many processes")
     os.makedirs(out_dir, exist_ok=True)
     num_workers = os.cpu_count() if num_workers is None else num_workers
     t0 = time.time()
@@ -186,14 +204,22 @@ def build_dataset(
                 raise ValueError(f"split {name!r}: {len(numbers)} number rows but {len(targets)} targets")
             tasks = [(numbers[s:s + problems_per_task], targets[s:s + problems_per_task], s, config, seed)
                      for s in range(0, len(targets), problems_per_task)]
-            results = pool.imap(_build_chunk, tasks) if pool else map(_build_chunk, tasks)
+            if num_processes > 1:  # this process's chunks -> parts; process 0 writes them all in order
+                mine = tasks[process_index::num_processes]
+                _build_parts(os.path.join(out_dir, PARTS_DIR, name), mine, pool, progress)
+                distributed.barrier(f"build_dataset {name}")
+                if process_index != 0:
+                    continue
+                results = (_load_part(os.path.join(out_dir, PARTS_DIR, name), task[2]) for task in tasks)
+            else:
+                results = pool.imap(_build_chunk, tasks) if pool else map(_build_chunk, tasks)
             writer = _ShardWriter(os.path.join(out_dir, name), shard_examples)
             solved = 0
             for (tokens, index, ok), task in zip(results, tasks):
                 writer.add(tokens, index)
                 solved += ok
                 done += len(task[1])
-                if progress:
+                if progress and num_processes == 1:
                     progress(done, total)
             files = writer.close()
             lengths = writer.lengths
@@ -211,12 +237,54 @@ def build_dataset(
         if pool:
             pool.close()
             pool.join()
-    manifest["build_seconds"] = time.time() - t0
-    manifest["bytes_on_disk"] = sum(
-        os.path.getsize(os.path.join(out_dir, f)) for s in manifest["splits"].values() for f in s["files"])
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    if process_index == 0:
+        manifest["build_seconds"] = time.time() - t0
+        manifest["bytes_on_disk"] = sum(
+            os.path.getsize(os.path.join(out_dir, f)) for s in manifest["splits"].values() for f in s["files"])
+        with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if num_processes > 1:
+            import shutil
+
+            shutil.rmtree(os.path.join(out_dir, PARTS_DIR), ignore_errors=True)
+    if num_processes > 1:
+        distributed.barrier("build_dataset manifest")
+        if process_index != 0:
+            with open(os.path.join(out_dir, "manifest.json")) as f:
+                manifest = json.load(f)
     return manifest
+
+
+PARTS_DIR = ".parts"
+
+
+def _part_path(directory: str, start: int) -> str:
+    return os.path.join(directory, f"part-{start:010d}.npz")
+
+
+def _build_parts(directory: str, tasks: list, pool, progress) -> None:
+    """Build ``tasks`` (this process's chunks) into ``directory``, one npz per chunk, each
+    written to a temporary name and renamed when complete."""
+    os.makedirs(directory, exist_ok=True)
+    results = pool.imap(_build_chunk, tasks) if pool else map(_build_chunk, tasks)
+    total, done = sum(len(t[1]) for t in tasks), 0
+    for (tokens, index, ok), task in zip(results, tasks):
+        path = _part_path(directory, task[2])
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, tokens=tokens, index=index, solved=np.int64(ok))
+        os.replace(path + ".tmp", path)
+        done += len(task[1])
+        if progress:
+            progress(done, total)
+
+
+def _load_part(directory: str, start: int):
+    path = _part_path(directory, start)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset part {path!r} is missing: expected every process to have built its chunks "
+                                "into the shared out_dir (is it on a file system all processes see?)")
+    with np.load(path) as part:
+        return part["tokens"], part["index"], int(part["solved"])
 
 
 class _ShardWriter:

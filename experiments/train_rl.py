@@ -9,12 +9,13 @@ same --workdir to resume.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxapr import distributed
+
 FLAGS = flags.FLAGS
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ... (see jaxapr.distributed)
 config_flags.DEFINE_config_file("config", "experiments/configs/rl.py:tiny", "GRPO config (file:preset).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint).")
 
@@ -22,16 +23,21 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        distributed.initialize_from_flags()  # before any JAX computation
+    except (ValueError, RuntimeError) as e:
+        distributed.fail(f"error: {e}")
     from jaxapr.train import common, rl
 
     common.quiet_logs()
-    print(f"resolved config:\n{FLAGS.config}")
+    distributed.quiet_other_processes()
+    distributed.log(f"resolved config:\n{FLAGS.config}")
     try:
-        summary = rl.train(FLAGS.config, FLAGS.workdir)
+        summary = rl.train(FLAGS.config, FLAGS.workdir, log=distributed.log)
     except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        distributed.fail(f"error: {e}")
+    distributed.log("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in summary.items()))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxapr import distributed
 from jaxapr import model as model_lib
 from jaxapr import sharding
 
@@ -125,11 +126,13 @@ def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
 
     make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))  # noqa: E731
     shardings = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(make, params))
-    state = jax.jit(make, out_shardings=shardings)(jax.device_put(params, param_sh))
+    state = jax.jit(make, out_shardings=shardings)(distributed.put_global(params, param_sh))
     return graphdef, state, shardings
 
 
 def batch_to_device(batch: dict, mesh) -> dict:
+    """This process's rows of the global batch onto the mesh: with P processes the global batch
+    is the concatenation of the processes' batches in process order (P x the rows)."""
     s = sharding.data_sharding(mesh)
     if mesh.devices.size == 1:
         return {k: np.asarray(v) for k, v in batch.items()}
@@ -138,21 +141,29 @@ def batch_to_device(batch: dict, mesh) -> dict:
 
 def rollout_metrics(policy, problems, *, mode: str, max_context: int, num_slots: int, prefix: str = "",
                     temperature: float = 0.0, key=None, engine=None) -> dict:
-    """Held-out accuracy and cost of ``mode`` rollouts on ``problems`` = (numbers, targets)."""
+    """Held-out accuracy and cost of ``mode`` rollouts on ``problems`` = (numbers, targets).
+    With several processes each one rolls out every P-th problem (its process-local ``engine``
+    or ``policy``) and the means are over all problems; every process must call this."""
     from jaxapr import runtime
 
     t0 = time.perf_counter()
-    results = runtime.rollout(policy, problems, mode=mode, max_context=max_context, num_slots=num_slots,
-                              engine=engine, temperature=temperature, key=key, prefix=prefix)
+    numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
+    p, n = jax.process_index(), jax.process_count()
+    numbers, targets = numbers[p::n], targets[p::n]
+    results = []
+    if len(targets):
+        results = runtime.rollout(policy, (numbers, targets), mode=mode, max_context=max_context,
+                                  num_slots=num_slots, engine=engine, temperature=temperature, key=key, prefix=prefix)
     wall = time.perf_counter() - t0
-    return {
-        "accuracy": float(np.mean([r.success for r in results])),
-        "total_tokens": float(np.mean([r.total_tokens for r in results])),
-        "sequential_tokens": float(np.mean([r.sequential_tokens for r in results])),
-        "children": float(np.mean([r.num_children for r in results])),
-        "latency_steps": float(np.mean([r.latency_steps for r in results])),
-        "seconds": wall,
-    }
+    fields = {"accuracy": "success", "total_tokens": "total_tokens", "sequential_tokens": "sequential_tokens",
+              "children": "num_children", "latency_steps": "latency_steps"}
+    sums = {k: float(np.sum([getattr(r, a) for r in results])) for k, a in fields.items()}
+    if n > 1:
+        sums = distributed.sum_across({**sums, "count": len(results)})
+        count, wall = sums.pop("count"), distributed.max_across(wall)
+    else:
+        count = len(results)
+    return {**{k: v / max(count, 1) for k, v in sums.items()}, "seconds": wall}
 
 
 def check_finite(metrics: dict, step: int) -> None:

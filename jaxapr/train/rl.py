@@ -14,10 +14,18 @@
 
 Randomness: the step's problems and keys come from ``(seed, step)`` alone, so a run resumed
 from a checkpoint continues exactly.
+
+Many hosts (``jaxapr.distributed``): process i of N rolls out problems ``[i P/N, (i+1) P/N)``
+of the step (whole groups) on its own engine with a process-local copy of the parameters and
+the key ``rollout_key(key, i, N)``; every process pads its rows to the same bucket
+(``rows_per_process``, from the largest call count of any process) and the update runs on
+the global batch of all processes' rows (``process_batch``). Logged metrics are over all
+processes.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -25,6 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxapr import distributed
 from jaxapr.train import common, grpo
 
 
@@ -39,6 +48,32 @@ def step_problems(problems, num: int, seed: int, step: int):
         raise ValueError(f"grpo.num_problems={num}: the training split has only {len(targets)} problems")
     idx = np.random.default_rng([seed, step]).choice(len(targets), num, replace=False)
     return numbers[idx], targets[idx]
+
+
+def rollout_key(key, process: int, processes: int):
+    """The rollout key of process ``process`` of ``processes`` for a step whose key is ``key``
+    (``key`` itself with one process; a run is reproducible for a fixed process count)."""
+    return key if processes == 1 else jax.random.fold_in(key, process)
+
+
+def rows_per_process(max_calls: int, num_minibatches: int, ways: int, processes: int) -> int:
+    """Rows of every process's part of the step's batch: the bucket of the most calls any
+    process has, such that the global batch (processes x rows) splits into ``num_minibatches``
+    minibatches divisible by ``ways`` (= data x fsdp) and each part into ``num_minibatches``."""
+    q = num_minibatches * ways
+    multiple = math.lcm(num_minibatches, q // math.gcd(q, processes))
+    return grpo.bucket_rows(max_calls, multiple)
+
+
+def process_batch(results, gcfg: grpo.GRPOConfig, *, seq_len: int, num_rows: int, processes: int):
+    """This process's rows of the step's global batch (``grpo.build_batch`` of its groups;
+    every process has the same number of rollouts, so a call's weight 1 / (calls x all
+    rollouts) is the local weight / ``processes``)."""
+    batch, stats = grpo.build_batch(results, gcfg, seq_len=seq_len, num_rows=num_rows)
+    batch = {k: v for k, v in batch.items() if k != "rollout"}
+    if processes > 1:
+        batch["weights"] = batch["weights"] / np.float32(processes)
+    return batch, stats
 
 
 def train(config, workdir: str, log=print) -> dict:
@@ -71,6 +106,10 @@ def train(config, workdir: str, log=print) -> dict:
     mesh = common.make_run_mesh(config)
     rules = common.run_rules(config, cfg)
     ways = mesh.shape["data"] * mesh.shape["fsdp"]  # rows of every minibatch split over them
+    process, processes = jax.process_index(), jax.process_count()
+    if gcfg.num_problems % processes:  # whole groups per process: advantages never straddle processes
+        raise ValueError(f"grpo.num_problems={gcfg.num_problems}: expected a multiple of the {processes} processes")
+    mine = distributed.share(gcfg.num_problems)
     rows_guess = gcfg.num_problems * gcfg.group_size * 2
     common.check_memory(cfg, rows_guess, max_context, gcfg.num_minibatches, what="GRPO")
     if config.optim.learning_rate != gcfg.learning_rate:
@@ -90,16 +129,19 @@ def train(config, workdir: str, log=print) -> dict:
         state, extra = ckpt.restore(state)
         start, train_seconds = int(extra["rl_step"]), float(extra["train_seconds"])
         log(f"resumed from RL step {start} ({train_seconds:.0f} s of training so far)")
-    with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
-        f.write(config.to_json(indent=2))
-    writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=jax.process_index() == 0,
+    if process == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
+            f.write(config.to_json(indent=2))
+    writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=process == 0,
                           progress=config.progress, resume_step=start)
     step_fn = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
-    engine = engine_lib.Engine(nnx.merge(graphdef, state.params), num_slots=config.num_slots, max_len=max_context)
+    # One engine per process, on its local devices, decoding with a process-local copy of the params.
+    engine = engine_lib.Engine(nnx.merge(graphdef, distributed.process_local(state.params)),
+                               num_slots=config.num_slots, max_len=max_context)
     rollout_kw = dict(max_context=max_context, max_depth=config.max_depth, decode_chunk=config.decode_chunk)
 
     def evaluate(step):
-        engine.update_params(state.params)
+        engine.update_params(distributed.process_local(state.params))
         r = common.rollout_metrics(None, eval_problems, mode=config.kind, max_context=max_context,
                                    num_slots=config.num_slots, engine=engine)
         out = {f"val/{k}": v for k, v in r.items()}
@@ -119,28 +161,33 @@ def train(config, workdir: str, log=print) -> dict:
             break
         k_roll, k_upd = jax.random.split(jax.random.fold_in(base_key, step))
         t0 = time.perf_counter()
-        problems = step_problems(train_problems, gcfg.num_problems, config.seed, step)
-        results = grpo.rollout_groups(engine, state.params, problems, gcfg, key=k_roll, mode=config.kind,
-                                      **rollout_kw)
+        numbers, targets = step_problems(train_problems, gcfg.num_problems, config.seed, step)
+        problems = (numbers[mine.start:mine.stop], targets[mine.start:mine.stop])  # this process's groups
+        results = grpo.rollout_groups(engine, distributed.process_local(state.params), problems, gcfg,
+                                      key=rollout_key(k_roll, process, processes), mode=config.kind, **rollout_kw)
         t1 = time.perf_counter()
         calls = sum(1 for r in results for c in r.calls if len(c.output_tokens))
-        batch, stats = grpo.build_batch(results, gcfg, seq_len=max_context,
-                                        num_rows=grpo.bucket_rows(calls, gcfg.num_minibatches * ways))
-        batch = {k: v for k, v in batch.items() if k != "rollout"}
+        max_calls = int(distributed.allgather(calls).max())  # every process's part has the same rows
+        batch, stats = process_batch(results, gcfg, seq_len=max_context, processes=processes,
+                                     num_rows=rows_per_process(max_calls, gcfg.num_minibatches, ways, processes))
         state, m = step_fn(state, ref_params, common.batch_to_device(batch, mesh), k_upd)
         m = common.host(m)
         common.check_finite(m, step + 1)
         t2 = time.perf_counter()
         train_seconds += t2 - t0
-        gen = sum(r.total_tokens for r in results)
+        r = grpo.rewards(results, gcfg)
+        local = [r.sum(), sum(x.success for x in results), stats["zero_groups"] * len(results) / gcfg.group_size,
+                 stats["calls"], sum(x.num_children for x in results), sum(x.total_tokens for x in results),
+                 sum(x.sequential_tokens for x in results), len(results)]
+        (reward, success, zero, calls, children, gen, seq, n), rollout_seconds = (
+            distributed.allgather(np.array(local, np.float64)).sum(axis=0), distributed.max_across(t1 - t0))
         last = {
-            "reward": stats["reward_mean"], "success": stats["success_rate"], "zero_groups": stats["zero_groups"],
-            "children_per_problem": float(np.mean([r.num_children for r in results])),
-            "total_tokens": gen / len(results),
-            "sequential_tokens": float(np.mean([r.sequential_tokens for r in results])),
-            "calls": stats["calls"], "kl": m["kl"], "clip_fraction": m["clip_fraction"], "loss": m["loss"],
-            "grad_norm": m["grad_norm"], "lr": m.get("lr", gcfg.learning_rate), "rollout_seconds": t1 - t0,
-            "update_seconds": t2 - t1, "gen_tokens_per_s": gen / max(t1 - t0, 1e-9), "train_seconds": train_seconds,
+            "reward": reward / n, "success": success / n, "zero_groups": zero / (n / gcfg.group_size),
+            "children_per_problem": children / n, "total_tokens": gen / n, "sequential_tokens": seq / n,
+            "calls": int(calls), "kl": m["kl"], "clip_fraction": m["clip_fraction"], "loss": m["loss"],
+            "grad_norm": m["grad_norm"], "lr": m.get("lr", gcfg.learning_rate), "rollout_seconds": rollout_seconds,
+            "update_seconds": t2 - t1, "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
+            "train_seconds": train_seconds,
         }
         done = step + 1
         writer.write(done, {f"rl/{k}": v for k, v in last.items()})
@@ -158,7 +205,7 @@ def train(config, workdir: str, log=print) -> dict:
     writer.close()
     summary = {"rl_step": done, "train_seconds": train_seconds, **last,
                **(common.read_last_eval(workdir) or {})}
-    if jax.process_index() == 0:
+    if process == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

@@ -127,6 +127,7 @@ def train(config, workdir: str, log=print) -> dict:
 
     from envs import countdown
     from jaxapr import data as data_lib
+    from jaxapr import distributed
     from jaxapr import engine as engine_lib
     from jaxapr.train import common
     from jaxapr.train.checkpoint import Checkpointer
@@ -164,6 +165,8 @@ def train(config, workdir: str, log=print) -> dict:
                 val_batches.append(next(val_it))
             except StopIteration:
                 break
+        if processes > 1:  # every process must run the same number of global eval steps
+            val_batches = val_batches[:int(distributed.allgather(len(val_batches)).min())]
     eval_problems = None
     if config.eval_problems:
         numbers, targets = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))[config.eval_split]
@@ -180,11 +183,17 @@ def train(config, workdir: str, log=print) -> dict:
     train_seconds, start = 0.0, 0
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(state)
-        it.set_state(extra["data"])
+        saved_processes = int(extra.get("data_processes", 1))
+        if saved_processes == processes:
+            it.set_state(extra["data_by_process"][process] if processes > 1 else extra["data"])
+        else:  # each process reads 1/P of the data: positions do not carry over to another P
+            log(f"warning: the checkpoint was written by {saved_processes} processes, this run has {processes}: "
+                "parameters and optimizer state are restored, the data loaders start a new pass")
         train_seconds, start = float(extra["train_seconds"]), int(state.step)
         log(f"resumed from step {start} ({train_seconds:.0f} s of training so far)")
-    with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
-        f.write(config.to_json(indent=2))
+    if process == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
+            f.write(config.to_json(indent=2))
     writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=process == 0,
                           progress=config.progress, resume_step=start)
     step_fn = make_sft_step(graphdef, tx, config.accum_steps, schedule, state_shardings=shardings,
@@ -202,10 +211,11 @@ def train(config, workdir: str, log=print) -> dict:
             total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
             out["val/loss"] = total / max(count, 1.0)
         if eval_problems is not None:
+            params = distributed.process_local(state.params)  # the engine is per process
             if engine is None:
-                engine = engine_lib.Engine(nnx.merge(graphdef, state.params), num_slots=config.eval_num_slots,
+                engine = engine_lib.Engine(nnx.merge(graphdef, params), num_slots=config.eval_num_slots,
                                            max_len=config.eval_max_context or cfg.max_len)
-            engine.update_params(state.params)
+            engine.update_params(params)
             r = common.rollout_metrics(None, eval_problems, mode=config.kind, max_context=engine.max_len,
                                        num_slots=config.eval_num_slots, engine=engine)
             out.update({f"val/{k}": v for k, v in r.items()})
@@ -214,6 +224,15 @@ def train(config, workdir: str, log=print) -> dict:
             writer.write(step, out)
             log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
         return out
+
+    def data_extra(seconds):  # every process's loader position (the meta JSON is process 0's)
+        extra = {"data": it.get_state(), "train_seconds": seconds}
+        if processes > 1:
+            from jaxapr.train.checkpoint import decode_json, encode_json
+
+            states = distributed.allgather_json(encode_json(extra["data"], "data state"))
+            extra.update(data_processes=processes, data_by_process=[decode_json(x) for x in states])
+        return extra
 
     if start == 0 and config.eval_at_start:
         evaluate(0)
@@ -224,17 +243,20 @@ def train(config, workdir: str, log=print) -> dict:
             log(f"time budget of {config.max_train_seconds} s reached at step {int(state.step)}")
             break
         t0 = time.perf_counter()
-        batch = common.batch_to_device(next(it), mesh)
+        local_batch = next(it)
+        batch = common.batch_to_device(local_batch, mesh)
         state, m = step_fn(state, batch)
         m = common.host(m)
         step = int(state.step)
         common.check_finite(m, step + (0 if m["finite"] else 1))
         dt = time.perf_counter() - t0
         train_seconds += dt
-        window_tokens += float(np.sum(np.asarray(batch["segment_ids"]) > 0)) * processes
+        window_tokens += float(np.sum(local_batch["segment_ids"] > 0))
         window_rows += 1
         if step % config.log_every == 0 or step == config.num_steps:
             elapsed = time.perf_counter() - window_t
+            if processes > 1:
+                window_tokens = distributed.sum_across({"tokens": window_tokens})["tokens"]
             tps = window_tokens / max(elapsed, 1e-9)
             last = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "trained_tokens": m["tokens"],
                     "tokens_per_s": tps, "peak_fraction": tps * flops_per_token / peak, "train_seconds": train_seconds}
@@ -247,13 +269,12 @@ def train(config, workdir: str, log=print) -> dict:
         if step % config.checkpoint_every == 0 or step == config.num_steps:
             if step == config.num_steps:
                 ev = evaluate(step)
-            ckpt.save(step, state, extra={"data": it.get_state(), "train_seconds": train_seconds},
-                      metrics=ev or None, force=step == config.num_steps)
+            ckpt.save(step, state, extra=data_extra(train_seconds), metrics=ev or None,
+                      force=step == config.num_steps)
     final = {"step": int(state.step), "train_seconds": train_seconds, **last}
     if int(state.step) < config.num_steps:  # stopped by the time budget: evaluate and keep it
         final.update(evaluate(int(state.step)))
-        ckpt.save(int(state.step), state, extra={"data": it.get_state(), "train_seconds": train_seconds},
-                  metrics=final, force=True)
+        ckpt.save(int(state.step), state, extra=data_extra(train_seconds), metrics=final, force=True)
     ckpt.wait()
     ckpt.close()
     writer.close()

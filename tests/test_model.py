@@ -140,6 +140,23 @@ def test_packed_sequences_equal_examples_run_alone():
     assert float(jnp.abs(unsegmented[:, 6:12] - packed[:, 6:12]).max()) > 1e-3
 
 
+def test_block_causal_attention_equals_dense(monkeypatch):
+    """Rows longer than ATTENTION_BLOCK attend block by block; the result is the dense one."""
+    cfg = SMALL.replace(max_len=64)
+    model = _build(cfg)
+    monkeypatch.setattr(M, "ATTENTION_BLOCK", 16)
+    tokens = _tokens((2, 64), cfg, seed=5)
+    segments = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
+    positions = jnp.array([list(range(20)) + list(range(30)) + [0] * 14, list(range(64))], jnp.int32)
+    blocked = model(tokens, positions, segments)  # eager: ATTENTION_BLOCK is read at trace time
+    monkeypatch.setattr(M, "ATTENTION_BLOCK", 1024)
+    dense = model(tokens, positions, segments)
+    np.testing.assert_allclose(blocked, dense, atol=1e-5)
+    monkeypatch.setattr(M, "ATTENTION_BLOCK", 16)
+    odd = model(tokens[:, :60], positions[:, :60], segments[:, :60])  # not a multiple: dense
+    np.testing.assert_allclose(odd, dense[:, :60], atol=1e-5)
+
+
 # --- KV cache ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(num_kv_heads=1, tie_embeddings=False)],

@@ -297,7 +297,63 @@ def optimizer_config(config):
 
 
 def load_policy(workdir: str, which: str = "best", step: int | None = None) -> nnx.Module:
-    """The policy of a run's checkpoint (see :func:`load_params`)."""
+    """The policy of a run's checkpoint (see :func:`load_params`), or of an exported ``.npz``
+    (:func:`export_policy`) when ``workdir`` is such a file."""
+    if workdir.endswith(".npz"):
+        return load_exported(workdir)[0]
     cfg, params, _ = load_params(workdir, which, step)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
     return nnx.merge(graphdef, params)
+
+
+EXPORT_FORMAT = "jaxapr.policy/1"
+
+
+def export_policy(policy: nnx.Module, path: str, dtype: str = "bfloat16", extra: dict | None = None) -> str:
+    """Writes ``policy`` as one compact ``.npz`` (parameters in ``dtype``, the model config and
+    ``extra`` as JSON): what the repository ships; :func:`load_policy` reads it back."""
+    import ml_dtypes
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+    _, params = nnx.split(policy)
+    flat = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+        arr = np.asarray(leaf, np.float32)
+        flat[name] = arr.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else arr.astype(dtype)
+    meta = {"format": EXPORT_FORMAT, "dtype": dtype, "model": dataclasses.asdict(policy.cfg), "extra": extra or {}}
+    path = path if path.endswith(".npz") else path + ".npz"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **flat)
+    return path
+
+
+def load_exported(path: str) -> tuple[nnx.Module, dict]:
+    """(policy, meta) of a file written by :func:`export_policy` (parameters as float32)."""
+    import ml_dtypes
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported policy at {path!r}: expected a .npz written by export_policy")
+    try:
+        with np.load(path) as f:
+            meta = json.loads(str(f["__meta__"]))
+            arrays = {k: f[k] for k in f.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path!r} has format {meta.get('format')!r}: expected {EXPORT_FORMAT!r}")
+    cfg = model_lib.ModelConfig(**meta["model"]).check()
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
+    leaves = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+        if name not in arrays:
+            raise ValueError(f"{path!r} lacks parameter {name!r}: expected a policy of its model config")
+        arr = arrays[name]
+        arr = arr.view(ml_dtypes.bfloat16) if meta["dtype"] == "bfloat16" else arr
+        if arr.shape != leaf.shape:
+            raise ValueError(f"{path!r}: parameter {name!r} has shape {arr.shape}, expected {leaf.shape}")
+        leaves.append(jax.numpy.asarray(arr.astype(np.float32), leaf.dtype))
+    params = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    return nnx.merge(graphdef, params), meta

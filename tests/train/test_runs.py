@@ -138,3 +138,25 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     init_params = common.load_params(init, which="latest")[1]
     assert any(not np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init_params)))
+
+
+def test_export_round_trip(tmp_path, sft_run):
+    from jaxapr import model
+
+    workdir, _ = sft_run
+    policy = common.load_policy(workdir, which="latest")
+    path = common.export_policy(policy, str(tmp_path / "p"), extra={"note": "test"})
+    back = common.load_policy(path)
+    tokens = np.arange(3, 40, dtype=np.int32)[None]
+    a, b = np.asarray(policy(tokens)), np.asarray(back(tokens))
+    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())  # bfloat16 parameters
+    f32 = common.export_policy(policy, str(tmp_path / "q.npz"), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(common.load_policy(f32)(tokens)), a)
+    assert common.load_exported(path)[1]["extra"] == {"note": "test"}
+    assert os.path.getsize(path) < os.path.getsize(f32)
+    with pytest.raises(FileNotFoundError, match="no exported policy"):
+        common.load_policy(str(tmp_path / "missing.npz"))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable exported policy"):
+        common.load_policy(str(tmp_path / "bad.npz"))
+    del model

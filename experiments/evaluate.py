@@ -27,7 +27,10 @@ import sys
 
 from absl import app, flags
 
+from jaxapr import distributed
+
 FLAGS = flags.FLAGS
+distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_string("workdir", None, "A reproduce work directory (runs sft_sosp, sft_apr, rl_apr; data in data/).")
 flags.DEFINE_string("sosp", None, "SoS+ run workdir (overrides --workdir's).")
 flags.DEFINE_string("apr", None, "APR run workdir (overrides --workdir's).")
@@ -47,6 +50,10 @@ flags.DEFINE_bool("plots", True, "Write PNG plots.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        distributed.initialize_from_flags()  # before any JAX computation
+    except (ValueError, RuntimeError) as e:
+        distributed.fail(f"error: {e}")
     from envs import countdown
     from experiments.analysis import evaluate, plot, resolve_runs, tables
     from jaxapr.train import common

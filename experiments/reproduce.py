@@ -22,6 +22,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxapr import distributed
+
 
 def _preset_in_argv(default: str = "mini") -> str:
     """--preset picks the default config files, so it is read before absl parses the flags
@@ -37,6 +39,7 @@ def _preset_in_argv(default: str = "mini") -> str:
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _PRESET = _preset_in_argv()
 FLAGS = flags.FLAGS
+distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_enum("preset", "mini", ["tiny", "mini", "paper"], "Scale of every stage.")
 flags.DEFINE_string("workdir", None, "Work directory (created; an existing one is continued).")
 config_flags.DEFINE_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
@@ -139,6 +142,10 @@ def format_headline(rows: list[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        distributed.initialize_from_flags()  # before any JAX computation
+    except (ValueError, RuntimeError) as e:
+        distributed.fail(f"error: {e}")
     from jaxapr.train import common
 
     common.quiet_logs()

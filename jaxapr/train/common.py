@@ -177,10 +177,6 @@ def host(tree) -> Any:
     return jax.tree.map(lambda x: x.item() if hasattr(x, "item") and np.ndim(x) == 0 else np.asarray(x), jax.device_get(tree))
 
 
-def seconds_since(t0: float) -> float:
-    return time.perf_counter() - t0
-
-
 def make_policy(cfg: model_lib.ModelConfig, seed: int) -> nnx.Module:
     return model_lib.Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -277,7 +273,7 @@ def load_params(workdir: str, which: str = "best", step: int | None = None):
         cfg = model_config(config)
         tx, _ = make_run_optimizer(optimizer_config(config))
         _, abstract_params = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
-        state, _ = ckpt.restore(abstract_train_state(None, tx, abstract_params), step=step)
+        state, _ = ckpt.restore(abstract_train_state(tx, abstract_params), step=step)
     finally:
         ckpt.close()
     return cfg, state.params, config

@@ -237,7 +237,7 @@ def train(config, workdir: str, log=print) -> dict:
     if start == 0 and config.eval_at_start:
         evaluate(0)
     last = {}
-    window_t, window_tokens, window_rows = time.perf_counter(), 0.0, 0
+    window_t, window_tokens = time.perf_counter(), 0.0
     while int(state.step) < config.num_steps:
         if config.max_train_seconds and train_seconds >= config.max_train_seconds:
             log(f"time budget of {config.max_train_seconds} s reached at step {int(state.step)}")
@@ -252,7 +252,6 @@ def train(config, workdir: str, log=print) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         window_tokens += float(np.sum(local_batch["segment_ids"] > 0))
-        window_rows += 1
         if step % config.log_every == 0 or step == config.num_steps:
             elapsed = time.perf_counter() - window_t
             if processes > 1:
@@ -262,7 +261,7 @@ def train(config, workdir: str, log=print) -> dict:
                     "tokens_per_s": tps, "peak_fraction": tps * flops_per_token / peak, "train_seconds": train_seconds}
             writer.write(step, {f"train/{k}": v for k, v in last.items()})
             writer.progress(step, loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
-            window_t, window_tokens, window_rows = time.perf_counter(), 0.0, 0
+            window_t, window_tokens = time.perf_counter(), 0.0
         ev = {}
         if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
             ev = evaluate(step)

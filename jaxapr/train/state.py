@@ -29,12 +29,11 @@ def init_train_state(policy: nnx.Module, tx: optax.GradientTransformation) -> tu
     return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_train_state(graphdef_or_policy, tx: optax.GradientTransformation, params_like) -> TrainState:
-    """A ``TrainState`` of ``jax.ShapeDtypeStruct`` leaves (with the shardings of
-    ``params_like``'s leaves where they have them): the restore target of a checkpoint."""
-    state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                           params_like)
-    return state
+def abstract_train_state(tx: optax.GradientTransformation, params_like) -> TrainState:
+    """A ``TrainState`` of ``jax.ShapeDtypeStruct`` leaves for parameters shaped like
+    ``params_like``: the restore target of a checkpoint."""
+    return jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                          params_like)
 
 
 def make_schedule(learning_rate: float, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
@@ -71,7 +70,3 @@ def make_optimizer(learning_rate: float, *, total_steps: int, warmup_steps: int 
     parts = [] if not clip_norm else [optax.clip_by_global_norm(clip_norm)]
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts), sched
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.tree.norm(tree)

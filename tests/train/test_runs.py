@@ -160,3 +160,11 @@ def test_export_round_trip(tmp_path, sft_run):
     with pytest.raises(ValueError, match="not a readable exported policy"):
         common.load_policy(str(tmp_path / "bad.npz"))
     del model
+
+
+def test_a_preset_that_does_not_fit_memory_fails_fast():
+    from jaxapr import model
+
+    with pytest.raises(ValueError, match=r"training needs about .* GiB .* but this machine has .* GiB available"):
+        common.check_memory(model.get_config("paper"), batch_size=256, seq_len=4096, accum_steps=1)
+    common.check_memory(model.get_config("tiny"), batch_size=16, seq_len=512, accum_steps=1)  # fits

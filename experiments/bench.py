@@ -25,9 +25,10 @@ import random
 import statistics
 import sys
 import time
-from typing import Callable
 
 from absl import app, flags
+
+from experiments.bench_util import fmt, interleaved_medians, median_time, print_table
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train"], "Which benchmark suite to run.")
@@ -54,45 +55,6 @@ def machine() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` (which must block on its result) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall times of several blocking callables, timed in turn (A, B, A, B, ...) after
-    one warm-up call each, so that a baseline and its competitor see the same machine."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    print("  ".join("-" * widths[c] for c in columns))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return "" if v is None else str(v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,7 +408,7 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
             }
             rows.append(row)
             results["rows"].append(row)
-            print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
+            print("  " + ", ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
     results["prefill"] = {}
     plen, pbatch = (128, 8) if quick else (512, 16)
     for preset in presets:
@@ -683,7 +645,7 @@ def _join_kernels(eng, results, repeats: int) -> dict:
 def suite_train(quick: bool, repeats: int) -> dict:
     from experiments.bench_train import suite_train as run
 
-    return run(quick, repeats, print_table)
+    return run(quick, repeats)
 
 
 SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,

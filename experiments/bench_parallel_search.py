@@ -11,19 +11,9 @@
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from experiments.bench_util import median_time
 
 
 def _random_masked(key, avail):
@@ -83,7 +73,7 @@ def run(quick: bool, repeats: int) -> tuple[dict, list[dict]]:
     for batch in batches:
         steps = 32 if quick else max(32, min(2048, 2**20 // batch))
         fn = _scan_steps(env, params, batch, steps)
-        t = _median_time(lambda: fn(jax.random.PRNGKey(0)).block_until_ready(), repeats)
+        t = median_time(lambda: fn(jax.random.PRNGKey(0)).block_until_ready(), max(1, repeats))
         results["steps_per_s"][batch] = batch * steps / t
         rows.append({"table": "throughput", "batch": batch, "K": k, "env steps/s": batch * steps / t,
                      "agent steps/s": batch * steps * k / t})

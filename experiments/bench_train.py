@@ -14,15 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 
-
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from experiments.bench_util import median_time, print_table
 
 
 def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, peak: float) -> dict:
@@ -55,7 +47,7 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
         box[0], m = step(box[0], b)
         jax.block_until_ready(m["loss"])
 
-    seconds = _time(run, repeats)
+    seconds = median_time(run, max(1, repeats))
     tps = batch * seq_len / seconds
     flops = 3 * model.flops_per_token(cfg, seq_len // 2)
     return {"preset": preset, "batch": batch, "seq_len": seq_len, "accum": accum, "step_s": seconds,
@@ -63,9 +55,7 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
             "params": model.param_count(cfg)}
 
 
-def suite_train(quick: bool, repeats: int, print_table) -> dict:
-    """``print_table(rows, columns)`` is ``experiments.bench``'s (passed in: that module is
-    ``__main__`` when the suite runs)."""
+def suite_train(quick: bool, repeats: int) -> dict:
     from jaxapr.train import common
 
     peak = common.matmul_peak_flops(1024 if quick else 2048)
@@ -78,11 +68,11 @@ def suite_train(quick: bool, repeats: int, print_table) -> dict:
     print("\nSFT step (forward + backward + AdamW), fully packed rows of random tokens")
     print_table([{**r, "params": f"{r['params'] / 1e6:.2f}M", "peak_fraction": f"{r['peak_fraction']:.1%}"} for r in rows],
                 ["preset", "params", "batch", "seq_len", "accum", "step_s", "tokens_per_s", "train_gflops", "peak_fraction"])
-    out["grpo"] = _grpo(quick, repeats, print_table)
+    out["grpo"] = _grpo(quick, repeats)
     return out
 
 
-def _grpo(quick: bool, repeats: int, print_table) -> dict:
+def _grpo(quick: bool, repeats: int) -> dict:
     """One GRPO step of the tiny preset (random weights: outputs run to the length limit, the
     worst case for the update) split into rollout and update time."""
     import jax

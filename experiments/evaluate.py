@@ -50,10 +50,7 @@ flags.DEFINE_bool("plots", True, "Write PNG plots.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        distributed.initialize_from_flags()  # before any JAX computation
-    except (ValueError, RuntimeError) as e:
-        distributed.fail(f"error: {e}")
+    distributed.initialize_or_exit()  # before any JAX computation
     from envs import countdown
     from experiments.analysis import evaluate, plot, resolve_runs, tables
     from jaxapr.train import common

@@ -142,10 +142,7 @@ def format_headline(rows: list[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        distributed.initialize_from_flags()  # before any JAX computation
-    except (ValueError, RuntimeError) as e:
-        distributed.fail(f"error: {e}")
+    distributed.initialize_or_exit()  # before any JAX computation
     from jaxapr.train import common
 
     common.quiet_logs()

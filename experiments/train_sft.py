@@ -24,21 +24,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        distributed.initialize_from_flags()  # before any JAX computation
-    except (ValueError, RuntimeError) as e:
-        distributed.fail(f"error: {e}")
+    distributed.initialize_or_exit()  # before any JAX computation
     from jaxapr.train import common, sft
 
-    common.quiet_logs()
-    distributed.quiet_other_processes()
-    distributed.log(f"resolved config:\n{FLAGS.config}")
-    try:
-        summary = sft.train(FLAGS.config, FLAGS.workdir, log=distributed.log)
-    except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
-        distributed.fail(f"error: {e}")
-    distributed.log("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in summary.items()))
+    common.run_training(sft.train, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

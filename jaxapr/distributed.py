@@ -85,6 +85,16 @@ def initialize_from_flags(flag_values=None) -> bool:
                       shutdown_timeout=get("distributed_shutdown_timeout"))
 
 
+def initialize_or_exit(flag_values=None) -> bool:
+    """:func:`initialize_from_flags` for a script's ``main``: a bad setting or a failed
+    start exits with a one-line ``error: ...`` instead of a traceback."""
+    try:
+        return initialize_from_flags(flag_values)
+    except (ValueError, RuntimeError) as e:
+        fail(f"error: {e}")
+        raise  # not reached: fail exits
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):

@@ -218,6 +218,24 @@ def read_last_eval(workdir: str) -> dict | None:
     return last
 
 
+def run_training(train, config, workdir: str) -> dict:
+    """What ``train_sft`` / ``train_rl`` do around ``train(config, workdir, log=...)``: quiet
+    logs, the resolved config and the summary from process 0, and user errors (bad config,
+    missing data, a NaN loss) as one line and exit status 1."""
+    from jaxapr import distributed
+
+    quiet_logs()
+    distributed.quiet_other_processes()
+    distributed.log(f"resolved config:\n{config}")
+    try:
+        summary = train(config, workdir, log=distributed.log)
+    except (ValueError, FileNotFoundError, KeyError, TrainingError) as e:
+        distributed.fail(f"error: {e}")
+    distributed.log("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in summary.items()))
+    return summary
+
+
 def quiet_logs() -> None:
     """absl INFO logs (orbax writes several lines per save) off; warnings stay."""
     from absl import logging

@@ -11,14 +11,15 @@ RUNS = {"sosp": "sft_sosp", "apr": "sft_apr", "apr_rl": "rl_apr"}
 
 
 def resolve_runs(workdir, overrides: dict) -> dict:
-    """{"sosp" | "apr" | "apr_rl": run workdir} for the runs that exist."""
+    """{"sosp" | "apr" | "apr_rl": run workdir or exported ``.npz``} for the runs that exist."""
     runs = {}
     for name, sub in RUNS.items():
         path = overrides.get(name) or (os.path.join(workdir, sub) if workdir else None)
-        if path and os.path.isdir(os.path.join(path, "checkpoints")):
+        if path and (os.path.isdir(os.path.join(path, "checkpoints")) or (path.endswith(".npz") and os.path.isfile(path))):
             runs[name] = path
         elif overrides.get(name):
-            raise FileNotFoundError(f"--{name}={path!r} has no checkpoints/: expected a train_sft / train_rl workdir")
+            raise FileNotFoundError(f"--{name}={path!r} is neither a run with checkpoints/ nor an exported .npz: "
+                                    "expected a train_sft / train_rl workdir or a file written by export_policy")
     if not runs:
         raise FileNotFoundError(f"no runs found (workdir={workdir!r}): expected sft_sosp/, sft_apr/ or rl_apr/ "
                                 "with checkpoints, or --sosp/--apr/--apr_rl")

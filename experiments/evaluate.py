@@ -6,7 +6,8 @@ r"""The APR paper's analyses for trained checkpoints: JSON + PNG.
 
 ``--workdir`` is a ``reproduce`` work directory (runs ``sft_sosp``, ``sft_apr``, ``rl_apr`` and
 the data in ``data``); ``--sosp/--apr/--apr_rl/--data_dir`` name runs directly (any may be
-missing: its analyses are skipped). On ``--num_problems`` held-out problems of ``--split``:
+missing: its analyses are skipped); each may also be an exported policy, e.g. the shipped
+``--sosp=experiments/checkpoints/tiny_sosp_sft.npz`` (then ``--data_dir`` is required). On ``--num_problems`` held-out problems of ``--split``:
 
 1. **accuracy vs per-call context window** (greedy): SoS+ and APR at each of ``--contexts``;
 2. **accuracy vs total tokens**: SoS+ ``pass@n`` and ``cons@n`` for n = 1..``n_max``
@@ -32,9 +33,9 @@ from jaxapr import distributed
 FLAGS = flags.FLAGS
 distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_string("workdir", None, "A reproduce work directory (runs sft_sosp, sft_apr, rl_apr; data in data/).")
-flags.DEFINE_string("sosp", None, "SoS+ run workdir (overrides --workdir's).")
-flags.DEFINE_string("apr", None, "APR run workdir (overrides --workdir's).")
-flags.DEFINE_string("apr_rl", None, "APR + GRPO run workdir (overrides --workdir's).")
+flags.DEFINE_string("sosp", None, "SoS+ run workdir or exported .npz (overrides --workdir's).")
+flags.DEFINE_string("apr", None, "APR run workdir or exported .npz (overrides --workdir's).")
+flags.DEFINE_string("apr_rl", None, "APR + GRPO run workdir or exported .npz (overrides --workdir's).")
 flags.DEFINE_string("data_dir", None, "gen_data output (problems/ splits); default: the runs' config.")
 flags.DEFINE_string("out", None, "Output directory for evaluate.json and the plots.")
 flags.DEFINE_string("split", "test", "Problem split to evaluate on.")
@@ -64,7 +65,10 @@ def main(argv):
         runs = resolve_runs(FLAGS.workdir, {"sosp": FLAGS.sosp, "apr": FLAGS.apr, "apr_rl": FLAGS.apr_rl})
         data_dir = FLAGS.data_dir or (os.path.join(FLAGS.workdir, "data") if FLAGS.workdir else None)
         if not data_dir:
-            with open(os.path.join(next(iter(runs.values())), "config.json")) as f:
+            run = next((r for r in runs.values() if not r.endswith(".npz")), None)
+            if run is None:
+                raise ValueError("--data_dir is required with exported (.npz) policies: expected a gen_data output")
+            with open(os.path.join(run, "config.json")) as f:
                 data_dir = json.load(f)["data_dir"]
         numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[FLAGS.split]
         n = min(FLAGS.num_problems, len(targets))

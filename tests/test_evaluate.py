@@ -63,3 +63,23 @@ def test_evaluate_bad_input(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_evaluate_takes_exported_policies(workdir, tmp_path):
+    """The shipped .npz policies evaluate like run workdirs (the same loader users use)."""
+    ckpts = os.path.join(ROOT, "experiments", "checkpoints")
+    out = str(tmp_path / "out")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "experiments.evaluate", f"--sosp={ckpts}/tiny_sosp_sft.npz",
+            f"--apr={ckpts}/tiny_apr_sft.npz", f"--out={out}", "--num_problems=3", "--contexts=128", "--n_max=1",
+            "--num_slots=8", "--plots=False"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "--data_dir is required with exported (.npz) policies" in proc.stderr
+    proc = subprocess.run(args + [f"--data_dir={workdir}/data"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.load(open(os.path.join(out, "evaluate.json")))
+    assert {(c["run"], c["analysis"]) for c in result["conditions"]} == {
+        ("sosp", "context"), ("apr", "context"), ("sosp", "tokens"), ("apr", "rl")}
+    assert result["runs"]["apr"].endswith("tiny_apr_sft.npz")

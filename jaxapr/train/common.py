@@ -272,12 +272,16 @@ def load_params(workdir: str, which: str = "best", step: int | None = None):
     """(ModelConfig, params, run config) of a run's checkpoint: ``which`` = "best" (see
     :func:`best_step`; the latest when no checkpoint has validation metrics) or "latest", or
     an explicit ``step``. The config is the one saved in the checkpoint. :func:`load_policy`
-    makes the policy."""
+    makes the policy. ``workdir`` may also be an exported ``.npz`` (:func:`export_policy`):
+    its parameters, and a run config holding its ``model`` (and its metadata as ``exported``)."""
     from ml_collections import ConfigDict
 
     from jaxapr.train.checkpoint import Checkpointer
     from jaxapr.train.state import abstract_train_state
 
+    if workdir.endswith(".npz"):
+        policy, meta = load_exported(workdir)
+        return policy.cfg, nnx.split(policy)[1], ConfigDict({"model": meta["model"], "exported": meta["extra"]})
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
     directory = os.path.join(workdir, "checkpoints")

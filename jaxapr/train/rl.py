@@ -2,7 +2,8 @@
 
 ``train(config, workdir)`` (``experiments/train_rl.py``, configs in ``experiments/configs/rl.py``):
 
-- starts from ``config.init_from`` (an SFT or GRPO workdir; its best checkpoint by default)
+- starts from ``config.init_from`` (an SFT or GRPO workdir, its best checkpoint by default, or
+  an exported policy ``.npz`` such as the shipped ``experiments/checkpoints/*.npz``)
   and takes the model config from it; the frozen KL reference is that checkpoint's parameters;
 - each step draws ``grpo.num_problems`` training problems (from ``(seed, step)``: the data
   position is the step), samples ``group_size`` rollouts of each with one ``engine.Engine``
@@ -85,7 +86,7 @@ def train(config, workdir: str, log=print) -> dict:
 
     workdir = common.ensure_workdir(workdir)
     if not config.init_from:
-        raise ValueError("config.init_from is required: expected the workdir of a train_sft run")
+        raise ValueError("config.init_from is required: expected the workdir of a train_sft run or an exported .npz")
     if config.kind not in ("apr", "sosp"):
         raise ValueError(f"config.kind={config.kind!r}: expected 'apr' or 'sosp'")
     if not config.data_dir:

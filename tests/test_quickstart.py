@@ -1,0 +1,104 @@
+"""The main job (experiments.quickstart) and its notebook at a seconds-long size: every stage,
+the table, the JSON and the plots; its verdict logic by hand; bad flags fail fast."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+SMALL = ["--problems=6", "--contexts=96,128", "--rl_steps=1", "--rl_problems=2", "--rl_group=2",
+         "--scratch_steps=2", "--num_slots=16", "--progress=False"]
+
+
+def _check_output(out: dict, workdir: str, contexts):
+    rows = out["rows"]
+    assert {(r["run"], r["context"]) for r in rows} >= {(run, c) for run in ("sosp", "apr", "apr_rl") for c in contexts}
+    assert ("scratch", max(contexts)) in {(r["run"], r["context"]) for r in rows}
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0 < r["sequential_tokens"] <= r["total_tokens"]
+        assert r["children"] == 0 or r["run"] in ("apr", "apr_rl")
+    assert set(out["comparison"]) == {str(c) for c in contexts}
+    assert [p["step"] for p in out["curves"]["grpo"]] == [1] and out["curves"]["sft"]
+    assert len(out["plots"]) == 2 and all(os.path.getsize(p) > 1000 for p in out["plots"])
+    assert os.path.isfile(os.path.join(workdir, "quickstart.json"))
+
+
+@pytest.mark.slow
+def test_quickstart_command_end_to_end(tmp_path):
+    workdir = str(tmp_path / "qs")
+    proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", *SMALL],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.load(open(os.path.join(workdir, "quickstart.json")))
+    _check_output(out, workdir, [96, 128])
+    assert out["policies"]["sosp"] == quickstart.SHIPPED["sosp"]  # the shipped policies by default
+    for line in ("[5/5] results", "APR (SFT)", "APR + GRPO", "SoS+ from scratch", "Target (APR >= 10 points"):
+        assert line in proc.stdout
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_on_cpu(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(os.path.join(ROOT, "experiments", "colab_quickstart.ipynb"), as_version=4)
+    workdir = str(tmp_path / "nb")
+    old = {k: os.environ.get(k) for k in ("JAXAPR_NOTEBOOK_SIZE", "JAXAPR_NOTEBOOK_WORKDIR", "XLA_FLAGS", "PYTHONPATH")}
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # this checkout, installed or not
+    os.environ.update(JAXAPR_NOTEBOOK_SIZE="test", JAXAPR_NOTEBOOK_WORKDIR=workdir, XLA_FLAGS="", PYTHONPATH=path)
+    try:  # the kernel inherits this environment
+        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out = json.load(open(os.path.join(workdir, "quickstart.json")))
+    _check_output(out, workdir, [128])
+    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the plots are shown inline
+    text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    assert "size 'test'" in text and "Target (APR >= 10 points" in text
+
+
+def _row(run, ctx, acc):
+    return {"run": run, "context": ctx, "accuracy": acc, "total_tokens": 1.0, "sequential_tokens": 1.0,
+            "children": 0.0, "seconds": 0.0}
+
+
+def test_comparison_and_verdict_by_hand():
+    rows = [_row("sosp", 256, 0.10), _row("apr", 256, 0.15), _row("apr_rl", 256, 0.25),
+            _row("sosp", 512, 0.50), _row("apr", 512, 0.55), _row("apr_rl", 512, 0.45), _row("scratch", 512, 0.0)]
+    comp = quickstart.comparison(rows)
+    assert set(comp) == {"256", "512"}
+    assert comp["256"]["apr_lead_points"] == pytest.approx(15.0)  # the better APR (after GRPO) vs SoS+
+    assert comp["512"]["apr_lead_points"] == pytest.approx(5.0)
+    v = quickstart.verdict(comp)
+    assert "not met" in v and "+15.0 at context 256" in v  # 15 points ahead, but the better solves only 25%
+    comp = quickstart.comparison([_row("sosp", 512, 0.35), _row("apr", 512, 0.46)])
+    assert "Target (APR >= 10 points ahead, the better >= 40%): met" in quickstart.verdict(comp)
+    table = quickstart.table(rows)
+    assert "APR + GRPO" in table and "25.0%" in table and len(table.splitlines()) == len(rows) + 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contexts=abc"], "--contexts=abc: expected comma-separated integers"),
+    (["--contexts=8"], "expected at least one window of >= 32 tokens"),
+    (["--rl_group=1"], "--rl_group=1: expected >= 2"),
+    (["--apr=/nonexistent/policy.npz"], "--apr='/nonexistent/policy.npz': expected an exported policy .npz"),
+    (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+])
+def test_quickstart_bad_flags_fail_fast(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path / 'w'}", *args],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "w")  # nothing was written

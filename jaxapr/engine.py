@@ -211,25 +211,29 @@ def _attend_one(q, k, v, mask):
     return jnp.einsum(f"{spec},bksd->bkgd", weights, v).reshape(b, h, d)
 
 
-def decode_forward(policy, tokens, positions, cache: dict, write):
+def decode_forward(policy, tokens, positions, cache: dict, write, attend_len: int | None = None):
     """One token per slot: tokens/positions int32[S], write bool[S] -> (logits f32[S, V], cache).
 
     The same computation as ``policy.forward_cached`` with T = 1, on the engine's cache layout
     (see ``init_engine_cache``): the key/value of slot s is written at ``positions[s]`` where
-    ``write[s]``, and it attends to cache entries ``<= positions[s]``.
+    ``write[s]``, and it attends to cache entries ``<= positions[s]``. With a static
+    ``attend_len``, attention reads only the first ``attend_len`` cache entries (the caller
+    guarantees ``positions[s] < attend_len`` for every slot whose output it uses): a decode step
+    is bound by reading the cache, so this makes it cost what the used prefix costs.
     """
     num_slots = tokens.shape[0]
     max_len = cache["k"][0].shape[2]
+    span = max_len if attend_len is None else min(int(attend_len), max_len)
     rows = jnp.arange(num_slots)
     where = jnp.where(write, positions, max_len)  # out of range: dropped
-    mask = jnp.arange(max_len)[None, :] <= positions[:, None]
+    mask = jnp.arange(span)[None, :] <= positions[:, None]
     x = policy._embed(tokens[:, None])
     new_k, new_v = [], []
     for layer, block in enumerate(policy.blocks):
         q, k, v = block.attn.qkv(block.attn_norm(x), positions[:, None])
         ck = cache["k"][layer].at[rows, :, where].set(k[:, 0].astype(cache["k"][layer].dtype), mode="drop")
         cv = cache["v"][layer].at[rows, :, where].set(v[:, 0].astype(cache["v"][layer].dtype), mode="drop")
-        out = _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        out = _attend_one(q[:, 0], ck[:, :, :span].astype(q.dtype), cv[:, :, :span].astype(q.dtype), mask)
         x = x + jnp.einsum("bhk,hkd->bd", out, block.attn.wo[...].astype(q.dtype))[:, None]
         x = x + block.mlp(block.mlp_norm(x))
         new_k.append(ck)
@@ -359,12 +363,12 @@ def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes,
     return layout.constrain(cache, slots)
 
 
-def _decode_step(policy, cache, slots: SlotState):
+def _decode_step(policy, cache, slots: SlotState, attend_len: int | None = None):
     """One token for every running slot; finished or free slots neither write nor advance."""
     run = slots.running
     max_len = cache["k"][0].shape[2]
     pos = jnp.clip(slots.next_pos, 0, max_len - 1)
-    logits, cache = decode_forward(policy, slots.last_token, pos, cache, run)
+    logits, cache = decode_forward(policy, slots.last_token, pos, cache, run, attend_len)
     rows = jnp.arange(run.shape[0])
     max_cols = slots.tokens.shape[1]
     forced = jnp.where(slots.num_tokens < slots.num_forced,
@@ -382,9 +386,10 @@ def _decode_step(policy, cache, slots: SlotState):
     return cache, slots
 
 
-def _decode(graphdef, layout, params, cache, slots: SlotState, num_steps):
+def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_steps):
     """Up to ``num_steps`` decode steps in one ``lax.while_loop`` (stops early once no slot
-    is running) -> (cache, slots, steps run)."""
+    is running) -> (cache, slots, steps run). Attention reads the first ``attend_len`` cache
+    entries (static; the host's bound on every running slot's position, see ``Engine.decode``)."""
     TRACE_COUNTS["decode"] += 1
     policy = nnx.merge(graphdef, params)
 
@@ -394,7 +399,7 @@ def _decode(graphdef, layout, params, cache, slots: SlotState, num_steps):
 
     def body(carry):
         i, cache, slots = carry
-        cache, slots = _decode_step(policy, cache, slots)
+        cache, slots = _decode_step(policy, cache, slots, attend_len)
         cache, slots = layout.constrain(cache, slots)
         return i + 1, cache, slots
 
@@ -404,7 +409,7 @@ def _decode(graphdef, layout, params, cache, slots: SlotState, num_steps):
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3, 4))
 _extend_jit = jax.jit(_extend, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
-_decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3, 4))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
 
 
 def _release(layout, slots: SlotState, mask):
@@ -472,6 +477,9 @@ class Engine:
       max_len: context length of a slot (default and maximum: ``policy.cfg.max_len``).
       prefill_buckets: prompt-length buckets (default: powers of two up to max_len).
       batch_buckets: prompt-count buckets of one prefill (default: powers of two up to S).
+      decode_buckets: how many cache entries a decode call's attention reads (default: powers
+        of two from 128 up to max_len): the smallest that covers every occupied slot's
+        position after the call; one compile per bucket used.
       max_stop_ids: most stop ids per slot.
       mesh: optional ``jaxapr.sharding.make_mesh(...)`` mesh: parameters placed by ``rules``
         (default ``sharding.rules_for(cfg)``), slots split over ("data", "fsdp"), KV heads
@@ -480,7 +488,8 @@ class Engine:
 
     def __init__(self, policy: nnx.Module, num_slots: int, max_len: int | None = None,
                  prefill_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
-                 max_stop_ids: int = 8, mesh=None, rules=None, cache_dtype=None):
+                 max_stop_ids: int = 8, mesh=None, rules=None, cache_dtype=None,
+                 decode_buckets: Sequence[int] | None = None):
         cfg = policy.cfg
         max_len = cfg.max_len if max_len is None else max_len
         if not isinstance(num_slots, int) or num_slots < 1:
@@ -490,6 +499,8 @@ class Engine:
         self.cfg, self.num_slots, self.max_len, self.max_stop_ids = cfg, num_slots, max_len, max_stop_ids
         self.prefill_buckets = self._check_buckets(prefill_buckets or _pow2_buckets(max_len), max_len, "prefill_buckets")
         self.batch_buckets = self._check_buckets(batch_buckets or _pow2_buckets(num_slots), num_slots, "batch_buckets")
+        self.decode_buckets = self._check_buckets(
+            decode_buckets or [b for b in _pow2_buckets(max_len) if b >= min(128, max_len)], max_len, "decode_buckets")
         self.mesh, self._layout, self._param_shardings = mesh, _Layout(), None
         cache = init_engine_cache(policy, num_slots, max_len, dtype=cache_dtype)
         slots = init_slots(num_slots, max_len, max_stop_ids)
@@ -499,6 +510,8 @@ class Engine:
         self.params = self._place(params)
         self.cache, self.slots = cache, slots
         self._busy = np.zeros((num_slots,), bool)
+        self._pos_bound = np.zeros((num_slots,), np.int64)  # >= each occupied slot's next cache index
+        self.attend_counts: collections.Counter = collections.Counter()  # decode calls per attention bucket
 
     # -- setup -------------------------------------------------------------------------
     @staticmethod
@@ -638,6 +651,7 @@ class Engine:
             np.repeat(stops[None], nb, 0), pad(temp, 0), pad(tk.astype(np.int32), 0), pad(tp, 1),
             pad(keys, 0), forced_rows, num_forced)
         self._busy[slots] = True
+        self._pos_bound[slots] = end  # the cache index of each new call's next token
 
     def decode(self, num_steps: int) -> jax.Array:
         """Run up to ``num_steps`` decode steps for all running slots in one jitted call
@@ -645,8 +659,16 @@ class Engine:
         number of steps actually run as a device int32 scalar (``int()`` of it blocks)."""
         if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
             raise ValueError(f"num_steps={num_steps!r}: expected an int >= 0")
-        self.cache, self.slots, steps = _decode_jit(self.graphdef, self._layout, self.params, self.cache,
+        # Every running slot advances at most one position per step, so its position stays below
+        # its start + the steps dispatched since (the host's bound, no device read); attention
+        # reads the smallest bucket of cache entries that covers every occupied slot's bound.
+        bound = np.minimum(self._pos_bound + num_steps, self.max_len)
+        need = int(bound[self._busy].max()) if self._busy.any() else 1
+        attend = _bucket(need, self.decode_buckets, "context")
+        self.cache, self.slots, steps = _decode_jit(self.graphdef, self._layout, attend, self.params, self.cache,
                                                     self.slots, np.int32(num_steps))
+        self._pos_bound = bound
+        self.attend_counts[attend] += 1
         return steps
 
     def wait(self) -> None:
@@ -852,7 +874,7 @@ def generate(policy: nnx.Module, prompts: Sequence, max_new_tokens: int, tempera
 
     fill()
     while owner:
-        engine.decode(max_new_tokens if not queue else min(steps_per_call, max_new_tokens))
+        engine.decode(min(steps_per_call, max_new_tokens))  # chunks: attention grows with the used context
         done = engine.finished()
         for s, out in zip(done, engine.read(done)):
             i = owner.pop(s)

@@ -178,6 +178,30 @@ def test_logprobs_match_full_forward(policy, prompts, kw):
 
 
 # ----------------------------------------------------------------------------------------
+def test_decode_reads_only_the_used_prefix(policy, prompts, reference):
+    """Decode attends to the smallest bucket of cache entries covering every occupied slot's
+    position; across bucket changes, inserts mid-way and releases it gives the reference tokens,
+    and the same log-probs as attending to the whole cache."""
+    outs = {}
+    for buckets in ((64,), (8, 16, 32, 64)):
+        eng = engine.Engine(policy, num_slots=4, decode_buckets=buckets)
+        a = eng.insert(prompts[:2], max_new_tokens=NEW)          # lengths 1, 5: bucket 8
+        eng.decode(2)
+        b = eng.insert(prompts[2:4], max_new_tokens=NEW)         # lengths 9, 17: bucket 32
+        eng.decode(3)
+        eng.release([a[0]])
+        c = eng.insert(prompts[5:6], slots=[a[0]], max_new_tokens=NEW)  # length 30: bucket 64
+        for _ in range(5):
+            eng.decode(2)
+        outs[buckets] = eng.read([a[1]] + b + c)
+        expected = {64: 7} if len(buckets) == 1 else {8: 1, 32: 2, 64: 4}  # positions < 7, 20, 32, then 34..
+        assert dict(eng.attend_counts) == expected, eng.attend_counts
+        for out, ref in zip(outs[buckets], [reference[1], reference[2], reference[3], reference[5]]):
+            np.testing.assert_array_equal(out.tokens, ref)
+    for full, small in zip(outs[(64,)], outs[(8, 16, 32, 64)]):
+        np.testing.assert_allclose(small.logprobs, full.logprobs, atol=1e-5)
+
+
 def test_no_retrace_beyond_buckets(policy):
     before = dict(engine.TRACE_COUNTS)
     eng = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))

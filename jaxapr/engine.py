@@ -211,29 +211,25 @@ def _attend_one(q, k, v, mask):
     return jnp.einsum(f"{spec},bksd->bkgd", weights, v).reshape(b, h, d)
 
 
-def decode_forward(policy, tokens, positions, cache: dict, write, attend_len: int | None = None):
+def decode_forward(policy, tokens, positions, cache: dict, write):
     """One token per slot: tokens/positions int32[S], write bool[S] -> (logits f32[S, V], cache).
 
     The same computation as ``policy.forward_cached`` with T = 1, on the engine's cache layout
     (see ``init_engine_cache``): the key/value of slot s is written at ``positions[s]`` where
-    ``write[s]``, and it attends to cache entries ``<= positions[s]``. With a static
-    ``attend_len``, attention reads only the first ``attend_len`` cache entries (the caller
-    guarantees ``positions[s] < attend_len`` for every slot whose output it uses): a decode step
-    is bound by reading the cache, so this makes it cost what the used prefix costs.
+    ``write[s]``, and it attends to cache entries ``<= positions[s]``.
     """
     num_slots = tokens.shape[0]
     max_len = cache["k"][0].shape[2]
-    span = max_len if attend_len is None else min(int(attend_len), max_len)
     rows = jnp.arange(num_slots)
     where = jnp.where(write, positions, max_len)  # out of range: dropped
-    mask = jnp.arange(span)[None, :] <= positions[:, None]
+    mask = jnp.arange(max_len)[None, :] <= positions[:, None]
     x = policy._embed(tokens[:, None])
     new_k, new_v = [], []
     for layer, block in enumerate(policy.blocks):
         q, k, v = block.attn.qkv(block.attn_norm(x), positions[:, None])
         ck = cache["k"][layer].at[rows, :, where].set(k[:, 0].astype(cache["k"][layer].dtype), mode="drop")
         cv = cache["v"][layer].at[rows, :, where].set(v[:, 0].astype(cache["v"][layer].dtype), mode="drop")
-        out = _attend_one(q[:, 0], ck[:, :, :span].astype(q.dtype), cv[:, :, :span].astype(q.dtype), mask)
+        out = _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)
         x = x + jnp.einsum("bhk,hkd->bd", out, block.attn.wo[...].astype(q.dtype))[:, None]
         x = x + block.mlp(block.mlp_norm(x))
         new_k.append(ck)
@@ -363,12 +359,14 @@ def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes,
     return layout.constrain(cache, slots)
 
 
-def _decode_step(policy, cache, slots: SlotState, attend_len: int | None = None):
-    """One token for every running slot; finished or free slots neither write nor advance."""
+def _decode_step(policy, cache, slots: SlotState):
+    """One token for every running slot; finished or free slots neither write nor advance.
+    ``cache`` may be the first entries of the engine's (see ``_decode``): running slots'
+    positions are below its length."""
     run = slots.running
     max_len = cache["k"][0].shape[2]
     pos = jnp.clip(slots.next_pos, 0, max_len - 1)
-    logits, cache = decode_forward(policy, slots.last_token, pos, cache, run, attend_len)
+    logits, cache = decode_forward(policy, slots.last_token, pos, cache, run)
     rows = jnp.arange(run.shape[0])
     max_cols = slots.tokens.shape[1]
     forced = jnp.where(slots.num_tokens < slots.num_forced,
@@ -392,6 +390,8 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
     entries (static; the host's bound on every running slot's position, see ``Engine.decode``)."""
     TRACE_COUNTS["decode"] += 1
     policy = nnx.merge(graphdef, params)
+    max_len = cache["k"][0].shape[2]
+    span = max_len if attend_len is None else min(int(attend_len), max_len)
 
     def cond(carry):
         i, _, slots = carry
@@ -399,11 +399,18 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
 
     def body(carry):
         i, cache, slots = carry
-        cache, slots = _decode_step(policy, cache, slots, attend_len)
+        cache, slots = _decode_step(policy, cache, slots)
         cache, slots = layout.constrain(cache, slots)
         return i + 1, cache, slots
 
-    steps, cache, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, slots))
+    # The loop runs on the first ``span`` cache entries, copied out once per call and written
+    # back once at its end: slicing inside the step would copy them every step (XLA:CPU's dot
+    # reads whole buffers), and a decode step is bound by reading its cache.
+    window = cache if span == max_len else jax.tree.map(lambda c: c[:, :, :span], cache)
+    steps, window, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), window, slots))
+    if span < max_len:
+        window = jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, 0, axis=2), cache, window)
+    cache, slots = layout.constrain(window, slots)
     return cache, slots, steps
 
 
@@ -435,6 +442,11 @@ def _pow2_buckets(limit: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return tuple(out) + (limit,)
+
+
+def _step_buckets(limit: int, step: int) -> tuple[int, ...]:
+    """Multiples of ``step`` below ``limit``, then ``limit``."""
+    return tuple(range(step, limit, step)) + (limit,)
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -477,9 +489,9 @@ class Engine:
       max_len: context length of a slot (default and maximum: ``policy.cfg.max_len``).
       prefill_buckets: prompt-length buckets (default: powers of two up to max_len).
       batch_buckets: prompt-count buckets of one prefill (default: powers of two up to S).
-      decode_buckets: how many cache entries a decode call's attention reads (default: powers
-        of two from 128 up to max_len): the smallest that covers every occupied slot's
-        position after the call; one compile per bucket used.
+      decode_buckets: how many cache entries a decode call's attention reads (default:
+        multiples of max(64, max_len / 16) up to max_len, at most 16): the smallest that covers
+        every occupied slot's position after the call; one compile per bucket used.
       max_stop_ids: most stop ids per slot.
       mesh: optional ``jaxapr.sharding.make_mesh(...)`` mesh: parameters placed by ``rules``
         (default ``sharding.rules_for(cfg)``), slots split over ("data", "fsdp"), KV heads
@@ -500,7 +512,7 @@ class Engine:
         self.prefill_buckets = self._check_buckets(prefill_buckets or _pow2_buckets(max_len), max_len, "prefill_buckets")
         self.batch_buckets = self._check_buckets(batch_buckets or _pow2_buckets(num_slots), num_slots, "batch_buckets")
         self.decode_buckets = self._check_buckets(
-            decode_buckets or [b for b in _pow2_buckets(max_len) if b >= min(128, max_len)], max_len, "decode_buckets")
+            decode_buckets or _step_buckets(max_len, max(64, max_len // 16)), max_len, "decode_buckets")
         self.mesh, self._layout, self._param_shardings = mesh, _Layout(), None
         cache = init_engine_cache(policy, num_slots, max_len, dtype=cache_dtype)
         slots = init_slots(num_slots, max_len, max_stop_ids)

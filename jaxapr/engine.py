@@ -490,8 +490,10 @@ class Engine:
       prefill_buckets: prompt-length buckets (default: powers of two up to max_len).
       batch_buckets: prompt-count buckets of one prefill (default: powers of two up to S).
       decode_buckets: how many cache entries a decode call's attention reads (default:
-        multiples of max(64, max_len / 16) up to max_len, at most 16): the smallest that covers
-        every occupied slot's position after the call; one compile per bucket used.
+        multiples of max(128, max_len / 8) up to max_len, at most 8): the smallest that covers
+        every occupied slot's position after the call; one compile per bucket used (finer
+        buckets read less cache but compile more: multiples of 64 decode ~7% faster at batch 64
+        and 512 tokens, but a short evaluation spends that on compiles).
       max_stop_ids: most stop ids per slot.
       mesh: optional ``jaxapr.sharding.make_mesh(...)`` mesh: parameters placed by ``rules``
         (default ``sharding.rules_for(cfg)``), slots split over ("data", "fsdp"), KV heads
@@ -512,7 +514,7 @@ class Engine:
         self.prefill_buckets = self._check_buckets(prefill_buckets or _pow2_buckets(max_len), max_len, "prefill_buckets")
         self.batch_buckets = self._check_buckets(batch_buckets or _pow2_buckets(num_slots), num_slots, "batch_buckets")
         self.decode_buckets = self._check_buckets(
-            decode_buckets or _step_buckets(max_len, max(64, max_len // 16)), max_len, "decode_buckets")
+            decode_buckets or _step_buckets(max_len, max(128, max_len // 8)), max_len, "decode_buckets")
         self.mesh, self._layout, self._param_shardings = mesh, _Layout(), None
         cache = init_engine_cache(policy, num_slots, max_len, dtype=cache_dtype)
         slots = init_slots(num_slots, max_len, max_stop_ids)

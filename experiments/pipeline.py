@@ -88,11 +88,17 @@ def headline(result: dict) -> list[dict]:
     return rows
 
 
-def format_headline(rows: list[dict]) -> str:
-    names = {"sosp": "SoS+", "apr": "APR (SFT)", "apr_rl": "APR + GRPO"}
-    lines = [f"{'policy':12s} {'context':>7s} {'accuracy':>8s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
+HEADLINE_NAMES = {"sosp": "SoS+", "apr": "APR (SFT)", "apr_rl": "APR + GRPO"}
+
+
+def format_headline(rows: list[dict], names: dict | None = None) -> str:
+    """One line per evaluated condition: policy (``names[run]``), context, accuracy, total and
+    sequential tokens, children per problem, wall seconds."""
+    names = names or HEADLINE_NAMES
+    w = max([12] + [len(names.get(r["run"], r["run"])) for r in rows])
+    lines = [f"{'policy':{w}s} {'context':>7s} {'accuracy':>8s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
              f"{'wall s':>7s}"]
     for r in rows:
-        lines.append(f"{names[r['run']]:12s} {r['context']:7d} {r['accuracy']:8.1%} {r['total_tokens']:9.0f} "
-                     f"{r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
+        lines.append(f"{names.get(r['run'], r['run']):{w}s} {r['context']:7d} {r['accuracy']:8.1%} "
+                     f"{r['total_tokens']:9.0f} {r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
     return "\n".join(lines)

@@ -279,12 +279,9 @@ def verdict(comp: dict) -> str:
 
 
 def table(rows: list) -> str:
-    lines = [f"{'policy':20s} {'context':>7s} {'solved':>7s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
-             f"{'wall s':>7s}"]
-    for r in rows:
-        lines.append(f"{NAMES.get(r['run'], r['run']):20s} {r['context']:7d} {r['accuracy']:7.1%} {r['total_tokens']:9.0f} "
-                     f"{r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
-    return "\n".join(lines)
+    from experiments.pipeline import format_headline
+
+    return format_headline(rows, NAMES)
 
 
 def plot(out: dict, workdir: str) -> list[str]:
@@ -295,6 +292,14 @@ def plot(out: dict, workdir: str) -> list[str]:
 
     files = []
     rows = out["rows"]
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = os.path.join(workdir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for run, style in (("sosp", "o-"), ("apr", "s-"), ("apr_rl", "^--"), ("scratch", "x")):
         rs = sorted((r for r in rows if r["run"] == run), key=lambda r: r["context"])
@@ -308,11 +313,7 @@ def plot(out: dict, workdir: str) -> list[str]:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(workdir, "accuracy.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+    save(fig, "accuracy.png")
     curves = out["curves"]
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
@@ -322,11 +323,7 @@ def plot(out: dict, workdir: str) -> list[str]:
             ax.set(xlabel="step", ylabel=key, title={"sft": "SFT from scratch: training loss",
                                                      "grpo": "GRPO on APR: mean reward"}[name])
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(workdir, "training.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        save(fig, "training.png")
     return files
 
 

@@ -129,8 +129,13 @@ def test_make_batch_by_hand():
         np.testing.assert_array_equal(b["old_logprobs"][row], want)
     assert not b["segment_ids"][7].any() and not b["loss_mask"][7].any()
     assert grpo.make_batch(results, adv, seq_len=SEQ, num_rows=12)["tokens"].shape == (12, SEQ)
-    assert grpo.make_batch(results, adv, seq_len=SEQ)["tokens"].shape == (8, SEQ)
-    assert [grpo.bucket_rows(n, 3) for n in (1, 3, 4, 7, 13)] == [3, 3, 6, 12, 24]
+    assert grpo.make_batch(results, adv, seq_len=SEQ)["tokens"].shape == (7, SEQ)
+    assert [grpo.bucket_rows(n, 3) for n in (1, 3, 4, 7, 13)] == [3, 3, 6, 9, 15]
+    # four buckets per doubling: 5, 6, 7, 8 | 10, 12, 14, 16 | 20, 24, 28, 32 | ... (x multiple_of)
+    assert [grpo.bucket_rows(n) for n in (5, 8, 9, 11, 16, 17, 25, 33, 300)] == [5, 8, 10, 12, 16, 20, 28, 40, 320]
+    for n in range(1, 600):
+        b = grpo.bucket_rows(n, 2)
+        assert b % 2 == 0 and b >= n and (b - n <= 3 or (b - n) / b < 0.25), (n, b)
     with pytest.raises(ValueError, match="rollout 3 call 2 has 8 prompt \\+ 7 output = 15 tokens: expected <= seq_len=14"):
         grpo.make_batch(results, adv, seq_len=14)
     with pytest.raises(ValueError, match="num_rows=6"):
@@ -264,7 +269,7 @@ def test_step_matches_plain_loop_does_not_retrace_and_guards(tiny):
     ref = grpo.reference_params(state.params)
     b1, _ = grpo.build_batch(hand_results(0), cfg, seq_len=SEQ)
     other_results = hand_results(1)
-    other_results[3].calls.pop()  # 6 calls, not 7: another batch of the same bucket (8 rows)
+    assert grpo.bucket_rows(6, cfg.num_minibatches) != grpo.bucket_rows(7, cfg.num_minibatches)  # 6 calls: another bucket
     b2, _ = grpo.build_batch(other_results, cfg, seq_len=SEQ)
     b2["advantages"] = b2["advantages"] + 0.25
     step = grpo.make_grpo_step(graphdef, tx, cfg)

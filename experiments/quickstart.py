@@ -172,15 +172,16 @@ def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contex
         policies = {name: common.load_policy(path) for name, path in runs.items()}
         out["policies"] = runs
     else:
-        policies = {name: common.load_policy(path) for name, path in policies_in.items()}
-        out["policies"] = dict(policies_in)
+        policies, out["policies"] = {}, dict(policies_in)
         for name, path in policies_in.items():
-            if path.endswith(".npz"):
-                _, meta = common.load_exported(path)
-                preset = meta["extra"].get("data_preset")
-                if preset not in (None, "tiny"):
-                    raise ValueError(f"--{name}={path!r} was trained on the {preset!r} distribution: the quickstart "
-                                     "evaluates on the tiny one")
+            if not path.endswith(".npz"):
+                policies[name] = common.load_policy(path)
+                continue
+            policies[name], meta = common.load_exported(path)
+            preset = meta["extra"].get("data_preset")
+            if preset not in (None, "tiny"):
+                raise ValueError(f"--{name}={path!r} was trained on the {preset!r} distribution: the quickstart "
+                                 "evaluates on the tiny one")
     log(f"\n[2/5] SoS+ vs APR, greedy, at per-call contexts {contexts}")
     t0 = time.perf_counter()
     rows = evaluate_policies({k: policies[k] for k in ("sosp", "apr")}, test, contexts, num_slots=num_slots, log=log,

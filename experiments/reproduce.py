@@ -61,8 +61,8 @@ def main(argv):
     for name, c in (("data", data_config), ("sft", sft_config), ("rl", rl_config)):
         print(f"resolved {name} config:\n{c}")
     try:
-        pipeline.run(FLAGS.workdir, data_config, sft_config, rl_config, rl=FLAGS.rl, eval_problems=FLAGS.eval_problems,
-            eval_contexts=FLAGS.eval_contexts, eval_n_max=FLAGS.eval_n_max)
+        pipeline.run(FLAGS.workdir, data_config, sft_config, rl_config, rl=FLAGS.rl,
+                     eval_problems=FLAGS.eval_problems, eval_contexts=FLAGS.eval_contexts, eval_n_max=FLAGS.eval_n_max)
     except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 RUNS = {"sosp": "sft_sosp", "apr": "sft_apr", "apr_rl": "rl_apr"}
 
@@ -28,21 +27,13 @@ def resolve_runs(workdir, overrides: dict) -> dict:
 
 def condition(policy, problems, mode: str, context: int, *, num_slots: int, prefix: str = "",
               temperature: float = 0.0, key=None) -> dict:
-    """One evaluated condition: accuracy and costs (means over problems)."""
-    import numpy as np
+    """One evaluated condition: accuracy and costs (means over problems; see
+    ``jaxapr.train.common.rollout_metrics``, which also splits problems over processes)."""
+    from jaxapr.train import common
 
-    from jaxapr import runtime
-
-    t0 = time.perf_counter()
-    res = runtime.rollout(policy, problems, mode=mode, max_context=context, num_slots=num_slots,
-                          temperature=temperature, key=key, prefix=prefix)
-    return {"mode": mode, "context": context, "prefix": prefix, "temperature": temperature,
-            "accuracy": float(np.mean([r.success for r in res])),
-            "total_tokens": float(np.mean([r.total_tokens for r in res])),
-            "sequential_tokens": float(np.mean([r.sequential_tokens for r in res])),
-            "latency_steps": float(np.mean([r.latency_steps for r in res])),
-            "children": float(np.mean([r.num_children for r in res])),
-            "seconds": time.perf_counter() - t0}
+    r = common.rollout_metrics(policy, problems, mode=mode, max_context=context, num_slots=num_slots,
+                               prefix=prefix, temperature=temperature, key=key)
+    return {"mode": mode, "context": context, "prefix": prefix, "temperature": temperature, **r}
 
 
 def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature: float, num_slots: int,

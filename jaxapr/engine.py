@@ -391,7 +391,7 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
     TRACE_COUNTS["decode"] += 1
     policy = nnx.merge(graphdef, params)
     max_len = cache["k"][0].shape[2]
-    span = max_len if attend_len is None else min(int(attend_len), max_len)
+    span = min(int(attend_len), max_len)
 
     def cond(carry):
         i, _, slots = carry

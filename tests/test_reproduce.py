@@ -35,3 +35,22 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert "APR + GRPO" in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "== SFT sosp: done" in again.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])
+def test_presets_are_consistent(preset):
+    """Every preset's configs load; an SFT ``init_from`` names shipped files of the run's model."""
+    from experiments.configs import data as data_configs
+    from experiments.configs import rl as rl_configs
+    from experiments.configs import sft as sft_configs
+    from jaxapr.train import common
+
+    d, s, r = data_configs.get_config(preset), sft_configs.get_config(preset), rl_configs.get_config(preset)
+    assert s.seq_len <= s.model.max_len and r.max_context <= s.model.max_len and s.eval_max_context <= s.model.max_len
+    assert s.optim.warmup_steps < s.num_steps
+    assert d.apr.min_beam_size <= d.apr.max_beam_size and d.sosp.min_beam_size <= d.sosp.max_beam_size
+    if s.init_from:
+        for kind in ("sosp", "apr"):
+            path = s.init_from.replace("{kind}", kind)
+            cfg, _, _ = common.load_params(path)
+            assert cfg == common.model_config(s), path

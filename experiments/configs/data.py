@@ -1,7 +1,7 @@
 """Dataset configs for ``python -m experiments.gen_data --config=experiments/configs/data.py:<preset>``.
 
-Presets: ``tiny`` (3 numbers, small; tests and the quickstart), ``mini`` (4 small numbers, tens
-of thousands of problems; a 2-core CPU), ``paper`` (the APR paper: 4 numbers in 1..99, targets
+Presets: ``tiny`` (3 numbers, small; tests and the quickstart), ``mini`` (4 numbers in 1..10,
+targets 5..25, 8,000 training problems; 2 CPU hours for the whole pipeline), ``paper`` (the APR paper: 4 numbers in 1..99, targets
 10..100, 500k training problems). Any field can be overridden: ``--config.problems.train=1000``.
 """
 from ml_collections import ConfigDict
@@ -21,7 +21,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.shard_examples = 200_000
     problems = {
         "tiny": dict(num_numbers=3, min_target=1, max_target=30, max_number=20, train=4_000, val=200, test=200),
-        "mini": dict(num_numbers=4, min_target=10, max_target=50, max_number=25, train=50_000, val=500, test=500),
+        "mini": dict(num_numbers=4, min_target=5, max_target=25, max_number=10, train=8_000, val=200, test=200),
         "paper": dict(num_numbers=4, min_target=10, max_target=100, max_number=99, train=500_000, val=1_000, test=1_000),
     }[preset]
     c.problems = ConfigDict(dict(problems, holdout_target_fraction=0.0, test_unseen=0))
@@ -29,4 +29,10 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.sosp = ConfigDict(dict(min_beam_size=1, max_beam_size=5, token_budget=False, only_solved=False))
     c.apr = ConfigDict(dict(min_beam_size=1, max_beam_size=6, max_sub_call_beam_size=10, spawn_prob=0.9,
                             max_depth=1, sub_call_budget=False, only_solved=False))
+    if preset == "mini":
+        # Wider root beams, narrower children: with 4 numbers the root's expansion alone is ~400
+        # tokens, and children searching 3 numbers with beams up to 10 (the original's) make
+        # the longest APR call as long as the serial trace. Root beams 3..8 with child beams
+        # <= 3 keep 53% of problems solved within 1,024-token calls, vs 32% for SoS+ (BUILD_NOTES).
+        c.apr.update(min_beam_size=3, max_beam_size=8, max_sub_call_beam_size=3)
     return c

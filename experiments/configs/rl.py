@@ -26,7 +26,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     #        problems group  lr    beta  minibatches steps  max_context slots eval_every eval_problems
     p, g, lr, beta, mbs, steps, ctx, slots, ev, evp = {
         "tiny": (16, 8, 3e-5, 0.001, 2, 100, 512, 64, 10, 100),
-        "mini": (16, 8, 3e-5, 0.001, 2, 100, 1024, 64, 10, 200),
+        "mini": (8, 8, 3e-5, 0.001, 2, 8, 1024, 64, 4, 100),
         "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
     }[preset]
     c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,

@@ -112,6 +112,20 @@ def make_eval_step(graphdef):
 # --------------------------------------------------------------------------------------
 # The run: data -> jitted steps -> validation, checkpoints, metrics (resumable)
 # --------------------------------------------------------------------------------------
+def init_params(init_from: str, which: str, cfg):
+    """The parameters of ``init_from`` (a train_sft / train_rl workdir or an exported ``.npz``)
+    for a run whose model config is ``cfg``; a different model is a one-line error."""
+    from jaxapr.train import common
+
+    init_cfg, params, _ = common.load_params(init_from, which=which)
+    if init_cfg != cfg:
+        diff = [f"{k}={getattr(init_cfg, k)!r} (run: {getattr(cfg, k)!r})" for k in cfg.__dataclass_fields__
+                if getattr(init_cfg, k) != getattr(cfg, k)]
+        raise ValueError(f"config.init_from={init_from!r} is a different model: {', '.join(diff)}; "
+                         "expected the run's config.model")
+    return params
+
+
 def train(config, workdir: str, log=print) -> dict:
     """Runs SFT as ``config`` says (``experiments/configs/sft.py``), resuming from the newest
     checkpoint in ``workdir`` when there is one; returns the final metrics.
@@ -174,6 +188,9 @@ def train(config, workdir: str, log=print) -> dict:
 
     tx, schedule = common.make_run_optimizer(config)
     policy = common.make_policy(cfg, config.seed)
+    init_from = config.get("init_from", "").replace("{kind}", config.kind)
+    if init_from:  # fine-tuning (a curriculum stage): parameters from another run, a fresh optimizer
+        policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
     graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=common.to_dict(config), keep=config.keep,
                         best_metric="val/accuracy" if eval_problems is not None else "val/loss",

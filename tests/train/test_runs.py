@@ -107,6 +107,33 @@ def test_bad_input_is_a_clear_error(tmp_path, data_dir, sft_run):
         rl.train(rl_config(data_dir, str(tmp_path)), str(tmp_path / "g"))
 
 
+def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, sft_run):
+    workdir, _ = sft_run
+    source = common.export_policy(common.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"),
+                                  dtype="float32")
+    # "{kind}" in init_from is the run's kind; with a negligible learning rate the run keeps them exactly.
+    c = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2, init_from=str(tmp_path / "p_{kind}.npz"))
+    c.optim.update(learning_rate=1e-30, warmup_steps=1)  # updates below every float32 ulp
+    sft.train(c, str(tmp_path / "ft"), log=lambda *_: None)
+    got = common.load_params(str(tmp_path / "ft"), which="latest")[1]
+    want = common.load_params(source)[1]
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # ... and a fresh run (no init_from, seed 0) does not start there.
+    fresh = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2)
+    fresh.optim.update(learning_rate=1e-30, warmup_steps=1)
+    sft.train(fresh, str(tmp_path / "fresh"), log=lambda *_: None)
+    other = common.load_params(str(tmp_path / "fresh"), which="latest")[1]
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(other), jax.tree.leaves(want)))
+    bigger = sft_config(data_dir, init_from=workdir, init_which="latest")
+    bigger.model.d_model = 64
+    with pytest.raises(ValueError, match=r"is a different model: d_model=32 \(run: 64\)"):
+        sft.train(bigger, str(tmp_path / "bad"))
+    with pytest.raises(FileNotFoundError, match="no exported policy"):
+        sft.train(sft_config(data_dir, init_from=str(tmp_path / "none.npz")), str(tmp_path / "bad2"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "nan")
     sft.train(sft_config(data_dir, num_steps=3), workdir, log=lambda *_: None)

@@ -3,9 +3,11 @@
 ``init_from`` is an SFT workdir (its best checkpoint; the model config comes from it). The
 ``grpo`` fields are ``jaxapr.train.grpo.GRPOConfig``'s; the paper preset uses the APR paper's
 values (64 problems x 5 rollouts, lr 1e-5, clip 0.2, beta 0.001, 2 inner epochs); the CPU
-presets sample fewer problems per step (16 x 8) so that a step takes seconds, and use lr 3e-5
-(on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success steadily:
-BUILD_NOTES.md).
+presets sample fewer problems per step (tiny 16 x 8, seconds a step; mini 4 x 8 for 6 steps: a
+4-number APR step of 32 rollouts is ~270 calls of up to 1,024 tokens, ~2 minutes on 2 cores)
+and use lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success
+steadily: BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
+(a larger minibatch is split and its gradients summed), so memory does not grow with the calls.
 """
 from ml_collections import ConfigDict
 
@@ -26,13 +28,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     #        problems group  lr    beta  minibatches steps  max_context slots eval_every eval_problems
     p, g, lr, beta, mbs, steps, ctx, slots, ev, evp = {
         "tiny": (16, 8, 3e-5, 0.001, 2, 100, 512, 64, 10, 100),
-        "mini": (8, 8, 3e-5, 0.001, 2, 8, 1024, 64, 4, 100),
+        "mini": (4, 8, 3e-5, 0.001, 2, 6, 1024, 64, 3, 100),
         "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
     }[preset]
     c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
                              inner_epochs=2, num_minibatches=mbs, temperature=1.0, adv_eps=1e-6,
                              length_penalty=0.0, length_measure="total", thread_penalty=0.0,
-                             recompute_old_logprobs=False))
+                             recompute_old_logprobs=False, micro_batch_tokens=65_536))
     c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=0, schedule="constant", end_fraction=1.0,
                               weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0))
     c.num_steps = steps

@@ -96,6 +96,10 @@ class GRPOConfig:
     length_measure: str = "total"  # "total" generated tokens or "sequential" (critical path)
     thread_penalty: float = 0.0  # reward -= thread_penalty * child threads (off by default)
     recompute_old_logprobs: bool = False  # True: old log-probs from the trainer at the step's start
+    # Rows x seq_len the update differentiates at once: a minibatch above it is split into
+    # micro-batches whose gradients are summed (exact), so memory does not grow with the number
+    # of calls (APR rollouts have many). 0: never split.
+    micro_batch_tokens: int = 65_536
 
     def check(self) -> "GRPOConfig":
         for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
@@ -116,6 +120,9 @@ class GRPOConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value)):
                 raise ValueError(f"GRPOConfig.{name}={value!r}: expected a finite number (0 = off)")
+        mbt = self.micro_batch_tokens
+        if not isinstance(mbt, (int, np.integer)) or isinstance(mbt, bool) or mbt < 0:
+            raise ValueError(f"GRPOConfig.micro_batch_tokens={mbt!r}: expected an int >= 0 (0 = never split)")
         if self.length_measure not in ("total", "sequential"):
             raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
         return self
@@ -351,13 +358,32 @@ def grpo_loss(graphdef, params, ref_params, batch: dict, clip_eps: float, beta: 
 # ----------------------------------------------------------------------------------------
 # the update
 # ----------------------------------------------------------------------------------------
-def _chunked_logprobs(graphdef, params, batch: dict, chunks: int) -> jax.Array:
-    """token log-probs f32[C, L-1] of every row, ``chunks`` row blocks at a time (lax.map)."""
-    c = batch["tokens"].shape[0]
-    parts = {k: batch[k].reshape(chunks, c // chunks, *batch[k].shape[1:])
-             for k in ("tokens", "positions", "segment_ids")}
-    out = jax.lax.map(lambda mb: _logprobs(graphdef, params, mb), parts)
-    return out.reshape(c, -1)
+def micro_chunks(rows: int, seq_len: int, budget_tokens: int) -> tuple[int, int]:
+    """(k, size): ``rows`` rows as k chunks of ``size`` rows (k * size >= rows, the rest
+    padding), each at most ``budget_tokens`` tokens (at least one row); (1, rows) for budget 0."""
+    if not budget_tokens or rows * seq_len <= budget_tokens:
+        return 1, rows
+    per = max(1, budget_tokens // seq_len)
+    k = -(-rows // per)
+    return k, -(-rows // k)
+
+
+def _padded(index, size: int, fill: int):
+    """``index`` int32[..., n] padded along its last axis to ``size`` with ``fill``."""
+    pad = size - index.shape[-1]
+    if pad == 0:
+        return index
+    return jnp.concatenate([index, jnp.full(index.shape[:-1] + (pad,), fill, index.dtype)], axis=-1)
+
+
+def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int) -> jax.Array:
+    """token log-probs f32[C, L-1] of the C real rows of ``batch`` (whose last row is the
+    all-zero padding row), k blocks of ``size`` rows at a time (lax.map)."""
+    c = batch["tokens"].shape[0] - 1
+    idx = _padded(jnp.arange(c, dtype=jnp.int32), k * size, c).reshape(k, size)
+    rows = {n: jnp.asarray(batch[n]) for n in ("tokens", "positions", "segment_ids")}
+    out = jax.lax.map(lambda i: _logprobs(graphdef, params, {n: v[i] for n, v in rows.items()}), idx)
+    return out.reshape(k * size, -1)[:c]
 
 
 def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, state: TrainState, ref_params,
@@ -372,21 +398,39 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, sta
     if rows % m:
         raise ValueError(f"batch has {rows} rows: expected a multiple of num_minibatches={m} "
                          "(make_batch(..., multiple_of=num_minibatches))")
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    seq_len = batch["tokens"].shape[1]
+    # One all-zero row appended (index ``rows``): the padding of micro-batches and forward
+    # chunks; its loss mask and weight are 0, so it adds nothing to any loss, sum or gradient.
+    batch = {k: jnp.concatenate([jnp.asarray(v), jnp.zeros((1,) + np.shape(v)[1:], jnp.asarray(v).dtype)])
+             for k, v in batch.items()}
+    fk, fsize = micro_chunks(rows, seq_len, cfg.micro_batch_tokens)
     if cfg.recompute_old_logprobs:
-        batch["old_logprobs"] = jax.lax.stop_gradient(_chunked_logprobs(graphdef, state.params, batch, m))
+        old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize)
+        batch["old_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([old, batch["old_logprobs"][-1:]]))
     if cfg.beta:  # the reference is fixed during the step: one forward per row, not one per epoch
-        batch["ref_logprobs"] = jax.lax.stop_gradient(_chunked_logprobs(graphdef, ref_params, batch, m))
+        ref = _chunked_logprobs(graphdef, ref_params, batch, fk, fsize)
+        batch["ref_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([ref, jnp.zeros_like(ref[:1])]))
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)])
-    order = perms.reshape(epochs * m, rows // m)
+    k, size = micro_chunks(rows // m, seq_len, cfg.micro_batch_tokens)
+    order = _padded(perms.reshape(epochs * m, rows // m).astype(jnp.int32), k * size, rows).reshape(epochs * m, k, size)
     grad_fn = jax.value_and_grad(
         lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta), has_aux=True)
 
+    def micro_grad(params, idx):  # idx [size]: one micro-batch's rows
+        mb = {n: v[idx] for n, v in batch.items()}
+        mb["weights"] = mb["weights"] * m  # unbiased estimate of the whole batch's loss
+        return grad_fn(params, mb)
+
+    def minibatch_grad(params, idx):  # idx [k, size]: the loss is a sum over rows, so are its gradients
+        if k == 1:
+            return micro_grad(params, idx[0])
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(micro_grad, params, idx[0]))
+        total, _ = jax.lax.scan(lambda acc, i: (jax.tree.map(jnp.add, acc, micro_grad(params, i)), None), zeros, idx)
+        return total
+
     def body(carry, idx):
         params, opt_state, step = carry
-        mb = {k: v[idx] for k, v in batch.items()}
-        mb["weights"] = mb["weights"] * m  # unbiased estimate of the whole batch's loss
-        (loss, sums), grads = grad_fn(params, mb)
+        (loss, sums), grads = minibatch_grad(params, idx)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)

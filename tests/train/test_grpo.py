@@ -210,8 +210,13 @@ def test_grpo_loss_matches_hand_computation(tiny):
     jloss, jm = jax.jit(lambda p, r, bb: grpo.grpo_loss(graphdef, p, r, bb, eps, beta))(params, ref_params, b)
     np.testing.assert_allclose(float(jloss), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(jm["kl"]), float(m["kl"]), rtol=1e-5)
-    # the step's path: reference log-probs computed once per step (in row chunks), then looked up
-    pre = dict(b, ref_logprobs=grpo._chunked_logprobs(graphdef, ref_params, b, 2))
+    # the step's path: reference log-probs computed once per step (in row chunks, the last one
+    # padded with the appended zero row), then looked up
+    with_zero = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in b.items()}
+    rows = b["tokens"].shape[0]
+    chunked = grpo._chunked_logprobs(graphdef, ref_params, with_zero, 3, -(-rows // 3))
+    assert chunked.shape[0] == rows
+    pre = dict(b, ref_logprobs=chunked)
     np.testing.assert_allclose(float(grpo.grpo_loss(graphdef, params, None, pre, eps, beta)[0]), total, rtol=1e-5)
     loss0, _ = grpo.grpo_loss(graphdef, params, None, b, eps, 0.0)
     np.testing.assert_allclose(float(loss0), pg_total, rtol=1e-5)
@@ -354,3 +359,28 @@ def test_steps_raise_logprobs_of_rewarded_outputs(sampled):
     change = output_logprob(state.params) - before
     assert (change[rewarded] > 0).all() and (change[~rewarded] < 0).all(), change
     assert change[rewarded].sum() > 1.0
+
+
+def test_micro_batched_update_equals_the_whole_minibatch(tiny):
+    """A minibatch split into micro-batches (padded with the zero row) gives the same update."""
+    assert grpo.micro_chunks(8, 64, 0) == (1, 8) and grpo.micro_chunks(8, 64, 512) == (1, 8)
+    assert grpo.micro_chunks(8, 64, 3 * 64) == (3, 3) and grpo.micro_chunks(8, 64, 10) == (8, 1)
+    policy, _, _, _ = tiny
+    tx = optax.sgd(0.1)
+    graphdef, state = init_train_state(policy, tx)
+    ref = grpo.reference_params(state.params)
+    key = jax.random.key(3)
+    whole = grpo.GRPOConfig(group_size=2, num_minibatches=1, inner_epochs=2, beta=0.5, micro_batch_tokens=0)
+    batch, _ = grpo.build_batch(hand_results(0), whole, seq_len=SEQ)
+    assert batch["tokens"].shape[0] == 7  # 7 calls
+    vg = jax.jit(jax.value_and_grad(lambda p, r, mb: grpo.grpo_loss(graphdef, p, r, mb, whole.clip_eps, whole.beta)[0]))
+    want, losses = reference_update(vg, tx, whole, state.params, state.opt_state, ref, batch, key)
+    for budget in (3 * SEQ, SEQ):  # 3 micro-batches of 3 rows (two padding), 7 of 1
+        cfg = whole.replace(micro_batch_tokens=budget)
+        s, m = grpo.make_grpo_step(graphdef, tx, cfg)(_copy(state), ref, batch, key)
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(s.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(float(m["loss"]), np.mean(losses), rtol=1e-4)
+        assert float(m["tokens"]) == 35 and int(m["updates"]) == 2
+    with pytest.raises(ValueError, match="micro_batch_tokens=-1"):
+        whole.replace(micro_batch_tokens=-1)

@@ -73,7 +73,12 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
             add("apr", "tokens", mode="apr", prefix=f"Sub Call Budget: {int(b)} ")
     for run in ("apr", "apr_rl"):
         if run in policies:
-            add(run, "rl", mode="apr")
+            same = [c for c in out["conditions"] if c["run"] == run and c["analysis"] == "context"
+                    and c["context"] == min(main_ctx, policies[run].cfg.max_len)]
+            if same:  # greedy is deterministic: the context analysis already ran this condition
+                out["conditions"].append(dict(same[0], analysis="rl"))
+            else:
+                add(run, "rl", mode="apr")
     return out
 
 

@@ -51,6 +51,10 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
         "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
     for c in conds:
         assert 0.0 <= c["accuracy"] <= 1.0 and c["total_tokens"] > 0
+    # the RL table's APR row is the context analysis's greedy row at the main context, not a rerun
+    rl_row = [c for c in conds if c["run"] == "apr" and c["analysis"] == "rl"]
+    ctx_row = [c for c in conds if c["run"] == "apr" and c["analysis"] == "context" and c["context"] == 128]
+    assert len(rl_row) == 1 and dict(rl_row[0], analysis="context") == ctx_row[0]
     assert len(result["plots"]) == 4 and all(os.path.getsize(p) > 1000 for p in result["plots"])
     assert "Accuracy vs per-call context window" in proc.stdout
 

@@ -187,18 +187,19 @@ def train(config, workdir: str, log=print) -> dict:
         eval_problems = (numbers[:config.eval_problems], targets[:config.eval_problems])
 
     tx, schedule = common.make_run_optimizer(config)
-    policy = common.make_policy(cfg, config.seed)
-    init_from = config.get("init_from", "").replace("{kind}", config.kind)
-    if init_from:  # fine-tuning (a curriculum stage): parameters from another run, a fresh optimizer
-        policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
-    graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=common.to_dict(config), keep=config.keep,
                         best_metric="val/accuracy" if eval_problems is not None else "val/loss",
                         best_mode="max" if eval_problems is not None else "min",
                         async_save=config.async_checkpoint)
+    resuming = ckpt.latest_step() is not None
+    policy = common.make_policy(cfg, config.seed)
+    init_from = config.get("init_from", "").replace("{kind}", config.kind)
+    if init_from and not resuming:  # fine-tuning (a curriculum stage): another run's parameters, a fresh optimizer
+        policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
+    graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
     it = iter(loader)
     train_seconds, start = 0.0, 0
-    if ckpt.latest_step() is not None:
+    if resuming:
         state, extra = ckpt.restore(state)
         saved_processes = int(extra.get("data_processes", 1))
         if saved_processes == processes:

@@ -119,6 +119,9 @@ def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, s
     want = common.load_params(source)[1]
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # A finished or interrupted run resumes from its own checkpoint: init_from is not read again.
+    os.remove(source)
+    assert sft.train(c, str(tmp_path / "ft"), log=lambda *_: None)["step"] == 2
     # ... and a fresh run (no init_from, seed 0) does not start there.
     fresh = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2)
     fresh.optim.update(learning_rate=1e-30, warmup_steps=1)

@@ -64,10 +64,18 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
         for run, mode in (("sosp", "sosp"), ("apr", "apr")):
             if run in policies:
                 add(run, "context", mode=mode, context=ctx)
-    if "sosp" in policies:
-        for n in range(1, n_max + 1):
-            for kind in ("pass", "cons"):
-                add("sosp", "tokens", mode=f"{kind}@{n}", temperature=temperature, key=jax.random.fold_in(key, n))
+    if "sosp" in policies and n_max > 0:  # one rollout of n_max samples per problem answers every pass@n / cons@n
+        modes = [f"{kind}@{n}" for n in range(1, n_max + 1) for kind in ("pass", "cons")]
+        ctx = min(main_ctx, policies["sosp"].cfg.max_len)
+        rows = common.sampled_metrics(policies["sosp"], problems, modes=modes, max_context=ctx, num_slots=num_slots,
+                                      temperature=temperature, key=key)
+        for mode in modes:
+            r = {"mode": mode, "context": ctx, "prefix": "", "temperature": temperature, **rows[mode],
+                 "run": "sosp", "analysis": "tokens", "samples_drawn": n_max}
+            out["conditions"].append(r)
+            log(f"  sosp    tokens    {mode:8s} ctx {ctx:5d} {'':24s} acc {r['accuracy']:.3f} "
+                f"tokens {r['total_tokens']:8.1f} seq {r['sequential_tokens']:7.1f} (first {mode.split('@')[1]} "
+                f"of {n_max} samples; {r['seconds']:.0f} s for all)")
     if "apr" in policies and _has_budgets(runs["apr"]):
         for b in budgets:
             add("apr", "tokens", mode="apr", prefix=f"Sub Call Budget: {int(b)} ")

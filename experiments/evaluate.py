@@ -11,7 +11,8 @@ missing: its analyses are skipped); each may also be an exported policy, e.g. th
 
 1. **accuracy vs per-call context window** (greedy): SoS+ and APR at each of ``--contexts``;
 2. **accuracy vs total tokens**: SoS+ ``pass@n`` and ``cons@n`` for n = 1..``n_max``
-   (temperature ``--temperature``) against APR (greedy and, when the APR data was built with
+   (temperature ``--temperature``; one rollout of ``n_max`` samples per problem, each n judged
+   on the first n samples, so the curves share samples) against APR (greedy and, when the APR data was built with
    ``sub_call_budget``, each ``Sub Call Budget: b`` condition of ``--budgets``);
 3. **accuracy vs sequential tokens and vs latency** (decode steps of a problem's critical
    path) for the same conditions;
@@ -71,6 +72,8 @@ def main(argv):
             with open(os.path.join(run, "config.json")) as f:
                 data_dir = json.load(f)["data_dir"]
         numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[FLAGS.split]
+        if FLAGS.n_max < 0:
+            raise ValueError(f"--n_max={FLAGS.n_max}: expected >= 0 (0 skips SoS+ pass@n / cons@n)")
         n = min(FLAGS.num_problems, len(targets))
         if n < 1:
             raise ValueError(f"--num_problems={FLAGS.num_problems}: expected >= 1")

@@ -47,8 +47,9 @@ the tokens actually prefilled, extends, reused prefix tokens and evictions),
 spawn, its longest child's sequential tokens, recursively), children, spawns, latency in
 engine decode steps from the problem's first insert to its last call's end, and wall time.
 Every call keeps its prompt tokens, output tokens and per-token log-probabilities (GRPO
-trains on them). Randomness: a call's key is derived from (key, problem, its thread's path,
-call index), so results do not depend on the number of slots or the schedule.
+trains on them). Randomness: a call's key is derived from (key, problem index, its thread's
+path, call index), so results do not depend on the number of slots or the schedule, and with
+``problem_ids`` (global indices) not on how a batch is split over processes either.
 """
 from __future__ import annotations
 
@@ -151,8 +152,9 @@ class _Scheduler:
     """Runs threads of many problems through one engine (see the module docstring)."""
 
     def __init__(self, engine, *, mode, temperature, key, max_context, decode_chunk, max_depth,
-                 max_children, max_total_tokens, top_k, top_p, join="reprefill"):
+                 max_children, max_total_tokens, top_k, top_p, join="reprefill", key_ids=None):
         self.engine, self.mode, self.temperature, self.key = engine, mode, temperature, key
+        self.key_ids = key_ids  # problem -> the index its keys are drawn from (default: itself)
         self.join = join
         self.max_context = min(max_context or engine.max_len, engine.max_len)
         self.decode_chunk, self.max_depth, self.max_children = decode_chunk, max_depth, max_children
@@ -208,7 +210,7 @@ class _Scheduler:
         return self.max_total_tokens - self.generated[problem]
 
     def _call_key(self, thread: Thread) -> Any:
-        key = jax.random.fold_in(self.key, thread.problem)
+        key = jax.random.fold_in(self.key, thread.problem if self.key_ids is None else self.key_ids[thread.problem])
         for spawn, child in thread.path:
             key = jax.random.fold_in(jax.random.fold_in(key, 1 + spawn), child)
         return jax.random.fold_in(key, 1_000_003 + len(thread.calls))
@@ -421,6 +423,7 @@ def rollout(
     top_p: float | None = None,
     prefix: str = "",
     join: str = "reprefill",
+    problem_ids=None,
 ) -> list[RolloutResult]:
     """Runs ``problems`` = (numbers int[P, N], targets int[P]) and returns one result each.
 
@@ -431,7 +434,9 @@ def rollout(
     ``join``: ``"reprefill"`` (a waiting parent gives up its slot; its join context is
     prefilled whole into a free slot) or ``"keep_slot"`` (it keeps its slot and KV cache and
     the join extends them; needs an engine with ``extend``); see the module docstring. The
-    results are the same either way; the schedule differs.
+    results are the same either way; the schedule differs. ``problem_ids``: each problem's index
+    in a larger batch that is rolled out in parts (one per process), default ``0..P-1``; keys
+    are drawn from these indices, so the parts sample what the whole batch would.
     """
     kind, n = parse_mode(mode)
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -447,6 +452,12 @@ def rollout(
         raise ValueError(f"join={join!r}: expected 'reprefill' or 'keep_slot'")
     if join == "keep_slot" and engine is not None and not callable(getattr(engine, "extend", None)):
         raise ValueError(f"join='keep_slot' needs an engine with an extend() method; {type(engine).__name__} has none")
+    if problem_ids is not None:
+        problem_ids = np.asarray(problem_ids)
+        if problem_ids.shape != targets.shape or not np.issubdtype(problem_ids.dtype, np.integer) or (
+                len(problem_ids) and problem_ids.min() < 0):
+            raise ValueError(f"problem_ids of shape {problem_ids.shape}: expected {len(targets)} non-negative ints, "
+                             "one per problem")
     for name, value in (("decode_chunk", decode_chunk), ("max_depth", max_depth), ("max_children", max_children)):
         if not isinstance(value, int) or value < (0 if name == "max_depth" else 1):
             raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -461,7 +472,8 @@ def rollout(
     sched = _Scheduler(engine, mode="apr" if kind == "apr" else "sosp", temperature=temperature, key=key,
                        max_context=max_context, decode_chunk=decode_chunk, max_depth=max_depth if kind == "apr" else 0,
                        max_children=max_children, max_total_tokens=max_total_tokens, top_k=top_k, top_p=top_p,
-                       join=join)
+                       join=join, key_ids=None if problem_ids is None else
+                       [int(i) * n + s for i in problem_ids for s in range(n)])
     prompt_mode = "apr" if kind == "apr" else "sosp"
     starts = []
     for p, (nums, target) in enumerate(zip(numbers.tolist(), targets.tolist())):
@@ -504,6 +516,20 @@ def claimed_answer(text: str) -> tuple | None:
     spans = traces.goal_line_spans(text)
     path = text[text.find("\n", spans[0]) + 1:] if spans else text
     return tuple(l.split(",")[0].split(": ", 1)[1] for l in path.split("\n") if l.startswith("Exploring Operation: "))
+
+
+def first_samples(result: RolloutResult, mode: str) -> RolloutResult:
+    """The verdict ``mode`` (``pass@k``, ``cons@k`` or ``best-of-k``) gives on the first k samples
+    of ``result`` (a ``pass@n`` / ``cons@n`` / ``best-of-n`` result with n >= k): one sampled
+    rollout answers every k <= n, so curves over k share their samples (pass@k never falls
+    as k grows) and cost one rollout of n instead of one per k."""
+    kind, k = parse_mode(mode)
+    if kind not in ("pass", "cons", "best"):
+        raise ValueError(f"mode={mode!r}: expected 'pass@k', 'cons@k' or 'best-of-k'")
+    if k > len(result.samples):
+        raise ValueError(f"mode={mode!r} needs {k} samples; the result has {len(result.samples)}: "
+                         f"roll out with n >= {k}")
+    return _aggregate(kind, result.samples[:k])
 
 
 def _aggregate(kind: str, samples: list) -> RolloutResult:

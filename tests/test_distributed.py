@@ -91,16 +91,16 @@ def grpo_setup(devices):
 
 
 def grpo_rollouts(engine, params, gcfg, process, processes):
-    """Process ``process``'s rollouts of the step (its share of whole problems, its key)."""
+    """Process ``process``'s rollouts of the step (its share of whole problems; keys from their global indices)."""
     import jax
 
     from jaxapr import distributed
-    from jaxapr.train import grpo, rl
+    from jaxapr.train import grpo
 
-    k_roll = jax.random.fold_in(jax.random.key(0), 7)
+    k_roll = jax.random.fold_in(jax.random.key(0), 12)  # a key whose groups differ in length (see the test)
     mine = distributed.share(gcfg.num_problems, process, processes)
     problems = (PROBLEMS[0][mine.start:mine.stop], PROBLEMS[1][mine.start:mine.stop])
-    return grpo.rollout_groups(engine, params, problems, gcfg, key=rl.rollout_key(k_roll, process, processes),
+    return grpo.rollout_groups(engine, params, problems, gcfg, key=k_roll, problem_ids=np.arange(mine.start, mine.stop),
                                mode="apr", max_context=GRPO_CONTEXT)
 
 
@@ -304,6 +304,10 @@ def test_grpo_step_two_processes_equal_one_process(two_process_run):
     results = [grpo_rollouts(engine, state.params, gcfg, p, 2) for p in range(2)]
     assert [tokens_of(r) for r in results] == report["grpo_tokens"]  # same keys -> same rollouts
     assert len(set(json.dumps(t) for t in report["grpo_tokens"])) == 2  # the processes' samples differ
+    # keys come from the problems' global indices: the two parts are the step's rollouts in one piece
+    whole = grpo_rollouts(engine, state.params, gcfg, 0, 1)
+    assert sum(report["grpo_tokens"], []) == tokens_of(whole)
+    assert np.ptp(grpo.rewards(whole, gcfg).reshape(-1, gcfg.group_size), axis=1).max() > 0  # non-zero advantages
     num_rows = rl.rows_per_process(max(calls_of(r) for r in results), gcfg.num_minibatches, 4, 2)
     assert num_rows == report["grpo_rows_per_process"]
     parts = [rl.process_batch(r, gcfg, seq_len=GRPO_CONTEXT, num_rows=num_rows, processes=2)[0] for r in results]

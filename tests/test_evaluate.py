@@ -47,6 +47,12 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
         ("sosp", 64), ("sosp", 128), ("apr", 64), ("apr", 128)}
     assert sorted(c["mode"] for c in conds if c["run"] == "sosp" and c["analysis"] == "tokens") == [
         "cons@1", "cons@2", "pass@1", "pass@2"]
+    # pass@n / cons@n come from one rollout of n_max samples: each n judged on the first n
+    sampled = {c["mode"]: c for c in conds if c["run"] == "sosp" and c["analysis"] == "tokens"}
+    assert all(c["samples_drawn"] == 2 for c in sampled.values())
+    assert sampled["pass@1"]["total_tokens"] == sampled["cons@1"]["total_tokens"]  # the same first sample
+    assert sampled["pass@2"]["total_tokens"] == sampled["cons@2"]["total_tokens"] > sampled["pass@1"]["total_tokens"]
+    assert sampled["pass@2"]["accuracy"] >= sampled["pass@1"]["accuracy"]
     assert sorted(c["prefix"] for c in conds if c["run"] == "apr" and c["analysis"] == "tokens") == [
         "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
     for c in conds:

@@ -137,6 +137,20 @@ def test_sampling_modes_vote_and_choose():
     assert runtime.claimed_answer("No solution found.\n") is None
     with pytest.raises(ValueError, match="expected temperature > 0"):
         runtime.rollout(None, probs, "cons@4", engine=eng)
+    # the first k samples of one pass@4 rollout answer pass@k / cons@k for every k <= 4
+    (drawn,) = runtime.rollout(None, probs, "pass@4", engine=eng, temperature=1.0, key=key)
+    outputs = [s.text.split("\n", 1)[1] for s in drawn.samples]  # after the prompt's state line
+    assert outputs == [claim_bad, claim_good, claim_bad, "No solution found.\n"]  # the cycle, in order
+    wins = [runtime.first_samples(drawn, f"pass@{k}").success for k in range(1, 5)]
+    assert wins == [False, True, True, True]
+    votes = [runtime.first_samples(drawn, f"cons@{k}").success for k in range(1, 5)]
+    assert votes == [False, False, False, False]  # a tie at k=2 goes to the first claim: the bad one
+    assert runtime.first_samples(drawn, "pass@2").total_tokens == sum(s.total_tokens for s in drawn.samples[:2])
+    assert not runtime.first_samples(drawn, "pass@1").samples[0].success
+    with pytest.raises(ValueError, match="needs 5 samples; the result has 4"):
+        runtime.first_samples(drawn, "pass@5")
+    with pytest.raises(ValueError, match="expected 'pass@k', 'cons@k' or 'best-of-k'"):
+        runtime.first_samples(drawn, "sosp")
     with pytest.raises(ValueError, match="mode='apr@3'"):
         runtime.rollout(None, probs, "apr@3", engine=eng)
 
@@ -231,6 +245,19 @@ def test_random_tiny_policy_rollouts_finish_and_report():
                             max_context=128)
     first = runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1))
     assert [r.text for r in again] == [r.text for r in first]
+    # Split over "processes" (every 2nd problem) with global problem_ids: the same samples.
+    for mode in ("apr", "pass@2"):
+        whole = runtime.rollout(None, (numbers, targets), mode, engine=eng, temperature=1.0, key=jax.random.key(1))
+        parts = [runtime.rollout(None, (numbers[p::2], targets[p::2]), mode, engine=eng, temperature=1.0,
+                                 key=jax.random.key(1), problem_ids=np.arange(6)[p::2]) for p in range(2)]
+        assert [r.text for r in parts[0]] == [r.text for r in whole[0::2]]
+        assert [[s.text for s in r.samples] for r in parts[1]] == [[s.text for s in r.samples] for r in whole[1::2]]
+        unshifted = runtime.rollout(None, (numbers[1::2], targets[1::2]), mode, engine=eng, temperature=1.0,
+                                    key=jax.random.key(1))
+        assert [r.text for r in unshifted] != [r.text for r in parts[1]]  # the ids do move the keys
+    with pytest.raises(ValueError, match="problem_ids of shape \\(2,\\): expected 6 non-negative ints"):
+        runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1),
+                        problem_ids=[0, 1])
 
 
 def test_forced_engine_rebuilds_scripted_trees():

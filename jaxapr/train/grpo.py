@@ -134,13 +134,16 @@ class GRPOConfig:
 # ----------------------------------------------------------------------------------------
 # host side: sampling, rewards, advantages, the batch
 # ----------------------------------------------------------------------------------------
-def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str = "apr", **rollout_kw) -> list:
+def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str = "apr", problem_ids=None,
+                   **rollout_kw) -> list:
     """Samples ``cfg.group_size`` rollouts of each problem with the trainer's current
     ``params`` (swapped into ``engine`` in place: ``engine.update_params(params)``).
 
     ``problems`` = (numbers int[P, N], targets int[P]). Returns P * G ``RolloutResult``s,
     rollout ``p * G + g`` being sample g of problem p (each sample draws from its own keys:
-    the runtime derives them from ``key`` and the repeated problem's index).
+    the runtime derives them from ``key`` and the repeated problem's index). ``problem_ids``:
+    the problems' indices among all of the step's problems when each process rolls out a part
+    (default ``0..P-1``), so the samples do not depend on the process count.
     ``rollout_kw``: more ``runtime.rollout`` arguments (``max_context``, ``max_depth``, ...).
     """
     from jaxapr import runtime
@@ -155,8 +158,12 @@ def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str 
     if params is not None:
         engine.update_params(params)
     g = cfg.group_size
+    ids = np.arange(len(targets)) if problem_ids is None else np.asarray(problem_ids)
+    if ids.shape != targets.shape:
+        raise ValueError(f"problem_ids of shape {ids.shape}: expected one per problem ({len(targets)})")
     return runtime.rollout(None, (np.repeat(numbers, g, axis=0), np.repeat(targets, g, axis=0)), mode, engine=engine,
-                           temperature=cfg.temperature, key=key, **rollout_kw)
+                           temperature=cfg.temperature, key=key, problem_ids=(np.repeat(ids, g) * g + np.tile(
+                               np.arange(g), len(ids))).astype(np.int64), **rollout_kw)
 
 
 def rewards(results: Sequence, cfg: GRPOConfig) -> np.ndarray:

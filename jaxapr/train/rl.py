@@ -17,8 +17,8 @@ Randomness: the step's problems and keys come from ``(seed, step)`` alone, so a 
 from a checkpoint continues exactly.
 
 Many hosts (``jaxapr.distributed``): process i of N rolls out problems ``[i P/N, (i+1) P/N)``
-of the step (whole groups) on its own engine with a process-local copy of the parameters and
-the key ``rollout_key(key, i, N)``; every process pads its rows to the same bucket
+of the step (whole groups) on its own engine with a process-local copy of the parameters, its
+samples' keys drawn from their indices among all P (so they do not depend on N); every process pads its rows to the same bucket
 (``rows_per_process``, from the largest call count of any process) and the update runs on
 the global batch of all processes' rows (``process_batch``). Logged metrics are over all
 processes.
@@ -49,12 +49,6 @@ def step_problems(problems, num: int, seed: int, step: int):
         raise ValueError(f"grpo.num_problems={num}: the training split has only {len(targets)} problems")
     idx = np.random.default_rng([seed, step]).choice(len(targets), num, replace=False)
     return numbers[idx], targets[idx]
-
-
-def rollout_key(key, process: int, processes: int):
-    """The rollout key of process ``process`` of ``processes`` for a step whose key is ``key``
-    (``key`` itself with one process; a run is reproducible for a fixed process count)."""
-    return key if processes == 1 else jax.random.fold_in(key, process)
 
 
 def rows_per_process(max_calls: int, num_minibatches: int, ways: int, processes: int) -> int:
@@ -166,7 +160,8 @@ def train(config, workdir: str, log=print) -> dict:
         numbers, targets = step_problems(train_problems, gcfg.num_problems, config.seed, step)
         problems = (numbers[mine.start:mine.stop], targets[mine.start:mine.stop])  # this process's groups
         results = grpo.rollout_groups(engine, distributed.process_local(state.params), problems, gcfg,
-                                      key=rollout_key(k_roll, process, processes), mode=config.kind, **rollout_kw)
+                                      key=k_roll, problem_ids=np.arange(mine.start, mine.stop), mode=config.kind,
+                                      **rollout_kw)
         t1 = time.perf_counter()
         calls = sum(1 for r in results for c in r.calls if len(c.output_tokens))
         max_calls = int(distributed.allgather(calls).max())  # every process's part has the same rows

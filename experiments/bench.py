@@ -14,7 +14,9 @@ runtime (APR and SoS+ rollouts through one engine with forced solver traces; APR
 join strategies, reprefill and keep_slot, side by side:
 ``--suite=runtime --runtime_preset=tiny --runtime_slots=16 --runtime_problems=32``).
 train (``experiments/bench_train.py``: the SFT step's tokens/s and fraction of a matmul peak at
-the tiny and mini presets, and a GRPO step split into rollout and update time).
+the tiny and mini presets, and a GRPO step split into rollout and update time, the update with
+one call per row and with packed rows; ``--grpo_policy=<run or .npz> --grpo_data_dir=<data>``
+for a trained policy's rollouts).
 """
 from __future__ import annotations
 
@@ -41,6 +43,12 @@ flags.DEFINE_list("sampler_batches", ["1", "16", "64", "256"], "sampler: batch s
 flags.DEFINE_enum("runtime_preset", "mini", ["tiny", "mini"], "runtime: model preset (random weights).")
 flags.DEFINE_integer("runtime_slots", None, "runtime: engine slots (default 32; quick 16).")
 flags.DEFINE_integer("runtime_problems", None, "runtime: problems per rollout (default 64; quick 32).")
+flags.DEFINE_string("grpo_policy", None, "train: GRPO step with this trained policy (a run or .npz; default: "
+                    "tiny random weights); needs --grpo_data_dir.")
+flags.DEFINE_string("grpo_data_dir", None, "train: the --grpo_policy's gen_data output (its training problems).")
+flags.DEFINE_integer("grpo_problems", None, "train: GRPO problems per step (default 16; quick 4).")
+flags.DEFINE_integer("grpo_group", 4, "train: GRPO rollouts per problem.")
+flags.DEFINE_integer("grpo_context", None, "train: GRPO per-call context (default: the policy's; random: 512).")
 
 
 def machine() -> dict:
@@ -647,7 +655,8 @@ def _join_kernels(eng, results, repeats: int) -> dict:
 def suite_train(quick: bool, repeats: int) -> dict:
     from experiments.bench_train import suite_train as run
 
-    return run(quick, repeats)
+    return run(quick, repeats, policy_path=FLAGS.grpo_policy, data_dir=FLAGS.grpo_data_dir,
+               num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
 
 
 SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,

@@ -55,7 +55,8 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
             "params": model.param_count(cfg)}
 
 
-def suite_train(quick: bool, repeats: int) -> dict:
+def suite_train(quick: bool, repeats: int, **grpo_kw) -> dict:
+    """SFT rows (tiny, mini) and the GRPO step; ``grpo_kw``: ``_grpo``'s policy options."""
     from jaxapr.train import common
 
     peak = common.matmul_peak_flops(1024 if quick else 2048)
@@ -68,14 +69,21 @@ def suite_train(quick: bool, repeats: int) -> dict:
     print("\nSFT step (forward + backward + AdamW), fully packed rows of random tokens")
     print_table([{**r, "params": f"{r['params'] / 1e6:.2f}M", "peak_fraction": f"{r['peak_fraction']:.1%}"} for r in rows],
                 ["preset", "params", "batch", "seq_len", "accum", "step_s", "tokens_per_s", "train_gflops", "peak_fraction"])
-    out["grpo"] = _grpo(quick, repeats)
+    out["grpo"] = _grpo(quick, repeats, **grpo_kw)
     return out
 
 
-def _grpo(quick: bool, repeats: int) -> dict:
-    """One GRPO step of the tiny preset (random weights: outputs run to the length limit, the
-    worst case for the update) split into rollout and update time."""
+def _grpo(quick: bool, repeats: int, policy_path: str | None = None, data_dir: str | None = None,
+          num_problems: int | None = None, group_size: int = 4, context: int | None = None) -> dict:
+    """One GRPO step split into rollout and update time, the update both with one call per
+    row and with calls packed (``GRPOConfig.pack_calls``) on the same rollouts. Default: the
+    tiny preset with random weights (outputs run to the length limit: the worst case for the
+    update, and little to pack); ``policy_path`` (a run or an exported ``.npz``) with
+    ``data_dir`` (its ``gen_data`` output: training problems) measures a trained policy. Every
+    repeat rolls out the same problems with the same key from the same parameters (so the
+    row buckets, hence the compiles, repeat); the first repeat compiles and is not counted."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -85,36 +93,53 @@ def _grpo(quick: bool, repeats: int) -> dict:
     from jaxapr.train import common, grpo
     from jaxapr.train.state import init_train_state, make_optimizer
 
-    p, g, ctx = (4, 4, 256) if quick else (16, 4, 512)
+    p = num_problems or (4 if quick else 16)
+    g = group_size
+    if policy_path:
+        if not data_dir:
+            raise ValueError("--grpo_policy needs --grpo_data_dir: expected the policy's gen_data output")
+        common.quiet_logs()  # orbax's restore lines
+        policy = common.load_policy(policy_path)
+        ctx = context or policy.cfg.max_len
+        numbers, targets = countdown.ProblemSplits.load(f"{data_dir}/problems")["train"]
+        problems = (np.asarray(numbers[:p]), np.asarray(targets[:p]))
+        what = f"{policy_path} ({policy.cfg.d_model} d_model)"
+    else:
+        ctx = context or (256 if quick else 512)
+        policy = common.make_policy(model.get_config("tiny", max_len=ctx), 0)
+        problems = countdown.generate_problems(jax.random.key(0), p, num_numbers=3, min_target=1, max_target=30,
+                                               max_number=20)
+        problems = tuple(np.asarray(x) for x in problems)
+        what = "tiny preset (random weights)"
     gcfg = grpo.GRPOConfig(num_problems=p, group_size=g, num_minibatches=2)
-    cfg = model.get_config("tiny", max_len=ctx)
     tx, _ = make_optimizer(gcfg.learning_rate, total_steps=1000, schedule="constant")
-    graphdef, state = init_train_state(common.make_policy(cfg, 0), tx)
+    graphdef, state = init_train_state(policy, tx)
     ref = grpo.reference_params(state.params)
     engine = engine_lib.Engine(nnx.merge(graphdef, state.params), num_slots=64, max_len=ctx)
-    step_fn = grpo.make_grpo_step(graphdef, tx, gcfg)
-    problems = countdown.generate_problems(jax.random.key(0), p, num_numbers=3, min_target=1, max_target=30,
-                                           max_number=20)
-    problems = tuple(np.asarray(x) for x in problems)
-    box = [state]
+    steps = {pack: grpo.make_grpo_step(graphdef, tx, gcfg.replace(pack_calls=pack)) for pack in (False, True)}
     rows = []
-    for i in range(1 + max(1, repeats)):  # the first step compiles
+    for i in range(1 + max(1, repeats)):
         t0 = time.perf_counter()
-        results = grpo.rollout_groups(engine, box[0].params, problems, gcfg, key=jax.random.key(i), mode="apr",
+        results = grpo.rollout_groups(engine, state.params, problems, gcfg, key=jax.random.key(0), mode="apr",
                                       max_context=ctx)
         t1 = time.perf_counter()
-        batch, stats = grpo.build_batch(results, gcfg, seq_len=ctx)
-        batch.pop("rollout")
-        box[0], m = step_fn(box[0], ref, batch, jax.random.key(100 + i))
-        jax.block_until_ready(m["loss"])
-        t2 = time.perf_counter()
+        row = {"rollout_s": t1 - t0, "calls": sum(1 for r in results for c in r.calls if len(c.output_tokens)),
+               "gen_tokens": sum(r.total_tokens for r in results)}
+        for pack, name in ((False, "per_call"), (True, "packed")):
+            batch, stats = grpo.build_batch(results, gcfg.replace(pack_calls=pack), seq_len=ctx)
+            batch.pop("rollout", None)
+            t2 = time.perf_counter()
+            _, m = steps[pack](jax.tree.map(jnp.copy, state), ref, batch, jax.random.key(100))
+            jax.block_until_ready(m["loss"])
+            row[f"update_{name}_s"], row[f"rows_{name}"] = time.perf_counter() - t2, stats["rows"]
         if i:
-            rows.append({"rollout_s": t1 - t0, "update_s": t2 - t1, "rows": stats["rows"], "calls": stats["calls"],
-                         "gen_tokens": sum(r.total_tokens for r in results)})
+            rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    med["rollout_share"] = med["rollout_s"] / (med["rollout_s"] + med["update_s"])
-    print(f"\nGRPO step, tiny preset (random weights), {p} problems x {g} rollouts (APR), context {ctx}, "
-          f"{gcfg.inner_epochs} epochs x {gcfg.num_minibatches} minibatches; medians of {len(rows)}")
-    print_table([{**med, "rollout_share": f"{med['rollout_share']:.0%}"}],
-                ["rollout_s", "update_s", "rollout_share", "calls", "rows", "gen_tokens"])
+    med["update_speedup"] = med["update_per_call_s"] / med["update_packed_s"]
+    med["rollout_share"] = med["rollout_s"] / (med["rollout_s"] + med["update_packed_s"])
+    print(f"\nGRPO step, {what}, {p} problems x {g} rollouts (APR), context {ctx}, {gcfg.inner_epochs} epochs x "
+          f"{gcfg.num_minibatches} minibatches; update with one call per row vs packed rows; medians of {len(rows)}")
+    print_table([{**med, "rollout_share": f"{med['rollout_share']:.0%}", "update_speedup": f"{med['update_speedup']:.2f}x"}],
+                ["rollout_s", "update_per_call_s", "update_packed_s", "update_speedup", "rollout_share", "calls",
+                 "rows_per_call", "rows_packed", "gen_tokens"])
     return med

@@ -30,7 +30,7 @@ SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp
 SFT_STEPS, SAVE_AT, GLOBAL_BATCH, SEQ_LEN = 5, 3, 8, 256
 PROBLEMS = (np.array([[3, 5, 7], [2, 9, 4], [6, 1, 8], [5, 5, 2]], np.int32), np.array([15, 17, 13, 12], np.int32))
 GRPO = dict(num_problems=4, group_size=2, learning_rate=1e-3, num_minibatches=2, inner_epochs=2, beta=0.001,
-            length_penalty=0.01)  # rewards differ by length: non-zero advantages from a random policy
+            length_penalty=0.01, pack_calls=True)  # rewards differ by length: non-zero advantages from a random policy
 GRPO_CONTEXT, GRPO_SLOTS = 64, 8
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -104,8 +104,10 @@ def grpo_rollouts(engine, params, gcfg, process, processes):
                                mode="apr", max_context=GRPO_CONTEXT)
 
 
-def calls_of(results):
-    return sum(1 for r in results for c in r.calls if len(c.output_tokens))
+def rows_of(results):
+    from jaxapr.train import grpo
+
+    return grpo.rows_needed(results, GRPO_CONTEXT, GRPO["pack_calls"])
 
 
 def tokens_of(results):
@@ -160,8 +162,8 @@ def worker_train(data_dir, out):
 
     ref = grpo.reference_params(state.params)
     results = grpo_rollouts(engine, distributed.process_local(state.params), gcfg, p, n)
-    max_calls = int(distributed.allgather(calls_of(results)).max())
-    num_rows = rl.rows_per_process(max_calls, gcfg.num_minibatches, mesh.shape["data"] * mesh.shape["fsdp"], n)
+    max_rows = int(distributed.allgather(rows_of(results)).max())
+    num_rows = rl.rows_per_process(max_rows, gcfg.num_minibatches, mesh.shape["data"] * mesh.shape["fsdp"], n)
     batch, _ = rl.process_batch(results, gcfg, seq_len=GRPO_CONTEXT, num_rows=num_rows, processes=n)
     state, m = step(state, ref, common.batch_to_device(batch, mesh), grpo_update_key())
     report["grpo_metrics"] = {k: float(v) for k, v in common.host(m).items()}
@@ -308,11 +310,11 @@ def test_grpo_step_two_processes_equal_one_process(two_process_run):
     whole = grpo_rollouts(engine, state.params, gcfg, 0, 1)
     assert sum(report["grpo_tokens"], []) == tokens_of(whole)
     assert np.ptp(grpo.rewards(whole, gcfg).reshape(-1, gcfg.group_size), axis=1).max() > 0  # non-zero advantages
-    num_rows = rl.rows_per_process(max(calls_of(r) for r in results), gcfg.num_minibatches, 4, 2)
+    num_rows = rl.rows_per_process(max(rows_of(r) for r in results), gcfg.num_minibatches, 4, 2)
     assert num_rows == report["grpo_rows_per_process"]
     parts = [rl.process_batch(r, gcfg, seq_len=GRPO_CONTEXT, num_rows=num_rows, processes=2)[0] for r in results]
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-    np.testing.assert_allclose(batch["weights"].sum(), 1.0, rtol=1e-6)  # 1 / (calls x all rollouts)
+    np.testing.assert_allclose(batch["token_weights"].sum(), 1.0, rtol=1e-6)  # 1 / (calls x all rollouts), packed
     state, m = step(state, ref, common.batch_to_device(batch, mesh), grpo_update_key())
     m = common.host(m)
     assert m["grad_norm"] > 1e-3 and m["pg_loss"] != 0 and m["updates"] == 4  # a real update, 2 epochs x 2 minibatches

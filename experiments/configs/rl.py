@@ -7,7 +7,8 @@ presets sample fewer problems per step (tiny 16 x 8, seconds a step; mini 4 x 8 
 4-number APR step of 32 rollouts is ~270 calls of up to 1,024 tokens, ~2 minutes on 2 cores)
 and use lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success
 steadily: BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
-(a larger minibatch is split and its gradients summed), so memory does not grow with the calls.
+(a larger minibatch is split and its gradients summed), so memory does not grow with the calls;
+``grpo.pack_calls`` packs several calls per row (the same loss; APR children are short).
 """
 from ml_collections import ConfigDict
 
@@ -34,7 +35,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
                              inner_epochs=2, num_minibatches=mbs, temperature=1.0, adv_eps=1e-6,
                              length_penalty=0.0, length_measure="total", thread_penalty=0.0,
-                             recompute_old_logprobs=False, micro_batch_tokens=65_536))
+                             recompute_old_logprobs=False, micro_batch_tokens=65_536, pack_calls=True))
     c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=0, schedule="constant", end_fraction=1.0,
                               weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0))
     c.num_steps = steps

@@ -24,7 +24,11 @@ One GRPO step:
    sampling: ``log_softmax(logits)[token]`` of the policy at temperature 1 (the engine records
    them before temperature/top-k/top-p, so with GRPO's temperature 1 and no filtering they are
    exactly the sampling distribution's; see ``engine``). Rows are padded to a static bucket
-   with zero-weight rows so that the jitted update never re-traces within a bucket.
+   with zero-weight rows so that the jitted update never re-traces within a bucket. With
+   ``pack_calls`` several calls share a row (first fit, longest first; each call its own
+   segment, so none attends to another) and the per-call advantage and weight become
+   per-token ``token_advantages`` and ``token_weights = w_c / |T_c|``: the same loss below on
+   fewer rows (most APR calls are children far shorter than the context).
 5. **Update** (``make_grpo_step``): ``inner_epochs`` passes (mu) over ``num_minibatches``
    shuffled minibatches of rows, one optimizer update per minibatch, all in one jitted call.
 
@@ -100,6 +104,10 @@ class GRPOConfig:
     # micro-batches whose gradients are summed (exact), so memory does not grow with the number
     # of calls (APR rollouts have many). 0: never split.
     micro_batch_tokens: int = 65_536
+    # Several calls per row (first-fit by length, each its own segment: no attention across
+    # calls) instead of one call per row padded to the context: APR children use a fraction of
+    # it. The loss is the same (per-token weights w_c / |T_c|); only the layout changes.
+    pack_calls: bool = False
 
     def check(self) -> "GRPOConfig":
         for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
@@ -123,6 +131,8 @@ class GRPOConfig:
         mbt = self.micro_batch_tokens
         if not isinstance(mbt, (int, np.integer)) or isinstance(mbt, bool) or mbt < 0:
             raise ValueError(f"GRPOConfig.micro_batch_tokens={mbt!r}: expected an int >= 0 (0 = never split)")
+        if not isinstance(self.pack_calls, (bool, np.bool_)):
+            raise ValueError(f"GRPOConfig.pack_calls={self.pack_calls!r}: expected True or False")
         if self.length_measure not in ("total", "sequential"):
             raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
         return self
@@ -210,7 +220,7 @@ def bucket_rows(n: int, multiple_of: int = 1) -> int:
 
 
 def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | None = None,
-               multiple_of: int = 1) -> dict:
+               multiple_of: int = 1, pack: bool = False) -> dict:
     """The training batch of ``results`` (see the module docstring), numpy arrays:
 
     - ``tokens`` int32[C, L]: prompt_tokens ++ output_tokens, then pad id 0;
@@ -223,21 +233,77 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
       generated tokens in its rollout) / (rollouts);
     - ``rollout`` int32[C]: the rollout's index in ``results`` (-1 for padding rows).
 
+    ``pack=True``: calls are packed several to a row (first fit, longest first; call j of a row
+    has segment id j + 1 and positions from 0), and the per-call fields become per-token ones:
+    ``token_advantages`` / ``token_weights`` f32[C, L-1] (at each trained index t: the call's
+    advantage, and its weight / its number of generated tokens), with no ``advantages``,
+    ``weights`` or ``rollout``. The loss is the same either way.
+
     ``advantages``: one per rollout (shape [len(results)] or [P, G]). Calls that generated no
     tokens (never run: the context or token budget was full) get no row and do not count.
-    C = ``num_rows`` (default: ``multiple_of`` x a power of two, the smallest that holds every
-    call); the extra rows are padding with weight 0. ``seq_len``: L, at least the longest call.
+    C = ``num_rows`` (default: ``bucket_rows`` of the rows needed, a multiple of
+    ``multiple_of``); the extra rows are padding with weight 0. ``seq_len``: L, at least the
+    longest call.
     """
     adv = np.asarray(advantages, np.float32).reshape(-1)
     if adv.shape[0] != len(results):
         raise ValueError(f"{adv.shape[0]} advantages for {len(results)} rollouts: expected one per rollout")
+    if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
+    calls = _trained_calls(results, seq_len)
+    rows = pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len) if pack else [
+        [j] for j in range(len(calls))]
+    if num_rows is None:
+        num_rows = bucket_rows(len(rows), multiple_of)
+    what = "packed rows" if pack else "calls"
+    if not isinstance(num_rows, (int, np.integer)) or num_rows < max(1, len(rows)):
+        raise ValueError(f"num_rows={num_rows!r}: expected an int >= the number of {what} ({len(rows)})")
+    if num_rows % multiple_of:
+        raise ValueError(f"num_rows={num_rows} is not a multiple of {multiple_of}")
+    c_rows, n_roll = int(num_rows), len(results)
+    batch = {
+        "tokens": np.full((c_rows, seq_len), PAD_ID, np.int32),
+        "positions": np.zeros((c_rows, seq_len), np.int32),
+        "segment_ids": np.zeros((c_rows, seq_len), np.int32),
+        "loss_mask": np.zeros((c_rows, seq_len), np.int32),
+        "old_logprobs": np.zeros((c_rows, seq_len - 1), np.float32),
+    }
+    if pack:
+        batch["token_advantages"] = np.zeros((c_rows, seq_len - 1), np.float32)
+        batch["token_weights"] = np.zeros((c_rows, seq_len - 1), np.float32)
+    else:
+        batch["advantages"] = np.zeros((c_rows,), np.float32)
+        batch["weights"] = np.zeros((c_rows,), np.float32)
+        batch["rollout"] = np.full((c_rows,), -1, np.int32)
+    for row, members in enumerate(rows):
+        off = 0
+        for seg, j in enumerate(members, 1):
+            i, c, k = calls[j]
+            n, m = len(c.prompt_tokens), len(c.output_tokens)
+            at = slice(off, off + n + m)
+            batch["tokens"][row, at] = np.concatenate([c.prompt_tokens, c.output_tokens])
+            batch["positions"][row, at] = np.arange(n + m)
+            batch["segment_ids"][row, at] = seg
+            batch["loss_mask"][row, off + n:off + n + m] = 1
+            trained = slice(off + n - 1, off + n - 1 + m)  # index t scores token t + 1
+            batch["old_logprobs"][row, trained] = c.logprobs
+            w = 1.0 / (k * n_roll)
+            if pack:
+                batch["token_advantages"][row, trained] = adv[i]
+                batch["token_weights"][row, trained] = w / m
+            else:
+                batch["advantages"][row], batch["weights"][row], batch["rollout"][row] = adv[i], w, i
+            off += n + m
+    return batch
+
+
+def _trained_calls(results: Sequence, seq_len: int) -> list:
+    """[(rollout index, call, calls of that rollout that generated tokens)], validated."""
     if not len(results):
         raise ValueError("make_batch: no rollouts")
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r}: expected an int >= 2")
-    if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
-        raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
-    rows = []  # (rollout, call)
+    out = []
     for i, res in enumerate(results):
         calls = [c for c in res.calls if len(c.output_tokens)]
         for k, c in enumerate(calls):
@@ -249,36 +315,34 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
             if n + m > seq_len:
                 raise ValueError(f"rollout {i} call {k} has {n} prompt + {m} output = {n + m} tokens: "
                                  f"expected <= seq_len={seq_len}")
-            rows.append((i, c, len(calls)))
-    if num_rows is None:
-        num_rows = bucket_rows(len(rows), multiple_of)
-    if not isinstance(num_rows, (int, np.integer)) or num_rows < max(1, len(rows)):
-        raise ValueError(f"num_rows={num_rows!r}: expected an int >= the number of calls ({len(rows)})")
-    if num_rows % multiple_of:
-        raise ValueError(f"num_rows={num_rows} is not a multiple of {multiple_of}")
-    c_rows, n_roll = int(num_rows), len(results)
-    batch = {
-        "tokens": np.full((c_rows, seq_len), PAD_ID, np.int32),
-        "positions": np.zeros((c_rows, seq_len), np.int32),
-        "segment_ids": np.zeros((c_rows, seq_len), np.int32),
-        "loss_mask": np.zeros((c_rows, seq_len), np.int32),
-        "old_logprobs": np.zeros((c_rows, seq_len - 1), np.float32),
-        "advantages": np.zeros((c_rows,), np.float32),
-        "weights": np.zeros((c_rows,), np.float32),
-        "rollout": np.full((c_rows,), -1, np.int32),
-    }
-    for row, (i, c, k) in enumerate(rows):
-        n, m = len(c.prompt_tokens), len(c.output_tokens)
-        batch["tokens"][row, :n] = c.prompt_tokens
-        batch["tokens"][row, n:n + m] = c.output_tokens
-        batch["positions"][row, :n + m] = np.arange(n + m)
-        batch["segment_ids"][row, :n + m] = 1
-        batch["loss_mask"][row, n:n + m] = 1
-        batch["old_logprobs"][row, n - 1:n - 1 + m] = c.logprobs
-        batch["advantages"][row] = adv[i]
-        batch["weights"][row] = 1.0 / (k * n_roll)
-        batch["rollout"][row] = i
-    return batch
+            out.append((i, c, len(calls)))
+    return out
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of at most ``seq_len`` tokens: first fit,
+    longest first (ties in index order); each row lists its members in placement order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        if lengths[j] > seq_len:
+            raise ValueError(f"a call of {lengths[j]} tokens does not fit seq_len={seq_len}")
+        r = next((r for r, free in enumerate(room) if free >= lengths[j]), None)
+        if r is None:
+            rows.append([])
+            room.append(seq_len)
+            r = len(rows) - 1
+        rows[r].append(j)
+        room[r] -= lengths[j]
+    return rows
+
+
+def rows_needed(results: Sequence, seq_len: int, pack: bool) -> int:
+    """How many rows ``make_batch(results, ..., pack=pack)`` fills before padding."""
+    calls = _trained_calls(results, seq_len)
+    if not pack:
+        return len(calls)
+    return len(pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len))
 
 
 def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: int | None = None) -> tuple[dict, dict]:
@@ -292,10 +356,12 @@ def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: i
         raise ValueError(f"{len(results)} rollouts: expected a multiple of group_size={g}")
     r = rewards(results, cfg).reshape(-1, g)
     adv = group_advantages(r, cfg.adv_eps)
-    batch = make_batch(results, adv, seq_len=seq_len, num_rows=num_rows, multiple_of=cfg.num_minibatches)
+    batch = make_batch(results, adv, seq_len=seq_len, num_rows=num_rows, multiple_of=cfg.num_minibatches,
+                       pack=cfg.pack_calls)
     stats = {"reward_mean": float(r.mean()), "success_rate": float(np.mean([x.success for x in results])),
              "advantage_abs_mean": float(np.abs(adv).mean()), "zero_groups": float(np.mean(np.ptp(r, axis=1) == 0)),
-             "calls": int((batch["rollout"] >= 0).sum()), "rows": int(batch["tokens"].shape[0])}
+             "calls": sum(1 for x in results for c in x.calls if len(c.output_tokens)),
+             "rows": int(batch["tokens"].shape[0])}
     return batch, stats
 
 
@@ -330,22 +396,29 @@ def _loss_sums(graphdef, params, ref_params, batch: dict, clip_eps, beta):
     mask = target_mask(batch)
     on = mask > 0
     ratio = jnp.exp(jnp.where(on, logp - batch["old_logprobs"], 0.0))
-    pg = clipped_pg(ratio, batch["advantages"][:, None], clip_eps)
+    adv = batch["token_advantages"] if "token_advantages" in batch else batch["advantages"][:, None]
+    pg = clipped_pg(ratio, adv, clip_eps)
     if beta:
         ref = batch["ref_logprobs"] if "ref_logprobs" in batch else _logprobs(graphdef, ref_params, batch)
         kl = jnp.where(on, k3_kl(logp, jax.lax.stop_gradient(ref)), 0.0)
     else:
         kl = jnp.zeros_like(logp)
-    count = mask.sum(axis=1)
-    per_call = lambda x: (x * mask).sum(axis=1) / jnp.maximum(count, 1.0)  # noqa: E731
-    w = batch["weights"]
-    pg_loss = (w * per_call(pg)).sum()
-    kl_loss = (w * per_call(kl)).sum()
+    w = token_weights(batch, mask)
+    pg_loss = (w * pg).sum()
+    kl_loss = (w * kl).sum()
     loss = pg_loss + beta * kl_loss
     sums = {"pg_loss": pg_loss, "kl_loss": kl_loss, "kl_sum": (kl * mask).sum(),
             "clipped": ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum(), "ratio_sum": (ratio * mask).sum(),
             "tokens": mask.sum()}
     return loss, sums
+
+
+def token_weights(batch: dict, mask) -> jax.Array:
+    """f32[C, L-1]: each trained token's share of the loss, ``w_c / |T_c|`` (0 elsewhere), from
+    a packed batch's ``token_weights`` or a one-call-per-row batch's ``weights``."""
+    if "token_weights" in batch:
+        return batch["token_weights"] * mask
+    return batch["weights"][:, None] * mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
 
 def _metrics(loss, sums) -> dict:
@@ -425,7 +498,9 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, sta
 
     def micro_grad(params, idx):  # idx [size]: one micro-batch's rows
         mb = {n: v[idx] for n, v in batch.items()}
-        mb["weights"] = mb["weights"] * m  # unbiased estimate of the whole batch's loss
+        for n in ("weights", "token_weights"):  # unbiased estimate of the whole batch's loss
+            if n in mb:
+                mb[n] = mb[n] * m
         return grad_fn(params, mb)
 
     def minibatch_grad(params, idx):  # idx [k, size]: the loss is a sum over rows, so are its gradients

@@ -51,13 +51,14 @@ def step_problems(problems, num: int, seed: int, step: int):
     return numbers[idx], targets[idx]
 
 
-def rows_per_process(max_calls: int, num_minibatches: int, ways: int, processes: int) -> int:
-    """Rows of every process's part of the step's batch: the bucket of the most calls any
-    process has, such that the global batch (processes x rows) splits into ``num_minibatches``
-    minibatches divisible by ``ways`` (= data x fsdp) and each part into ``num_minibatches``."""
+def rows_per_process(max_rows: int, num_minibatches: int, ways: int, processes: int) -> int:
+    """Rows of every process's part of the step's batch: the bucket of the most rows any
+    process needs (``grpo.rows_needed``), such that the global batch (processes x rows)
+    splits into ``num_minibatches`` minibatches divisible by ``ways`` (= data x fsdp) and each
+    part into ``num_minibatches``."""
     q = num_minibatches * ways
     multiple = math.lcm(num_minibatches, q // math.gcd(q, processes))
-    return grpo.bucket_rows(max_calls, multiple)
+    return grpo.bucket_rows(max_rows, multiple)
 
 
 def process_batch(results, gcfg: grpo.GRPOConfig, *, seq_len: int, num_rows: int, processes: int):
@@ -67,7 +68,9 @@ def process_batch(results, gcfg: grpo.GRPOConfig, *, seq_len: int, num_rows: int
     batch, stats = grpo.build_batch(results, gcfg, seq_len=seq_len, num_rows=num_rows)
     batch = {k: v for k, v in batch.items() if k != "rollout"}
     if processes > 1:
-        batch["weights"] = batch["weights"] / np.float32(processes)
+        for k in ("weights", "token_weights"):
+            if k in batch:
+                batch[k] = batch[k] / np.float32(processes)
     return batch, stats
 
 
@@ -163,10 +166,10 @@ def train(config, workdir: str, log=print) -> dict:
                                       key=k_roll, problem_ids=np.arange(mine.start, mine.stop), mode=config.kind,
                                       **rollout_kw)
         t1 = time.perf_counter()
-        calls = sum(1 for r in results for c in r.calls if len(c.output_tokens))
-        max_calls = int(distributed.allgather(calls).max())  # every process's part has the same rows
+        needed = grpo.rows_needed(results, max_context, gcfg.pack_calls)
+        max_rows = int(distributed.allgather(needed).max())  # every process's part has the same rows
         batch, stats = process_batch(results, gcfg, seq_len=max_context, processes=processes,
-                                     num_rows=rows_per_process(max_calls, gcfg.num_minibatches, ways, processes))
+                                     num_rows=rows_per_process(max_rows, gcfg.num_minibatches, ways, processes))
         state, m = step_fn(state, ref_params, common.batch_to_device(batch, mesh), k_upd)
         m = common.host(m)
         common.check_finite(m, step + 1)

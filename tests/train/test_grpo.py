@@ -144,6 +144,86 @@ def test_make_batch_by_hand():
         grpo.make_batch(results, adv[:3], seq_len=SEQ)
 
 
+def test_pack_rows_first_fit_longest_first():
+    # hand_results' trained calls have 11, 7, 12, 14, 7, 7, 15 tokens
+    assert grpo.pack_rows([11, 7, 12, 14, 7, 7, 15], 32) == [[6, 3], [2, 0, 1], [4, 5]]
+    assert grpo.pack_rows([11, 7, 12, 14, 7, 7, 15], 15) == [[6], [3], [2], [0], [1, 4], [5]]
+    assert grpo.pack_rows([], 8) == []
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 40, rng.integers(1, 30)).tolist()
+        rows = grpo.pack_rows(lengths, 40)
+        assert sorted(j for r in rows for j in r) == list(range(len(lengths)))  # each call exactly once
+        assert all(sum(lengths[j] for j in r) <= 40 for r in rows)
+        assert sum(lengths) / 40 <= len(rows) <= len(lengths)
+    with pytest.raises(ValueError, match="a call of 9 tokens does not fit seq_len=8"):
+        grpo.pack_rows([3, 9], 8)
+    results = hand_results()
+    assert grpo.rows_needed(results, SEQ, pack=True) == 3 and grpo.rows_needed(results, SEQ, pack=False) == 7
+
+
+def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
+    _, graphdef, params, ref_params = tiny
+    results = hand_results()
+    adv = np.array([1.0, -0.5, 0.7, -1.2], np.float32)
+    flat = grpo.make_batch(results, adv, seq_len=SEQ, multiple_of=2)
+    packed = grpo.make_batch(results, adv, seq_len=SEQ, multiple_of=2, pack=True)
+    assert packed["tokens"].shape == (4, SEQ) and flat["tokens"].shape == (8, SEQ)  # 3 rows (+1 padding) vs 7 (+1)
+    assert "advantages" not in packed and "rollout" not in packed
+    calls = [(i, c) for i, r in enumerate(results) for c in r.calls if len(c.output_tokens)]
+    weights = {0: 1 / 4, 1: 1 / 8, 2: 1 / 4, 3: 1 / 12}  # 1 / (calls of the rollout) / (4 rollouts)
+    for row, members in enumerate(grpo.pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c in calls], SEQ)):
+        off = 0
+        for seg, j in enumerate(members, 1):
+            i, c = calls[j]
+            n, m = len(c.prompt_tokens), len(c.output_tokens)
+            np.testing.assert_array_equal(packed["tokens"][row, off:off + n + m], np.concatenate([c.prompt_tokens, c.output_tokens]))
+            np.testing.assert_array_equal(packed["positions"][row, off:off + n + m], np.arange(n + m))
+            assert (packed["segment_ids"][row, off:off + n + m] == seg).all()
+            np.testing.assert_array_equal(packed["loss_mask"][row, off:off + n + m], [0] * n + [1] * m)
+            np.testing.assert_array_equal(packed["old_logprobs"][row, off + n - 1:off + n - 1 + m], c.logprobs)
+            np.testing.assert_allclose(packed["token_weights"][row, off + n - 1:off + n - 1 + m], weights[i] / m, rtol=1e-6)
+            assert (packed["token_advantages"][row, off + n - 1:off + n - 1 + m] == adv[i]).all()
+            off += n + m
+        assert not packed["segment_ids"][row, off:].any()
+    np.testing.assert_allclose(packed["token_weights"].sum(), 1.0, rtol=1e-6)
+    assert not packed["segment_ids"][3].any() and not packed["token_weights"][3].any()
+    # the same loss, metrics and gradient as one call per row (old log-probs moved off-policy)
+    for b in (flat, packed):
+        logp = np.asarray(token_logprobs(graphdef, params, b["tokens"], b["positions"], b["segment_ids"]))
+        shift = np.where(b["positions"][:, 1:] % 3 == 0, 0.4, -0.3).astype(np.float32)  # by place in the call
+        b["old_logprobs"] = np.where(b["loss_mask"][:, 1:] > 0, logp + shift, 0.0).astype(np.float32)
+    vg = lambda b: jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, b, 0.2, 0.05), has_aux=True)(params)  # noqa: E731
+    (lf, mf), gf = vg(flat)
+    (lp, mp), gp = vg(packed)
+    assert float(mf["clip_fraction"]) > 0 and float(mf["kl"]) > 0
+    np.testing.assert_allclose(float(lp), float(lf), rtol=1e-5)
+    for k in ("pg_loss", "kl", "clip_fraction", "ratio_mean", "tokens"):
+        np.testing.assert_allclose(float(mp[k]), float(mf[k]), rtol=1e-5, err_msg=k)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(gf)) > 1e-4
+    for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(gf)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+    # the whole step too: one minibatch, one epoch (row shuffles cannot differ), plain SGD
+    cfg = grpo.GRPOConfig(group_size=2, num_minibatches=1, inner_epochs=1, beta=0.05, micro_batch_tokens=2 * SEQ)
+    tx = optax.sgd(0.1)
+    policy = nnx.merge(graphdef, params)
+    outs = []
+    for b in (flat, packed):
+        gd, state = init_train_state(policy, tx)
+        state = jax.tree.map(jnp.copy, state)
+        outs.append(grpo.make_grpo_step(gd, tx, cfg)(state, grpo.reference_params(ref_params), b, jax.random.key(0)))
+    (sf, mf2), (sp, mp2) = outs
+    np.testing.assert_allclose(float(mp2["loss"]), float(mf2["loss"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(sp.params), jax.tree.leaves(sf.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    batch, stats = grpo.build_batch(results, cfg.replace(pack_calls=True), seq_len=SEQ)
+    assert stats["calls"] == 7 and stats["rows"] == 3 and "token_weights" in batch
+    with pytest.raises(ValueError, match="expected an int >= the number of packed rows \\(3\\)"):
+        grpo.make_batch(results, adv, seq_len=SEQ, num_rows=2, pack=True)
+    with pytest.raises(ValueError, match="pack_calls='yes'"):
+        cfg.replace(pack_calls="yes")
+
+
 def test_build_batch_combines_rewards_advantages_and_rows():
     results = hand_results()
     batch, stats = grpo.build_batch(results, grpo.GRPOConfig(group_size=2, num_minibatches=2), seq_len=SEQ)

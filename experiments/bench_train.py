@@ -139,7 +139,8 @@ def _grpo(quick: bool, repeats: int, policy_path: str | None = None, data_dir: s
     med["rollout_share"] = med["rollout_s"] / (med["rollout_s"] + med["update_packed_s"])
     print(f"\nGRPO step, {what}, {p} problems x {g} rollouts (APR), context {ctx}, {gcfg.inner_epochs} epochs x "
           f"{gcfg.num_minibatches} minibatches; update with one call per row vs packed rows; medians of {len(rows)}")
-    print_table([{**med, "rollout_share": f"{med['rollout_share']:.0%}", "update_speedup": f"{med['update_speedup']:.2f}x"}],
+    shown = {**med, "rollout_share": f"{med['rollout_share']:.0%}", "update_speedup": f"{med['update_speedup']:.2f}x"}
+    print_table([shown],
                 ["rollout_s", "update_per_call_s", "update_packed_s", "update_speedup", "rollout_share", "calls",
                  "rows_per_call", "rows_packed", "gen_tokens"])
     return med

@@ -12,8 +12,9 @@ missing: its analyses are skipped); each may also be an exported policy, e.g. th
 1. **accuracy vs per-call context window** (greedy): SoS+ and APR at each of ``--contexts``;
 2. **accuracy vs total tokens**: SoS+ ``pass@n`` and ``cons@n`` for n = 1..``n_max``
    (temperature ``--temperature``; one rollout of ``n_max`` samples per problem, each n judged
-   on the first n samples, so the curves share samples) against APR (greedy and, when the APR data was built with
-   ``sub_call_budget``, each ``Sub Call Budget: b`` condition of ``--budgets``);
+   on the first n samples, so the curves share samples) against APR (greedy and, when the
+   APR data was built with ``sub_call_budget``, each ``Sub Call Budget: b`` condition of
+   ``--budgets``);
 3. **accuracy vs sequential tokens and vs latency** (decode steps of a problem's critical
    path) for the same conditions;
 4. **the effect of RL**: APR before / after GRPO at the main context (a table).

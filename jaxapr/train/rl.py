@@ -18,10 +18,10 @@ from a checkpoint continues exactly.
 
 Many hosts (``jaxapr.distributed``): process i of N rolls out problems ``[i P/N, (i+1) P/N)``
 of the step (whole groups) on its own engine with a process-local copy of the parameters, its
-samples' keys drawn from their indices among all P (so they do not depend on N); every process pads its rows to the same bucket
-(``rows_per_process``, from the largest call count of any process) and the update runs on
-the global batch of all processes' rows (``process_batch``). Logged metrics are over all
-processes.
+samples' keys drawn from their indices among all P (so they do not depend on N); every
+process pads its rows to the same bucket (``rows_per_process``, from the most rows any
+process needs) and the update runs on the global batch of all processes' rows
+(``process_batch``). Logged metrics are over all processes.
 """
 from __future__ import annotations
 

@@ -177,12 +177,14 @@ def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
         for seg, j in enumerate(members, 1):
             i, c = calls[j]
             n, m = len(c.prompt_tokens), len(c.output_tokens)
-            np.testing.assert_array_equal(packed["tokens"][row, off:off + n + m], np.concatenate([c.prompt_tokens, c.output_tokens]))
+            np.testing.assert_array_equal(packed["tokens"][row, off:off + n + m],
+                                          np.concatenate([c.prompt_tokens, c.output_tokens]))
             np.testing.assert_array_equal(packed["positions"][row, off:off + n + m], np.arange(n + m))
             assert (packed["segment_ids"][row, off:off + n + m] == seg).all()
             np.testing.assert_array_equal(packed["loss_mask"][row, off:off + n + m], [0] * n + [1] * m)
             np.testing.assert_array_equal(packed["old_logprobs"][row, off + n - 1:off + n - 1 + m], c.logprobs)
-            np.testing.assert_allclose(packed["token_weights"][row, off + n - 1:off + n - 1 + m], weights[i] / m, rtol=1e-6)
+            np.testing.assert_allclose(packed["token_weights"][row, off + n - 1:off + n - 1 + m], weights[i] / m,
+                                       rtol=1e-6)
             assert (packed["token_advantages"][row, off + n - 1:off + n - 1 + m] == adv[i]).all()
             off += n + m
         assert not packed["segment_ids"][row, off:].any()
@@ -193,7 +195,9 @@ def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
         logp = np.asarray(token_logprobs(graphdef, params, b["tokens"], b["positions"], b["segment_ids"]))
         shift = np.where(b["positions"][:, 1:] % 3 == 0, 0.4, -0.3).astype(np.float32)  # by place in the call
         b["old_logprobs"] = np.where(b["loss_mask"][:, 1:] > 0, logp + shift, 0.0).astype(np.float32)
-    vg = lambda b: jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, b, 0.2, 0.05), has_aux=True)(params)  # noqa: E731
+    def vg(b):
+        return jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, b, 0.2, 0.05), has_aux=True)(params)
+
     (lf, mf), gf = vg(flat)
     (lp, mp), gp = vg(packed)
     assert float(mf["clip_fraction"]) > 0 and float(mf["kl"]) > 0

@@ -663,8 +663,27 @@ SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, 
           "train": suite_train}
 
 
+def _check_flags() -> None:
+    """One-line errors before anything runs."""
+    if FLAGS.grpo_policy:
+        if not os.path.exists(FLAGS.grpo_policy):
+            raise ValueError(f"--grpo_policy={FLAGS.grpo_policy!r} does not exist: expected a run or an exported .npz")
+        if not FLAGS.grpo_data_dir or not os.path.isdir(os.path.join(FLAGS.grpo_data_dir, "problems")):
+            raise ValueError(f"--grpo_data_dir={FLAGS.grpo_data_dir!r}: expected the policy's gen_data output "
+                             "(a directory with problems/)")
+    for name in ("grpo_problems", "grpo_group", "grpo_context"):
+        value = getattr(FLAGS, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}={value}: expected a positive int")
+
+
 def main(argv):
     del argv
+    try:
+        _check_flags()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     t0 = time.time()
     results = {"suite": FLAGS.suite, "quick": FLAGS.quick, "machine": machine()}
     results["results"] = SUITES[FLAGS.suite](FLAGS.quick, FLAGS.repeats if not FLAGS.quick else 1)

@@ -50,14 +50,17 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
     main_ctx = contexts[-1]
     out = {"problems": int(len(problems[1])), "contexts": contexts, "main_context": main_ctx, "conditions": []}
 
+    def record(r, run, analysis, note=""):
+        r.update(run=run, analysis=analysis)
+        out["conditions"].append(r)
+        log(f"  {run:7s} {analysis:9s} {r['mode']:8s} ctx {r['context']:5d} {r['prefix']!r:24s} "
+            f"acc {r['accuracy']:.3f} tokens {r['total_tokens']:8.1f} seq {r['sequential_tokens']:7.1f} "
+            f"({note}{r['seconds']:.0f} s)")
+
     def add(run, analysis, **kw):
         policy = policies[run]
         ctx = min(kw.pop("context", main_ctx), policy.cfg.max_len)
-        r = condition(policy, problems, context=ctx, num_slots=num_slots, **kw)
-        r.update(run=run, analysis=analysis)
-        out["conditions"].append(r)
-        log(f"  {run:7s} {analysis:9s} {r['mode']:8s} ctx {ctx:5d} {r['prefix']!r:24s} acc {r['accuracy']:.3f} "
-            f"tokens {r['total_tokens']:8.1f} seq {r['sequential_tokens']:7.1f} ({r['seconds']:.0f} s)")
+        record(condition(policy, problems, context=ctx, num_slots=num_slots, **kw), run, analysis)
 
     key = jax.random.key(seed)
     for ctx in contexts:
@@ -71,11 +74,8 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
                                       temperature=temperature, key=key)
         for mode in modes:
             r = {"mode": mode, "context": ctx, "prefix": "", "temperature": temperature, **rows[mode],
-                 "run": "sosp", "analysis": "tokens", "samples_drawn": n_max}
-            out["conditions"].append(r)
-            log(f"  sosp    tokens    {mode:8s} ctx {ctx:5d} {'':24s} acc {r['accuracy']:.3f} "
-                f"tokens {r['total_tokens']:8.1f} seq {r['sequential_tokens']:7.1f} (first {mode.split('@')[1]} "
-                f"of {n_max} samples; {r['seconds']:.0f} s for all)")
+                 "samples_drawn": n_max}
+            record(r, "sosp", "tokens", note=f"first {mode.split('@')[1]} of {n_max} samples; all: ")
     if "apr" in policies and _has_budgets(runs["apr"]):
         for b in budgets:
             add("apr", "tokens", mode="apr", prefix=f"Sub Call Budget: {int(b)} ")

@@ -250,9 +250,7 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
         raise ValueError(f"{adv.shape[0]} advantages for {len(results)} rollouts: expected one per rollout")
     if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
         raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
-    calls = _trained_calls(results, seq_len)
-    rows = pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len) if pack else [
-        [j] for j in range(len(calls))]
+    calls, rows = _row_layout(results, seq_len, pack)
     if num_rows is None:
         num_rows = bucket_rows(len(rows), multiple_of)
     what = "packed rows" if pack else "calls"
@@ -297,6 +295,15 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
     return batch
 
 
+def _row_layout(results: Sequence, seq_len: int, pack: bool) -> tuple[list, list[list[int]]]:
+    """(``_trained_calls``, the indices of the calls in each row: several per row when packed,
+    else one)."""
+    calls = _trained_calls(results, seq_len)
+    if not pack:
+        return calls, [[j] for j in range(len(calls))]
+    return calls, pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len)
+
+
 def _trained_calls(results: Sequence, seq_len: int) -> list:
     """[(rollout index, call, calls of that rollout that generated tokens)], validated."""
     if not len(results):
@@ -339,10 +346,7 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
 
 def rows_needed(results: Sequence, seq_len: int, pack: bool) -> int:
     """How many rows ``make_batch(results, ..., pack=pack)`` fills before padding."""
-    calls = _trained_calls(results, seq_len)
-    if not pack:
-        return len(calls)
-    return len(pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len))
+    return len(_row_layout(results, seq_len, pack)[1])
 
 
 def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: int | None = None) -> tuple[dict, dict]:

@@ -151,6 +151,15 @@ def test_sampling_modes_vote_and_choose():
         runtime.first_samples(drawn, "pass@5")
     with pytest.raises(ValueError, match="expected 'pass@k', 'cons@k' or 'best-of-k'"):
         runtime.first_samples(drawn, "sosp")
+    from jaxapr.train import common
+
+    for modes in ([], ["pass@2", "apr"]):  # refused before anything is rolled out
+        with pytest.raises(ValueError, match="expected sampled modes 'pass@k', 'cons@k' or 'best-of-k'"):
+            common.sampled_metrics(None, probs, modes=modes, max_context=BIG, num_slots=2, temperature=1.0, key=key,
+                                   engine=eng)
+    shared = common.sampled_metrics(None, probs, modes=["pass@1", "pass@2", "cons@2"], max_context=BIG, num_slots=2,
+                                    temperature=1.0, key=key, engine=eng)
+    assert shared["pass@1"]["seconds"] == shared["cons@2"]["seconds"]  # one rollout answered every mode
     with pytest.raises(ValueError, match="mode='apr@3'"):
         runtime.rollout(None, probs, "apr@3", engine=eng)
 

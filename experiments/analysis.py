@@ -119,6 +119,16 @@ def tables(result: dict) -> str:
     fmt([r for r in conds if r["analysis"] == "context"], "Accuracy vs per-call context window (greedy)")
     fmt([r for r in conds if r["analysis"] == "tokens"], "Accuracy vs total tokens (SoS+ pass@n / cons@n, APR budgets)")
     fmt([r for r in conds if r["analysis"] == "rl"], "Effect of RL (APR before / after GRPO, greedy)")
+    joins = [r for r in conds if "child_solved" in r and r["analysis"] != "rl"]
+    if joins:  # runtime.join_diagnostics: shares of problems, children per problem
+        lines.append("\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
+                     " / a call after a join ran out of room; children: all / distinct / solved)")
+        lines.append(f"{'run':8s} {'context':>7s} {'prefix':>22s} {'accuracy':>8s} {'child ok':>8s} {'lost':>6s} "
+                     f"{'overflow':>8s} {'children':>8s} {'distinct':>8s} {'solved':>6s}")
+        for r in joins:
+            lines.append(f"{r['run']:8s} {r['context']:7d} {r['prefix'].strip():>22s} {r['accuracy']:8.3f} "
+                         f"{r['child_solved']:8.3f} {r['lost_at_join']:6.3f} {r['join_overflow']:8.3f} "
+                         f"{r['children']:8.2f} {r['distinct_children']:8.2f} {r['solved_children']:6.2f}")
     return "\n".join(lines)
 
 

@@ -393,6 +393,7 @@ def make_loader(
     num_shards: int = 1,
     train_on_prompt: bool = False,
     packing_bins: int | None = None,
+    kind_repeats: dict | None = None,
 ):
     """A grain ``IterDataset`` of fixed-shape batches (numpy):
 
@@ -400,7 +401,9 @@ def make_loader(
     1, 2, ... = the examples packed into the row), ``positions`` int32[B, L].
     Examples longer than ``seq_len`` are dropped (their count is ``loader.num_dropped``).
     Shuffled per epoch from ``seed``; host ``shard_index`` of ``num_shards`` reads every
-    ``num_shards``-th example. ``num_epochs=None`` repeats forever.
+    ``num_shards``-th example. ``num_epochs=None`` repeats forever. ``kind_repeats``: how many
+    times an example of each call kind (``CALL_KINDS`` names; default 1) appears per epoch,
+    e.g. ``{"continuation": 4}`` oversamples APR parents' post-join calls; 0 leaves a kind out.
     """
     import grain
     import grain.experimental as gexp
@@ -412,6 +415,16 @@ def make_loader(
     source = TraceSource(data_dir, split, train_on_prompt)
     keep = np.nonzero(source.lengths <= seq_len)[0]
     keep = keep[shard_index::num_shards]
+    if kind_repeats:
+        unknown = sorted(set(kind_repeats) - set(CALL_KINDS))
+        if unknown:
+            raise ValueError(f"kind_repeats names {unknown}: expected call kinds from {sorted(CALL_KINDS)}")
+        reps = np.ones(len(CALL_KINDS), np.int64)
+        for name, r in kind_repeats.items():
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+                raise ValueError(f"kind_repeats[{name!r}]={r!r}: expected an int >= 0")
+            reps[CALL_KINDS[name]] = r
+        keep = np.repeat(keep, reps[source.index[keep, 4]])
     if len(keep) == 0:
         raise ValueError(f"no example of split {split!r} fits seq_len={seq_len} (shortest: {int(source.lengths.min())} tokens)")
     fields = ("tokens", "loss_mask")

@@ -507,6 +507,47 @@ def _result(sched: _Scheduler, root: Thread, nums, target, wall) -> RolloutResul
         latency_steps=int(latency), wall_s=wall)
 
 
+_CHILD_STATE_RE = re.compile(r"^Current State: ([0-9]+):\[([0-9, ]*)\]", re.M)
+JOIN_FIELDS = ("distinct_children", "solved_children", "child_solved", "join_overflow", "lost_at_join")
+
+
+def join_diagnostics(result: RolloutResult) -> dict:
+    """Where an APR rollout's root thread won or lost its problem (all 0 without children):
+
+    - ``distinct_children``: the root's child threads with distinct states (their prompts'
+      ``Current State`` lines; a root that generates the same node twice spawns the same
+      search twice);
+    - ``solved_children``: root children whose result (``traces.child_result``) replays to
+      their own target from their own state (``traces.verify(text, state, target)``);
+    - ``child_solved``: 1 if any root child solved its sub-problem;
+    - ``join_overflow``: 1 if a root call after a join ended without EOS: the per-call
+      context (its prompt is the join context, which grows with every child's result) or the
+      token budget ran out, or it never ran;
+    - ``lost_at_join``: 1 if a child solved its sub-problem and the rollout still failed.
+    """
+    tree, calls = result.tree, list(result.calls)
+    subs = tree.get("sub_calls", [])
+    distinct, solved = set(), 0
+    for child in (c for block in subs for c in block):
+        first, final = child["main_calls"][0], child["main_calls"][-1]
+        distinct.add(first.split("\n")[1] if "\n" in first else first)  # "Current State: ..., Operations: [...]"
+        m = _CHILD_STATE_RE.search(first)
+        if m and m.group(2):
+            state = [int(x) for x in m.group(2).split(", ")]
+            solved += traces.verify(final, state, int(m.group(1))).success
+    overflow, at = 0, 0  # root call k sits at ``at`` in ``calls`` (parents before their children)
+    for k in range(len(tree["main_calls"])):
+        if k and (at >= len(calls) or calls[at].stopped != "eos"):
+            overflow = 1
+        at += 1 + (sum(_num_calls(c) for c in subs[k]) if k < len(subs) else 0)
+    return {"distinct_children": len(distinct), "solved_children": solved, "child_solved": int(solved > 0),
+            "join_overflow": overflow, "lost_at_join": int(solved > 0 and not result.success)}
+
+
+def _num_calls(tree: dict) -> int:
+    return len(tree["main_calls"]) + sum(_num_calls(c) for block in tree.get("sub_calls", []) for c in block)
+
+
 def claimed_answer(text: str) -> tuple | None:
     """The operations of a trace's restated path if it claims success (its last line, ignoring
     blank and ``Exit`` lines, is a goal line), else None: what cons@n votes on."""

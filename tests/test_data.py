@@ -179,3 +179,30 @@ def test_gen_data_script_end_to_end(tmp_path):
         gen_data.run(config, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="unknown data preset 'huge'"):
         data_configs.get_config("huge")
+
+
+def test_loader_kind_repeats_oversample_and_drop_call_kinds(built):
+    path, _ = built["apr"]
+    src = data.TraceSource(str(path), "train")
+    kinds = {src[i]["tokens"].tobytes(): src[i]["kind"] for i in range(len(src))}
+    cont = data.CALL_KINDS["continuation"]
+
+    def epoch_counts(**kw):
+        loader = data.make_loader(str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, **kw)
+        seen = [row["tokens"][0][:row["segment_ids"][0].sum()].tobytes() for row in loader]
+        counts = np.zeros(len(data.CALL_KINDS), np.int64)
+        for t in seen:
+            counts[kinds[t]] += 1
+        return counts, len(set(seen))
+
+    base, distinct = epoch_counts()
+    assert base[cont] > 0 and base.sum() == distinct  # each example once
+    more, distinct3 = epoch_counts(kind_repeats={"continuation": 3})
+    assert more[cont] == 3 * base[cont] and distinct3 == distinct
+    assert np.array_equal(np.delete(more, cont), np.delete(base, cont))
+    none, _ = epoch_counts(kind_repeats={"continuation": 0, "child_first": 2})
+    assert none[cont] == 0 and none[data.CALL_KINDS["child_first"]] == 2 * base[data.CALL_KINDS["child_first"]]
+    with pytest.raises(ValueError, match=r"kind_repeats names \['joins'\]"):
+        data.make_loader(str(path), "train", batch_size=1, seq_len=1024, kind_repeats={"joins": 2})
+    with pytest.raises(ValueError, match=r"kind_repeats\['continuation'\]=-1: expected an int >= 0"):
+        data.make_loader(str(path), "train", batch_size=1, seq_len=1024, kind_repeats={"continuation": -1})

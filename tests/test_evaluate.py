@@ -63,6 +63,12 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     assert len(rl_row) == 1 and dict(rl_row[0], analysis="context") == ctx_row[0]
     assert len(result["plots"]) == 4 and all(os.path.getsize(p) > 1000 for p in result["plots"])
     assert "Accuracy vs per-call context window" in proc.stdout
+    # APR rows carry the join diagnostics (runtime.join_diagnostics means), serial rows do not
+    for c in conds:
+        assert ("lost_at_join" in c) == (c["run"] == "apr")
+        if c["run"] == "apr":
+            assert 0.0 <= c["lost_at_join"] <= c["child_solved"] <= 1.0 and c["distinct_children"] <= c["children"]
+    assert "APR joins" in proc.stdout
 
 
 def test_evaluate_bad_input(tmp_path):

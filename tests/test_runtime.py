@@ -368,3 +368,58 @@ def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
     assert keep["extend_calls"] > 0 and keep["evictions"] > 0 and keep["extend_calls"] + keep["evictions"] == 6
     assert keep["prefill_tokens"] + keep["reused_prefix_tokens"] == re["prefill_tokens"]
     assert eng.free_slots() == list(range(16))
+
+
+def test_join_diagnostics_by_hand():
+    """Duplicate children, solved children, a join cut by the context, a lost join: by hand."""
+    from jaxapr.train import common
+
+    nums, target = [1, 4, 5], 20
+    root = ("Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
+            "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,1: 20:[1, 20] Operation: 5*4=20\n"
+            "Exploring Operation: 4+1=5, Resulting Numbers: [5, 5]\nGenerated Node #0,2: 20:[5, 5] Operation: 4+1=5\n"
+            "<Calling Sub Searches>\n" + "".join(f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}\n" for k in range(3))
+            + "<End Calling Sub Searches>\n")
+    path = "Exploring Operation: 20*1=20, Resulting Numbers: [20]\n20,20 equal: Goal Reached\n"
+
+    def solved_child(k):
+        return path + f"Moving to Node #0,{k}\nCurrent State: 20:[1, 20], Operations: ['5*4=20']\n" + path
+
+    final = ("20,20 equal: Goal Reached\nMoving to Node #0\nCurrent State: 20:[1, 4, 5], Operations: []\n"
+             "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
+             + solved_child(0)[len(path):])
+
+    def answers(join_output):
+        def respond(p):
+            if "<Sub Searches>" in p:
+                return join_output
+            if p.startswith("Moving to Node #0\n"):
+                return root
+            return solved_child(int(p[18])) if p[18] in "01" else "No solution found.\n"
+        return respond
+
+    probs = (np.array([nums]), np.array([target]))
+    (won,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers(final), 2, BIG))
+    assert won.success and won.num_children == 3
+    assert runtime.join_diagnostics(won) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
+                                             "join_overflow": 0, "lost_at_join": 0}
+    (lost,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers("No solution found.\n"), 2, BIG))
+    assert not lost.success
+    assert runtime.join_diagnostics(lost) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
+                                              "join_overflow": 0, "lost_at_join": 1}
+    # The join context leaves 3 tokens of the window: the root's last call is cut (the children fit).
+    window = len(won.calls[4].prompt_tokens) + 3
+    assert won.calls[4].prompt == won.tree["main_calls"][1][:len(won.calls[4].prompt)]  # the root's join call
+    (cut,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers(final), 2, BIG), max_context=window)
+    assert not cut.success and cut.calls[4].stopped == "length" and cut.calls[1].stopped == "eos"
+    assert runtime.join_diagnostics(cut) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
+                                             "join_overflow": 1, "lost_at_join": 1}
+    # Serial traces and roots that never spawn: all zero.
+    (serial,) = runtime.rollout(None, probs, "sosp", engine=ScriptedEngine(lambda p: path + path, 1, BIG))
+    assert set(runtime.join_diagnostics(serial).values()) == {0}
+    # rollout_metrics reports their means for APR only.
+    eng = ScriptedEngine(answers("No solution found.\n"), 2, BIG)
+    two = (np.array([nums, nums]), np.array([target, target]))
+    m = common.rollout_metrics(None, two, mode="apr", max_context=BIG, num_slots=2, engine=eng)
+    assert m["lost_at_join"] == 1.0 and m["distinct_children"] == 2.0 and m["join_overflow"] == 0.0
+    assert "lost_at_join" not in common.rollout_metrics(None, two, mode="sosp", max_context=BIG, num_slots=2, engine=eng)

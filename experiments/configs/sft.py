@@ -33,6 +33,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.init_from = os.path.join(_CHECKPOINTS, "tiny_{kind}_sft.npz") if preset == "mini" else ""
     c.init_which = "best"
     c.train_on_prompt = False  # the paper trained on all tokens; we mask prompts/join contexts by default
+    # Examples per epoch of each call kind (jaxapr.data.CALL_KINDS), e.g.
+    # --config.kind_repeats.continuation=4 oversamples APR parents' calls after a join.
+    c.kind_repeats = ConfigDict(dict(sosp=1, root_first=1, continuation=1, child_first=1))
     run = {
         #        seq_len batch accum steps  lr    warmup eval_every ckpt_every eval_problems max_context slots
         "tiny": (512, 16, 1, 2_000, 2e-3, 100, 250, 250, 100, 512, 64),

@@ -146,7 +146,7 @@ def rollout_metrics(policy, problems, *, mode: str, max_context: int, num_slots:
     or ``policy``) and the means are over all problems; every process must call this."""
     results, wall = _local_rollouts(policy, problems, mode=mode, max_context=max_context, num_slots=num_slots,
                                     prefix=prefix, temperature=temperature, key=key, engine=engine)
-    return _mean_metrics(results, wall)
+    return _mean_metrics(results, wall, joins=mode == "apr")
 
 
 def sampled_metrics(policy, problems, *, modes, max_context: int, num_slots: int, temperature: float, key,
@@ -185,11 +185,17 @@ def _local_rollouts(policy, problems, *, mode, max_context, num_slots, prefix, t
     return results, time.perf_counter() - t0
 
 
-def _mean_metrics(results, wall: float) -> dict:
-    """Means over all processes' results (a collective with several processes)."""
+def _mean_metrics(results, wall: float, joins: bool = False) -> dict:
+    """Means over all processes' results (a collective with several processes); with ``joins``
+    (APR) also the means of ``runtime.join_diagnostics``."""
+    from jaxapr import runtime
+
     fields = {"accuracy": "success", "total_tokens": "total_tokens", "sequential_tokens": "sequential_tokens",
               "children": "num_children", "latency_steps": "latency_steps"}
     sums = {k: float(np.sum([getattr(r, a) for r in results])) for k, a in fields.items()}
+    if joins:
+        diags = [runtime.join_diagnostics(r) for r in results]
+        sums.update({k: float(sum(d[k] for d in diags)) for k in runtime.JOIN_FIELDS})
     if jax.process_count() > 1:
         sums = distributed.sum_across({**sums, "count": len(results)})
         count, wall = sums.pop("count"), distributed.max_across(wall)

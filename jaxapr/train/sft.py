@@ -167,7 +167,8 @@ def train(config, workdir: str, log=print) -> dict:
         raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {processes} processes")
     loader = data_lib.make_loader(data_dir, "train", batch_size=config.batch_size // processes, seq_len=seq_len,
                                   seed=config.seed, shard_index=process, num_shards=processes,
-                                  train_on_prompt=config.train_on_prompt)
+                                  train_on_prompt=config.train_on_prompt,
+                                  kind_repeats=dict(config.get("kind_repeats", None) or {}))
     val_batches = []
     if config.eval_batches:
         val = data_lib.make_loader(data_dir, "val", batch_size=config.batch_size // processes, seq_len=seq_len,

@@ -119,7 +119,7 @@ def tables(result: dict) -> str:
     fmt([r for r in conds if r["analysis"] == "context"], "Accuracy vs per-call context window (greedy)")
     fmt([r for r in conds if r["analysis"] == "tokens"], "Accuracy vs total tokens (SoS+ pass@n / cons@n, APR budgets)")
     fmt([r for r in conds if r["analysis"] == "rl"], "Effect of RL (APR before / after GRPO, greedy)")
-    joins = [r for r in conds if "child_solved" in r and r["analysis"] != "rl"]
+    joins = list({(r["run"], r["context"], r["prefix"]): r for r in conds if "child_solved" in r}.values())
     if joins:  # runtime.join_diagnostics: shares of problems, children per problem
         lines.append("\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
                      " / a call after a join ran out of room; children: all / distinct / solved)")

@@ -113,7 +113,9 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
         r.update(run=name)
         rows.append(r)
         log(f"  {NAMES.get(name, name):18s} context {ctx:4d}: solved {r['accuracy']:6.1%}  tokens {r['total_tokens']:6.0f}"
-            f"  sequential {r['sequential_tokens']:5.0f}  children {r['children']:4.2f}  ({r['seconds']:.0f} s)")
+            f"  sequential {r['sequential_tokens']:5.0f}  children {r['children']:4.2f}  ({r['seconds']:.0f} s)"
+            + (f"\n  {'':18s} a child solved {r['child_solved']:6.1%}  lost at the join {r['lost_at_join']:6.1%}"
+               f"  join out of context {r['join_overflow']:6.1%}" if "lost_at_join" in r else ""))
     return rows
 
 

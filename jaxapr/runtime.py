@@ -507,7 +507,7 @@ def _result(sched: _Scheduler, root: Thread, nums, target, wall) -> RolloutResul
         latency_steps=int(latency), wall_s=wall)
 
 
-_CHILD_STATE_RE = re.compile(r"^Current State: ([0-9]+):\[([0-9, ]*)\]", re.M)
+_CHILD_STATE_RE = re.compile(r"Current State: ([0-9]+):\[([0-9, ]*)\]")
 JOIN_FIELDS = ("distinct_children", "solved_children", "child_solved", "join_overflow", "lost_at_join")
 
 
@@ -530,8 +530,9 @@ def join_diagnostics(result: RolloutResult) -> dict:
     distinct, solved = set(), 0
     for child in (c for block in subs for c in block):
         first, final = child["main_calls"][0], child["main_calls"][-1]
-        distinct.add(first.split("\n")[1] if "\n" in first else first)  # "Current State: ..., Operations: [...]"
-        m = _CHILD_STATE_RE.search(first)
+        state_line = (first.split("\n") + [""])[1]  # the prompt's "Current State: T:[...], Operations: [...]"
+        distinct.add(state_line)
+        m = _CHILD_STATE_RE.match(state_line)
         if m and m.group(2):
             state = [int(x) for x in m.group(2).split(", ")]
             solved += traces.verify(final, state, int(m.group(1))).success

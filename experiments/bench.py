@@ -40,6 +40,9 @@ flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median reported).")
 flags.DEFINE_list("sampler_presets", ["tiny", "mini"], "sampler: model presets (quick: tiny).")
 flags.DEFINE_list("sampler_batches", ["1", "16", "64", "256"], "sampler: batch sizes (quick: 1, 16).")
+flags.DEFINE_list("sampler_hf_batches", None, "sampler: the batch sizes that also time HF generate (default: all).")
+flags.DEFINE_list("train_presets", ["tiny", "mini"], "train: SFT step presets (paper: batch 4 x 2048; for a GPU/TPU).")
+flags.DEFINE_bool("train_grpo", True, "train: also time the GRPO step (rollout + update).")
 flags.DEFINE_enum("runtime_preset", "mini", ["tiny", "mini"], "runtime: model preset (random weights).")
 flags.DEFINE_integer("runtime_slots", None, "runtime: engine slots (default 32; quick 16).")
 flags.DEFINE_integer("runtime_problems", None, "runtime: problems per rollout (default 64; quick 32).")
@@ -278,11 +281,15 @@ def _all_calls(tree):
 # ----------------------------------------------------------------------------------------
 # sampler suite
 # ----------------------------------------------------------------------------------------
-def _matmul_peak_flops(n: int = 2048) -> float:
-    """FLOP/s of a jitted float32 [n, n] @ [n, n] (the reference peak of this machine)."""
+def _matmul_peak_flops(dtype: str = "float32", quick: bool = False) -> float:
+    """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (the reference peak of this machine):
+    n = 2,048 on a CPU, 8,192 on an accelerator (a smaller product does not fill it)."""
+    import jax
+
     from jaxapr.train.common import matmul_peak_flops
 
-    return matmul_peak_flops(n)
+    n = 1024 if quick else (2048 if jax.default_backend() == "cpu" else 8192)
+    return matmul_peak_flops(n, dtype=dtype)
 
 
 def _no_cache_segments(policy, batch: int, prompt_len: int, new: int, probe_steps: int):
@@ -321,7 +328,8 @@ def _no_cache_segments(policy, batch: int, prompt_len: int, new: int, probe_step
 
 
 def _hf_llama(cfg):
-    """A random-weight Hugging Face LlamaForCausalLM of the same shape, or None."""
+    """A random-weight Hugging Face LlamaForCausalLM of the same shape, or None; on the GPU
+    when torch sees one (as JAX does), in the model's compute dtype there."""
     try:
         import torch
         import transformers
@@ -329,24 +337,35 @@ def _hf_llama(cfg):
         return None
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
+    cuda = torch.cuda.is_available()
     conf = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.dims_per_head, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)
-    return transformers.LlamaForCausalLM(conf).eval()
+    try:
+        hf = transformers.LlamaForCausalLM(conf).eval()
+        if cuda:  # HF keeps float32 weights on the CPU; on the GPU it runs as JAX does
+            hf = hf.to("cuda", dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+        _hf_generate(hf, [[3, 4, 5]], 2)()  # a smoke run: an API change skips HF, not the suite
+    except Exception as e:  # noqa: BLE001 -- any failure of the optional baseline
+        print(f"HF generate unavailable (transformers {transformers.__version__}): {type(e).__name__}: {e}")
+        return None
+    return hf
 
 
 def _hf_generate(hf, prompts, new: int):
     import torch
 
-    ids = torch.as_tensor(prompts, dtype=torch.long)
+    ids = torch.as_tensor(prompts, dtype=torch.long, device=hf.device)
 
     def run():
         with torch.no_grad():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, eos_token_id=None, pad_token_id=0)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
     return run
 
 
@@ -362,12 +381,16 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
     batches = [1, 16] if quick else [int(b) for b in FLAGS.sampler_batches]
     prompt_len, new = 16, (32 if quick else 512)
     repeats = min(repeats, 3)
-    peak = _matmul_peak_flops(1024 if quick else 2048)
-    print(f"\nmatmul peak (f32 jnp.dot): {peak / 1e9:,.1f} GFLOP/s")
-    results = {"matmul_peak_flops": peak, "prompt_len": prompt_len, "new_tokens": new, "rows": []}
+    hf_batches = batches if FLAGS.sampler_hf_batches is None else [int(b) for b in FLAGS.sampler_hf_batches]
+    peaks = {}  # per compute dtype of the presets
+    for dtype in sorted({model.PRESETS[p].dtype for p in presets}):
+        peaks[dtype] = _matmul_peak_flops(dtype, quick)
+        print(f"\nmatmul peak ({dtype} jnp.dot on {jax.devices()[0].device_kind}): {peaks[dtype] / 1e9:,.1f} GFLOP/s")
+    results = {"matmul_peak_flops": peaks, "prompt_len": prompt_len, "new_tokens": new, "rows": []}
     rows = []
     for preset in presets:
         cfg = model.PRESETS[preset]
+        peak = peaks[cfg.dtype]
         policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
         hf = _hf_llama(cfg)
         max_len = min(cfg.max_len, engine._next_pow2(prompt_len + new))
@@ -396,7 +419,8 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
             segments = _no_cache_segments(policy, batch, prompt_len, new, probe_steps=2 if quick else 4)
             fns = {"engine": run_engine}
             fns.update({f"nocache{i}": fn for i, (_, _, fn) in enumerate(segments)})
-            if hf is not None:
+            with_hf = hf is not None and batch in hf_batches
+            if with_hf:
                 fns["hf"] = _hf_generate(hf, prompts, new)
             med = interleaved_medians(fns, repeats)
             prefill_t = statistics.median(times["prefill"][1:])
@@ -411,8 +435,8 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
                 "gen tok/s": engine_tps,
                 "no-cache tok/s": batch * new / nocache_t,
                 "x no-cache": engine_tps / (batch * new / nocache_t),
-                "HF tok/s": batch * new / med["hf"] if hf is not None else None,
-                "x HF": engine_tps / (batch * new / med["hf"]) if hf is not None else None,
+                "HF tok/s": batch * new / med["hf"] if with_hf else None,
+                "x HF": engine_tps / (batch * new / med["hf"]) if with_hf else None,
                 "peak frac": decode_tps * flops / peak,
                 "KV bytes/slot": model.cache_bytes_per_slot(cfg, max_len),
             }
@@ -423,6 +447,7 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
     plen, pbatch = (128, 8) if quick else (512, 16)
     for preset in presets:
         cfg = model.PRESETS[preset]
+        peak = peaks[cfg.dtype]
         policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
         eng = engine.Engine(policy, num_slots=pbatch, max_len=min(cfg.max_len, 2 * plen))
         prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(pbatch, plen)).astype(np.int32)
@@ -444,8 +469,8 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
           "(length-bucketed, probed and scaled); HF = LlamaForCausalLM.generate, same shape, random weights")
     print_table(rows, ["preset", "batch", "decode tok/s", "prefill tok/s", "gen tok/s", "no-cache tok/s",
                        "x no-cache", "HF tok/s", "x HF", "peak frac", "KV bytes/slot"])
-    if rows and rows[0]["HF tok/s"] is None:
-        print("torch/transformers not installed: the HF generate row is skipped")
+    if all(r["HF tok/s"] is None for r in rows):
+        print("torch/transformers not installed (or --sampler_hf_batches empty): HF generate not timed")
     return results
 
 
@@ -655,7 +680,7 @@ def _join_kernels(eng, results, repeats: int) -> dict:
 def suite_train(quick: bool, repeats: int) -> dict:
     from experiments.bench_train import suite_train as run
 
-    return run(quick, repeats, policy_path=FLAGS.grpo_policy, data_dir=FLAGS.grpo_data_dir,
+    return run(quick, repeats, presets=FLAGS.train_presets, grpo=FLAGS.train_grpo, policy_path=FLAGS.grpo_policy, data_dir=FLAGS.grpo_data_dir,
                num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
 
 
@@ -671,6 +696,16 @@ def _check_flags() -> None:
         if not FLAGS.grpo_data_dir or not os.path.isdir(os.path.join(FLAGS.grpo_data_dir, "problems")):
             raise ValueError(f"--grpo_data_dir={FLAGS.grpo_data_dir!r}: expected the policy's gen_data output "
                              "(a directory with problems/)")
+    from jaxapr.model import PRESETS
+
+    for name, allowed in (("sampler_presets", PRESETS), ("train_presets", ("tiny", "mini", "paper"))):
+        bad = [p for p in getattr(FLAGS, name) if p not in allowed]
+        if bad:
+            raise ValueError(f"--{name}: unknown preset {bad[0]!r}: expected some of {sorted(allowed)}")
+    for name in ("sampler_batches", "sampler_hf_batches"):
+        for b in getattr(FLAGS, name) or []:
+            if not b.isdigit() or int(b) < 1:
+                raise ValueError(f"--{name}: {b!r} is not a positive int")
     for name in ("grpo_problems", "grpo_group", "grpo_context"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:

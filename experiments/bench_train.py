@@ -3,8 +3,8 @@
     python -m experiments.bench --suite=train [--quick] --out=bench_train.json
 
 1. SFT: tokens/s of the jitted SFT step (forward + backward + AdamW) on fully packed rows at
-   the tiny and mini presets, and its fraction of a float32 matmul peak measured in the same
-   run (training FLOPs = 3 x the forward FLOPs of ``model.flops_per_token`` at the mean
+   the presets of ``--train_presets`` (tiny and mini; paper on a GPU/TPU), and its fraction of
+   a matmul peak in the model's compute dtype measured in the same run (training FLOPs = 3 x the forward FLOPs of ``model.flops_per_token`` at the mean
    context of a row, seq_len / 2).
 2. GRPO: one step of the tiny preset split into the rollout (engine + runtime, temperature 1)
    and the update (one jitted step over all calls, inner epochs x minibatches).
@@ -55,21 +55,36 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
             "params": model.param_count(cfg)}
 
 
-def suite_train(quick: bool, repeats: int, **grpo_kw) -> dict:
-    """SFT rows (tiny, mini) and the GRPO step; ``grpo_kw``: ``_grpo``'s policy options."""
+# SFT shapes per preset: (batch, seq_len, accum); paper is for a GPU/TPU (bfloat16 compute).
+SFT_SHAPES = {"tiny": [(16, 512, 1)], "mini": [(16, 512, 1), (16, 1024, 2)], "paper": [(4, 2048, 1)]}
+
+
+def suite_train(quick: bool, repeats: int, presets=("tiny", "mini"), grpo: bool = True, **grpo_kw) -> dict:
+    """SFT rows of ``presets`` and the GRPO step; ``grpo_kw``: ``_grpo``'s policy options."""
+    import jax
+
+    from jaxapr import model
     from jaxapr.train import common
 
-    peak = common.matmul_peak_flops(1024 if quick else 2048)
-    print(f"\nmatmul peak (f32 jnp.dot, same run): {peak / 1e9:,.1f} GFLOP/s")
-    shapes = [("tiny", 16, 512, 1), ("mini", 16, 512, 1), ("mini", 16, 1024, 2)]
+    for p in presets:
+        if p not in SFT_SHAPES:
+            raise ValueError(f"--train_presets: unknown preset {p!r}: expected some of {sorted(SFT_SHAPES)}")
+    n = 1024 if quick else (2048 if jax.default_backend() == "cpu" else 8192)
+    peaks = {}
+    for dtype in sorted({model.PRESETS[p].dtype for p in presets}):
+        peaks[dtype] = common.matmul_peak_flops(n, dtype=dtype)
+        print(f"\nmatmul peak ({dtype} jnp.dot on {jax.devices()[0].device_kind}, same run): "
+              f"{peaks[dtype] / 1e9:,.1f} GFLOP/s")
+    shapes = [(p, *shape) for p in presets for shape in SFT_SHAPES[p]]
     if quick:
-        shapes = [("tiny", 8, 256, 1), ("mini", 8, 256, 1)]
-    rows = [_sft_row(p, b, L, a, repeats, peak) for p, b, L, a in shapes]
-    out = {"matmul_peak_flops": peak, "sft": rows}
+        shapes = [(p, 8, 256, 1) for p in presets]
+    rows = [_sft_row(p, b, L, a, repeats, peaks[model.PRESETS[p].dtype]) for p, b, L, a in shapes]
+    out = {"matmul_peak_flops": peaks, "sft": rows}
     print("\nSFT step (forward + backward + AdamW), fully packed rows of random tokens")
     print_table([{**r, "params": f"{r['params'] / 1e6:.2f}M", "peak_fraction": f"{r['peak_fraction']:.1%}"} for r in rows],
                 ["preset", "params", "batch", "seq_len", "accum", "step_s", "tokens_per_s", "train_gflops", "peak_fraction"])
-    out["grpo"] = _grpo(quick, repeats, **grpo_kw)
+    if grpo:
+        out["grpo"] = _grpo(quick, repeats, **grpo_kw)
     return out
 
 

@@ -219,7 +219,7 @@ def train(config, workdir: str, log=print) -> dict:
                             batch_sharding=None)
     eval_fn = make_eval_step(graphdef)
     engine = None
-    peak = common.matmul_peak_flops()
+    peak = common.matmul_peak_flops(dtype=cfg.dtype)
     flops_per_token = 3 * model_flops(cfg, seq_len)
 
     def evaluate(step):

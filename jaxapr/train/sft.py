@@ -169,6 +169,9 @@ def train(config, workdir: str, log=print) -> dict:
                                   seed=config.seed, shard_index=process, num_shards=processes,
                                   train_on_prompt=config.train_on_prompt,
                                   kind_repeats=dict(config.get("kind_repeats", None) or {}))
+    if loader.num_dropped:  # a serial policy with this window could not produce them either; say so once
+        log(f"{loader.num_dropped} training examples are longer than seq_len={seq_len} tokens and are left out "
+            f"({loader.num_examples} examples per epoch remain)")
     val_batches = []
     if config.eval_batches:
         val = data_lib.make_loader(data_dir, "val", batch_size=config.batch_size // processes, seq_len=seq_len,

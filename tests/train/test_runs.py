@@ -107,6 +107,19 @@ def test_bad_input_is_a_clear_error(tmp_path, data_dir, sft_run):
         rl.train(rl_config(data_dir, str(tmp_path)), str(tmp_path / "g"))
 
 
+def test_sft_says_how_many_examples_are_too_long(tmp_path, data_dir):
+    from jaxapr import data as data_lib
+
+    lengths = data_lib.TraceSource(os.path.join(data_dir, "apr"), "train", False).lengths
+    seq_len = int(np.median(lengths))  # about half of the examples do not fit
+    lines = []
+    sft.train(sft_config(data_dir, num_steps=2, seq_len=seq_len, eval_every=0, checkpoint_every=2), str(tmp_path / "r"),
+              log=lines.append)
+    dropped = int((lengths > seq_len).sum())
+    assert dropped > 0
+    assert any(line.startswith(f"{dropped} training examples are longer than seq_len={seq_len} tokens") for line in lines)
+
+
 def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, sft_run):
     workdir, _ = sft_run
     source = common.export_policy(common.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"),

@@ -1,26 +1,30 @@
 r"""The main job: APR vs serial search on a laptop, in minutes.
 
-    python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--from_scratch]
+    python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--preset=mini|tiny] [--from_scratch]
 
-With the policies shipped in ``experiments/checkpoints/`` (tiny preset: 3-number Countdown,
-0.9M parameters, SoS+ and APR SFT; made by this project's pipeline, see the README there),
-on a 2-core CPU in about ten minutes:
+With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
+Countdown, 0.9M parameters, SoS+ and APR SFT made by ``experiments.reproduce --preset=mini``;
+see the README there), on a 2-core CPU in about twelve minutes:
 
-1. **data**: the tiny dataset (``experiments/configs/data.py:tiny``, seed 0: the problems and
-   demonstrations the shipped policies were trained on; ``test`` is held out);
+1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the
+   problems and demonstrations the shipped policies were trained on; ``test`` is held out);
 2. **SoS+ vs APR**: both policies, greedy, on ``--problems`` held-out problems at each
-   per-call context window of ``--contexts`` (the paper's comparison at equal context);
-3. **GRPO**: ``--rl_steps`` GRPO steps on the APR policy (``experiments/configs/rl.py:tiny``),
+   per-call context window of ``--contexts`` (the paper's comparison at equal context; mini:
+   768 and 1,024 tokens, windows that serial search runs out of);
+3. **GRPO**: ``--rl_steps`` GRPO steps on the APR policy (``experiments/configs/rl.py:<preset>``),
    then the same evaluation;
 4. **from scratch**: a ``--scratch_steps``-step SFT run of a fresh SoS+ policy on the same
    data (the first minutes of the path that made the shipped policies), evaluated likewise;
 5. **results**: a table (accuracy, total and sequential tokens, children per problem, wall
    time), ``quickstart.json`` and PNG plots in ``--workdir``.
 
-``--from_scratch`` instead runs the whole pipeline (``experiments.reproduce`` at the tiny
-preset: data, SoS+ and APR SFT, GRPO) without the shipped policies and evaluates what it
-trained the same way: about two hours on 2 CPU cores. Every number printed is measured in this
-run; nothing is stored or assumed.
+``--preset=tiny`` does the same with the tiny pair (3-number Countdown, contexts 256 / 384 /
+512: serial traces mostly fit the window there, so APR has little to gain), in about ten minutes.
+
+``--from_scratch`` instead runs the whole pipeline (``experiments.reproduce`` at the preset:
+data, SoS+ and APR SFT, GRPO) without the shipped policies and evaluates what it trained the
+same way: about two hours on 2 CPU cores. Every number printed is measured in this run;
+nothing is stored or assumed.
 """
 from __future__ import annotations
 
@@ -32,41 +36,52 @@ import time
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = {"sosp": os.path.join(HERE, "checkpoints", "tiny_sosp_sft.npz"),
-           "apr": os.path.join(HERE, "checkpoints", "tiny_apr_sft.npz")}
+PRESETS = ("mini", "tiny")
+# The shipped policies of each preset (experiments/checkpoints/README.md says how each was made).
+SHIPPED = {p: {k: os.path.join(HERE, "checkpoints", f"{p}_{k}_sft.npz") for k in ("sosp", "apr")} for p in PRESETS}
+# Per preset: the distribution (for the log), the comparison's contexts, the from-scratch demo's SFT steps.
+PRESET_INFO = {
+    "tiny": dict(about="3 numbers in 1..20, targets 1..30", contexts=(256, 384, 512), rl_steps=4, scratch_steps=200),
+    "mini": dict(about="4 numbers in 1..10, targets 5..25", contexts=(768, 1024), rl_steps=2, scratch_steps=40),
+}
 NAMES = {"sosp": "SoS+ (SFT)", "apr": "APR (SFT)", "apr_rl": "APR + GRPO", "scratch": "SoS+ from scratch"}
 MODES = {"sosp": "sosp", "apr": "apr", "apr_rl": "apr", "scratch": "sosp"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/jaxapr_quickstart", "Where data, runs, quickstart.json and the plots go.")
-flags.DEFINE_bool("from_scratch", False, "Train everything (experiments.reproduce at the tiny preset, ~2 h on "
+flags.DEFINE_enum("preset", "mini", list(PRESETS), "Problem distribution and shipped policies: mini (4 numbers, "
+                  "1,024-token calls) or tiny (3 numbers).")
+flags.DEFINE_bool("from_scratch", False, "Train everything (experiments.reproduce at the preset, ~2 h on "
                   "2 cores) instead of starting from the shipped policies.")
 flags.DEFINE_integer("problems", 200, "Held-out (test) problems evaluated.")
-flags.DEFINE_list("contexts", ["256", "384", "512"], "Per-call context windows (tokens) of the comparison.")
-flags.DEFINE_integer("rl_steps", 4, "GRPO steps on the APR policy.")
+flags.DEFINE_list("contexts", None, "Per-call context windows (tokens) of the comparison (default: tiny "
+                  "256,384,512; mini 768,1024).")
+flags.DEFINE_integer("rl_steps", None, "GRPO steps on the APR policy (default: tiny 4, mini 2).")
 flags.DEFINE_integer("rl_problems", 4, "GRPO problems per step (x --rl_group rollouts).")
 flags.DEFINE_integer("rl_group", 8, "GRPO rollouts per problem.")
-flags.DEFINE_integer("scratch_steps", 200, "SFT steps of the from-scratch demo (0: skip it).")
-flags.DEFINE_string("sosp", SHIPPED["sosp"], "SoS+ policy: an exported .npz or a train_sft workdir.")
-flags.DEFINE_string("apr", SHIPPED["apr"], "APR policy: an exported .npz or a train_sft workdir.")
+flags.DEFINE_integer("scratch_steps", None, "SFT steps of the from-scratch demo (0: skip it; default: tiny 200, "
+                     "mini 40).")
+flags.DEFINE_string("sosp", None, "SoS+ policy: an exported .npz or a train_sft workdir (default: the preset's shipped one).")
+flags.DEFINE_string("apr", None, "APR policy: an exported .npz or a train_sft workdir (default: the preset's shipped one).")
 flags.DEFINE_integer("num_slots", 64, "Engine slots (rows decoded together).")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
-def _configs(scratch_steps: int, rl_steps: int, rl_problems: int, rl_group: int, num_slots: int):
+def _configs(preset: str, scratch_steps: int, rl_steps: int, rl_problems: int, rl_group: int, num_slots: int):
     from experiments.configs import data as data_cfg
     from experiments.configs import rl as rl_cfg
     from experiments.configs import sft as sft_cfg
 
-    d = data_cfg.get_config("tiny")
-    s = sft_cfg.get_config("tiny")
+    d = data_cfg.get_config(preset)
+    s = sft_cfg.get_config(preset)
+    s.init_from = ""  # the from-scratch demo starts from random weights (mini's SFT starts from tiny's)
     s.eval_problems, s.eval_num_slots = 0, num_slots  # the quickstart evaluates on its own, on test
     if scratch_steps:
         s.num_steps = scratch_steps
         s.optim.warmup_steps = min(s.optim.warmup_steps, max(1, scratch_steps // 4))
         s.checkpoint_every = s.eval_every = scratch_steps
-    r = rl_cfg.get_config("tiny")
+    r = rl_cfg.get_config(preset)
     r.num_steps = rl_steps
     r.grpo.num_problems, r.grpo.group_size = rl_problems, rl_group
     r.eval_problems, r.eval_at_start, r.num_slots = 0, False, num_slots
@@ -75,7 +90,7 @@ def _configs(scratch_steps: int, rl_steps: int, rl_problems: int, rl_group: int,
 
 
 def check_args(*, problems: int, contexts, rl_steps: int, rl_problems: int, rl_group: int, scratch_steps: int,
-               num_slots: int, policies: dict) -> list[int]:
+               num_slots: int, policies: dict, preset: str = "mini") -> list[int]:
     """Validates the quickstart's arguments before anything runs; returns the contexts."""
     try:
         ctx = sorted({int(c) for c in contexts})
@@ -91,7 +106,22 @@ def check_args(*, problems: int, contexts, rl_steps: int, rl_problems: int, rl_g
         if not (os.path.isfile(path) and path.endswith(".npz")) and not os.path.isdir(os.path.join(path, "checkpoints")):
             raise FileNotFoundError(f"--{name}={path!r}: expected an exported policy .npz or a train_sft workdir "
                                     "(the shipped ones are in experiments/checkpoints/)")
+        trained_on = _exported_preset(path) if path.endswith(".npz") else None
+        if trained_on not in (None, preset):
+            raise ValueError(f"--{name}={path!r} was trained on the {trained_on!r} distribution: the quickstart "
+                             f"evaluates on the {preset!r} one (--preset)")
     return ctx
+
+
+def _exported_preset(path: str) -> str | None:
+    """The data preset an exported policy was trained on (its metadata), or None if unknown."""
+    import numpy as np
+
+    try:
+        with np.load(path) as f:
+            return json.loads(str(f["__meta__"])).get("extra", {}).get("data_preset")
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--sosp/--apr {path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
 
 
 def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True) -> list:
@@ -119,11 +149,12 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
     return rows
 
 
-def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contexts=(256, 384, 512),
-        rl_steps: int = 4, rl_problems: int = 4, rl_group: int = 8, scratch_steps: int = 200,
-        sosp: str = SHIPPED["sosp"], apr: str = SHIPPED["apr"], num_slots: int = 64, plots: bool = True,
+def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, problems: int = 200, contexts=None,
+        rl_steps: int | None = None, rl_problems: int = 4, rl_group: int = 8, scratch_steps: int | None = None,
+        sosp: str | None = None, apr: str | None = None, num_slots: int = 64, plots: bool = True,
         progress: bool = True, log=print) -> dict:
-    """The quickstart (see the module docstring); returns what it writes to ``quickstart.json``."""
+    """The quickstart (see the module docstring); returns what it writes to ``quickstart.json``.
+    ``contexts``, ``rl_steps``, ``scratch_steps``, ``sosp`` and ``apr`` default to the preset's."""
     import jax
 
     from envs import countdown
@@ -134,23 +165,31 @@ def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contex
     from jaxapr.train import sft
     from jaxapr.train.metrics import read_metrics
 
-    policies_in = {} if from_scratch else {"sosp": sosp, "apr": apr}
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {list(PRESETS)}")
+    info = PRESET_INFO[preset]
+    contexts = info["contexts"] if contexts is None else contexts
+    scratch_steps = info["scratch_steps"] if scratch_steps is None else scratch_steps
+    rl_steps = info["rl_steps"] if rl_steps is None else rl_steps
+    policies_in = {} if from_scratch else {"sosp": sosp or SHIPPED[preset]["sosp"], "apr": apr or SHIPPED[preset]["apr"]}
     contexts = check_args(problems=problems, contexts=contexts, rl_steps=rl_steps, rl_problems=rl_problems,
-                          rl_group=rl_group, scratch_steps=scratch_steps, num_slots=num_slots, policies=policies_in)
+                          rl_group=rl_group, scratch_steps=scratch_steps, num_slots=num_slots, policies=policies_in,
+                          preset=preset)
     workdir = common.ensure_workdir(workdir)
-    data_config, sft_config, rl_config = _configs(scratch_steps, rl_steps, rl_problems, rl_group, num_slots)
+    data_config, sft_config, rl_config = _configs(preset, scratch_steps, rl_steps, rl_problems, rl_group, num_slots)
     t_start = time.perf_counter()
-    times, out = {}, {"backend": jax.default_backend(), "devices": jax.device_count(), "contexts": contexts,
+    times, out = {}, {"preset": preset, "backend": jax.default_backend(), "devices": jax.device_count(), "contexts": contexts,
                       "from_scratch": from_scratch, "workdir": workdir}
     log(f"jaxapr quickstart on {jax.default_backend()} ({jax.device_count()} device(s)); work directory {workdir}")
 
     data_dir = os.path.join(workdir, "data")
-    log("\n[1/5] data: the tiny dataset (3 numbers in 1..20, targets 1..30; test problems are held out)")
+    log(f"\n[1/5] data: the {preset} dataset ({info['about']}; test problems are held out)")
     t0 = time.perf_counter()
     if from_scratch:
-        log("  --from_scratch: experiments.reproduce's pipeline at the tiny preset (data, SoS+ and APR SFT, GRPO; ~2 h on 2 cores)")
+        log(f"  --from_scratch: experiments.reproduce's pipeline at the {preset} preset (data, SoS+ and APR SFT, GRPO; "
+            "~2 h on 2 cores)")
         from experiments.configs import sft as sft_cfg
-        s = sft_cfg.get_config("tiny")
+        s = sft_cfg.get_config(preset)
         s.eval_num_slots = num_slots
         report = pipeline.run(os.path.join(workdir, "reproduce"), data_config, s, rl_config, rl=rl_steps > 0,
                                eval_problems=0, log=log)
@@ -179,11 +218,7 @@ def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contex
             if not path.endswith(".npz"):
                 policies[name] = common.load_policy(path)
                 continue
-            policies[name], meta = common.load_exported(path)
-            preset = meta["extra"].get("data_preset")
-            if preset not in (None, "tiny"):
-                raise ValueError(f"--{name}={path!r} was trained on the {preset!r} distribution: the quickstart "
-                                 "evaluates on the tiny one")
+            policies[name], _ = common.load_exported(path)  # its data preset was checked above
     log(f"\n[2/5] SoS+ vs APR, greedy, at per-call contexts {contexts}")
     t0 = time.perf_counter()
     rows = evaluate_policies({k: policies[k] for k in ("sosp", "apr")}, test, contexts, num_slots=num_slots, log=log,
@@ -212,8 +247,9 @@ def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contex
         log("\n[3/5] GRPO: skipped (--rl_steps=0)")
 
     if scratch_steps and not from_scratch:
-        log(f"\n[4/5] from scratch: {scratch_steps} SFT steps of a fresh tiny SoS+ policy "
-            "(the shipped one trained 2,000 steps, ~1 h on 2 cores)")
+        log(f"\n[4/5] from scratch: {scratch_steps} SFT steps of a fresh SoS+ policy on the {preset} data "
+            + ("(the shipped one trained 2,000 steps, ~1 h on 2 cores)" if preset == "tiny" else
+               "(the shipped one: tiny's 2,000 steps, then 30 min on these data)"))
         t0 = time.perf_counter()
         scratch_dir = os.path.join(workdir, "sft_scratch")
         c = sft_config.copy_and_resolve_references()
@@ -240,7 +276,7 @@ def run(workdir: str, *, from_scratch: bool = False, problems: int = 200, contex
     out.update(rows=rows, curves=curves, times=times, comparison=comparison(rows))
     log("\n[5/5] results")
     log(table(rows))
-    log("\n" + verdict(out["comparison"]))
+    log("\n" + verdict(out["comparison"], preset))
     if plots:
         out["plots"] = plot(out, workdir)
     with open(os.path.join(workdir, "quickstart.json"), "w") as f:
@@ -262,7 +298,19 @@ def comparison(rows: list) -> dict:
     return res
 
 
-def verdict(comp: dict) -> str:
+WHY_NOT = {
+    "tiny": "Why, at the tiny preset: 3-number serial traces mostly fit the window, and APR's parent "
+            "holds its own spawn block plus the children's results, so its longest call is only ~10% "
+            "shorter than a serial trace; APR's edge needs problems whose serial search outgrows the window "
+            "(4 numbers: --preset=mini; BUILD_NOTES.md, Known limits).",
+    "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
+            "~45% (APR, root beams 2..4) and ~32% (SoS+) of these problems within 1,024-token calls, and they "
+            "fall short of them: APR's children find a solution for about a quarter of the problems, and "
+            "many children repeat a sibling's state (BUILD_NOTES.md, 'Where mini APR loses').",
+}
+
+
+def verdict(comp: dict, preset: str = "mini") -> str:
     """One honest paragraph: where APR leads, by how much, against the issue's target."""
     if not comp:
         return "No context had both SoS+ and APR evaluated."
@@ -274,10 +322,7 @@ def verdict(comp: dict) -> str:
     lines.append(f"Target (APR >= 10 points ahead, the better >= 40%): {'met' if met else 'not met'} "
                  f"(best lead {b['apr_lead_points']:+.1f} at context {best_ctx}).")
     if not met:
-        lines.append("Why, at the tiny preset: 3-number serial traces mostly fit the window, and APR's parent "
-                     "holds its own spawn block plus the children's results, so its longest call is only ~10% "
-                     "shorter than a serial trace; APR's edge needs problems whose serial search outgrows the window "
-                     "(4 numbers: BUILD_NOTES.md, Known limits).")
+        lines.append(WHY_NOT[preset])
     return "\n".join(lines)
 
 
@@ -337,7 +382,7 @@ def main(argv):
 
     common.quiet_logs()
     try:
-        run(FLAGS.workdir, from_scratch=FLAGS.from_scratch, problems=FLAGS.problems, contexts=FLAGS.contexts,
+        run(FLAGS.workdir, preset=FLAGS.preset, from_scratch=FLAGS.from_scratch, problems=FLAGS.problems, contexts=FLAGS.contexts,
             rl_steps=FLAGS.rl_steps, rl_problems=FLAGS.rl_problems, rl_group=FLAGS.rl_group,
             scratch_steps=FLAGS.scratch_steps, sosp=FLAGS.sosp, apr=FLAGS.apr, num_slots=FLAGS.num_slots,
             plots=FLAGS.plots, progress=FLAGS.progress)

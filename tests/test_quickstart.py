@@ -36,7 +36,7 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.load(open(os.path.join(workdir, "quickstart.json")))
     _check_output(out, workdir, [96, 128])
-    assert out["policies"]["sosp"] == quickstart.SHIPPED["sosp"]  # the shipped policies by default
+    assert out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.SHIPPED["mini"]["sosp"]  # the default
     for line in ("[5/5] results", "APR (SFT)", "APR + GRPO", "SoS+ from scratch", "Target (APR >= 10 points"):
         assert line in proc.stdout
 
@@ -95,6 +95,9 @@ def test_comparison_and_verdict_by_hand():
     (["--rl_group=1"], "--rl_group=1: expected >= 2"),
     (["--apr=/nonexistent/policy.npz"], "--apr='/nonexistent/policy.npz': expected an exported policy .npz"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    (["--preset=huge"], "--preset=huge: value should be one of"),
+    (["--preset=mini", f"--apr={quickstart.SHIPPED['tiny']['apr']}"], "was trained on the 'tiny' distribution: the "
+                                                                      "quickstart evaluates on the 'mini' one"),
 ])
 def test_quickstart_bad_flags_fail_fast(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path / 'w'}", *args],

@@ -282,14 +282,11 @@ def _all_calls(tree):
 # sampler suite
 # ----------------------------------------------------------------------------------------
 def _matmul_peak_flops(dtype: str = "float32", quick: bool = False) -> float:
-    """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (the reference peak of this machine):
-    n = 2,048 on a CPU, 8,192 on an accelerator (a smaller product does not fill it)."""
-    import jax
-
+    """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (the reference peak of this machine;
+    ``common.matmul_peak_flops``'s size for the backend, 1,024 when quick)."""
     from jaxapr.train.common import matmul_peak_flops
 
-    n = 1024 if quick else (2048 if jax.default_backend() == "cpu" else 8192)
-    return matmul_peak_flops(n, dtype=dtype)
+    return matmul_peak_flops(1024 if quick else None, dtype=dtype)
 
 
 def _no_cache_segments(policy, batch: int, prompt_len: int, new: int, probe_steps: int):
@@ -680,8 +677,8 @@ def _join_kernels(eng, results, repeats: int) -> dict:
 def suite_train(quick: bool, repeats: int) -> dict:
     from experiments.bench_train import suite_train as run
 
-    return run(quick, repeats, presets=FLAGS.train_presets, grpo=FLAGS.train_grpo, policy_path=FLAGS.grpo_policy, data_dir=FLAGS.grpo_data_dir,
-               num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
+    return run(quick, repeats, presets=FLAGS.train_presets, grpo=FLAGS.train_grpo, policy_path=FLAGS.grpo_policy,
+               data_dir=FLAGS.grpo_data_dir, num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
 
 
 SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,

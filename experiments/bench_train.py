@@ -4,8 +4,8 @@
 
 1. SFT: tokens/s of the jitted SFT step (forward + backward + AdamW) on fully packed rows at
    the presets of ``--train_presets`` (tiny and mini; paper on a GPU/TPU), and its fraction of
-   a matmul peak in the model's compute dtype measured in the same run (training FLOPs = 3 x the forward FLOPs of ``model.flops_per_token`` at the mean
-   context of a row, seq_len / 2).
+   a matmul peak in the model's compute dtype measured in the same run (training FLOPs = 3 x
+   the forward FLOPs of ``model.flops_per_token`` at the mean context of a row, seq_len / 2).
 2. GRPO: one step of the tiny preset split into the rollout (engine + runtime, temperature 1)
    and the update (one jitted step over all calls, inner epochs x minibatches).
 """
@@ -69,10 +69,9 @@ def suite_train(quick: bool, repeats: int, presets=("tiny", "mini"), grpo: bool 
     for p in presets:
         if p not in SFT_SHAPES:
             raise ValueError(f"--train_presets: unknown preset {p!r}: expected some of {sorted(SFT_SHAPES)}")
-    n = 1024 if quick else (2048 if jax.default_backend() == "cpu" else 8192)
     peaks = {}
     for dtype in sorted({model.PRESETS[p].dtype for p in presets}):
-        peaks[dtype] = common.matmul_peak_flops(n, dtype=dtype)
+        peaks[dtype] = common.matmul_peak_flops(1024 if quick else None, dtype=dtype)
         print(f"\nmatmul peak ({dtype} jnp.dot on {jax.devices()[0].device_kind}, same run): "
               f"{peaks[dtype] / 1e9:,.1f} GFLOP/s")
     shapes = [(p, *shape) for p in presets for shape in SFT_SHAPES[p]]

@@ -693,9 +693,10 @@ def _check_flags() -> None:
         if not FLAGS.grpo_data_dir or not os.path.isdir(os.path.join(FLAGS.grpo_data_dir, "problems")):
             raise ValueError(f"--grpo_data_dir={FLAGS.grpo_data_dir!r}: expected the policy's gen_data output "
                              "(a directory with problems/)")
+    from experiments.bench_train import SFT_SHAPES
     from jaxapr.model import PRESETS
 
-    for name, allowed in (("sampler_presets", PRESETS), ("train_presets", ("tiny", "mini", "paper"))):
+    for name, allowed in (("sampler_presets", PRESETS), ("train_presets", SFT_SHAPES)):
         bad = [p for p in getattr(FLAGS, name) if p not in allowed]
         if bad:
             raise ValueError(f"--{name}: unknown preset {bad[0]!r}: expected some of {sorted(allowed)}")

@@ -39,10 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = ("mini", "tiny")
 # The shipped policies of each preset (experiments/checkpoints/README.md says how each was made).
 SHIPPED = {p: {k: os.path.join(HERE, "checkpoints", f"{p}_{k}_sft.npz") for k in ("sosp", "apr")} for p in PRESETS}
-# Per preset: the distribution (for the log), the comparison's contexts, the from-scratch demo's SFT steps.
+# Per preset: the comparison's contexts, GRPO steps and the from-scratch demo's SFT steps.
 PRESET_INFO = {
-    "tiny": dict(about="3 numbers in 1..20, targets 1..30", contexts=(256, 384, 512), rl_steps=4, scratch_steps=200),
-    "mini": dict(about="4 numbers in 1..10, targets 5..25", contexts=(768, 1024), rl_steps=2, scratch_steps=40),
+    "tiny": dict(contexts=(256, 384, 512), rl_steps=4, scratch_steps=200),
+    "mini": dict(contexts=(768, 1024), rl_steps=2, scratch_steps=40),
 }
 NAMES = {"sosp": "SoS+ (SFT)", "apr": "APR (SFT)", "apr_rl": "APR + GRPO", "scratch": "SoS+ from scratch"}
 MODES = {"sosp": "sosp", "apr": "apr", "apr_rl": "apr", "scratch": "sosp"}
@@ -106,14 +106,14 @@ def check_args(*, problems: int, contexts, rl_steps: int, rl_problems: int, rl_g
         if not (os.path.isfile(path) and path.endswith(".npz")) and not os.path.isdir(os.path.join(path, "checkpoints")):
             raise FileNotFoundError(f"--{name}={path!r}: expected an exported policy .npz or a train_sft workdir "
                                     "(the shipped ones are in experiments/checkpoints/)")
-        trained_on = _exported_preset(path) if path.endswith(".npz") else None
+        trained_on = _exported_preset(name, path) if path.endswith(".npz") else None
         if trained_on not in (None, preset):
             raise ValueError(f"--{name}={path!r} was trained on the {trained_on!r} distribution: the quickstart "
                              f"evaluates on the {preset!r} one (--preset)")
     return ctx
 
 
-def _exported_preset(path: str) -> str | None:
+def _exported_preset(name: str, path: str) -> str | None:
     """The data preset an exported policy was trained on (its metadata), or None if unknown."""
     import numpy as np
 
@@ -121,7 +121,7 @@ def _exported_preset(path: str) -> str | None:
         with np.load(path) as f:
             return json.loads(str(f["__meta__"])).get("extra", {}).get("data_preset")
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--sosp/--apr {path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--{name}={path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
 
 
 def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True) -> list:
@@ -183,7 +183,9 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     log(f"jaxapr quickstart on {jax.default_backend()} ({jax.device_count()} device(s)); work directory {workdir}")
 
     data_dir = os.path.join(workdir, "data")
-    log(f"\n[1/5] data: the {preset} dataset ({info['about']}; test problems are held out)")
+    p = data_config.problems
+    log(f"\n[1/5] data: the {preset} dataset ({p.num_numbers} numbers in 1..{p.max_number}, targets "
+        f"{p.min_target}..{p.max_target}; test problems are held out)")
     t0 = time.perf_counter()
     if from_scratch:
         log(f"  --from_scratch: experiments.reproduce's pipeline at the {preset} preset (data, SoS+ and APR SFT, GRPO; "

@@ -108,9 +108,7 @@ def test_bad_input_is_a_clear_error(tmp_path, data_dir, sft_run):
 
 
 def test_sft_says_how_many_examples_are_too_long(tmp_path, data_dir):
-    from jaxapr import data as data_lib
-
-    lengths = data_lib.TraceSource(os.path.join(data_dir, "apr"), "train", False).lengths
+    lengths = data.TraceSource(os.path.join(data_dir, "apr"), "train", False).lengths
     seq_len = int(np.median(lengths))  # about half of the examples do not fit
     lines = []
     sft.train(sft_config(data_dir, num_steps=2, seq_len=seq_len, eval_every=0, checkpoint_every=2), str(tmp_path / "r"),

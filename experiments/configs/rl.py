@@ -10,6 +10,10 @@ and use lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out s
 steadily: BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
 (a larger minibatch is split and its gradients summed), so memory does not grow with the calls;
 ``grpo.pack_calls`` packs several calls per row (the same loss; APR children are short).
+The CPU presets set ``grpo.skip_zero_advantage``: groups whose rollouts all succeed or all
+fail (a quarter to a half of the mini preset's) get no rows in the update, which leaves the
+batch's policy gradient unchanged (only their ~1e-4 KL term goes); the paper preset trains every
+rollout, as the paper did.
 """
 from ml_collections import ConfigDict
 
@@ -36,7 +40,8 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
                              inner_epochs=2, num_minibatches=mbs, temperature=1.0, adv_eps=1e-6,
                              length_penalty=0.0, length_measure="total", thread_penalty=0.0,
-                             recompute_old_logprobs=False, micro_batch_tokens=65_536, pack_calls=True))
+                             recompute_old_logprobs=False, micro_batch_tokens=65_536, pack_calls=True,
+                             skip_zero_advantage=preset != "paper"))
     c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=0, schedule="constant", end_fraction=1.0,
                               weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0))
     c.num_steps = steps

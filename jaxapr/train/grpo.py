@@ -28,7 +28,10 @@ One GRPO step:
    ``pack_calls`` several calls share a row (first fit, longest first; each call its own
    segment, so none attends to another) and the per-call advantage and weight become
    per-token ``token_advantages`` and ``token_weights = w_c / |T_c|``: the same loss below on
-   fewer rows (most APR calls are children far shorter than the context).
+   fewer rows (most APR calls are children far shorter than the context). With
+   ``skip_zero_advantage`` the calls of rollouts with A = 0 (groups whose rewards are all
+   equal) get no rows; N still counts them, so the batch's policy-gradient term is the same
+   and only their KL term is left out.
 5. **Update** (``make_grpo_step``): ``inner_epochs`` passes (mu) over ``num_minibatches``
    shuffled minibatches of rows, one optimizer update per minibatch, all in one jitted call.
 
@@ -108,6 +111,12 @@ class GRPOConfig:
     # calls) instead of one call per row padded to the context: APR children use a fraction of
     # it. The loss is the same (per-token weights w_c / |T_c|); only the layout changes.
     pack_calls: bool = False
+    # Rollouts of groups whose rewards are all equal have advantage 0: their policy-gradient
+    # term is exactly 0, so with this on their calls get no rows (they only carried the KL
+    # term, beta x a mean k3 of ~1e-4). N in w_c = 1 / (K_i N) still counts them, so the
+    # batch's policy-gradient term is unchanged (its minibatches are cut from fewer rows); the
+    # update shrinks by the share of such groups (DAPO's dynamic sampling drops them too).
+    skip_zero_advantage: bool = False
 
     def check(self) -> "GRPOConfig":
         for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
@@ -131,8 +140,9 @@ class GRPOConfig:
         mbt = self.micro_batch_tokens
         if not isinstance(mbt, (int, np.integer)) or isinstance(mbt, bool) or mbt < 0:
             raise ValueError(f"GRPOConfig.micro_batch_tokens={mbt!r}: expected an int >= 0 (0 = never split)")
-        if not isinstance(self.pack_calls, (bool, np.bool_)):
-            raise ValueError(f"GRPOConfig.pack_calls={self.pack_calls!r}: expected True or False")
+        for name in ("pack_calls", "skip_zero_advantage"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected True or False")
         if self.length_measure not in ("total", "sequential"):
             raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
         return self
@@ -220,7 +230,7 @@ def bucket_rows(n: int, multiple_of: int = 1) -> int:
 
 
 def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | None = None,
-               multiple_of: int = 1, pack: bool = False) -> dict:
+               multiple_of: int = 1, pack: bool = False, keep=None) -> dict:
     """The training batch of ``results`` (see the module docstring), numpy arrays:
 
     - ``tokens`` int32[C, L]: prompt_tokens ++ output_tokens, then pad id 0;
@@ -241,6 +251,8 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
 
     ``advantages``: one per rollout (shape [len(results)] or [P, G]). Calls that generated no
     tokens (never run: the context or token budget was full) get no row and do not count.
+    ``keep``: optional bool[len(results)]; the calls of rollouts not kept get no row, but the
+    rollouts still count in N (``rollout_mask``: skipping zero-advantage rollouts).
     C = ``num_rows`` (default: ``bucket_rows`` of the rows needed, a multiple of
     ``multiple_of``); the extra rows are padding with weight 0. ``seq_len``: L, at least the
     longest call.
@@ -250,7 +262,7 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
         raise ValueError(f"{adv.shape[0]} advantages for {len(results)} rollouts: expected one per rollout")
     if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
         raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
-    calls, rows = _row_layout(results, seq_len, pack)
+    calls, rows = _row_layout(results, seq_len, pack, keep)
     if num_rows is None:
         num_rows = bucket_rows(len(rows), multiple_of)
     what = "packed rows" if pack else "calls"
@@ -295,10 +307,16 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
     return batch
 
 
-def _row_layout(results: Sequence, seq_len: int, pack: bool) -> tuple[list, list[list[int]]]:
-    """(``_trained_calls``, the indices of the calls in each row: several per row when packed,
-    else one)."""
+def _row_layout(results: Sequence, seq_len: int, pack: bool, keep=None) -> tuple[list, list[list[int]]]:
+    """(``_trained_calls`` of the kept rollouts, the indices of the calls in each row: several
+    per row when packed, else one)."""
     calls = _trained_calls(results, seq_len)
+    if keep is not None:
+        keep = np.asarray(keep)
+        if keep.shape != (len(results),) or keep.dtype != bool:
+            raise ValueError(f"keep of shape {keep.shape} and dtype {keep.dtype}: expected bool[{len(results)}], "
+                             "one per rollout")
+        calls = [c for c in calls if keep[c[0]]]
     if not pack:
         return calls, [[j] for j in range(len(calls))]
     return calls, pack_rows([len(c.prompt_tokens) + len(c.output_tokens) for _, c, _ in calls], seq_len)
@@ -344,27 +362,39 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def rows_needed(results: Sequence, seq_len: int, pack: bool) -> int:
-    """How many rows ``make_batch(results, ..., pack=pack)`` fills before padding."""
-    return len(_row_layout(results, seq_len, pack)[1])
+def rows_needed(results: Sequence, seq_len: int, pack: bool, keep=None) -> int:
+    """How many rows ``make_batch(results, ..., pack=pack, keep=keep)`` fills before padding."""
+    return len(_row_layout(results, seq_len, pack, keep)[1])
+
+
+def rollout_mask(results: Sequence, cfg: GRPOConfig) -> np.ndarray:
+    """bool[len(results)]: the rollouts whose calls get rows (``make_batch``'s ``keep``): all,
+    or with ``cfg.skip_zero_advantage`` those of groups whose rewards are not all equal."""
+    cfg.check()
+    g = cfg.group_size
+    if len(results) % g:
+        raise ValueError(f"{len(results)} rollouts: expected a multiple of group_size={g}")
+    if not cfg.skip_zero_advantage:
+        return np.ones(len(results), bool)
+    r = rewards(results, cfg).reshape(-1, g)
+    return np.repeat(np.ptp(r, axis=1) > 0, g)
 
 
 def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: int | None = None) -> tuple[dict, dict]:
     """rewards -> group advantages -> ``make_batch`` (rows a multiple of
     ``cfg.num_minibatches``) for ``results`` ordered as ``rollout_groups`` returns them.
     Returns (batch, host stats: reward_mean, success_rate, advantage_abs_mean,
-    zero_groups (share of groups with all-equal rewards), calls, rows)."""
-    cfg.check()
-    g = cfg.group_size
-    if len(results) % g:
-        raise ValueError(f"{len(results)} rollouts: expected a multiple of group_size={g}")
-    r = rewards(results, cfg).reshape(-1, g)
+    zero_groups (share of groups with all-equal rewards), calls, trained_calls (those given
+    rows: all, or with ``skip_zero_advantage`` those of groups with an advantage), rows)."""
+    keep = rollout_mask(results, cfg)
+    r = rewards(results, cfg).reshape(-1, cfg.group_size)
     adv = group_advantages(r, cfg.adv_eps)
     batch = make_batch(results, adv, seq_len=seq_len, num_rows=num_rows, multiple_of=cfg.num_minibatches,
-                       pack=cfg.pack_calls)
+                       pack=cfg.pack_calls, keep=keep)
     stats = {"reward_mean": float(r.mean()), "success_rate": float(np.mean([x.success for x in results])),
              "advantage_abs_mean": float(np.abs(adv).mean()), "zero_groups": float(np.mean(np.ptp(r, axis=1) == 0)),
              "calls": sum(1 for x in results for c in x.calls if len(c.output_tokens)),
+             "trained_calls": sum(1 for x, k in zip(results, keep) if k for c in x.calls if len(c.output_tokens)),
              "rows": int(batch["tokens"].shape[0])}
     return batch, stats
 

@@ -166,7 +166,7 @@ def train(config, workdir: str, log=print) -> dict:
                                       key=k_roll, problem_ids=np.arange(mine.start, mine.stop), mode=config.kind,
                                       **rollout_kw)
         t1 = time.perf_counter()
-        needed = grpo.rows_needed(results, max_context, gcfg.pack_calls)
+        needed = grpo.rows_needed(results, max_context, gcfg.pack_calls, keep=grpo.rollout_mask(results, gcfg))
         max_rows = int(distributed.allgather(needed).max())  # every process's part has the same rows
         batch, stats = process_batch(results, gcfg, seq_len=max_context, processes=processes,
                                      num_rows=rows_per_process(max_rows, gcfg.num_minibatches, ways, processes))
@@ -177,14 +177,15 @@ def train(config, workdir: str, log=print) -> dict:
         train_seconds += t2 - t0
         r = grpo.rewards(results, gcfg)
         local = [r.sum(), sum(x.success for x in results), stats["zero_groups"] * len(results) / gcfg.group_size,
-                 stats["calls"], sum(x.num_children for x in results), sum(x.total_tokens for x in results),
-                 sum(x.sequential_tokens for x in results), len(results)]
-        (reward, success, zero, calls, children, gen, seq, n), rollout_seconds = (
+                 stats["calls"], stats["trained_calls"], sum(x.num_children for x in results),
+                 sum(x.total_tokens for x in results), sum(x.sequential_tokens for x in results), len(results)]
+        (reward, success, zero, calls, trained_calls, children, gen, seq, n), rollout_seconds = (
             distributed.allgather(np.array(local, np.float64)).sum(axis=0), distributed.max_across(t1 - t0))
         last = {
             "reward": reward / n, "success": success / n, "zero_groups": zero / (n / gcfg.group_size),
             "children_per_problem": children / n, "total_tokens": gen / n, "sequential_tokens": seq / n,
-            "calls": int(calls), "kl": m["kl"], "clip_fraction": m["clip_fraction"], "loss": m["loss"],
+            "calls": int(calls), "trained_calls": int(trained_calls), "kl": m["kl"],
+            "clip_fraction": m["clip_fraction"], "loss": m["loss"],
             "grad_norm": m["grad_norm"], "lr": m.get("lr", gcfg.learning_rate), "rollout_seconds": rollout_seconds,
             "update_seconds": t2 - t1, "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
             "train_seconds": train_seconds,

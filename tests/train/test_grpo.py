@@ -238,6 +238,44 @@ def test_build_batch_combines_rewards_advantages_and_rows():
         grpo.build_batch(results, grpo.GRPOConfig(group_size=3), seq_len=SEQ)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_skip_zero_advantage_drops_rows_not_the_policy_gradient(tiny, pack):
+    _, graphdef, params, ref_params = tiny
+    results = hand_results()  # group 0 (rollouts 0, 1): rewards 1, 0; group 1 (2, 3): 0, 0
+    cfg = grpo.GRPOConfig(group_size=2, num_minibatches=1, pack_calls=pack)
+    np.testing.assert_array_equal(grpo.rollout_mask(results, cfg), [True, True, True, True])
+    np.testing.assert_array_equal(grpo.rollout_mask(results, cfg.replace(skip_zero_advantage=True)),
+                                  [True, True, False, False])
+    full, s_full = grpo.build_batch(results, cfg, seq_len=SEQ)
+    skip, s_skip = grpo.build_batch(results, cfg.replace(skip_zero_advantage=True), seq_len=SEQ)
+    keep = grpo.rollout_mask(results, cfg.replace(skip_zero_advantage=True))
+    assert s_full["trained_calls"] == s_full["calls"] == s_skip["calls"] == 7 and s_skip["trained_calls"] == 3
+    assert grpo.rows_needed(results, SEQ, pack, keep=keep) == (1 if pack else 3)  # 11 + 7 + 12 tokens: one row
+    assert skip["tokens"].shape[0] < full["tokens"].shape[0]
+    if not pack:  # the kept calls keep their weights 1 / (calls x all 4 rollouts)
+        np.testing.assert_allclose(skip["weights"], [1 / 4, 1 / 8, 1 / 8], rtol=1e-6)
+        np.testing.assert_array_equal(skip["rollout"], [0, 1, 1])
+
+    def loss_and_grad(batch, beta):
+        return jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, batch, 0.2, beta)[0])(params)
+
+    (lf, gf), (ls, gs) = loss_and_grad(full, 0.0), loss_and_grad(skip, 0.0)
+    np.testing.assert_allclose(float(ls), float(lf), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(gs), jax.tree.leaves(gf)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+    # with beta > 0 the dropped rollouts' KL is all that differs
+    assert float(loss_and_grad(skip, 0.5)[0]) != pytest.approx(float(loss_and_grad(full, 0.5)[0]), rel=1e-6)
+    # every group equal: nothing to train, a batch of padding only (loss 0)
+    flat = [dataclasses.replace(r, success=False) for r in results]
+    none, s_none = grpo.build_batch(flat, cfg.replace(skip_zero_advantage=True), seq_len=SEQ)
+    assert s_none["trained_calls"] == 0 and none["tokens"].shape[0] == 1 and not none["loss_mask"].any()
+    assert float(grpo.grpo_loss(graphdef, params, ref_params, none, 0.2, 0.001)[0]) == 0.0
+    with pytest.raises(ValueError, match="expected bool\\[4\\], one per rollout"):
+        grpo.make_batch(results, np.zeros(4), seq_len=SEQ, keep=[1, 0, 1, 0])
+    with pytest.raises(ValueError, match="skip_zero_advantage=1"):
+        cfg.replace(skip_zero_advantage=1)
+
+
 # ----------------------------------------------------------------------------------------
 # the loss
 # ----------------------------------------------------------------------------------------

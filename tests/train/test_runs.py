@@ -47,7 +47,9 @@ def rl_config(data_dir, init_from, **kw):
     c.update(dict(data_dir=data_dir, init_from=init_from, kind="apr", num_steps=3, max_context=128, num_slots=16,
                   eval_every=2, checkpoint_every=1, eval_problems=4, eval_at_start=False, progress=False,
                   async_checkpoint=False))
-    c.grpo.update(dict(num_problems=2, group_size=2, learning_rate=1e-3))
+    # rewards differ by length, so a random policy's groups have advantages (with every
+    # rollout failing, skip_zero_advantage would leave nothing to train)
+    c.grpo.update(dict(num_problems=2, group_size=2, learning_rate=1e-3, length_penalty=0.01))
     c.optim.learning_rate = 1e-3
     for k, v in kw.items():
         c[k] = v

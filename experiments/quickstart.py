@@ -3,8 +3,9 @@ r"""The main job: APR vs serial search on a laptop, in minutes.
     python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--preset=mini|tiny] [--from_scratch]
 
 With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
-Countdown, 0.9M parameters, SoS+ and APR SFT made by ``experiments.reproduce --preset=mini``;
-see the README there), on a 2-core CPU in about twelve minutes:
+Countdown, 0.9M parameters, SoS+ and APR SFT made by ``experiments.reproduce --preset=mini``
+and a second 45-minute round of its SFT; see the README there), on a 2-core CPU in about ten
+minutes:
 
 1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the
    problems and demonstrations the shipped policies were trained on; ``test`` is held out);
@@ -251,7 +252,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     if scratch_steps and not from_scratch:
         log(f"\n[4/5] from scratch: {scratch_steps} SFT steps of a fresh SoS+ policy on the {preset} data "
             + ("(the shipped one trained 2,000 steps, ~1 h on 2 cores)" if preset == "tiny" else
-               "(the shipped one: tiny's 2,000 steps, then 30 min on these data)"))
+               "(the shipped one: tiny's 2,000 steps, then 30 + 45 min on these data)"))
         t0 = time.perf_counter()
         scratch_dir = os.path.join(workdir, "sft_scratch")
         c = sft_config.copy_and_resolve_references()
@@ -307,8 +308,9 @@ WHY_NOT = {
             "(4 numbers: --preset=mini; BUILD_NOTES.md, Known limits).",
     "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
             "~45% (APR, root beams 2..4) and ~32% (SoS+) of these problems within 1,024-token calls, and they "
-            "fall short of them: APR's children find a solution for about a quarter of the problems, and "
-            "many children repeat a sibling's state (BUILD_NOTES.md, 'Where mini APR loses').",
+            "fall short of them after 75 minutes of training each: APR's children find a solution for about "
+            "a quarter of the problems, and many children repeat a sibling's state (BUILD_NOTES.md, "
+            "'Where mini APR loses').",
 }
 
 

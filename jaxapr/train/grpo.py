@@ -116,6 +116,7 @@ class GRPOConfig:
     # term, beta x a mean k3 of ~1e-4). N in w_c = 1 / (K_i N) still counts them, so the
     # batch's policy-gradient term is unchanged (its minibatches are cut from fewer rows); the
     # update shrinks by the share of such groups (DAPO's dynamic sampling drops them too).
+    # The logged kl / clip_fraction are then means over the kept rollouts' tokens only.
     skip_zero_advantage: bool = False
 
     def check(self) -> "GRPOConfig":

@@ -116,13 +116,13 @@ def check_args(*, problems: int, contexts, rl_steps: int, rl_problems: int, rl_g
 
 def _exported_preset(name: str, path: str) -> str | None:
     """The data preset an exported policy was trained on (its metadata), or None if unknown."""
-    import numpy as np
+    from jaxapr.train import common
 
     try:
-        with np.load(path) as f:
-            return json.loads(str(f["__meta__"])).get("extra", {}).get("data_preset")
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--{name}={path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
+        meta = common.exported_meta(path)
+    except ValueError as e:
+        raise ValueError(f"--{name}: {e}") from None
+    return meta.get("extra", {}).get("data_preset")
 
 
 def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True) -> list:

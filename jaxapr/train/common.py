@@ -390,20 +390,33 @@ def export_policy(policy: nnx.Module, path: str, dtype: str = "bfloat16", extra:
     return path
 
 
-def load_exported(path: str) -> tuple[nnx.Module, dict]:
-    """(policy, meta) of a file written by :func:`export_policy` (parameters as float32)."""
-    import ml_dtypes
-
+def _read_exported(path: str, arrays: bool) -> tuple[dict, dict]:
+    """(meta, parameter arrays if ``arrays`` else {}) of an :func:`export_policy` file, with
+    one-line errors for a missing, unreadable or foreign file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported policy at {path!r}: expected a .npz written by export_policy")
     try:
         with np.load(path) as f:
             meta = json.loads(str(f["__meta__"]))
-            arrays = {k: f[k] for k in f.files if k != "__meta__"}
+            params = {k: f[k] for k in f.files if k != "__meta__"} if arrays else {}
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path!r} is not a readable exported policy ({type(e).__name__}: {e})") from None
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path!r} has format {meta.get('format')!r}: expected {EXPORT_FORMAT!r}")
+    return meta, params
+
+
+def exported_meta(path: str) -> dict:
+    """The metadata of an :func:`export_policy` file (model config, dtype, ``extra``) without
+    reading its parameters."""
+    return _read_exported(path, arrays=False)[0]
+
+
+def load_exported(path: str) -> tuple[nnx.Module, dict]:
+    """(policy, meta) of a file written by :func:`export_policy` (parameters as float32)."""
+    import ml_dtypes
+
+    meta, arrays = _read_exported(path, arrays=True)
     cfg = model_lib.ModelConfig(**meta["model"]).check()
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_policy(cfg, 0)))
     leaves = []

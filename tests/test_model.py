@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxapr import kernels
 from jaxapr import model as M
 
 # Small enough to compile in a second or two; head_dim 8, GQA 4 -> 2.
@@ -140,20 +141,29 @@ def test_packed_sequences_equal_examples_run_alone():
     assert float(jnp.abs(unsegmented[:, 6:12] - packed[:, 6:12]).max()) > 1e-3
 
 
-def test_block_causal_attention_equals_dense(monkeypatch):
-    """Rows longer than ATTENTION_BLOCK attend block by block; the result is the dense one."""
+def test_training_attention_impls_and_blocks_agree(monkeypatch):
+    """The training forward's kernels (jaxapr.kernels, tested on their own there): attention
+    block by block or dense, CPU backwards or plain XLA ones, the model's logits and gradients
+    are the same."""
     cfg = SMALL.replace(max_len=64)
     model = _build(cfg)
-    monkeypatch.setattr(M, "ATTENTION_BLOCK", 16)
     tokens = _tokens((2, 64), cfg, seed=5)
     segments = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
     positions = jnp.array([list(range(20)) + list(range(30)) + [0] * 14, list(range(64))], jnp.int32)
-    blocked = model(tokens, positions, segments)  # eager: ATTENTION_BLOCK is read at trace time
-    monkeypatch.setattr(M, "ATTENTION_BLOCK", 1024)
-    dense = model(tokens, positions, segments)
-    np.testing.assert_allclose(blocked, dense, atol=1e-5)
-    monkeypatch.setattr(M, "ATTENTION_BLOCK", 16)
-    odd = model(tokens[:, :60], positions[:, :60], segments[:, :60])  # not a multiple: dense
+
+    def run(impl, block, t=64):  # eager: ATTENTION_BLOCK / kernels.IMPL are read at trace time
+        monkeypatch.setattr(M, "ATTENTION_BLOCK", block)
+        monkeypatch.setattr(kernels, "IMPL", impl)
+        graphdef, params = nnx.split(model)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens[:, :t], positions[:, :t], segments[:, :t]).std()
+        return model(tokens[:, :t], positions[:, :t], segments[:, :t]), jax.grad(loss)(params)
+
+    dense, dense_grad = run("xla", 1024)
+    for impl, block in [("xla", 16), ("cpu", 16), ("cpu", 1024)]:
+        logits, grad = run(impl, block)
+        np.testing.assert_allclose(logits, dense, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grad, dense_grad)
+    odd, _ = run("cpu", 16, t=60)  # not a multiple of the block
     np.testing.assert_allclose(odd, dense[:, :60], atol=1e-5)
 
 

@@ -308,8 +308,8 @@ WHY_NOT = {
             "(4 numbers: --preset=mini; BUILD_NOTES.md, Known limits).",
     "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
             "~45% (APR, root beams 2..4) and ~32% (SoS+) of these problems within 1,024-token calls, and they "
-            "fall short of them after 75 minutes of training each: APR's children find a solution for about "
-            "a quarter of the problems, and many children repeat a sibling's state (BUILD_NOTES.md, "
+            "fall short of them after 75-100 minutes of training each: APR's children find a solution for about "
+            "a third of the problems, and many children repeat a sibling's state (BUILD_NOTES.md, "
             "'Where mini APR loses').",
 }
 
@@ -322,9 +322,11 @@ def verdict(comp: dict, preset: str = "mini") -> str:
     b = comp[best_ctx]
     lines = ["APR vs SoS+ at equal per-call context (greedy): " + "; ".join(
         f"{c}: {v['apr_lead_points']:+.1f} points" for c, v in comp.items()) + "."]
-    met = b["apr_lead_points"] >= 10 and max(b["sosp"], b["apr"], b["apr_rl"] or 0.0) >= 0.40
+    better = max(b["sosp"], b["apr"], b["apr_rl"] or 0.0)
+    met = b["apr_lead_points"] >= 10 and better >= 0.40
     lines.append(f"Target (APR >= 10 points ahead, the better >= 40%): {'met' if met else 'not met'} "
-                 f"(best lead {b['apr_lead_points']:+.1f} at context {best_ctx}).")
+                 f"(best lead {b['apr_lead_points']:+.1f} at context {best_ctx}: "
+                 f"{'at least' if b['apr_lead_points'] >= 10 else 'under'} 10; the better solves {better:.1%} there).")
     if not met:
         lines.append(WHY_NOT[preset])
     return "\n".join(lines)

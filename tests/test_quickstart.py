@@ -82,7 +82,7 @@ def test_comparison_and_verdict_by_hand():
     assert comp["256"]["apr_lead_points"] == pytest.approx(15.0)  # the better APR (after GRPO) vs SoS+
     assert comp["512"]["apr_lead_points"] == pytest.approx(5.0)
     v = quickstart.verdict(comp)
-    assert "not met" in v and "+15.0 at context 256" in v  # 15 points ahead, but the better solves only 25%
+    assert "not met" in v and "+15.0 at context 256: at least 10; the better solves 25.0%" in v  # but < 40%
     comp = quickstart.comparison([_row("sosp", 512, 0.35), _row("apr", 512, 0.46)])
     assert "Target (APR >= 10 points ahead, the better >= 40%): met" in quickstart.verdict(comp)
     table = quickstart.table(rows)

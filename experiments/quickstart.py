@@ -4,7 +4,7 @@ r"""The main job: APR vs serial search on a laptop, in minutes.
 
 With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
 Countdown, 0.9M parameters, SoS+ and APR SFT made by ``experiments.reproduce --preset=mini``
-and a second 45-minute round of its SFT; see the README there), on a 2-core CPU in about ten
+and further rounds of its SFT; see the README there), on a 2-core CPU in about ten
 minutes:
 
 1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the

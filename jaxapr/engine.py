@@ -230,7 +230,7 @@ def decode_forward(policy, tokens, positions, cache: dict, write):
         ck = cache["k"][layer].at[rows, :, where].set(k[:, 0].astype(cache["k"][layer].dtype), mode="drop")
         cv = cache["v"][layer].at[rows, :, where].set(v[:, 0].astype(cache["v"][layer].dtype), mode="drop")
         out = _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)
-        x = x + jnp.einsum("bhk,hkd->bd", out, block.attn.wo[...].astype(q.dtype))[:, None]
+        x = x + block.attn.project(out[:, None])
         x = x + block.mlp(block.mlp_norm(x))
         new_k.append(ck)
         new_v.append(cv)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxapr import kernels as A
+from jaxapr import kernels as K
 
 
 def _inputs(b=3, t=40, h=4, kv=2, d=8, seed=0):
@@ -44,7 +44,7 @@ def _oracle(q, k, v, seg):
 @pytest.mark.parametrize("kv", [1, 2, 4], ids=["mqa", "gqa", "mha"])
 def test_matches_numpy_oracle(impl, block, kv):
     q, k, v, seg = _inputs(kv=kv)  # t = 40: a partial last block for 16, one block for 64
-    f = jax.jit(lambda *a: A.causal_attention(*a, block=block, impl=impl))
+    f = jax.jit(lambda *a: K.causal_attention(*a, block=block, impl=impl))
     np.testing.assert_allclose(f(q, k, v, seg), _oracle(q, k, v, seg), atol=2e-5)
 
 
@@ -55,7 +55,7 @@ def test_cpu_backward_equals_autodiff_of_xla(kv):
     w = jax.random.normal(jax.random.key(0), q.shape)
 
     def grads(impl, block):
-        loss = lambda q, k, v: jnp.sum(A.causal_attention(q, k, v, seg, block=block, impl=impl) * w)
+        loss = lambda q, k, v: jnp.sum(K.causal_attention(q, k, v, seg, block=block, impl=impl) * w)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     want = grads("xla", 64)
@@ -63,18 +63,18 @@ def test_cpu_backward_equals_autodiff_of_xla(kv):
         for got, ref in zip(grads("cpu", block), want):
             np.testing.assert_allclose(got, ref, atol=1e-5)
     # the gradient is not trivially shared: a wrong mask changes it
-    other = jax.grad(lambda q: jnp.sum(A.causal_attention(q, k, v, jnp.ones_like(seg), impl="cpu") * w))(q)
+    other = jax.grad(lambda q: jnp.sum(K.causal_attention(q, k, v, jnp.ones_like(seg), impl="cpu") * w))(q)
     assert float(jnp.abs(other - want[0]).max()) > 1e-2
 
 
 def test_cpu_eager_equals_jit_and_other_segments_do_not_leak():
     q, k, v, seg = _inputs(seed=2)
-    eager = A.causal_attention(q, k, v, seg, block=16, impl="cpu")
-    jitted = jax.jit(lambda *a: A.causal_attention(*a, block=16, impl="cpu"))(q, k, v, seg)
+    eager = K.causal_attention(q, k, v, seg, block=16, impl="cpu")
+    jitted = jax.jit(lambda *a: K.causal_attention(*a, block=16, impl="cpu"))(q, k, v, seg)
     np.testing.assert_allclose(eager, jitted, atol=1e-6)
     # row 1: changing the keys/values of the second example leaves the first one's outputs alone
     k2, v2 = k.at[1, 13:31].add(3.0), v.at[1, 13:31].add(3.0)
-    moved = A.causal_attention(q, k2, v2, seg, block=16, impl="cpu")
+    moved = K.causal_attention(q, k2, v2, seg, block=16, impl="cpu")
     np.testing.assert_allclose(moved[1, :13], eager[1, :13], atol=1e-6)
     assert float(jnp.abs(moved[1, 13:31] - eager[1, 13:31]).max()) > 1e-2
 
@@ -90,8 +90,8 @@ def test_cpu_sharded_batch_equals_unsharded():
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
 
     def f(q, k, v, seg):
-        out = A.causal_attention(q, k, v, seg, block=8, impl="cpu")
-        return out, jax.grad(lambda q: jnp.sum(A.causal_attention(q, k, v, seg, block=8, impl="cpu") ** 2))(q)
+        out = K.causal_attention(q, k, v, seg, block=8, impl="cpu")
+        return out, jax.grad(lambda q: jnp.sum(K.causal_attention(q, k, v, seg, block=8, impl="cpu") ** 2))(q)
 
     out, dq = jax.jit(f)(*map(put, (q, k, v, seg)))
     ref_out, ref_dq = jax.jit(f)(q, k, v, seg)
@@ -102,11 +102,11 @@ def test_cpu_sharded_batch_equals_unsharded():
 
 def test_bfloat16_inputs_keep_their_dtype():
     q, k, v, seg = _inputs(seed=4)
-    out = A.causal_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
+    out = K.causal_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
                              block=16, impl="cpu")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), _oracle(q, k, v, seg), atol=5e-2)
-    g = jax.grad(lambda q: jnp.sum(A.causal_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
+    g = jax.grad(lambda q: jnp.sum(K.causal_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
                                                       impl="cpu").astype(jnp.float32)))(q.astype(jnp.bfloat16))
     assert g.dtype == jnp.bfloat16
 
@@ -114,13 +114,13 @@ def test_bfloat16_inputs_keep_their_dtype():
 def test_auto_is_cpu_on_cpu_and_bad_impl_is_one_line():
     q, k, v, seg = _inputs(seed=5)
     assert jax.default_backend() == "cpu"
-    jaxpr = str(jax.make_jaxpr(lambda *a: A.causal_attention(*a, impl="auto"))(q, k, v, seg))
+    jaxpr = str(jax.make_jaxpr(lambda *a: K.causal_attention(*a, impl="auto"))(q, k, v, seg))
     assert "custom_vjp" in jaxpr
-    assert "custom_vjp" not in str(jax.make_jaxpr(lambda *a: A.causal_attention(*a, impl="xla"))(q, k, v, seg))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda *a: K.causal_attention(*a, impl="xla"))(q, k, v, seg))
     with pytest.raises(ValueError, match=r"kernel impl='flash': expected one of \('auto', 'cpu', 'xla'\)"):
-        A.causal_attention(q, k, v, seg, impl="flash")
+        K.causal_attention(q, k, v, seg, impl="flash")
     with pytest.raises(ValueError, match="kernel impl='flash'"):
-        A.dense(q, k[0, 0], impl="flash")
+        K.dense(q, k[0, 0], impl="flash")
 
 
 # --- dense ------------------------------------------------------------------------------------
@@ -133,19 +133,19 @@ def test_dense_value_and_gradients_equal_plain_matmul(k, n):
     x = jnp.asarray(rng.normal(size=(3, 5, k)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
     c = jnp.asarray(rng.normal(size=(3, 5, n)), jnp.float32)
-    np.testing.assert_allclose(A.dense(x, w), x @ w, atol=1e-5)
+    np.testing.assert_allclose(K.dense(x, w), x @ w, atol=1e-5)
     want = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w) * c), argnums=(0, 1))(x, w)
-    loss = lambda x, w: jnp.sum(jnp.sin(A.dense(x, w)) * c)
+    loss = lambda x, w: jnp.sum(jnp.sin(K.dense(x, w)) * c)
     for got in (jax.grad(loss, argnums=(0, 1))(x, w), jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)):
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, atol=1e-4)
-    assert "custom_vjp" in str(jax.make_jaxpr(A.dense)(x, w))  # the CPU path is the one tested
+    assert "custom_vjp" in str(jax.make_jaxpr(K.dense)(x, w))  # the CPU path is the one tested
 
 
 def test_dense_mixed_precision_gradient_reaches_float32_params():
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(6, 16)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-    g = jax.grad(lambda w: jnp.sum(A.dense(x, w.astype(jnp.bfloat16)).astype(jnp.float32)))(w)
+    g = jax.grad(lambda w: jnp.sum(K.dense(x, w.astype(jnp.bfloat16)).astype(jnp.float32)))(w)
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, np.broadcast_to(np.asarray(x, np.float32).sum(0)[:, None], (16, 4)), rtol=2e-2)

@@ -6,7 +6,9 @@ r"""Build the SoS+ and APR datasets: problems -> split -> traces -> tokenized sh
 
 Writes <out>/problems (the splits, with a manifest), <out>/<kind> for each kind in
 config.kinds (shards + manifest), <out>/config.json (the resolved config) and
-<out>/gen_data.json (counts, token statistics, timings), and prints a table.
+<out>/gen_data.json (counts, token statistics, timings), and prints a table. Its "within"
+columns are the demonstrators' ceilings: the share of problems whose trace solves with every
+call fitting a 512 / 1,024 / 4,096-token window (the manifest's ``solved_within``).
 
 Many hosts (see jaxapr.distributed; e.g. ``python -m experiments.launch --num_processes=2 --
 experiments.gen_data ...``): every process draws the same problems (cheap, deterministic),
@@ -85,13 +87,18 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
     if main:
         with open(os.path.join(out, "gen_data.json"), "w") as f:
             json.dump(report, f, indent=2)
-    rows = [("kind", "split", "problems", "solved", "examples", "tokens/problem", "max tokens", "MB")]
+    windows = (512, 1024, 4096)
+    rows = [("kind", "split", "problems", "solved", "within " + " / ".join(f"{c:,}" for c in windows),
+             "longest call p50 / p90", "examples", "tokens/problem", "max tokens", "MB")]
     for kind, r in report["kinds"].items():
         for split, s in r["splits"].items():
-            rows.append((kind, split, f"{s['problems']:,}", f"{s['solved'] / max(1, s['problems']):.1%}",
+            n = max(1, s["problems"])
+            rows.append((kind, split, f"{s['problems']:,}", f"{s['solved'] / n:.1%}",
+                         " / ".join(f"{s['solved_within'][str(c)] / n:.0%}" for c in windows),
+                         f"{s['longest_call']['p50']:,.0f} / {s['longest_call']['p90']:,.0f}",
                          f"{s['examples']:,}", f"{s['tokens_per_problem']:,.0f}",
                          f"{s['tokens_per_example']['max']:,}", ""))
-        rows.append((kind, "(all)", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
+        rows.append((kind, "(all)", "", "", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         log("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))

@@ -127,15 +127,16 @@ _TOKENIZER = CountdownTokenizer()
 
 
 def _build_chunk(args):
-    """Worker: tokenized examples of problems [start, stop). Returns (tokens, index, stats)."""
+    """Worker: tokenized examples of problems [start, stop). Returns (tokens, index, solved):
+    ``solved`` bool[stop - start], whether each problem's trace reaches the goal."""
     numbers, targets, start, config, seed = args
     tok = _TOKENIZER
-    pieces, rows, solved = [], [], 0
+    pieces, rows, solved = [], [], np.zeros(len(targets), bool)
     offset = 0
     bos, eos = np.array([tok.bos_id], np.int32), np.array([tok.eos_id], np.int32)
     for k, (nums, target) in enumerate(zip(numbers, targets)):
         calls, ok = problem_texts(nums, target, config, seed, start + k)
-        solved += ok
+        solved[k] = ok
         if config.only_solved and not ok:
             continue
         for prompt, output, kind in calls:
@@ -214,17 +215,26 @@ def build_dataset(
             else:
                 results = pool.imap(_build_chunk, tasks) if pool else map(_build_chunk, tasks)
             writer = _ShardWriter(os.path.join(out_dir, name), shard_examples)
-            solved = 0
+            solved = np.zeros(len(targets), bool)
+            longest = np.zeros(len(targets), np.int64)  # each problem's longest example (call), in tokens
             for (tokens, index, ok), task in zip(results, tasks):
                 writer.add(tokens, index)
-                solved += ok
+                solved[task[2]:task[2] + len(ok)] = ok
+                np.maximum.at(longest, index[:, 3], index[:, 1])
                 done += len(task[1])
                 if progress and num_processes == 1:
                     progress(done, total)
             files = writer.close()
             lengths = writer.lengths
+            written = longest[longest > 0]
             manifest["splits"][name] = {
-                "problems": len(targets), "solved": solved, "examples": int(len(lengths)),
+                "problems": len(targets), "solved": int(solved.sum()), "examples": int(len(lengths)),
+                # The ceiling of a policy that imitated these traces perfectly with a per-call
+                # window of C tokens: the trace solves and every call (BOS + prompt + output +
+                # EOS, as a training example) fits in C.
+                "solved_within": {str(c): int((solved & (longest <= c)).sum()) for c in REPORT_CONTEXTS},
+                "longest_call": {"p50": float(np.percentile(written, 50)) if len(written) else 0.0,
+                                 "p90": float(np.percentile(written, 90)) if len(written) else 0.0},
                 "tokens": int(lengths.sum()),
                 "trained_tokens": int(writer.trained),
                 "tokens_per_problem": float(lengths.sum() / max(1, len(targets))),
@@ -256,6 +266,7 @@ def build_dataset(
 
 
 PARTS_DIR = ".parts"
+REPORT_CONTEXTS = (512, 768, 1024, 2048, 4096)  # the manifest's ``solved_within`` windows
 
 
 def _part_path(directory: str, start: int) -> str:
@@ -271,7 +282,7 @@ def _build_parts(directory: str, tasks: list, pool, progress) -> None:
     for (tokens, index, ok), task in zip(results, tasks):
         path = _part_path(directory, task[2])
         with open(path + ".tmp", "wb") as f:
-            np.savez(f, tokens=tokens, index=index, solved=np.int64(ok))
+            np.savez(f, tokens=tokens, index=index, solved=ok)
         os.replace(path + ".tmp", path)
         done += len(task[1])
         if progress:
@@ -284,7 +295,7 @@ def _load_part(directory: str, start: int):
         raise FileNotFoundError(f"dataset part {path!r} is missing: expected every process to have built its chunks "
                                 "into the shared out_dir (is it on a file system all processes see?)")
     with np.load(path) as part:
-        return part["tokens"], part["index"], int(part["solved"])
+        return part["tokens"], part["index"], part["solved"]
 
 
 class _ShardWriter:

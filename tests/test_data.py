@@ -59,6 +59,27 @@ def test_examples_are_the_calls_with_their_prompts(built, splits):
         assert 0 < solved < len(targets)
 
 
+def test_solved_within_counts_problems_whose_every_call_fits(built, splits):
+    """``solved_within[C]``: a plain recount from the solver's texts (BOS + prompt + output +
+    EOS of every call <= C, and the trace solves)."""
+    numbers, targets = splits["val"]
+    for kind, (_, manifest) in built.items():
+        config = data.TraceConfig(kind=kind, max_depth=2 if kind == "apr" else 1)
+        longest, solved = [], []
+        for p in range(len(targets)):
+            calls, ok = data.problem_texts(numbers[p], targets[p], config, 3, p)
+            longest.append(max(len(TOK.encode(a)) + len(TOK.encode(b)) + 2 for a, b, _ in calls))
+            solved.append(ok)
+        longest, solved = np.array(longest), np.array(solved)
+        m = manifest["splits"]["val"]
+        assert m["solved"] == solved.sum()
+        for c in data.REPORT_CONTEXTS:
+            assert m["solved_within"][str(c)] == (solved & (longest <= c)).sum(), (kind, c)
+        assert m["longest_call"]["p90"] == np.percentile(longest, 90)
+        # The windows discriminate on these problems (3 numbers: calls of ~100-700 tokens).
+        assert m["solved_within"]["512"] < m["solved_within"]["4096"] == m["solved"]
+
+
 def test_apr_dataset_has_nested_calls_and_trees_rebuild(built, splits):
     path, _ = built["apr"]
     src = data.TraceSource(str(path), "train")

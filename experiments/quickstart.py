@@ -307,10 +307,10 @@ WHY_NOT = {
             "shorter than a serial trace; APR's edge needs problems whose serial search outgrows the window "
             "(4 numbers: --preset=mini; BUILD_NOTES.md, Known limits).",
     "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
-            "~45% (APR, root beams 2..4) and ~32% (SoS+) of these problems within 1,024-token calls, and they "
-            "fall short of them after 75-100 minutes of training each: APR's children find a solution for about "
-            "a third of the problems, and many children repeat a sibling's state (BUILD_NOTES.md, "
-            "'Where mini APR loses').",
+            "~57% (APR, beams 4 written best first) and ~32% (SoS+) of these problems within 1,024-token calls, "
+            "and they fall short of them after ~2 hours of training each: APR's children find a solution for "
+            "about 40% of the problems, and about a third of its children repeat a sibling's state "
+            "(BUILD_NOTES.md, 'Where mini APR loses', 'Best-first expansions').",
 }
 
 

@@ -57,6 +57,7 @@ class TraceConfig:
     token_budget: bool = False  # SoS+: prefix "Token Budget: N " (N = tokens rounded up to 512)
     sub_call_budget: bool = False  # APR: prefix "Sub Call Budget: N " (N = children in the tree)
     only_solved: bool = False  # keep only problems whose trace reaches the goal
+    shuffle: bool = True  # expansions write their kept children in a random order (the original); False: best first
 
     def check(self) -> "TraceConfig":
         if self.kind not in KINDS:
@@ -82,17 +83,19 @@ def problem_texts(nums: Sequence[int], target: int, config: TraceConfig, seed: i
     nums, target = [int(x) for x in nums], int(target)
     if config.kind == "sosp":
         solver_seed = rng.getrandbits(32)
-        text = traces.sosp(nums, target, beam_size=beam, seed=solver_seed)
+        text = traces.sosp(nums, target, beam_size=beam, seed=solver_seed, shuffle=config.shuffle)
         if config.token_budget:
             tokens = len(_TOKENIZER.encode(text)) + 2
             budget = 512 * max(1, math.ceil(tokens / 512))
-            text = traces.sosp(nums, target, beam_size=beam, seed=solver_seed, token_budget=budget)
+            text = traces.sosp(nums, target, beam_size=beam, seed=solver_seed, token_budget=budget,
+                               shuffle=config.shuffle)
         head = text.index("\n") + 1
         solved = traces.verify(text, nums, target).success
         return [(text[:head], text[head:], CALL_KINDS["sosp"])], solved
     sub_beam = rng.randint(min(beam, config.max_sub_call_beam_size), config.max_sub_call_beam_size)
     tree = traces.apr(nums, target, beam_size=beam, sub_call_beam_size=sub_beam, seed=rng.getrandbits(32),
-                      max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=config.sub_call_budget)
+                      max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=config.sub_call_budget,
+                      shuffle=config.shuffle)
     solved = traces.verify(tree.final_text, nums, target).success
     return list(tree_calls(tree, is_root=True)), solved
 

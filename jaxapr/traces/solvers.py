@@ -18,6 +18,8 @@ Three families, each a best-first search over the Countdown move tree (moves fro
 Randomness comes only from ``random.Random(seed)`` and is drawn in the same order as the
 original APR / Stream-of-Search generators (one ``shuffle`` of the kept children per
 expansion, one ``random()`` per dive decision), so that a seed fixes the text exactly.
+``shuffle=False`` (not in the original) writes every expansion's kept children best first
+instead, which a small policy imitates more easily (BUILD_NOTES, "Best-first expansions").
 
 Fidelity: given the same random choices, ``sosp`` and ``apr`` reproduce all 200 fixture
 traces/trees exactly (tests/traces/test_solvers.py replays each fixture's choices). Quirks
@@ -290,28 +292,38 @@ def _check_problem(nums, target, beam_size=1):
 
 class _Search:
     """Shared state of one solver call: the problem, heuristic, random source, dive/spawn
-    probability ``p``, root node, and the per-call memo of expansions (``_children``)."""
+    probability ``p``, root node, whether expansions write their kept children in a random
+    order (``shuffle``) or best first, and the per-call memo of expansions (``_children``)."""
 
-    __slots__ = ("target", "heuristic", "rng", "p", "root", "cache")
+    __slots__ = ("target", "heuristic", "rng", "p", "root", "shuffle", "cache")
 
-    def __init__(self, target, heuristic, rng, p, root):
+    def __init__(self, target, heuristic, rng, p, root, shuffle=True):
         self.target, self.heuristic, self.rng, self.p, self.root = target, heuristic, rng, p, root
+        self.shuffle = _check_shuffle(shuffle)
         self.cache = {}
 
     def children(self, node: "_Node") -> list[_Child]:
         return _children(self.cache, node.nums, self.target, self.heuristic)
 
 
+def _check_shuffle(shuffle) -> bool:
+    if not isinstance(shuffle, bool):
+        raise ValueError(f"shuffle={shuffle!r}: expected True (kept children in a random order, as the original) "
+                         "or False (best first)")
+    return shuffle
+
+
 def _expand(s: _Search, node: _Node, keep: int, out: list):
     """Writes the explore lines of one expansion of ``node`` (the ``keep`` best children in a
-    random order, numbered in that order, terminals not numbered). Returns
-    ``(goal_node | None, generated_nodes)``."""
+    random order, or best first when not ``s.shuffle``; numbered in that order, terminals not
+    numbered). Returns ``(goal_node | None, generated_nodes)``."""
     target = s.target
     kept = s.children(node)[:keep]
     for child in kept:
         if child.explore is None:
             child.fill(target)
-    s.rng.shuffle(kept)  # a fresh list (slice); one call per expansion, as the original
+    if s.shuffle:
+        s.rng.shuffle(kept)  # a fresh list (slice); one call per expansion, as the original
     generated = []
     for child in kept:
         out.append(child.explore)
@@ -378,7 +390,8 @@ def _sos_bfs(s: _Search, beam_size: int, out: list) -> bool:
             for child in kept:
                 if child.explore is None:
                     child.fill(target)
-            rng.shuffle(kept)
+            if s.shuffle:
+                rng.shuffle(kept)
             number = 0
             queued = []
             for child in kept:
@@ -412,6 +425,7 @@ def sos(
     beam_size: int = 5,
     seed=0,
     threshold="target",
+    shuffle: bool = True,
 ) -> str:
     """A Stream-of-Search serial trace for (nums, target).
 
@@ -419,8 +433,8 @@ def sos(
     whose heuristic is <= ``threshold`` (default: the target, as SoS generated its data;
     ``None``: no pruning); deterministic. ``strategy="bfs"``: beam search of width
     ``beam_size`` whose kept children are shuffled with ``random.Random(seed)``; a failed
-    search ends with ``No solution found.``. Neither restates the path: a success ends with
-    the first ``Goal Reached`` line.
+    search ends with ``No solution found.``; ``shuffle=False`` keeps them best first. Neither
+    restates the path: a success ends with the first ``Goal Reached`` line.
     """
     _check_problem(nums, target, beam_size)
     h = _heuristic_fn(heuristic)
@@ -428,7 +442,7 @@ def sos(
     out: list[str] = []
     if strategy not in ("dfs", "bfs"):
         raise ValueError(f"strategy={strategy!r} is not known: expected 'dfs' or 'bfs'")
-    s = _Search(target, h, _rng(seed), None, root)
+    s = _Search(target, h, _rng(seed), None, root, shuffle)
     with _gc_paused():
         if strategy == "dfs":
             _sos_dfs(s, root, target if threshold == "target" else threshold, out)
@@ -496,6 +510,7 @@ def sosp(
     promising_threshold: float = 0.5,
     heuristic: str = "mult",
     token_budget: Optional[int] = None,
+    shuffle: bool = True,
 ) -> str:
     """An SoS+ trace: hybrid beam search with inline depth-first sub searches.
 
@@ -505,11 +520,13 @@ def sosp(
     open sub search; a failure ends with ``No solution found.``. ``token_budget`` (a
     multiple of 512) adds the conditioning prefix ``Token Budget: N `` (off by default).
     Defaults match the original generator (``promising_threshold=0.5``, ``mult_heuristic``).
+    ``shuffle=False``: every expansion writes its kept children best first (heuristic order)
+    instead of the original's random order (see ``apr``).
     """
     _check_problem(nums, target, beam_size)
     h = _heuristic_fn(heuristic)
     root = _root(nums, h, target)
-    s = _Search(target, h, _rng(seed), promising_threshold, root)
+    s = _Search(target, h, _rng(seed), promising_threshold, root, shuffle)
     out = [_budget_prefix(token_budget)]
     with _gc_paused():
         _sosp_search(s, root, beam_size, 0, out)
@@ -606,6 +623,7 @@ def apr(
     spawn_prob: float = 0.9,
     heuristic: str = "mult",
     sub_call_budget=False,
+    shuffle: bool = True,
 ):
     """An APR call tree (``CallTree``) for (nums, target); see ``_apr_search``.
 
@@ -617,6 +635,11 @@ def apr(
     ``sub_call_budget``: False (default) no prefix; True prefixes the root's calls with
     ``Sub Call Budget: N `` where N is the number of child calls in the tree; an int N uses N.
     Defaults match the original generator (``promising_threshold`` 0.9, ``mult_heuristic``).
+    ``shuffle=False``: every expansion writes its kept children best first (heuristic order),
+    not in the original's random order. The kept set and the search are the same; only the
+    order of the ``Exploring Operation`` lines (and so the node numbers) changes. A policy
+    imitating random orders must remember which of the kept moves it has written; small ones
+    repeat them (BUILD_NOTES, "Best-first expansions").
     """
     from jaxapr.traces import spawn_join as sj
 
@@ -628,7 +651,7 @@ def apr(
         raise ValueError(f"max_depth={max_depth!r}: expected an int >= 0")
     h = _heuristic_fn(heuristic)
     root = _root(nums, h, target)
-    s = _Search(target, h, _rng(seed), spawn_prob, root)
+    s = _Search(target, h, _rng(seed), spawn_prob, root, shuffle)
     with _gc_paused():
         tree, _ = _apr_search(s, root, beam_size, sub_call_beam_size, 0, max_depth, sj)
     if sub_call_budget is not False and sub_call_budget is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import jax
 import numpy as np
@@ -338,6 +339,55 @@ def test_determinism(problems):
         a = [fn(n, t, 7) for n, t in batch]
         assert a == [fn(n, t, 7) for n, t in batch]
         assert a != [fn(n, t, 8) for n, t in batch]
+
+
+def _expansions(text: str) -> list[tuple[list[int], list[str]]]:
+    """(state numbers, its ``Exploring Operation`` lines in the order written) per expansion,
+    up to the first ``Goal Reached`` (a restated path follows it)."""
+    blocks = []
+    for line in text.splitlines():
+        if "Goal Reached" in line:
+            break
+        if line.startswith("Current State:"):
+            blocks.append(([int(x) for x in re.match(r"Current State: \d+:\[([^\]]*)\]", line)[1].split(",")], []))
+        elif line.startswith("Exploring Operation:"):
+            blocks[-1][1].append(line)
+    return [b for b in blocks if b[1]]
+
+
+def _apr_expansions(tree) -> list:
+    """``_expansions`` of every call's own text (a continuation's output, not its join context)."""
+    from jaxapr.data import CALL_KINDS, tree_calls
+
+    return [e for prompt, output, kind in tree_calls(tree, is_root=True)
+            for e in _expansions(output if kind == CALL_KINDS["continuation"] else prompt + output)]
+
+
+def test_best_first_expansions(problems):
+    """``shuffle=False``: every expansion writes its kept moves best first (the rules' moves in
+    heuristic order); the root's expansion keeps the same moves as the original's random order."""
+    for k, (nums, target) in enumerate(problems[:80]):
+        for beam in (2, 4):
+            pairs = [
+                (_expansions(sosp(nums, target, beam_size=beam, seed=k)),
+                 _expansions(sosp(nums, target, beam_size=beam, seed=k, shuffle=False))),
+                (_apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k)),
+                 _apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k, shuffle=False))),
+            ]
+            for a, b in pairs:
+                assert a[0][0] == b[0][0] == list(nums)
+                # A root of more than two numbers has no terminal child: its whole kept set is written.
+                assert sorted(a[0][1]) == sorted(b[0][1]) and len(b[0][1]) == min(beam, len(list(rules.moves(list(nums)))))
+                for state, ys in b:
+                    h = solvers.mult_heuristic
+                    best = [f"Exploring Operation: {m.text}" for m in
+                            sorted(rules.moves(state), key=lambda m: h(m.numbers, target))]  # stable, as _children
+                    assert [y.split(",")[0] for y in ys] == best[:len(ys)], (nums, target, state)
+    n, t = problems[0]
+    assert sosp(n, t, beam_size=3, seed=1, shuffle=False, promising_threshold=1.0) == sosp(
+        n, t, beam_size=3, seed=2, shuffle=False, promising_threshold=1.0)
+    with pytest.raises(ValueError, match="shuffle='no'"):
+        apr(n, t, beam_size=2, shuffle="no")
 
 
 def test_bad_arguments():

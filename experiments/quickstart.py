@@ -318,14 +318,22 @@ def verdict(comp: dict, preset: str = "mini") -> str:
     """One honest paragraph: where APR leads, by how much, against the issue's target."""
     if not comp:
         return "No context had both SoS+ and APR evaluated."
-    best_ctx = max(comp, key=lambda c: comp[c]["apr_lead_points"])
+    def better_of(v):
+        return max(v["sosp"], v["apr"], v["apr_rl"] or 0.0)
+
+    def meets(v):
+        return v["apr_lead_points"] >= 10 and better_of(v) >= 0.40
+
+    # The context that meets the target if one does, else the largest lead (ties: the context
+    # where the better policy solves more).
+    best_ctx = max(comp, key=lambda c: (meets(comp[c]), round(comp[c]["apr_lead_points"], 6), better_of(comp[c])))
     b = comp[best_ctx]
     lines = ["APR vs SoS+ at equal per-call context (greedy): " + "; ".join(
         f"{c}: {v['apr_lead_points']:+.1f} points" for c, v in comp.items()) + "."]
-    better = max(b["sosp"], b["apr"], b["apr_rl"] or 0.0)
-    met = b["apr_lead_points"] >= 10 and better >= 0.40
+    better = better_of(b)
+    met = meets(b)
     lines.append(f"Target (APR >= 10 points ahead, the better >= 40%): {'met' if met else 'not met'} "
-                 f"(best lead {b['apr_lead_points']:+.1f} at context {best_ctx}: "
+                 f"(lead {b['apr_lead_points']:+.1f} at context {best_ctx}: "
                  f"{'at least' if b['apr_lead_points'] >= 10 else 'under'} 10; the better solves {better:.1%} there).")
     if not met:
         lines.append(WHY_NOT[preset])

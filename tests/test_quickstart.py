@@ -85,6 +85,15 @@ def test_comparison_and_verdict_by_hand():
     assert "not met" in v and "+15.0 at context 256: at least 10; the better solves 25.0%" in v  # but < 40%
     comp = quickstart.comparison([_row("sosp", 512, 0.35), _row("apr", 512, 0.46)])
     assert "Target (APR >= 10 points ahead, the better >= 40%): met" in quickstart.verdict(comp)
+    # Equal leads: the context where the better policy solves more is reported.
+    comp = quickstart.comparison([_row("sosp", 768, 0.15), _row("apr", 768, 0.335),
+                                  _row("sosp", 1024, 0.205), _row("apr", 1024, 0.39)])
+    assert "+18.5 at context 1024: at least 10; the better solves 39.0%" in quickstart.verdict(comp)
+    # A context that meets both halves is found even where the lead is not the largest.
+    comp = quickstart.comparison([_row("sosp", 768, 0.10), _row("apr", 768, 0.35),
+                                  _row("sosp", 1024, 0.30), _row("apr", 1024, 0.42)])
+    v = quickstart.verdict(comp)
+    assert "40%): met (lead +12.0 at context 1024" in v
     table = quickstart.table(rows)
     assert "APR + GRPO" in table and "25.0%" in table and len(table.splitlines()) == len(rows) + 1
 

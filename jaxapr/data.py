@@ -236,8 +236,8 @@ def build_dataset(
                 # window of C tokens: the trace solves and every call (BOS + prompt + output +
                 # EOS, as a training example) fits in C.
                 "solved_within": {str(c): int((solved & (longest <= c)).sum()) for c in REPORT_CONTEXTS},
-                "longest_call": {"p50": float(np.percentile(written, 50)) if len(written) else 0.0,
-                                 "p90": float(np.percentile(written, 90)) if len(written) else 0.0},
+                "longest_call": dict(zip(("p50", "p90"), np.percentile(written, [50, 90]).tolist()
+                                         if len(written) else (0.0, 0.0))),
                 "tokens": int(lengths.sum()),
                 "trained_tokens": int(writer.trained),
                 "tokens_per_problem": float(lengths.sum() / max(1, len(targets))),

@@ -313,17 +313,24 @@ def _check_shuffle(shuffle) -> bool:
     return shuffle
 
 
-def _expand(s: _Search, node: _Node, keep: int, out: list):
-    """Writes the explore lines of one expansion of ``node`` (the ``keep`` best children in a
-    random order, or best first when not ``s.shuffle``; numbered in that order, terminals not
-    numbered). Returns ``(goal_node | None, generated_nodes)``."""
-    target = s.target
-    kept = s.children(node)[:keep]
+def _kept(s: _Search, node: _Node, keep: int) -> list[_Child]:
+    """The ``keep`` best children of ``node`` (lines filled) in the order an expansion writes
+    them: shuffled with ``s.rng`` (one call per expansion, as the original) or, when not
+    ``s.shuffle``, best first."""
+    kept = s.children(node)[:keep]  # a fresh list (slice)
     for child in kept:
         if child.explore is None:
-            child.fill(target)
+            child.fill(s.target)
     if s.shuffle:
-        s.rng.shuffle(kept)  # a fresh list (slice); one call per expansion, as the original
+        s.rng.shuffle(kept)
+    return kept
+
+
+def _expand(s: _Search, node: _Node, keep: int, out: list):
+    """Writes the explore lines of one expansion of ``node`` (its ``_kept`` children, numbered
+    in that order, terminals not numbered). Returns ``(goal_node | None, generated_nodes)``."""
+    target = s.target
+    kept = _kept(s, node, keep)
     generated = []
     for child in kept:
         out.append(child.explore)
@@ -377,21 +384,16 @@ def _sos_dfs(s: _Search, node: _Node, threshold, out: list) -> bool:
 
 def _sos_bfs(s: _Search, beam_size: int, out: list) -> bool:
     """Beam search: pop the ``beam_size`` best open nodes; for each, keep its ``beam_size``
-    best children in random order and queue all of them (terminal ones too, as the original
-    Stream-of-Search generator does; a terminal shares the number of the next generated
-    sibling). Moves between nodes are written as ``Moving to Node``."""
-    target, rng, root = s.target, s.rng, s.root
+    best children (``_kept``: in random order, or best first) and queue all of them (terminal
+    ones too, as the original Stream-of-Search generator does; a terminal shares the number of
+    the next generated sibling). Moves between nodes are written as ``Moving to Node``."""
+    target, root = s.target, s.root
     open_set = [(root.h, root)]
     while open_set:
         current = _pop_beam(open_set, beam_size)
         for k, (_, node) in enumerate(current):
             out.append(node.state_line(target))
-            kept = s.children(node)[:beam_size]
-            for child in kept:
-                if child.explore is None:
-                    child.fill(target)
-            if s.shuffle:
-                rng.shuffle(kept)
+            kept = _kept(s, node, beam_size)
             number = 0
             queued = []
             for child in kept:

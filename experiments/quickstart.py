@@ -309,7 +309,7 @@ WHY_NOT = {
     "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
             "~57% (APR, beams 4 written best first) and ~32% (SoS+) of these problems within 1,024-token calls, "
             "and they fall short of them after ~2 hours of training each: APR's children find a solution for "
-            "about 40% of the problems, and about a third of its children repeat a sibling's state "
+            "about half of the problems, and over a quarter of its children repeat a sibling's state "
             "(BUILD_NOTES.md, 'Where mini APR loses', 'Best-first expansions').",
 }
 

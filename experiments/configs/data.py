@@ -42,6 +42,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         # The demonstrations solve 57.5% of the test problems within 1,024-token calls (2..4 /
         # <= 3: 42.5%) with ~4.4 children; in the original's random order the policy wrote the
         # same kept move several times (2.5 distinct of 4 children) and a round on them did not
-        # gain (33.0% on test), best first it did (39.0%; BUILD_NOTES, "Best-first expansions").
+        # gain (33.0% on test), best first it did (39.0%, 45.5% after a fifth round; BUILD_NOTES,
+        # "Best-first expansions", "A fifth round of mini APR SFT").
         c.apr.update(min_beam_size=4, max_beam_size=4, max_sub_call_beam_size=4, shuffle=False)
     return c

@@ -28,10 +28,10 @@ def resolve_runs(workdir, overrides: dict) -> dict:
 def condition(policy, problems, mode: str, context: int, *, num_slots: int, prefix: str = "",
               temperature: float = 0.0, key=None) -> dict:
     """One evaluated condition: accuracy and costs (means over problems; see
-    ``jaxapr.train.common.rollout_metrics``, which also splits problems over processes)."""
-    from jaxapr.train import common
+    ``jaxapr.evaluation``, which also splits problems over processes)."""
+    from jaxapr import evaluation
 
-    r = common.rollout_metrics(policy, problems, mode=mode, max_context=context, num_slots=num_slots,
+    r = evaluation.rollout_metrics(policy, problems, mode=mode, max_context=context, num_slots=num_slots,
                                prefix=prefix, temperature=temperature, key=key)
     return {"mode": mode, "context": context, "prefix": prefix, "temperature": temperature, **r}
 
@@ -40,6 +40,7 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
              seed: int, log=print) -> dict:
     import jax
 
+    from jaxapr import evaluation
     from jaxapr.train import common
 
     policies = {name: common.load_policy(path) for name, path in runs.items()}
@@ -70,7 +71,7 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
     if "sosp" in policies and n_max > 0:  # one rollout of n_max samples per problem answers every pass@n / cons@n
         modes = [f"{kind}@{n}" for n in range(1, n_max + 1) for kind in ("pass", "cons")]
         ctx = min(main_ctx, policies["sosp"].cfg.max_len)
-        rows = common.sampled_metrics(policies["sosp"], problems, modes=modes, max_context=ctx, num_slots=num_slots,
+        rows = evaluation.sampled_metrics(policies["sosp"], problems, modes=modes, max_context=ctx, num_slots=num_slots,
                                       temperature=temperature, key=key)
         for mode in modes:
             r = {"mode": mode, "context": ctx, "prefix": "", "temperature": temperature, **rows[mode],

@@ -40,12 +40,14 @@ re-prefilling the joins is only 0.5-2.3% of device time, so wall time did not ch
 measurably (BUILD_NOTES.md, runtime suite); reprefill also needs no ``extend`` from the
 engine. keep_slot is for setups where prefill weighs more (long join contexts, spare slots).
 
-Metrics per problem: generated tokens (``total_tokens``), prompt tokens (``prompt_tokens``:
-every call's whole prompt, however much of it was prefilled; the batch's ``schedule`` counts
-the tokens actually prefilled, extends, reused prefix tokens and evictions),
+Metrics per problem (``jaxapr.evaluation`` defines the reported ones from these): generated
+tokens (``total_tokens``), prompt tokens (``prompt_tokens``: every call's whole prompt, join
+contexts included, however much of it was prefilled; the batch's ``schedule`` counts the tokens
+actually prefilled, extends, reused prefix tokens, evictions and the pool's decode steps),
 ``sequential_tokens`` (the longest causal chain: a thread's own generated tokens plus, per
-spawn, its longest child's sequential tokens, recursively), children, spawns, latency in
-engine decode steps from the problem's first insert to its last call's end, and wall time.
+spawn, its longest child's, recursively), ``latency_steps`` (the decode steps of that critical
+path, children in parallel: independent of the slot count and of queueing), children, spawns,
+and the batch's wall time.
 Every call keeps its prompt tokens, output tokens and per-token log-probabilities (GRPO
 trains on them). Randomness: a call's key is derived from (key, problem index, its thread's
 path, call index), so results do not depend on the number of slots or the schedule, and with
@@ -164,8 +166,6 @@ class _Scheduler:
         self.in_slot: dict[int, tuple[int, Call]] = {}
         self.step = 0
         self.generated = collections.Counter()  # per problem
-        self.first_step: dict[int, int] = {}
-        self.last_step = collections.Counter()
         self.prefill_tokens = 0
         self.prefill_s = 0.0  # time blocked waiting for prefills (see ``run``)
         self.decode_s = 0.0   # time blocked waiting for decode chunks
@@ -249,7 +249,6 @@ class _Scheduler:
                 self.prefill_tokens += sum(len(p) for p in prompts)
                 for slot, (tid, call) in zip(slots, batch):
                     self.in_slot[slot] = (tid, call, self.step)
-                    self.first_step.setdefault(self.threads[tid].problem, self.step)
             saturated = bool(self.queue)  # calls wait while every slot is busy
             pending = eng.decode(self.decode_chunk)
             t0 = time.perf_counter()
@@ -333,7 +332,6 @@ class _Scheduler:
         call.output_tokens, call.logprobs = tokens, np.asarray(out.logprobs, np.float32)
         call.output = _TOK.decode(tokens)
         self.generated[thread.problem] += len(tokens)
-        self.last_step[thread.problem] = self.step
         if self.mode == "apr" and call.stopped == "eos" and thread.level < self.max_depth:
             try:
                 prompts = traces.child_prompts(call.text)
@@ -388,10 +386,19 @@ class _Scheduler:
                         out.extend(self.all_calls(self.threads[c]))
         return out
 
-    def sequential_tokens(self, thread: Thread) -> int:
-        own = sum(len(c.output_tokens) for c in thread.calls)
-        return own + sum(max([self.sequential_tokens(self.threads[c]) for c in spawn if c is not None], default=0)
-                         for spawn in thread.spawns)
+    def critical_path(self, thread: Thread) -> tuple[int, int]:
+        """(sequential tokens, latency steps) of ``thread`` with children in parallel: its own
+        calls in order and, per spawn, its longest child (by tokens), recursively. A call of n
+        generated tokens runs n - 1 decode steps (its first token comes with its prefill).
+        Both depend only on the tree of calls, never on the slot count or the queue."""
+        tokens = sum(len(c.output_tokens) for c in thread.calls)
+        steps = sum(max(len(c.output_tokens) - 1, 0) for c in thread.calls)
+        for spawn in thread.spawns:
+            kids = [self.critical_path(self.threads[c]) for c in spawn if c is not None]
+            if kids:
+                tokens += max(t for t, _ in kids)
+                steps += max(s for _, s in kids)
+        return tokens, steps
 
     def counts(self, thread: Thread) -> tuple[int, int]:
         children = spawns = 0
@@ -497,14 +504,12 @@ def _result(sched: _Scheduler, root: Thread, nums, target, wall) -> RolloutResul
     verdict = traces.verify(text, nums, target)
     calls = sched.all_calls(root)
     children, spawns = sched.counts(root)
-    problem = root.problem
-    latency = sched.last_step[problem] - sched.first_step.get(problem, 0)
+    sequential, latency = sched.critical_path(root)
     return RolloutResult(
         nums=list(nums), target=int(target), success=verdict.success, reason=verdict.reason, text=text,
         tree=sched.tree(root), calls=calls,
         total_tokens=sum(len(c.output_tokens) for c in calls), prompt_tokens=sum(len(c.prompt_tokens) for c in calls),
-        sequential_tokens=sched.sequential_tokens(root), num_children=children, num_spawns=spawns,
-        latency_steps=int(latency), wall_s=wall)
+        sequential_tokens=sequential, num_children=children, num_spawns=spawns, latency_steps=latency, wall_s=wall)
 
 
 _CHILD_STATE_RE = re.compile(r"Current State: ([0-9]+):\[([0-9, ]*)\]")

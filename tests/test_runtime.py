@@ -105,6 +105,25 @@ def test_metrics_by_hand():
     assert res.success == traces.verify(tree["main_calls"][-1], nums, target).success
 
 
+def test_latency_is_the_critical_path_whatever_the_slot_count():
+    """Latency counts the critical path's decode steps with children in parallel: the same
+    with 2 slots (children queue) as with 64 (all run at once); the pool's steps differ."""
+    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(5), 6, num_numbers=4, max_number=10,
+                                                   min_target=5, max_target=25)
+    trees = [traces.apr(x, t, beam_size=4, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    assert sum(len(t["sub_calls"][0]) for t in trees if t["sub_calls"]) >= 12
+    runs = {slots: runtime.rollout(None, (numbers, targets), "apr", decode_chunk=4,
+                                   engine=ScriptedEngine(responses_of(trees), num_slots=slots, max_len=BIG))
+            for slots in (2, 64)}
+    for few, many, tree in zip(runs[2], runs[64], trees):
+        assert few.latency_steps == many.latency_steps and few.sequential_tokens == many.sequential_tokens
+        # One thread's calls in a row, the longest child per spawn: tokens minus one per call on that path.
+        calls_on_path = len(tree["main_calls"]) + sum(1 for block in tree["sub_calls"] if block)
+        assert many.latency_steps == many.sequential_tokens - calls_on_path
+    assert runs[2][0].schedule["steps"] > runs[64][0].schedule["steps"]
+
+
 def test_sosp_mode_replays_fixture_traces(fixture_rows):
     rows = [r for r in fixture_rows if len(r["nums"]) == 4][:40]
     responses = {}
@@ -151,13 +170,13 @@ def test_sampling_modes_vote_and_choose():
         runtime.first_samples(drawn, "pass@5")
     with pytest.raises(ValueError, match="expected 'pass@k', 'cons@k' or 'best-of-k'"):
         runtime.first_samples(drawn, "sosp")
-    from jaxapr.train import common
+    from jaxapr import evaluation
 
     for modes in ([], ["pass@2", "apr"]):  # refused before anything is rolled out
         with pytest.raises(ValueError, match="expected sampled modes 'pass@k', 'cons@k' or 'best-of-k'"):
-            common.sampled_metrics(None, probs, modes=modes, max_context=BIG, num_slots=2, temperature=1.0, key=key,
+            evaluation.sampled_metrics(None, probs, modes=modes, max_context=BIG, num_slots=2, temperature=1.0, key=key,
                                    engine=eng)
-    shared = common.sampled_metrics(None, probs, modes=["pass@1", "pass@2", "cons@2"], max_context=BIG, num_slots=2,
+    shared = evaluation.sampled_metrics(None, probs, modes=["pass@1", "pass@2", "cons@2"], max_context=BIG, num_slots=2,
                                     temperature=1.0, key=key, engine=eng)
     assert shared["pass@1"]["seconds"] == shared["cons@2"]["seconds"]  # one rollout answered every mode
     with pytest.raises(ValueError, match="mode='apr@3'"):
@@ -372,7 +391,7 @@ def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
 
 def test_join_diagnostics_by_hand():
     """Duplicate children, solved children, a join cut by the context, a lost join: by hand."""
-    from jaxapr.train import common
+    from jaxapr import evaluation
 
     nums, target = [1, 4, 5], 20
     root = ("Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
@@ -420,6 +439,6 @@ def test_join_diagnostics_by_hand():
     # rollout_metrics reports their means for APR only.
     eng = ScriptedEngine(answers("No solution found.\n"), 2, BIG)
     two = (np.array([nums, nums]), np.array([target, target]))
-    m = common.rollout_metrics(None, two, mode="apr", max_context=BIG, num_slots=2, engine=eng)
+    m = evaluation.rollout_metrics(None, two, mode="apr", max_context=BIG, num_slots=2, engine=eng)
     assert m["lost_at_join"] == 1.0 and m["distinct_children"] == 2.0 and m["join_overflow"] == 0.0
-    assert "lost_at_join" not in common.rollout_metrics(None, two, mode="sosp", max_context=BIG, num_slots=2, engine=eng)
+    assert "lost_at_join" not in evaluation.rollout_metrics(None, two, mode="sosp", max_context=BIG, num_slots=2, engine=eng)

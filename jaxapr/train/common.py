@@ -1,5 +1,5 @@
 """What the SFT and GRPO runs share: the policy and mesh from a config, placing state and
-batches on the mesh, held-out rollouts, config checks, a NaN guard.
+batches on the mesh, config checks, a NaN guard.
 
 A run config is an ``ml_collections.ConfigDict`` (see ``experiments/configs/sft.py`` and
 ``rl.py``) with at least ``model`` (every ``model.ModelConfig`` field), ``mesh`` (``data``,
@@ -137,71 +137,6 @@ def batch_to_device(batch: dict, mesh) -> dict:
     if mesh.devices.size == 1:
         return {k: np.asarray(v) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
-
-
-def rollout_metrics(policy, problems, *, mode: str, max_context: int, num_slots: int, prefix: str = "",
-                    temperature: float = 0.0, key=None, engine=None) -> dict:
-    """Held-out accuracy and cost of ``mode`` rollouts on ``problems`` = (numbers, targets).
-    With several processes each one rolls out every P-th problem (its process-local ``engine``
-    or ``policy``) and the means are over all problems; every process must call this."""
-    results, wall = _local_rollouts(policy, problems, mode=mode, max_context=max_context, num_slots=num_slots,
-                                    prefix=prefix, temperature=temperature, key=key, engine=engine)
-    return _mean_metrics(results, wall, joins=mode == "apr")
-
-
-def sampled_metrics(policy, problems, *, modes, max_context: int, num_slots: int, temperature: float, key,
-                    prefix: str = "", engine=None) -> dict:
-    """{mode: metrics as ``rollout_metrics``} for sampled serial modes (``pass@k``, ``cons@k``,
-    ``best-of-k``) from ONE rollout of n = the largest k samples per problem: each mode is
-    judged on the first k samples (``runtime.first_samples``), so the modes share samples and
-    cost one rollout. ``seconds`` is that rollout's wall time, in every mode's metrics."""
-    from jaxapr import runtime
-
-    modes = list(modes)
-    ks = [runtime.parse_mode(m) for m in modes]
-    bad = [m for m, (kind, _) in zip(modes, ks) if kind not in ("pass", "cons", "best")]
-    if not modes or bad:
-        raise ValueError(f"modes={modes!r}: expected sampled modes 'pass@k', 'cons@k' or 'best-of-k'")
-    n = max(k for _, k in ks)
-    results, wall = _local_rollouts(policy, problems, mode=f"pass@{n}", max_context=max_context,
-                                    num_slots=num_slots, prefix=prefix, temperature=temperature, key=key, engine=engine)
-    return {m: _mean_metrics([runtime.first_samples(r, m) for r in results], wall) for m in modes}
-
-
-def _local_rollouts(policy, problems, *, mode, max_context, num_slots, prefix, temperature, key, engine):
-    """This process's share of ``problems`` (every P-th) rolled out -> (results, wall seconds)."""
-    from jaxapr import runtime
-
-    t0 = time.perf_counter()
-    numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
-    p, n = jax.process_index(), jax.process_count()
-    ids = np.arange(len(targets))[p::n]  # keys from global indices: samples do not depend on n
-    numbers, targets = numbers[p::n], targets[p::n]
-    results = []
-    if len(targets):
-        results = runtime.rollout(policy, (numbers, targets), mode=mode, max_context=max_context,
-                                  num_slots=num_slots, engine=engine, temperature=temperature, key=key, prefix=prefix,
-                                  problem_ids=ids)
-    return results, time.perf_counter() - t0
-
-
-def _mean_metrics(results, wall: float, joins: bool = False) -> dict:
-    """Means over all processes' results (a collective with several processes); with ``joins``
-    (APR) also the means of ``runtime.join_diagnostics``."""
-    from jaxapr import runtime
-
-    fields = {"accuracy": "success", "total_tokens": "total_tokens", "sequential_tokens": "sequential_tokens",
-              "children": "num_children", "latency_steps": "latency_steps"}
-    sums = {k: float(np.sum([getattr(r, a) for r in results])) for k, a in fields.items()}
-    if joins:
-        diags = [runtime.join_diagnostics(r) for r in results]
-        sums.update({k: float(sum(d[k] for d in diags)) for k in runtime.JOIN_FIELDS})
-    if jax.process_count() > 1:
-        sums = distributed.sum_across({**sums, "count": len(results)})
-        count, wall = sums.pop("count"), distributed.max_across(wall)
-    else:
-        count = len(results)
-    return {**{k: v / max(count, 1) for k, v in sums.items()}, "seconds": wall}
 
 
 def check_finite(metrics: dict, step: int) -> None:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxapr import distributed
+from jaxapr import distributed, evaluation
 from jaxapr.train import common, grpo
 
 
@@ -141,7 +141,7 @@ def train(config, workdir: str, log=print) -> dict:
 
     def evaluate(step):
         engine.update_params(distributed.process_local(state.params))
-        r = common.rollout_metrics(None, eval_problems, mode=config.kind, max_context=max_context,
+        r = evaluation.rollout_metrics(None, eval_problems, mode=config.kind, max_context=max_context,
                                    num_slots=config.num_slots, engine=engine)
         out = {f"val/{k}": v for k, v in r.items()}
         out["train_seconds"] = train_seconds

@@ -143,6 +143,7 @@ def train(config, workdir: str, log=print) -> dict:
     from jaxapr import data as data_lib
     from jaxapr import distributed
     from jaxapr import engine as engine_lib
+    from jaxapr import evaluation
     from jaxapr.train import common
     from jaxapr.train.checkpoint import Checkpointer
     from jaxapr.train.metrics import MetricWriter
@@ -238,7 +239,7 @@ def train(config, workdir: str, log=print) -> dict:
                 engine = engine_lib.Engine(nnx.merge(graphdef, params), num_slots=config.eval_num_slots,
                                            max_len=config.eval_max_context or cfg.max_len)
             engine.update_params(params)
-            r = common.rollout_metrics(None, eval_problems, mode=config.kind, max_context=engine.max_len,
+            r = evaluation.rollout_metrics(None, eval_problems, mode=config.kind, max_context=engine.max_len,
                                        num_slots=config.eval_num_slots, engine=engine)
             out.update({f"val/{k}": v for k, v in r.items()})
         if out:

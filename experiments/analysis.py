@@ -1,16 +1,71 @@
 """The APR paper's analyses as functions (``experiments/evaluate.py`` and
-``experiments/reproduce.py`` are their command lines): evaluate trained runs under each
-condition, print the tables, draw the plots."""
+``experiments/reproduce.py`` are their command lines): evaluate trained policies under each
+condition, compare them with paired intervals, print the tables, draw the plots.
+
+Runs are named: ``sosp`` / ``apr`` (SFT), ``sosp_rl`` / ``apr_rl`` (+ GRPO). Conditions:
+
+- **context** (greedy): every run at every per-call context window (the paper's comparison
+  at equal context), on all problems;
+- **tokens** (the paper's Fig. 4a): SoS+ ``pass@n`` / ``cons@n`` for n = 1..``n_max`` (one
+  sampled rollout of n_max per problem, each n judged on the first n) and APR with each
+  ``Sub Call Budget: b`` prefix (greedy), on the first ``sweep_problems`` problems;
+- **comparisons**: paired-bootstrap intervals over problems for A - B, at each context (APR vs
+  SoS+, each method + GRPO vs itself), for children under RL, at matched total tokens (APR
+  against the SoS+ cons@n whose tokens come closest) and for the enforced-children ablation
+  (the largest budget, before and after GRPO).
+
+Every condition keeps per-problem records (``jaxapr.evaluation``) so that comparisons pair the
+same problems; with ``cache_dir`` each finished condition is stored and a rerun reuses it
+(keyed by an exported policy file's sha256 and the condition), so an interrupted evaluation
+resumes.
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 
-RUNS = {"sosp": "sft_sosp", "apr": "sft_apr", "apr_rl": "rl_apr"}
+import numpy as np
+
+RUNS = {"sosp": "sft_sosp", "apr": "sft_apr", "sosp_rl": "rl_sosp", "apr_rl": "rl_apr"}
+NAMES = {"sosp": "SoS+", "apr": "APR", "sosp_rl": "SoS+ + GRPO", "apr_rl": "APR + GRPO"}
+MODES = {"sosp": "sosp", "apr": "apr", "sosp_rl": "sosp", "apr_rl": "apr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What an evaluation runs (``experiments/configs/evaluate.py`` holds the presets)."""
+
+    contexts: tuple = (1024,)     # per-call windows of the context analysis (the last is the main one)
+    n_max: int = 8                # SoS+ pass@n / cons@n for n = 1..n_max
+    budgets: tuple = ()           # APR "Sub Call Budget: b" conditions (when the data has budgets)
+    sweep_problems: int = 0       # problems of the tokens analysis (0: all)
+    temperature: float = 1.0      # sampling temperature of pass@n / cons@n
+    num_slots: int = 64
+    seed: int = 0
+
+    def check(self) -> "Plan":
+        if not self.contexts or min(int(c) for c in self.contexts) < 32:
+            raise ValueError(f"contexts={list(self.contexts)}: expected at least one window of >= 32 tokens")
+        for name in ("n_max", "sweep_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots={self.num_slots}: expected >= 1")
+        if self.n_max and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: pass@n / cons@n sample, expected > 0")
+        if any(int(b) < 0 for b in self.budgets):
+            raise ValueError(f"budgets={list(self.budgets)}: expected non-negative ints")
+        return self
+
+    @property
+    def main_context(self) -> int:
+        return max(int(c) for c in self.contexts)
 
 
 def resolve_runs(workdir, overrides: dict) -> dict:
-    """{"sosp" | "apr" | "apr_rl": run workdir or exported ``.npz``} for the runs that exist."""
+    """{run name: a train_sft / train_rl workdir or an exported ``.npz``} for the runs that exist."""
     runs = {}
     for name, sub in RUNS.items():
         path = overrides.get(name) or (os.path.join(workdir, sub) if workdir else None)
@@ -20,80 +75,31 @@ def resolve_runs(workdir, overrides: dict) -> dict:
             raise FileNotFoundError(f"--{name}={path!r} is neither a run with checkpoints/ nor an exported .npz: "
                                     "expected a train_sft / train_rl workdir or a file written by export_policy")
     if not runs:
-        raise FileNotFoundError(f"no runs found (workdir={workdir!r}): expected sft_sosp/, sft_apr/ or rl_apr/ "
-                                "with checkpoints, or --sosp/--apr/--apr_rl")
+        raise FileNotFoundError(f"no runs found (workdir={workdir!r}): expected sft_sosp/, sft_apr/, rl_sosp/ or "
+                                "rl_apr/ with checkpoints, or --sosp/--apr/--sosp_rl/--apr_rl")
     return runs
 
 
-def condition(policy, problems, mode: str, context: int, *, num_slots: int, prefix: str = "",
-              temperature: float = 0.0, key=None) -> dict:
-    """One evaluated condition: accuracy and costs (means over problems; see
-    ``jaxapr.evaluation``, which also splits problems over processes)."""
-    from jaxapr import evaluation
-
-    r = evaluation.rollout_metrics(policy, problems, mode=mode, max_context=context, num_slots=num_slots,
-                               prefix=prefix, temperature=temperature, key=key)
-    return {"mode": mode, "context": context, "prefix": prefix, "temperature": temperature, **r}
-
-
-def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature: float, num_slots: int,
-             seed: int, log=print) -> dict:
-    import jax
-
-    from jaxapr import evaluation
-    from jaxapr.train import common
-
-    policies = {name: common.load_policy(path) for name, path in runs.items()}
-    for name, p in policies.items():
-        log(f"{name}: {runs[name]} ({p.cfg.num_layers} layers, d_model {p.cfg.d_model}, context {p.cfg.max_len})")
-    main = max(p.cfg.max_len for p in policies.values())
-    contexts = sorted({min(int(c), main) for c in contexts} or {main})
-    main_ctx = contexts[-1]
-    out = {"problems": int(len(problems[1])), "contexts": contexts, "main_context": main_ctx, "conditions": []}
-
-    def record(r, run, analysis, note=""):
-        r.update(run=run, analysis=analysis)
-        out["conditions"].append(r)
-        log(f"  {run:7s} {analysis:9s} {r['mode']:8s} ctx {r['context']:5d} {r['prefix']!r:24s} "
-            f"acc {r['accuracy']:.3f} tokens {r['total_tokens']:8.1f} seq {r['sequential_tokens']:7.1f} "
-            f"({note}{r['seconds']:.0f} s)")
-
-    def add(run, analysis, **kw):
-        policy = policies[run]
-        ctx = min(kw.pop("context", main_ctx), policy.cfg.max_len)
-        record(condition(policy, problems, context=ctx, num_slots=num_slots, **kw), run, analysis)
-
-    key = jax.random.key(seed)
-    for ctx in contexts:
-        for run, mode in (("sosp", "sosp"), ("apr", "apr")):
-            if run in policies:
-                add(run, "context", mode=mode, context=ctx)
-    if "sosp" in policies and n_max > 0:  # one rollout of n_max samples per problem answers every pass@n / cons@n
-        modes = [f"{kind}@{n}" for n in range(1, n_max + 1) for kind in ("pass", "cons")]
-        ctx = min(main_ctx, policies["sosp"].cfg.max_len)
-        rows = evaluation.sampled_metrics(policies["sosp"], problems, modes=modes, max_context=ctx, num_slots=num_slots,
-                                      temperature=temperature, key=key)
-        for mode in modes:
-            r = {"mode": mode, "context": ctx, "prefix": "", "temperature": temperature, **rows[mode],
-                 "samples_drawn": n_max}
-            record(r, "sosp", "tokens", note=f"first {mode.split('@')[1]} of {n_max} samples; all: ")
-    if "apr" in policies and _has_budgets(runs["apr"]):
-        for b in budgets:
-            add("apr", "tokens", mode="apr", prefix=f"Sub Call Budget: {int(b)} ")
-    for run in ("apr", "apr_rl"):
-        if run in policies:
-            same = [c for c in out["conditions"] if c["run"] == run and c["analysis"] == "context"
-                    and c["context"] == min(main_ctx, policies[run].cfg.max_len)]
-            if same:  # greedy is deterministic: the context analysis already ran this condition
-                out["conditions"].append(dict(same[0], analysis="rl"))
-            else:
-                add(run, "rl", mode="apr")
-    return out
+def _fingerprint(path: str) -> str | None:
+    """An exported policy's sha256 (what the cache is keyed by); None for a training workdir,
+    whose conditions are not cached (its best checkpoint can change)."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _has_budgets(run: str) -> bool:
-    """Whether the run's APR data was written with ``Sub Call Budget`` prefixes."""
+def has_budgets(run: str) -> bool:
+    """Whether the run's APR data was written with ``Sub Call Budget`` prefixes (an exported
+    policy says so in its metadata)."""
     try:
+        if run.endswith(".npz"):
+            from jaxapr.train import common
+
+            return bool(common.exported_meta(run).get("extra", {}).get("sub_call_budget"))
         with open(os.path.join(run, "config.json")) as f:
             data_dir = json.load(f).get("data_dir", "")
         with open(os.path.join(data_dir, "apr", "manifest.json")) as f:
@@ -102,7 +108,179 @@ def _has_budgets(run: str) -> bool:
         return False
 
 
+class _Cache:
+    """Finished conditions on disk (one JSON file each), so an interrupted evaluation resumes."""
+
+    def __init__(self, directory: str | None, fingerprints: dict, problems_key: str):
+        self.dir, self.fp, self.problems_key = directory, fingerprints, problems_key
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def _path(self, run: str, spec: dict) -> str | None:
+        if not self.dir or self.fp.get(run) is None:
+            return None
+        key = json.dumps({"policy": self.fp[run], "problems": self.problems_key, **spec}, sort_keys=True)
+        return os.path.join(self.dir, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+
+    def get(self, run: str, spec: dict):
+        path = self._path(run, spec)
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def put(self, run: str, spec: dict, value) -> None:
+        path = self._path(run, spec)
+        if path:
+            with open(path + ".tmp", "w") as f:
+                json.dump(value, f)
+            os.replace(path + ".tmp", path)
+
+
+def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, log=print) -> dict:
+    """Every condition of ``plan`` for the ``runs`` that exist -> {"conditions", "comparisons",
+    ...}; each condition carries its metrics (``jaxapr.evaluation.summarize``) and per-problem
+    ``records``."""
+    import jax
+
+    from jaxapr import evaluation
+    from jaxapr.train import common
+
+    plan = plan.check()
+    numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
+    problems_key = hashlib.sha256(numbers.tobytes() + targets.tobytes()).hexdigest()[:16]
+    cache = _Cache(cache_dir, {name: _fingerprint(path) for name, path in runs.items()}, problems_key)
+    policies = {}
+
+    def policy(run):
+        if run not in policies:
+            policies[run] = common.load_policy(runs[run])
+        return policies[run]
+
+    main_ctx = plan.main_context
+    out = {"problems": int(len(targets)), "contexts": sorted(int(c) for c in plan.contexts), "main_context": main_ctx,
+           "plan": dataclasses.asdict(plan), "runs": dict(runs), "conditions": []}
+
+    def record(cond):
+        out["conditions"].append(cond)
+        log(f"  {NAMES.get(cond['run'], cond['run']):12s} {cond['analysis']:8s} {cond['mode']:8s} ctx {cond['context']:5d} "
+            f"{cond['prefix'].strip():20s} {_acc(cond):26s} tokens {cond['total_tokens']:8.1f} "
+            f"children {cond['children']:5.2f} ({cond['seconds']:.0f} s{', cached' if cond.get('cached') else ''})")
+
+    def greedy(run, analysis, context, prefix="", subset=None):
+        probs = (numbers, targets) if subset is None else (numbers[:subset], targets[:subset])
+        spec = {"mode": MODES[run], "context": int(context), "prefix": prefix, "problems": len(probs[1])}
+        hit = cache.get(run, spec)
+        if hit is None:
+            metrics, records = evaluation.evaluate_rollouts(policy(run), probs, mode=MODES[run], max_context=context,
+                                                            num_slots=plan.num_slots, prefix=prefix)
+            hit = {"metrics": metrics, "records": records}
+            cache.put(run, spec, hit)
+        else:
+            hit["metrics"]["cached"] = True
+        record({"run": run, "analysis": analysis, "temperature": 0.0, **spec, **hit["metrics"],
+                "records": hit["records"]})
+
+    for ctx in out["contexts"]:
+        for run in RUNS:
+            if run in runs:
+                greedy(run, "context", ctx)
+    sweep = plan.sweep_problems or len(targets)
+    sweep = min(sweep, len(targets))
+    out["sweep_problems"] = sweep
+    for run in ("sosp", "sosp_rl"):
+        if run not in runs or not plan.n_max:
+            continue
+        modes = [f"{kind}@{n}" for n in range(1, plan.n_max + 1) for kind in ("pass", "cons")]
+        spec = {"modes": modes, "context": main_ctx, "problems": sweep, "temperature": plan.temperature,
+                "seed": plan.seed}
+        hit = cache.get(run, spec)
+        if hit is None:
+            rows = evaluation.sampled_rollouts(policy(run), (numbers[:sweep], targets[:sweep]), modes=modes,
+                                               max_context=main_ctx, num_slots=plan.num_slots,
+                                               temperature=plan.temperature, key=jax.random.key(plan.seed))
+            hit = {m: {"metrics": metrics, "records": records} for m, (metrics, records) in rows.items()}
+            cache.put(run, spec, hit)
+        for mode in modes:
+            record({"run": run, "analysis": "tokens", "mode": mode, "context": main_ctx, "prefix": "",
+                    "problems": sweep, "temperature": plan.temperature, "samples_drawn": plan.n_max,
+                    **hit[mode]["metrics"], "records": hit[mode]["records"]})
+    for run in ("apr", "apr_rl"):
+        if run in runs and plan.budgets and has_budgets(runs[run]):
+            for b in plan.budgets:
+                greedy(run, "tokens", main_ctx, prefix=f"Sub Call Budget: {int(b)} ", subset=sweep)
+            greedy(run, "tokens", main_ctx, subset=sweep)  # no budget: the same problems as the sweep
+    out["comparisons"] = compare(out)
+    return out
+
+
+def _acc(c: dict) -> str:
+    from jaxapr import stats
+
+    return stats.format_interval(c["accuracy"], c["accuracy_low"], c["accuracy_high"])
+
+
+def find(result: dict, run: str, analysis: str, *, context=None, mode=None, prefix: str = "", problems=None):
+    """The one condition matching, or None."""
+    for c in result["conditions"]:
+        if (c["run"] == run and c["analysis"] == analysis and (context is None or c["context"] == context)
+                and (mode is None or c["mode"] == mode) and c["prefix"] == prefix
+                and (problems is None or c["problems"] == problems)):
+            return c
+    return None
+
+
+def paired(a: dict, b: dict, field: str = "success", label: str = "") -> dict:
+    """A - B on the problems both conditions evaluated (the first min(n_a, n_b)), with the
+    paired-bootstrap interval; accuracies in [0, 1], other fields in their units."""
+    from jaxapr import stats
+
+    n = min(len(a["records"][field]), len(b["records"][field]))
+    r = stats.paired_bootstrap(a["records"][field][:n], b["records"][field][:n])
+    return {"label": label, "field": field, "a": _key(a), "b": _key(b), **r}
+
+
+def _key(c: dict) -> dict:
+    return {k: c[k] for k in ("run", "analysis", "mode", "context", "prefix", "problems")}
+
+
+def compare(result: dict) -> list[dict]:
+    """The paired comparisons the report states (see the module docstring)."""
+    out = []
+    for ctx in result["contexts"]:
+        ctx_rows = {run: find(result, run, "context", context=ctx) for run in RUNS}
+        for a, b in (("apr", "sosp"), ("apr_rl", "sosp_rl"), ("apr_rl", "apr"), ("sosp_rl", "sosp")):
+            if ctx_rows[a] and ctx_rows[b]:
+                out.append(paired(ctx_rows[a], ctx_rows[b], label=f"{NAMES[a]} - {NAMES[b]} at {ctx}"))
+        if ctx_rows["apr_rl"] and ctx_rows["apr"]:
+            out.append(paired(ctx_rows["apr_rl"], ctx_rows["apr"], "children",
+                              label=f"children: {NAMES['apr_rl']} - {NAMES['apr']} at {ctx}"))
+    main = result["main_context"]
+    cons = [c for c in result["conditions"] if c["run"] == "sosp" and c["mode"].startswith("cons@")]
+    for run in ("apr", "apr_rl"):
+        apr = find(result, run, "tokens", context=main, prefix="")
+        if apr and cons:  # matched total tokens: the cons@n whose tokens come closest
+            near = min(cons, key=lambda c: abs(c["total_tokens"] - apr["total_tokens"]))
+            out.append(paired(apr, near, label=f"{NAMES[run]} - SoS+ {near['mode']} at matched total tokens "
+                              f"({apr['total_tokens']:.0f} vs {near['total_tokens']:.0f})"))
+    budgets = sorted({c["prefix"] for c in result["conditions"] if c["prefix"]}, key=lambda p: int(p.split(": ")[1]))
+    if budgets:
+        top = budgets[-1]
+        a, b = find(result, "apr_rl", "tokens", prefix=top), find(result, "apr", "tokens", prefix=top)
+        if a and b:
+            out.append(paired(a, b, label=f"enforced children ({top.strip()}): {NAMES['apr_rl']} - {NAMES['apr']}"))
+            out.append(paired(a, b, "children", label=f"children at {top.strip()}: {NAMES['apr_rl']} - {NAMES['apr']}"))
+    return out
+
+
+def without_records(result: dict) -> dict:
+    """The result without per-problem records (for printing and small JSON files)."""
+    return dict(result, conditions=[{k: v for k, v in c.items() if k != "records"} for c in result["conditions"]])
+
+
 def tables(result: dict) -> str:
+    from jaxapr import stats
+
     lines = []
     conds = result["conditions"]
 
@@ -110,30 +288,45 @@ def tables(result: dict) -> str:
         if not rows:
             return
         lines.append(f"\n{title}")
-        lines.append(f"{'run':8s} {'mode':9s} {'context':>7s} {'prefix':>22s} {'accuracy':>8s} {'tokens':>8s} "
-                     f"{'sequential':>10s} {'latency':>8s} {'children':>8s}")
+        lines.append(f"{'policy':12s} {'mode':8s} {'context':>7s} {'prefix':>20s} {'problems':>8s} {'accuracy [95% CI]':>24s} "
+                     f"{'total tok':>9s} {'+context':>9s} {'seq tok':>8s} {'latency':>8s} {'children':>8s}")
         for r in rows:
-            lines.append(f"{r['run']:8s} {r['mode']:9s} {r['context']:7d} {r['prefix'].strip():>22s} {r['accuracy']:8.3f} "
-                         f"{r['total_tokens']:8.1f} {r['sequential_tokens']:10.1f} {r['latency_steps']:8.1f} "
-                         f"{r['children']:8.2f}")
+            lines.append(f"{NAMES.get(r['run'], r['run']):12s} {r['mode']:8s} {r['context']:7d} {r['prefix'].strip():>20s} "
+                         f"{r['problems']:8d} {_acc(r):>24s} {r['total_tokens']:9.0f} "
+                         f"{r['total_tokens_with_context']:9.0f} {r['sequential_tokens']:8.0f} "
+                         f"{r['latency_steps']:8.0f} {r['children']:8.2f}")
 
     fmt([r for r in conds if r["analysis"] == "context"], "Accuracy vs per-call context window (greedy)")
-    fmt([r for r in conds if r["analysis"] == "tokens"], "Accuracy vs total tokens (SoS+ pass@n / cons@n, APR budgets)")
-    fmt([r for r in conds if r["analysis"] == "rl"], "Effect of RL (APR before / after GRPO, greedy)")
-    joins = list({(r["run"], r["context"], r["prefix"]): r for r in conds if "child_solved" in r}.values())
-    if joins:  # runtime.join_diagnostics: shares of problems, children per problem
+    fmt([r for r in conds if r["analysis"] == "tokens"],
+        f"Accuracy vs total tokens (first {result.get('sweep_problems', result['problems'])} problems: SoS+ pass@n / "
+        "cons@n sampled, APR budgets greedy)")
+    comps = result.get("comparisons", [])
+    if comps:
+        lines.append("\nPaired comparisons (A - B over the same problems, 95% paired-bootstrap interval)")
+        for c in comps:
+            pct = c["field"] == "success"
+            lines.append(f"  {c['label']:70s} {stats.format_interval(c['diff'], c['low'], c['high'], percent=pct, digits=1 if pct else 2)}"
+                         f"{' points' if pct else ''} (n={c['n']})")
+    joins = [r for r in conds if "child_solved" in r and r["analysis"] == "context"]
+    if joins:
         lines.append("\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
                      " / a call after a join ran out of room; children: all / distinct / solved)")
-        lines.append(f"{'run':8s} {'context':>7s} {'prefix':>22s} {'accuracy':>8s} {'child ok':>8s} {'lost':>6s} "
-                     f"{'overflow':>8s} {'children':>8s} {'distinct':>8s} {'solved':>6s}")
         for r in joins:
-            lines.append(f"{r['run']:8s} {r['context']:7d} {r['prefix'].strip():>22s} {r['accuracy']:8.3f} "
-                         f"{r['child_solved']:8.3f} {r['lost_at_join']:6.3f} {r['join_overflow']:8.3f} "
-                         f"{r['children']:8.2f} {r['distinct_children']:8.2f} {r['solved_children']:6.2f}")
+            lines.append(f"  {NAMES.get(r['run'], r['run']):12s} ctx {r['context']:5d} child ok {r['child_solved']:.3f} "
+                         f"lost {r['lost_at_join']:.3f} overflow {r['join_overflow']:.3f} children {r['children']:.2f} "
+                         f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}")
     return "\n".join(lines)
 
 
-def plot(result: dict, out: str) -> list[str]:
+def _errorbars(rows):
+    acc = np.array([r["accuracy"] for r in rows])
+    return np.vstack([acc - [r["accuracy_low"] for r in rows], [r["accuracy_high"] for r in rows] - acc])
+
+
+def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None) -> list[str]:
+    """PNG plots into ``out``: accuracy vs context, vs total tokens (Fig. 4a), vs latency;
+    children vs difficulty (``difficulty``: per-problem solution counts of the evaluated
+    problems) and the RL curves (``rl_metrics``: {run: rows of its metrics.jsonl})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,35 +345,83 @@ def plot(result: dict, out: str) -> list[str]:
     ctx_rows = [r for r in conds if r["analysis"] == "context"]
     if ctx_rows:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for run in ("sosp", "apr"):
+        for run in RUNS:
             rows = sorted((r for r in ctx_rows if r["run"] == run), key=lambda r: r["context"])
             if rows:
-                ax.plot([r["context"] for r in rows], [r["accuracy"] for r in rows], "o-", label=_label(run))
-        ax.set(xlabel="per-call context window (tokens)", ylabel="accuracy", xscale="log", ylim=(0, 1),
+                ax.errorbar([r["context"] for r in rows], [r["accuracy"] for r in rows], yerr=_errorbars(rows),
+                            fmt="o-", capsize=3, label=NAMES[run])
+        ax.set(xlabel="per-call context window (tokens)", ylabel="accuracy (95% CI)", ylim=(0, 1),
                title="Accuracy vs context window")
-        ax.legend()
+        ax.legend(fontsize=8)
         save(fig, "accuracy_vs_context.png")
-    tok_rows = [r for r in conds if r["analysis"] in ("tokens", "rl")]
+    tok_rows = [r for r in conds if r["analysis"] == "tokens"]
+    series = [("SoS+ pass@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("pass@")),
+              ("SoS+ cons@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("cons@")),
+              ("SoS+ + GRPO cons@n", lambda r: r["run"] == "sosp_rl" and r["mode"].startswith("cons@")),
+              ("APR (budget b)", lambda r: r["run"] == "apr" and r["prefix"]),
+              ("APR + GRPO (budget b)", lambda r: r["run"] == "apr_rl" and r["prefix"]),
+              ("APR (no budget)", lambda r: r["run"] == "apr" and not r["prefix"]),
+              ("APR + GRPO (no budget)", lambda r: r["run"] == "apr_rl" and not r["prefix"])]
     for x, name, label in (("total_tokens", "accuracy_vs_total_tokens.png", "total tokens per problem"),
-                           ("sequential_tokens", "accuracy_vs_sequential_tokens.png", "sequential tokens per problem"),
-                           ("latency_steps", "accuracy_vs_latency.png", "latency (decode steps)")):
+                           ("latency_steps", "accuracy_vs_latency.png", "latency (critical-path decode steps)")):
         if not tok_rows:
             break
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for series, pred in (("SoS+ pass@n", lambda r: r["mode"].startswith("pass@")),
-                             ("SoS+ cons@n", lambda r: r["mode"].startswith("cons@")),
-                             ("APR (budgets)", lambda r: r["run"] == "apr" and r["prefix"]),
-                             ("APR", lambda r: r["run"] == "apr" and r["analysis"] == "rl"),
-                             ("APR + GRPO", lambda r: r["run"] == "apr_rl")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label_s, pred in series:
             rows = sorted((r for r in tok_rows if pred(r)), key=lambda r: r[x])
             if rows:
-                ax.plot([r[x] for r in rows], [r["accuracy"] for r in rows], "o-" if len(rows) > 1 else "s",
-                        label=series)
-        ax.set(xlabel=label, ylabel="accuracy", ylim=(0, 1), title=f"Accuracy vs {label.split(' per')[0]}")
-        ax.legend(fontsize=8)
+                ax.errorbar([r[x] for r in rows], [r["accuracy"] for r in rows], yerr=_errorbars(rows),
+                            fmt="o-" if len(rows) > 1 else "s", capsize=2, label=label_s, markersize=4)
+                if "budget b" in label_s:
+                    for r in rows:
+                        ax.annotate(r["prefix"].split(": ")[1].strip(), (r[x], r["accuracy"]), fontsize=6,
+                                    xytext=(3, -8), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="accuracy (95% CI)", ylim=(0, 1),
+               title=f"Accuracy vs {label.split(' per')[0].split(' (')[0]} ({result.get('sweep_problems')} problems)")
+        ax.legend(fontsize=7)
         save(fig, name)
+    if difficulty is not None:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        d = np.asarray(difficulty)
+        edges = np.unique(np.quantile(d, np.linspace(0, 1, 6)))
+        bins = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, len(edges) - 2)
+        centers = [f"{int(edges[i])}-{int(edges[i + 1])}" for i in range(len(edges) - 1)]
+        for run in ("apr", "apr_rl"):
+            row = find(result, run, "context", context=result["main_context"])
+            if row is None:
+                continue
+            ch, ok = np.asarray(row["records"]["children"]), np.asarray(row["records"]["success"])
+            ax1.plot(centers, [ch[bins == i].mean() for i in range(len(centers))], "o-", label=NAMES[run])
+            ax2.plot(centers, [ok[bins == i].mean() for i in range(len(centers))], "o-", label=NAMES[run])
+        ax1.set(xlabel="solutions of the problem (quintiles; fewer = harder)", ylabel="children per problem",
+                title="Children vs difficulty")
+        ax2.set(xlabel="solutions of the problem (quintiles)", ylabel="accuracy", ylim=(0, 1), title="Accuracy vs difficulty")
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", labelsize=7)
+            ax.legend(fontsize=8)
+        save(fig, "children_vs_difficulty.png")
+    if rl_metrics:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for run, rows in rl_metrics.items():
+            steps = [r["step"] for r in rows if "rl/success" in r]
+            if not steps:
+                continue
+            ax1.plot(steps, _smooth([r["rl/success"] for r in rows if "rl/success" in r]), label=f"{NAMES[run]} (rollouts)")
+            val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+            if val:
+                ax1.plot(*zip(*val), "s--", label=f"{NAMES[run]} (val, greedy)")
+            if run.startswith("apr"):
+                ax2.plot(steps, _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]), label=NAMES[run])
+        ax1.set(xlabel="GRPO step", ylabel="success", ylim=(0, 1), title="GRPO: success")
+        ax2.set(xlabel="GRPO step", ylabel="children per problem (rollouts)", title="GRPO: children")
+        ax1.legend(fontsize=7)
+        ax2.legend(fontsize=7)
+        save(fig, "rl_curves.png")
     return files
 
 
-def _label(run: str) -> str:
-    return {"sosp": "SoS+", "apr": "APR", "apr_rl": "APR + GRPO"}[run]
+def _smooth(values, k: int = 5):
+    v = np.asarray(values, float)
+    if len(v) < k:
+        return v
+    return np.convolve(np.pad(v, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")

@@ -1,26 +1,26 @@
-r"""The APR paper's analyses for trained checkpoints: JSON + PNG.
+r"""The APR paper's analyses for trained policies: JSON + tables + PNG.
 
     python -m experiments.evaluate --workdir=/tmp/jaxapr_reproduce --out=/tmp/eval
     python -m experiments.evaluate --sosp=/tmp/sft_sosp --apr=/tmp/sft_apr --apr_rl=/tmp/rl_apr \
-        --data_dir=/tmp/d --out=/tmp/eval --contexts=256,512,1024 --n_max=8
+        --data_dir=/tmp/d --out=/tmp/eval --contexts=768,1024 --n_max=8 --budgets=2,4,6
 
-``--workdir`` is a ``reproduce`` work directory (runs ``sft_sosp``, ``sft_apr``, ``rl_apr`` and
-the data in ``data``); ``--sosp/--apr/--apr_rl/--data_dir`` name runs directly (any may be
-missing: its analyses are skipped); each may also be an exported policy, e.g. the shipped
-``--sosp=experiments/checkpoints/tiny_sosp_sft.npz`` (then ``--data_dir`` is required). On ``--num_problems`` held-out problems of ``--split``:
+``--workdir`` is a ``reproduce`` work directory (runs ``sft_sosp``, ``sft_apr``, ``rl_sosp``,
+``rl_apr`` and the data in ``data``); ``--sosp/--apr/--sosp_rl/--apr_rl/--data_dir`` name runs
+directly (any may be missing: its analyses are skipped); each may also be an exported policy,
+e.g. the shipped ``--apr=experiments/checkpoints/mini_apr_sft.npz`` (then ``--data_dir`` is
+required). On ``--num_problems`` problems of ``--split`` (``experiments/analysis.py`` defines
+every condition):
 
-1. **accuracy vs per-call context window** (greedy): SoS+ and APR at each of ``--contexts``;
-2. **accuracy vs total tokens**: SoS+ ``pass@n`` and ``cons@n`` for n = 1..``n_max``
-   (temperature ``--temperature``; one rollout of ``n_max`` samples per problem, each n judged
-   on the first n samples, so the curves share samples) against APR (greedy and, when the
-   APR data was built with ``sub_call_budget``, each ``Sub Call Budget: b`` condition of
-   ``--budgets``);
-3. **accuracy vs sequential tokens and vs latency** (decode steps of a problem's critical
-   path) for the same conditions;
-4. **the effect of RL**: APR before / after GRPO at the main context (a table).
+1. **accuracy vs per-call context window** (greedy) for every run at each of ``--contexts``;
+2. **accuracy vs total tokens** on the first ``--sweep_problems``: SoS+ ``pass@n`` / ``cons@n``
+   for n = 1..``n_max`` (one sampled rollout of n_max per problem) and APR with each
+   ``Sub Call Budget: b`` of ``--budgets`` (when the APR data has budgets);
+3. **paired comparisons** (APR vs SoS+, each method + GRPO vs itself, children under GRPO,
+   matched total tokens, the largest budget before / after GRPO), each with a 95%
+   paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.
 
-Writes ``<out>/evaluate.json`` (every condition: accuracy, total / sequential tokens,
-children, latency, wall time) and ``<out>/*.png``, and prints the tables.
+Writes ``<out>/evaluate.json``, ``<out>/records.json`` (per-problem values) and the plots, and
+prints the tables.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.l
 flags.DEFINE_string("workdir", None, "A reproduce work directory (runs sft_sosp, sft_apr, rl_apr; data in data/).")
 flags.DEFINE_string("sosp", None, "SoS+ run workdir or exported .npz (overrides --workdir's).")
 flags.DEFINE_string("apr", None, "APR run workdir or exported .npz (overrides --workdir's).")
+flags.DEFINE_string("sosp_rl", None, "SoS+ + GRPO run workdir or exported .npz (overrides --workdir's).")
 flags.DEFINE_string("apr_rl", None, "APR + GRPO run workdir or exported .npz (overrides --workdir's).")
 flags.DEFINE_string("data_dir", None, "gen_data output (problems/ splits); default: the runs' config.")
 flags.DEFINE_string("out", None, "Output directory for evaluate.json and the plots.")
@@ -44,7 +45,8 @@ flags.DEFINE_string("split", "test", "Problem split to evaluate on.")
 flags.DEFINE_integer("num_problems", 200, "Problems evaluated (the first of the split).")
 flags.DEFINE_list("contexts", [], "Per-call context windows (default: the APR model's context).")
 flags.DEFINE_integer("n_max", 8, "SoS+ pass@n / cons@n for n = 1..n_max.")
-flags.DEFINE_list("budgets", ["1", "2", "4", "8"], "APR Sub Call Budget conditions (if the data has them).")
+flags.DEFINE_list("budgets", ["2", "3", "4", "5", "6"], "APR Sub Call Budget conditions (if the data has them).")
+flags.DEFINE_integer("sweep_problems", 0, "Problems of the pass@n / cons@n and budget sweeps (0: all).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature of pass@n / cons@n.")
 flags.DEFINE_integer("num_slots", 64, "Engine slots.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -55,7 +57,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     distributed.initialize_or_exit()  # before any JAX computation
     from envs import countdown
-    from experiments.analysis import evaluate, plot, resolve_runs, tables
+    from experiments import analysis
     from jaxapr.train import common
 
     common.quiet_logs()
@@ -64,7 +66,7 @@ def main(argv):
             raise ValueError("--out is required: expected a directory for evaluate.json and the plots")
         if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"--workdir={FLAGS.workdir!r} does not exist")
-        runs = resolve_runs(FLAGS.workdir, {"sosp": FLAGS.sosp, "apr": FLAGS.apr, "apr_rl": FLAGS.apr_rl})
+        runs = analysis.resolve_runs(FLAGS.workdir, {name: getattr(FLAGS, name) for name in analysis.RUNS})
         data_dir = FLAGS.data_dir or (os.path.join(FLAGS.workdir, "data") if FLAGS.workdir else None)
         if not data_dir:
             run = next((r for r in runs.values() if not r.endswith(".npz")), None)
@@ -73,24 +75,31 @@ def main(argv):
             with open(os.path.join(run, "config.json")) as f:
                 data_dir = json.load(f)["data_dir"]
         numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[FLAGS.split]
-        if FLAGS.n_max < 0:
-            raise ValueError(f"--n_max={FLAGS.n_max}: expected >= 0 (0 skips SoS+ pass@n / cons@n)")
         n = min(FLAGS.num_problems, len(targets))
         if n < 1:
             raise ValueError(f"--num_problems={FLAGS.num_problems}: expected >= 1")
+        try:
+            contexts = tuple(int(c) for c in FLAGS.contexts)
+            budgets = tuple(int(b) for b in FLAGS.budgets)
+        except ValueError:
+            raise ValueError(f"--contexts={FLAGS.contexts} / --budgets={FLAGS.budgets}: expected integers") from None
+        if not contexts:
+            contexts = (max(common.load_policy(r).cfg.max_len for r in runs.values()),)
+        plan = analysis.Plan(contexts=contexts, n_max=FLAGS.n_max, budgets=budgets, sweep_problems=FLAGS.sweep_problems,
+                             temperature=FLAGS.temperature, num_slots=FLAGS.num_slots, seed=FLAGS.seed).check()
         os.makedirs(FLAGS.out, exist_ok=True)
-        result = evaluate(runs, (numbers[:n], targets[:n]), contexts=[int(c) for c in FLAGS.contexts],
-                          n_max=FLAGS.n_max, budgets=FLAGS.budgets, temperature=FLAGS.temperature,
-                          num_slots=FLAGS.num_slots, seed=FLAGS.seed)
+        result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    result.update(runs=runs, data_dir=data_dir, split=FLAGS.split)
+    result.update(data_dir=data_dir, split=FLAGS.split)
     if FLAGS.plots:
-        result["plots"] = plot(result, FLAGS.out)
+        result["plots"] = analysis.plot(result, FLAGS.out)
+    with open(os.path.join(FLAGS.out, "records.json"), "w") as f:
+        json.dump([{**analysis._key(c), "records": c["records"]} for c in result["conditions"]], f)
     with open(os.path.join(FLAGS.out, "evaluate.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(tables(result))
+        json.dump(analysis.without_records(result), f, indent=2)
+    print(analysis.tables(result))
     print(f"\nwrote {os.path.join(FLAGS.out, 'evaluate.json')}" + (f" and {len(result.get('plots', []))} plots" if FLAGS.plots else ""))
 
 

@@ -1,104 +1,336 @@
 """The whole pipeline as a function (``experiments/reproduce.py`` is its command line; the
-quickstart's ``--from_scratch`` calls it too): data -> SFT (SoS+ and APR) -> GRPO (APR) ->
-evaluation, each stage skipped when done and resumed when interrupted."""
+quickstart's ``--from_scratch`` calls it too):
+
+    data -> SFT SoS+, SFT APR -> GRPO on each -> export -> evaluation on test -> report
+
+Both methods get the same budget: SFT steps x batch x sequence length from one SFT config,
+GRPO steps x problems x rollouts from one RL config; stages are sized in steps, never by wall
+time. Every stage is skipped when done and resumed when interrupted, so the same command
+continues a stopped pipeline.
+
+What each stage leaves in the work directory:
+
+- ``data/``: ``gen_data`` (problem splits and demonstrations);
+- ``sft_sosp/``, ``sft_apr/``, ``rl_sosp/``, ``rl_apr/``: training runs;
+- ``export/``: the four policies as compact files (``{preset}_{method}_{sft|grpo}.npz``),
+  ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
+  stage, SFT steps and tokens, RL steps, seed, command, config, wall time, machine, sha256):
+  what ``experiments/checkpoints/`` ships;
+- ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired
+  comparisons), ``records.json`` (per-problem values), ``tables.txt`` and the plots. The test
+  split is read here only; the choice between a method's SFT and GRPO policy (its "best") is
+  made on validation, by the GRPO run's own greedy evaluations before and after training;
+- ``reproduce.json``: the headline, per-stage wall times and trained tokens/s.
+"""
 from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 
-
-def run(workdir: str, data_config, sft_config, rl_config, *, rl: bool = True, eval_problems: int = 200,
-        eval_contexts=(), eval_n_max: int = 4, log=print) -> dict:
-    from envs import countdown
-    from experiments import analysis as evaluate
-    from experiments import gen_data
-    from jaxapr.train import sft
-    from jaxapr.train import rl as rl_lib
-
-    if not workdir:
-        raise ValueError("--workdir is required: expected a directory for the pipeline's stages")
-    os.makedirs(workdir, exist_ok=True)
-    times = {}
-    data_dir = os.path.join(workdir, "data")
-    t0 = time.perf_counter()
-    if not all(os.path.isfile(os.path.join(data_dir, k, "manifest.json")) for k in ("sosp", "apr")):
-        log("== data")
-        gen_data.run(data_config, data_dir, overwrite=True, log=log)
-    times["data"] = time.perf_counter() - t0
-    summaries = {}
-    for kind in ("sosp", "apr"):
-        stage = os.path.join(workdir, f"sft_{kind}")
-        c = sft_config.copy_and_resolve_references()
-        c.kind, c.data_dir = kind, data_dir
-        t0 = time.perf_counter()
-        summaries[f"sft_{kind}"] = _stage(stage, lambda c=c, stage=stage: sft.train(c, stage, log=log), log,
-                                          f"SFT {kind}")
-        times[f"sft_{kind}"] = time.perf_counter() - t0
-    if rl:
-        stage = os.path.join(workdir, "rl_apr")
-        c = rl_config.copy_and_resolve_references()
-        c.kind, c.data_dir, c.init_from = "apr", data_dir, os.path.join(workdir, "sft_apr")
-        t0 = time.perf_counter()
-        summaries["rl_apr"] = _stage(stage, lambda: rl_lib.train(c, stage, log=log), log, "GRPO apr")
-        times["rl_apr"] = time.perf_counter() - t0
-    if eval_problems <= 0:
-        return {"times": times, "summaries": summaries}
-    log("== evaluation")
-    t0 = time.perf_counter()
-    runs = evaluate.resolve_runs(workdir, {})
-    numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))["test"]
-    n = min(eval_problems, len(targets))
-    result = evaluate.evaluate(runs, (numbers[:n], targets[:n]), contexts=[int(x) for x in eval_contexts],
-                               n_max=eval_n_max, budgets=["1", "2", "4", "8"], temperature=1.0,
-                               num_slots=int(sft_config.eval_num_slots), seed=0, log=log)
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    result.update(runs=runs, data_dir=data_dir, split="test", plots=evaluate.plot(result, out))
-    with open(os.path.join(out, "evaluate.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    times["evaluate"] = time.perf_counter() - t0
-    table = headline(result)
-    report = {"headline": table, "times": times, "summaries": summaries, "eval": os.path.join(out, "evaluate.json")}
-    with open(os.path.join(workdir, "reproduce.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-    log(evaluate.tables(result))
-    log("\n" + format_headline(table))
-    return report
+KINDS = ("sosp", "apr")
 
 
-def _stage(stage: str, fn, log, name: str) -> dict:
+def _stage(stage: str, fn, log, name: str) -> tuple[dict, bool]:
+    """(the stage's summary, whether it ran now): a finished stage (its summary.json) is read."""
     done = os.path.join(stage, "summary.json")
     if os.path.isfile(done):
         log(f"== {name}: done ({done})")
         with open(done) as f:
-            return json.load(f)
+            return json.load(f), False
     log(f"== {name}")
-    return fn()
+    return fn(), True
+
+
+class _Times:
+    """Per-stage wall seconds, kept in ``<workdir>/stages.json`` across invocations."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "stages.json")
+        self.rows = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.rows = json.load(f)
+
+    def add(self, stage: str, seconds: float, ran: bool, **extra) -> None:
+        if not ran and stage in self.rows:
+            return  # done before: keep the invocation that did it
+        self.rows[stage] = {"wall_s": seconds, **extra}
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.rows, f, indent=2)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def machine() -> dict:
+    """What ran this (for the manifest): CPU model and vector extensions, cores, JAX devices."""
+    import jax
+
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), cpu)
+        flags = "avx512" if "avx512f" in info else ("avx2" if "avx2" in info else "")
+    except OSError:
+        pass
+    return {"cpu": cpu, "vector": flags, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version()}
+
+
+def trained_tokens(data_dir: str, config) -> dict:
+    """What an SFT run's batches held over its ``num_steps`` steps, recounted from the same
+    loader (same seed, order and packing): token slots (steps x batch x seq_len), non-padding
+    tokens (what the forward/backward processed) and trained (target) tokens."""
+    import numpy as np
+
+    from jaxapr import data as data_lib
+
+    loader = data_lib.make_loader(os.path.join(data_dir, config.kind), "train", batch_size=config.batch_size,
+                                  seq_len=int(config.seq_len), seed=config.seed,
+                                  train_on_prompt=config.train_on_prompt,
+                                  kind_repeats=dict(config.get("kind_repeats", None) or {}))
+    real = trained = 0
+    for batch in data_lib.iterate_batches(loader, int(config.num_steps)):
+        seg = batch["segment_ids"]
+        real += int((seg > 0).sum())
+        trained += int(((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (batch["loss_mask"][:, 1:] > 0)).sum())
+    return {"token_slots": int(config.num_steps) * int(config.batch_size) * int(config.seq_len),
+            "tokens": real, "trained_tokens": trained}
+
+
+def val_choice(rl_dir: str) -> dict:
+    """A method's best policy, chosen on validation: the GRPO run evaluates its start (the SFT
+    policy) and its end greedily on the same validation problems; GRPO's policy is chosen only
+    if it solves more of them (a tie keeps SFT)."""
+    from jaxapr.train.metrics import read_metrics
+
+    rows = [r for r in read_metrics(rl_dir) if "val/accuracy" in r]
+    if not rows or rows[0]["step"] != 0:
+        raise ValueError(f"{rl_dir}: expected greedy validation at GRPO step 0 and at the end (eval_at_start)")
+    start, end = rows[0], rows[-1]
+    return {"sft_val_accuracy": start["val/accuracy"], "grpo_val_accuracy": end["val/accuracy"],
+            "val_problems": start.get("val/problems"), "grpo_step": end["step"],
+            "best": "grpo" if end["val/accuracy"] > start["val/accuracy"] else "sft"}
+
+
+def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bool = True, command: str = "",
+        log=print) -> dict:
+    from envs import countdown
+    from experiments import analysis
+    from experiments import gen_data
+    from jaxapr.train import rl as rl_lib
+    from jaxapr.train import sft
+
+    if not workdir:
+        raise ValueError("--workdir is required: expected a directory for the pipeline's stages")
+    os.makedirs(workdir, exist_ok=True)
+    times = _Times(workdir)
+    preset = data_config.preset
+    data_dir = os.path.join(workdir, "data")
+    t0 = time.perf_counter()
+    ran = not all(os.path.isfile(os.path.join(data_dir, k, "manifest.json")) for k in KINDS)
+    if ran:
+        log("== data")
+        gen_data.run(data_config, data_dir, overwrite=True, log=log)
+    times.add("data", time.perf_counter() - t0, ran)
+
+    summaries, configs = {}, {}
+    for kind in KINDS:
+        stage = os.path.join(workdir, f"sft_{kind}")
+        c = sft_config.copy_and_resolve_references()
+        c.kind, c.data_dir = kind, data_dir
+        configs[f"sft_{kind}"] = c
+        t0 = time.perf_counter()
+        summaries[f"sft_{kind}"], ran = _stage(stage, lambda c=c, stage=stage: sft.train(c, stage, log=log), log,
+                                               f"SFT {kind}")
+        s = summaries[f"sft_{kind}"]
+        times.add(f"sft_{kind}", time.perf_counter() - t0, ran, steps=s.get("step"),
+                  train_seconds=s.get("train_seconds"), tokens_per_s=s.get("tokens_per_s"))
+    if rl:
+        for kind in KINDS:
+            stage = os.path.join(workdir, f"rl_{kind}")
+            c = rl_config.copy_and_resolve_references()
+            c.kind, c.data_dir, c.init_from = kind, data_dir, os.path.join(workdir, f"sft_{kind}")
+            configs[f"rl_{kind}"] = c
+            t0 = time.perf_counter()
+            summaries[f"rl_{kind}"], ran = _stage(stage, lambda c=c, stage=stage: rl_lib.train(c, stage, log=log),
+                                                  log, f"GRPO {kind}")
+            s = summaries[f"rl_{kind}"]
+            times.add(f"rl_{kind}", time.perf_counter() - t0, ran, steps=s.get("rl_step"),
+                      train_seconds=s.get("train_seconds"), tokens_per_s=s.get("gen_tokens_per_s"))
+
+    t0 = time.perf_counter()
+    export_dir = os.path.join(workdir, "export")
+    manifest_path = os.path.join(export_dir, "manifest.json")
+    ran = not os.path.isfile(manifest_path)
+    if ran:
+        log("== export")
+        export(workdir, preset, configs, data_config, times.rows, command=command, log=log)
+    times.add("export", time.perf_counter() - t0, ran)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+
+    if eval_config.problems <= 0:
+        return {"times": times.rows, "summaries": summaries, "manifest": manifest}
+    log("== evaluation (test split)")
+    t0 = time.perf_counter()
+    runs = {_run_name(m): os.path.join(export_dir, name) for name, m in manifest["files"].items() if "method" in m}
+    numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[eval_config.split]
+    n = min(int(eval_config.problems), len(targets))
+    problems = (numbers[:n], targets[:n])
+    plan = analysis.Plan(contexts=tuple(eval_config.contexts), n_max=eval_config.n_max,
+                         budgets=tuple(eval_config.budgets), sweep_problems=eval_config.sweep_problems,
+                         temperature=eval_config.temperature, num_slots=eval_config.num_slots, seed=eval_config.seed)
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    result = analysis.evaluate(runs, problems, plan, cache_dir=os.path.join(out, "cache"), log=log)
+    result.update(split=eval_config.split, data_dir=data_dir, choice=manifest.get("choice", {}))
+    result["headline"] = headline(result)
+    difficulty = solution_counts(*problems)
+    rl_metrics = _rl_metrics(workdir)
+    result["plots"] = analysis.plot(result, out, difficulty=difficulty, rl_metrics=rl_metrics)
+    with open(os.path.join(out, "records.json"), "w") as f:
+        json.dump({"problems": {"numbers": problems[0].tolist(), "targets": problems[1].tolist(),
+                                "solutions": difficulty.tolist()},
+                   "conditions": [{**analysis._key(c), "records": c["records"]} for c in result["conditions"]]}, f)
+    small = analysis.without_records(result)
+    with open(os.path.join(out, "evaluate.json"), "w") as f:
+        json.dump(small, f, indent=2)
+    text = analysis.tables(result) + "\n\n" + format_headline(result["headline"])
+    with open(os.path.join(out, "tables.txt"), "w") as f:
+        f.write(text + "\n")
+    times.add("evaluate", time.perf_counter() - t0, True)
+    report = {"headline": result["headline"], "choice": manifest.get("choice", {}), "times": times.rows,
+              "total_wall_s": sum(r["wall_s"] for r in times.rows.values()), "machine": machine(),
+              "summaries": summaries, "eval": os.path.join(out, "evaluate.json")}
+    with open(os.path.join(workdir, "reproduce.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    log(text)
+    log("\n" + format_times(times.rows))
+    return report
+
+
+def solution_counts(numbers, targets):
+    """The exact solver's number of solving move sequences per problem (a difficulty measure)."""
+    import jax
+    import numpy as np
+
+    from envs import countdown
+
+    return np.asarray(jax.jit(jax.vmap(countdown.count_solutions))(numbers, targets))
+
+
+def _run_name(m: dict) -> str:
+    return m["method"] + ("_rl" if m["stage"] == "grpo" else "")
+
+
+def _rl_metrics(workdir: str) -> dict:
+    from jaxapr.train.metrics import read_metrics
+
+    out = {}
+    for kind in KINDS:
+        path = os.path.join(workdir, f"rl_{kind}")
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            out[f"{kind}_rl"] = read_metrics(path)
+    return out
+
+
+def export(workdir: str, preset: str, configs: dict, data_config, stage_times: dict, *, command: str, log=print) -> dict:
+    """Exports every trained policy, the problem splits and ``manifest.json`` into
+    ``<workdir>/export`` (see the module docstring)."""
+    import numpy as np
+
+    from envs import countdown
+    from envs.countdown.problems import sha256_file
+    from jaxapr.train import common
+
+    out = os.path.join(workdir, "export")
+    os.makedirs(out, exist_ok=True)
+    data_dir = os.path.join(workdir, "data")
+    splits = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))
+    split_file = os.path.join(out, f"{preset}_splits.npz")
+    np.savez(split_file, **{f"{s}_{f}": arr for s, (nums, tg) in splits.splits.items()
+                            for f, arr in (("numbers", nums), ("targets", tg))})
+    files = {os.path.basename(split_file): {"what": "problem splits", "config": data_config.to_dict(),
+                                            "sha256": sha256_file(split_file)}}
+    choice, host = {}, machine()
+    for kind in KINDS:
+        sft_cfg = configs[f"sft_{kind}"]
+        tokens = trained_tokens(data_dir, sft_cfg)
+        budget = kind == "apr" and bool(data_config.apr.sub_call_budget)
+        stages = [("sft", f"sft_{kind}", "best")]
+        if f"rl_{kind}" in configs:
+            stages.append(("grpo", f"rl_{kind}", "latest"))
+            choice[kind] = val_choice(os.path.join(workdir, f"rl_{kind}"))
+        for stage, run, which in stages:
+            policy = common.load_policy(os.path.join(workdir, run), which=which)
+            rl_cfg = configs.get(f"rl_{kind}") if stage == "grpo" else None
+            entry = {
+                "method": kind, "stage": stage, "sft_steps": int(sft_cfg.num_steps), "sft_tokens": tokens["tokens"],
+                "sft_trained_tokens": tokens["trained_tokens"], "sft_token_slots": tokens["token_slots"],
+                "rl_steps": int(rl_cfg.num_steps) if rl_cfg else 0,
+                "rl_rollouts": int(rl_cfg.num_steps * rl_cfg.grpo.num_problems * rl_cfg.grpo.group_size) if rl_cfg else 0,
+                "seed": {"data": int(data_config.seed), "sft": int(sft_cfg.seed),
+                         **({"rl": int(rl_cfg.seed)} if rl_cfg else {})},
+                "init_from": sft_cfg.init_from.replace("{kind}", kind) if stage == "sft" else f"{run}'s SFT policy",
+                "checkpoint": which, "command": command,
+                "config": {"data": data_config.to_dict(), "sft": sft_cfg.to_dict(),
+                           **({"rl": rl_cfg.to_dict()} if rl_cfg else {})},
+                "wall_s": stage_times.get(run, {}).get("wall_s"), "machine": host,
+            }
+            name = f"{preset}_{kind}_{stage}.npz"
+            path = os.path.join(out, name)
+            common.export_policy(policy, path, extra={
+                "kind": kind, "stage": stage, "data_preset": preset, "max_context": int(sft_cfg.eval_max_context),
+                "sub_call_budget": budget, "made_by": command, "manifest": "experiments/checkpoints/manifest.json"})
+            entry["sha256"] = sha256_file(path)
+            files[name] = entry
+            log(f"  exported {name}")
+    manifest = {"preset": preset, "command": command, "choice": choice, "files": files}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
 
 
 def headline(result: dict) -> list[dict]:
-    """APR vs SoS+ (and APR + GRPO) at the main context, greedy: the paper's comparison."""
+    """Each method's validation-chosen policy at every context, and APR's lead with its paired
+    interval: the paper's comparison."""
+    from experiments import analysis
+
+    choice = result.get("choice", {})
+    best = {k: k + ("_rl" if choice.get(k, {}).get("best") == "grpo" else "") for k in KINDS}
     rows = []
-    for c in result["conditions"]:
-        if c["analysis"] == "rl" or (c["analysis"] == "context" and c["run"] == "sosp"
-                                     and c["context"] == result["main_context"]):
-            rows.append({k: c[k] for k in ("run", "mode", "context", "accuracy", "total_tokens",
-                                           "sequential_tokens", "children", "latency_steps", "seconds")})
+    for ctx in result["contexts"]:
+        a = analysis.find(result, best["apr"], "context", context=ctx)
+        b = analysis.find(result, best["sosp"], "context", context=ctx)
+        if a and b:
+            lead = analysis.paired(a, b, label=f"{analysis.NAMES[a['run']]} - {analysis.NAMES[b['run']]} at {ctx}")
+            rows.append({"context": ctx, "apr": best["apr"], "sosp": best["sosp"],
+                         **{f"{side}_{k}": c[k] for side, c in (("apr", a), ("sosp", b))
+                            for k in ("accuracy", "accuracy_low", "accuracy_high", "total_tokens", "sequential_tokens",
+                                      "children")},
+                         "lead": lead["diff"], "lead_low": lead["low"], "lead_high": lead["high"], "problems": lead["n"]})
     return rows
 
 
-HEADLINE_NAMES = {"sosp": "SoS+", "apr": "APR (SFT)", "apr_rl": "APR + GRPO"}
+def format_headline(rows: list[dict]) -> str:
+    from experiments.analysis import NAMES
+    from jaxapr import stats
 
-
-def format_headline(rows: list[dict], names: dict | None = None) -> str:
-    """One line per evaluated condition: policy (``names[run]``), context, accuracy, total and
-    sequential tokens, children per problem, wall seconds."""
-    names = names or HEADLINE_NAMES
-    w = max([12] + [len(names.get(r["run"], r["run"])) for r in rows])
-    lines = [f"{'policy':{w}s} {'context':>7s} {'accuracy':>8s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
-             f"{'wall s':>7s}"]
+    lines = ["Headline (each method's policy chosen on validation; test split, greedy; paired 95% interval)"]
     for r in rows:
-        lines.append(f"{names.get(r['run'], r['run']):{w}s} {r['context']:7d} {r['accuracy']:8.1%} "
-                     f"{r['total_tokens']:9.0f} {r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
+        lines.append(f"  context {r['context']:5d}: {NAMES[r['apr']]} "
+                     f"{stats.format_interval(r['apr_accuracy'], r['apr_accuracy_low'], r['apr_accuracy_high'])} vs "
+                     f"{NAMES[r['sosp']]} {stats.format_interval(r['sosp_accuracy'], r['sosp_accuracy_low'], r['sosp_accuracy_high'])}"
+                     f": lead {stats.format_interval(r['lead'], r['lead_low'], r['lead_high'])} points (n={r['problems']})")
+    return "\n".join(lines)
+
+
+def format_times(rows: dict) -> str:
+    lines = [f"{'stage':12s} {'wall s':>8s} {'steps':>6s} {'train s':>8s} {'tokens/s':>9s}"]
+    for stage, r in rows.items():
+        lines.append(f"{stage:12s} {r['wall_s']:8.0f} {str(r.get('steps') or ''):>6s} "
+                     f"{(r.get('train_seconds') or 0):8.0f} {(r.get('tokens_per_s') or 0):9,.0f}")
+    lines.append(f"{'total':12s} {sum(r['wall_s'] for r in rows.values()):8.0f}")
     return "\n".join(lines)

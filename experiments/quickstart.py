@@ -129,7 +129,7 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
     """Greedy rollouts of each policy at each per-call context: one row per (policy, context)."""
     from tqdm.auto import tqdm
 
-    from experiments.analysis import condition
+    from jaxapr import evaluation
 
     jobs = [(name, ctx) for name in policies for ctx in contexts]
     rows = []
@@ -140,8 +140,9 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
         if ctx > policy.cfg.max_len:
             log(f"  {NAMES.get(name, name)}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped")
             continue
-        r = condition(policy, problems, MODES.get(name, name), ctx, num_slots=num_slots)
-        r.update(run=name)
+        r = evaluation.rollout_metrics(policy, problems, mode=MODES.get(name, name), max_context=ctx,
+                                       num_slots=num_slots)
+        r.update(run=name, context=ctx, mode=MODES.get(name, name))
         rows.append(r)
         log(f"  {NAMES.get(name, name):18s} context {ctx:4d}: solved {r['accuracy']:6.1%}  tokens {r['total_tokens']:6.0f}"
             f"  sequential {r['sequential_tokens']:5.0f}  children {r['children']:4.2f}  ({r['seconds']:.0f} s)"
@@ -194,8 +195,12 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
         from experiments.configs import sft as sft_cfg
         s = sft_cfg.get_config(preset)
         s.eval_num_slots = num_slots
-        report = pipeline.run(os.path.join(workdir, "reproduce"), data_config, s, rl_config, rl=rl_steps > 0,
-                               eval_problems=0, log=log)
+        from experiments.configs import evaluate as eval_cfg
+
+        e = eval_cfg.get_config(preset)
+        e.problems = 0  # the quickstart evaluates on its own, below
+        report = pipeline.run(os.path.join(workdir, "reproduce"), data_config, s, rl_config, e, rl=rl_steps > 0,
+                              log=log)
         data_dir = os.path.join(workdir, "reproduce", "data")
         out["reproduce"] = report
         runs = {"sosp": os.path.join(workdir, "reproduce", "sft_sosp"),
@@ -341,9 +346,15 @@ def verdict(comp: dict, preset: str = "mini") -> str:
 
 
 def table(rows: list) -> str:
-    from experiments.pipeline import format_headline
-
-    return format_headline(rows, NAMES)
+    """One line per evaluated condition: policy, context, accuracy, total and sequential
+    tokens, children per problem, wall seconds."""
+    w = max([12] + [len(NAMES.get(r["run"], r["run"])) for r in rows])
+    lines = [f"{'policy':{w}s} {'context':>7s} {'accuracy':>8s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
+             f"{'wall s':>7s}"]
+    for r in rows:
+        lines.append(f"{NAMES.get(r['run'], r['run']):{w}s} {r['context']:7d} {r['accuracy']:8.1%} "
+                     f"{r['total_tokens']:9.0f} {r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
+    return "\n".join(lines)
 
 
 def plot(out: dict, workdir: str) -> list[str]:

@@ -1,16 +1,17 @@
-r"""The whole pipeline at one preset: data -> SFT (SoS+ and APR) -> GRPO (APR) -> evaluation.
+r"""The whole pipeline at one preset, one command: data -> SFT (SoS+ and APR) -> GRPO (each) ->
+export -> evaluation on the test split -> report.
 
     python -m experiments.reproduce --preset=mini --workdir=/tmp/jaxapr_reproduce
     python -m experiments.reproduce --preset=tiny --workdir=/tmp/r --sft_config.num_steps=500
 
-Stages write into ``--workdir``: ``data/`` (``gen_data``), ``sft_sosp/`` and ``sft_apr/``
-(``train_sft``), ``rl_apr/`` (``train_rl`` from ``sft_apr``'s best checkpoint), ``eval/``
-(``evaluate``: JSON, tables, PNG plots) and ``reproduce.json`` (the final table). A finished
-stage (its ``summary.json`` / manifest exists) is skipped and an interrupted one resumes, so the
-same command continues a stopped pipeline. Configs: ``experiments/configs/{data,sft,rl}.py`` at
-``--preset``, each overridable (``--sft_config.num_steps=...``, ``--data_config.problems.train=...``,
-``--rl_config.grpo.num_problems=...``) or replaced (``--sft_config=path.py:preset``).
-``--preset=paper`` is the APR paper's scale, for GPU/TPU.
+Stages write into ``--workdir`` (``experiments/pipeline.py`` lists what each leaves); a
+finished stage is skipped and an interrupted one resumes, so the same command continues a
+stopped pipeline. Both methods train with the same SFT config (steps, batch, sequence length,
+learning rate) and the same GRPO config; the recipe options chosen on validation live in the
+configs. Configs: ``experiments/configs/{data,sft,rl,evaluate}.py`` at ``--preset``, each
+overridable (``--sft_config.num_steps=...``, ``--data_config.problems.train=...``,
+``--rl_config.grpo.num_problems=...``, ``--eval_config.problems=...``) or replaced
+(``--sft_config=path.py:preset``). ``--preset=paper`` is the APR paper's scale, for GPU/TPU.
 """
 from __future__ import annotations
 
@@ -44,10 +45,9 @@ flags.DEFINE_string("workdir", None, "Work directory (created; an existing one i
 config_flags.DEFINE_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
 config_flags.DEFINE_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
 config_flags.DEFINE_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
-flags.DEFINE_bool("rl", True, "Run the GRPO stage.")
-flags.DEFINE_integer("eval_problems", 200, "Held-out (test) problems of the final evaluation.")
-flags.DEFINE_list("eval_contexts", [], "Per-call context windows evaluated (default: the model's).")
-flags.DEFINE_integer("eval_n_max", 4, "SoS+ pass@n / cons@n up to n.")
+config_flags.DEFINE_config_file("eval_config", f"{_CONFIGS}/evaluate.py:{_PRESET}",
+                                "Evaluation config (file:preset); problems=0 skips the evaluation.")
+flags.DEFINE_bool("rl", True, "Run the GRPO stages.")
 
 
 def main(argv):
@@ -57,12 +57,13 @@ def main(argv):
     from jaxapr.train import common
 
     common.quiet_logs()
-    data_config, sft_config, rl_config = FLAGS.data_config, FLAGS.sft_config, FLAGS.rl_config
-    for name, c in (("data", data_config), ("sft", sft_config), ("rl", rl_config)):
+    configs = {"data": FLAGS.data_config, "sft": FLAGS.sft_config, "rl": FLAGS.rl_config, "eval": FLAGS.eval_config}
+    for name, c in configs.items():
         print(f"resolved {name} config:\n{c}")
+    command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
     try:
-        pipeline.run(FLAGS.workdir, data_config, sft_config, rl_config, rl=FLAGS.rl,
-                     eval_problems=FLAGS.eval_problems, eval_contexts=FLAGS.eval_contexts, eval_n_max=FLAGS.eval_n_max)
+        pipeline.run(FLAGS.workdir, configs["data"], configs["sft"], configs["rl"], configs["eval"], rl=FLAGS.rl,
+                     command=command)
     except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -55,7 +55,10 @@ class TraceConfig:
     spawn_prob: float = 0.9
     max_depth: int = 1
     token_budget: bool = False  # SoS+: prefix "Token Budget: N " (N = tokens rounded up to 512)
-    sub_call_budget: bool = False  # APR: prefix "Sub Call Budget: N " (N = children in the tree)
+    # APR: the share of problems whose root calls start with "Sub Call Budget: N " (N = the
+    # tree's children), drawn per problem: 0 none, 1 all (True = 1); a share in between trains
+    # one policy that runs with or without a budget.
+    sub_call_budget: float = 0.0
     only_solved: bool = False  # keep only problems whose trace reaches the goal
     shuffle: bool = True  # expansions write their kept children in a random order (the original); False: best first
 
@@ -66,6 +69,8 @@ class TraceConfig:
             raise ValueError(f"beam sizes {self.min_beam_size}..{self.max_beam_size}: expected 1 <= min <= max")
         if self.kind == "apr" and self.max_sub_call_beam_size < 1:
             raise ValueError(f"max_sub_call_beam_size={self.max_sub_call_beam_size}: expected >= 1")
+        if not 0.0 <= float(self.sub_call_budget) <= 1.0:
+            raise ValueError(f"sub_call_budget={self.sub_call_budget!r}: expected a share of problems in [0, 1]")
         return self
 
 
@@ -93,8 +98,11 @@ def problem_texts(nums: Sequence[int], target: int, config: TraceConfig, seed: i
         solved = traces.verify(text, nums, target).success
         return [(text[:head], text[head:], CALL_KINDS["sosp"])], solved
     sub_beam = rng.randint(min(beam, config.max_sub_call_beam_size), config.max_sub_call_beam_size)
-    tree = traces.apr(nums, target, beam_size=beam, sub_call_beam_size=sub_beam, seed=rng.getrandbits(32),
-                      max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=config.sub_call_budget,
+    solver_seed = rng.getrandbits(32)
+    share = float(config.sub_call_budget)
+    budget = share >= 1.0 or (share > 0.0 and rng.random() < share)  # no draw at 0 or 1: same bytes as before
+    tree = traces.apr(nums, target, beam_size=beam, sub_call_beam_size=sub_beam, seed=solver_seed,
+                      max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=budget,
                       shuffle=config.shuffle)
     solved = traces.verify(tree.final_text, nums, target).success
     return list(tree_calls(tree, is_root=True)), solved

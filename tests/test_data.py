@@ -227,3 +227,44 @@ def test_loader_kind_repeats_oversample_and_drop_call_kinds(built):
         data.make_loader(str(path), "train", batch_size=1, seq_len=1024, kind_repeats={"joins": 2})
     with pytest.raises(ValueError, match=r"kind_repeats\['continuation'\]=-1: expected an int >= 0"):
         data.make_loader(str(path), "train", batch_size=1, seq_len=1024, kind_repeats={"continuation": -1})
+
+
+def test_mini_test_split_is_fresh():
+    """The mini preset's test problems were never in the project's earlier mini splits (seed 0:
+    8,000 / 200 / 200), which steered earlier choices; train and val may hold those."""
+    from experiments.configs import data as data_configs
+
+    p = data_configs.get_config("mini").problems
+    ranges = dict(num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target,
+                  max_number=p.max_number)
+    seed = data_configs.get_config("mini").seed
+    now = countdown.make_splits(seed, {"train": p.train, "val": p.val, "test": p.test}, **ranges)
+    before = countdown.make_splits(0, {"train": 8_000, "val": 200, "test": 200}, **ranges)
+    used = {k for s in ("train", "val", "test") for k in countdown.problem_keys(*before[s])}
+    test = set(countdown.problem_keys(*now["test"]))
+    assert len(test) == p.test >= 1_000 and not test & used
+    others = {k for s in ("train", "val") for k in countdown.problem_keys(*now[s])}
+    assert not test & others
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_sub_call_budget_share(share):
+    """sub_call_budget is the share of APR problems whose root calls carry the budget prefix;
+    N is the tree's number of children."""
+    cfg = data.TraceConfig(kind="apr", min_beam_size=2, max_beam_size=4, max_sub_call_beam_size=3,
+                           sub_call_budget=share).check()
+    numbers, targets = countdown.generate_problems(__import__("jax").random.PRNGKey(0), 60, num_numbers=4,
+                                                   max_number=10, min_target=5, max_target=25)
+    flagged = 0
+    for i, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist())):
+        calls, _ = data.problem_texts(x, t, cfg, 0, i)
+        roots = [p for p, _, kind in calls if kind in (data.CALL_KINDS["root_first"], data.CALL_KINDS["continuation"])]
+        children = sum(kind == data.CALL_KINDS["child_first"] for _, _, kind in calls)
+        has = [p.startswith("Sub Call Budget: ") for p in roots]
+        assert len(set(has)) == 1  # every root call of a problem, or none
+        if has[0]:
+            flagged += 1
+            assert roots[0].startswith(f"Sub Call Budget: {children} ")
+    assert flagged == {0.0: 0, 1.0: 60}.get(share, flagged) and (share != 0.5 or 15 <= flagged <= 45)
+    with pytest.raises(ValueError, match="share of problems"):
+        data.TraceConfig(kind="apr", sub_call_budget=1.5).check()

@@ -53,16 +53,22 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     assert sampled["pass@1"]["total_tokens"] == sampled["cons@1"]["total_tokens"]  # the same first sample
     assert sampled["pass@2"]["total_tokens"] == sampled["cons@2"]["total_tokens"] > sampled["pass@1"]["total_tokens"]
     assert sampled["pass@2"]["accuracy"] >= sampled["pass@1"]["accuracy"]
+    # the budget sweep runs on the same problems as an unconditioned APR row of the tokens analysis
     assert sorted(c["prefix"] for c in conds if c["run"] == "apr" and c["analysis"] == "tokens") == [
-        "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
+        "", "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
     for c in conds:
-        assert 0.0 <= c["accuracy"] <= 1.0 and c["total_tokens"] > 0
-    # the RL table's APR row is the context analysis's greedy row at the main context, not a rerun
-    rl_row = [c for c in conds if c["run"] == "apr" and c["analysis"] == "rl"]
-    ctx_row = [c for c in conds if c["run"] == "apr" and c["analysis"] == "context" and c["context"] == 128]
-    assert len(rl_row) == 1 and dict(rl_row[0], analysis="context") == ctx_row[0]
-    assert len(result["plots"]) == 4 and all(os.path.getsize(p) > 1000 for p in result["plots"])
-    assert "Accuracy vs per-call context window" in proc.stdout
+        assert 0.0 <= c["accuracy_low"] <= c["accuracy"] <= c["accuracy_high"] <= 1.0 and c["total_tokens"] > 0
+        assert c["total_tokens_with_context"] > c["total_tokens"] and c["latency_steps"] < c["sequential_tokens"]
+    # paired comparisons: APR - SoS+ at each context, matched tokens; intervals bracket the difference
+    labels = [c["label"] for c in result["comparisons"]]
+    assert "APR - SoS+ at 64" in labels and "APR - SoS+ at 128" in labels
+    assert any("matched total tokens" in label for label in labels)
+    for c in result["comparisons"]:
+        assert c["low"] <= c["diff"] <= c["high"] and c["n"] == 3
+    records = json.load(open(os.path.join(out, "records.json")))
+    assert len(records) == len(conds) and all(len(r["records"]["success"]) == 3 for r in records)
+    assert len(result["plots"]) == 3 and all(os.path.getsize(p) > 1000 for p in result["plots"])
+    assert "Accuracy vs per-call context window" in proc.stdout and "Paired comparisons" in proc.stdout
     # APR rows carry the join diagnostics (runtime.join_diagnostics means), serial rows do not
     for c in conds:
         assert ("lost_at_join" in c) == (c["run"] == "apr")
@@ -97,5 +103,5 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.load(open(os.path.join(out, "evaluate.json")))
     assert {(c["run"], c["analysis"]) for c in result["conditions"]} == {
-        ("sosp", "context"), ("apr", "context"), ("sosp", "tokens"), ("apr", "rl")}
+        ("sosp", "context"), ("apr", "context"), ("sosp", "tokens")}
     assert result["runs"]["apr"].endswith("tiny_apr_sft.npz")

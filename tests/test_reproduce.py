@@ -17,8 +17,9 @@ SMALL = ["--sft_config.model.num_layers=1", "--sft_config.model.d_model=32", "--
          "--data_config.num_workers=0",
          "--rl_config.num_steps=1", "--rl_config.grpo.num_problems=2", "--rl_config.grpo.group_size=2",
          "--rl_config.max_context=128", "--rl_config.num_slots=8", "--rl_config.eval_problems=2",
-         "--rl_config.eval_at_start=False", "--rl_config.progress=False",
-         "--eval_problems=2", "--eval_n_max=1"]
+         "--rl_config.progress=False",
+         "--eval_config.problems=3", "--eval_config.n_max=2", "--eval_config.contexts=(64,128)",
+         "--eval_config.num_slots=8"]
 
 
 @pytest.mark.slow
@@ -28,13 +29,34 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "reproduce.json"))
-    assert [r["run"] for r in report["headline"]] == ["sosp", "apr", "apr_rl"]
-    for stage in ("sft_sosp", "sft_apr", "rl_apr"):
+    assert [(r["context"], r["apr"] in ("apr", "apr_rl"), r["sosp"] in ("sosp", "sosp_rl")) for r in report["headline"]] == [
+        (64, True, True), (128, True, True)]
+    for row in report["headline"]:  # the lead is APR - SoS+ with a paired interval around it
+        assert row["lead"] == row["apr_accuracy"] - row["sosp_accuracy"]
+        assert row["lead_low"] <= row["lead"] <= row["lead_high"]
+    for stage in ("sft_sosp", "sft_apr", "rl_sosp", "rl_apr"):
         assert os.path.isfile(tmp_path / stage / "summary.json")
-    assert os.path.isfile(tmp_path / "eval" / "evaluate.json")
-    assert "APR + GRPO" in proc.stdout
+        assert report["times"][stage]["wall_s"] > 0
+    manifest = json.load(open(tmp_path / "export" / "manifest.json"))
+    policies = {k: v for k, v in manifest["files"].items() if "method" in v}
+    assert sorted(policies) == ["tiny_apr_grpo.npz", "tiny_apr_sft.npz", "tiny_sosp_grpo.npz", "tiny_sosp_sft.npz"]
+    from envs.countdown.problems import sha256_file
+
+    for name, entry in manifest["files"].items():
+        assert sha256_file(str(tmp_path / "export" / name)) == entry["sha256"]
+    for entry in policies.values():  # equal budgets: the same SFT token slots and RL rollouts
+        assert entry["sft_token_slots"] == 3 * 4 * 256 and entry["sft_steps"] == 3
+        assert entry["rl_steps"] == (1 if entry["stage"] == "grpo" else 0)
+        assert entry["command"].startswith("python -m experiments.reproduce --preset=tiny")
+    assert set(manifest["choice"]) == {"sosp", "apr"}
+    result = json.load(open(tmp_path / "eval" / "evaluate.json"))
+    assert {c["run"] for c in result["conditions"]} == {"sosp", "apr", "sosp_rl", "apr_rl"}
+    for c in result["conditions"]:
+        assert c["accuracy_low"] <= c["accuracy"] <= c["accuracy_high"] and c["problems"] in (3,)
+    assert any(c["label"].startswith("APR - SoS+ at 128") for c in result["comparisons"])
+    assert "Headline" in proc.stdout and "Paired comparisons" in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "== SFT sosp: done" in again.stdout
+    assert again.returncode == 0 and "== SFT sosp: done" in again.stdout and "cached" in again.stdout
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])

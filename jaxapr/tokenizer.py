@@ -8,7 +8,7 @@ The vocabulary is a fixed list in this file, so ids never change by accident; bu
   digit (numbers are never merged);
 * single characters: space, newline and ASCII punctuation / operators;
 * 256 byte tokens ``<0x00>`` .. ``<0xFF>`` (the fallback);
-* the fixed phrases of the trace language (``TRACE_FORMAT.md``), e.g.
+* the fixed phrases of the trace language (``docs/trace_format.md``), e.g.
   ``"Exploring Operation: "``. New phrases are appended at the end, so earlier ids stay.
 
 Encoding is one compiled regex alternation (phrases longest first, then the single

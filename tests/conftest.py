@@ -11,9 +11,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def fixture_rows():
-    """The 200 reference problems of ../shared/fixtures (skips when shared/ is absent)."""
+    """The 200 reference problems with traces of the original APR solver (tests/data)."""
     from tests.traces import mutations
 
-    if not os.path.exists(mutations.FIXTURES):
-        pytest.skip(f"fixtures not found at {mutations.FIXTURES}")
     return mutations.load_rows()

@@ -10,8 +10,7 @@ from hypothesis import given, settings, strategies as st
 from jaxapr import tokenizer as tk
 from jaxapr.tokenizer import CountdownTokenizer
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
-                       "apr_reference_traces.jsonl.gz")
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "apr_reference_traces.jsonl.gz")
 TOK = CountdownTokenizer()
 
 
@@ -27,8 +26,6 @@ def _calls(tree):
 @pytest.fixture(scope="module")
 def fixture_texts():
     """(SoS+ traces, APR call strings) from the reference fixture."""
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"fixture not found: {FIXTURE}")
     with gzip.open(FIXTURE, "rt") as f:
         rows = [json.loads(line) for line in f]
     sosp = [r["sosp"]["trace"] for r in rows]

@@ -1,6 +1,6 @@
 """Countdown-v0: the Countdown puzzle as a single-agent, gymnax-style environment.
 
-Rules (envs/countdown/rules.py, TRACE_FORMAT.md): combine two numbers of the current list
+Rules (envs/countdown/rules.py, docs/trace_format.md): combine two numbers of the current list
 with +, *, larger-minus-smaller or exact larger-divided-by-smaller; the operands leave the
 list and the result is appended. The episode ends when one number is left; reward 1.0 on
 that step iff it is the target.

@@ -1,4 +1,4 @@
-"""The Countdown rules, defined once (see TRACE_FORMAT.md).
+"""The Countdown rules, defined once (see docs/trace_format.md).
 
 A problem is a list of N integers and a target T. A move takes the numbers at positions
 i < j of the current list and one of four operations:

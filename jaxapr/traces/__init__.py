@@ -1,4 +1,4 @@
-"""The Countdown trace language at the text level (see TRACE_FORMAT.md): verifier, spawn/join."""
+"""The Countdown trace language at the text level (see docs/trace_format.md): verifier, spawn/join."""
 from jaxapr.traces.spawn_join import CallTree, SubSearch, child_prompts, child_result, join, parse_spawn_block, root_prompt
 from jaxapr.traces.verifier import Verdict, goal_line_spans, verify
 from jaxapr.traces.solvers import apr, sos, sosp

@@ -1,4 +1,4 @@
-"""Symbolic Countdown solvers that write search traces (TRACE_FORMAT.md), seeded and deterministic.
+"""Symbolic Countdown solvers that write search traces (docs/trace_format.md), seeded and deterministic.
 
 Three families, each a best-first search over the Countdown move tree (moves from
 ``envs.countdown.rules``, the single definition of the rules):

@@ -1,4 +1,4 @@
-"""APR's spawn() and join() at the text level, and the call tree (TRACE_FORMAT.md, "APR").
+"""APR's spawn() and join() at the text level, and the call tree (docs/trace_format.md, "APR").
 
 Spawn. A call asks for children by ending its text with a block, then EOS::
 

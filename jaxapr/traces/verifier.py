@@ -1,4 +1,4 @@
-"""The Countdown trace verifier: does a trace solve (nums, target)? (TRACE_FORMAT.md, "Verification")
+"""The Countdown trace verifier: does a trace solve (nums, target)? (docs/trace_format.md, "Verification")
 
 The rule, as implemented here:
 

@@ -36,9 +36,7 @@ import re
 
 from envs.countdown.rules import OP_SYMBOLS, apply_op, moves
 
-FIXTURES = os.path.normpath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "apr_reference_traces.jsonl.gz")
-)
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "data", "apr_reference_traces.jsonl.gz"))
 GOAL = "Goal Reached"
 _EXPLORE = re.compile(r"Exploring Operation: (\d+)([-+*/])(\d+)=(\d+), Resulting Numbers: \[(.*)\]")
 _GOAL_LINE = re.compile(r"(\d+),(\d+) equal: Goal Reached")

@@ -89,21 +89,29 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
             json.dump(report, f, indent=2)
     windows = (512, 1024, 4096)
     rows = [("kind", "split", "problems", "solved", "within " + " / ".join(f"{c:,}" for c in windows),
-             "longest call p50 / p90", "examples", "tokens/problem", "max tokens", "MB")]
+             "longest call p50 / p90", "children mean (range)", "examples", "tokens/problem", "max tokens", "MB")]
     for kind, r in report["kinds"].items():
         for split, s in r["splits"].items():
             n = max(1, s["problems"])
             rows.append((kind, split, f"{s['problems']:,}", f"{s['solved'] / n:.1%}",
                          " / ".join(f"{s['solved_within'][str(c)] / n:.0%}" for c in windows),
-                         f"{s['longest_call']['p50']:,.0f} / {s['longest_call']['p90']:,.0f}",
+                         f"{s['longest_call']['p50']:,.0f} / {s['longest_call']['p90']:,.0f}", _children(s["children"]),
                          f"{s['examples']:,}", f"{s['tokens_per_problem']:,.0f}",
                          f"{s['tokens_per_example']['max']:,}", ""))
-        rows.append((kind, "(all)", "", "", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
+        rows.append((kind, "(all)", "", "", "", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         log("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
     log(f"wrote {out} in {report['total_seconds']:.1f} s")
     return report
+
+
+def _children(hist: dict) -> str:
+    """'4.9 (2..36)' from a manifest's {children: problems} histogram."""
+    counts = {int(k): v for k, v in hist.items()}
+    n = sum(counts.values())
+    mean = sum(k * v for k, v in counts.items()) / max(n, 1)
+    return f"{mean:.1f} ({min(counts)}..{max(counts)})" if counts else ""
 
 
 def main(argv):

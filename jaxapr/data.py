@@ -228,10 +228,12 @@ def build_dataset(
             writer = _ShardWriter(os.path.join(out_dir, name), shard_examples)
             solved = np.zeros(len(targets), bool)
             longest = np.zeros(len(targets), np.int64)  # each problem's longest example (call), in tokens
+            children = np.zeros(len(targets), np.int64)  # child threads per problem (their first calls)
             for (tokens, index, ok), task in zip(results, tasks):
                 writer.add(tokens, index)
                 solved[task[2]:task[2] + len(ok)] = ok
                 np.maximum.at(longest, index[:, 3], index[:, 1])
+                np.add.at(children, index[:, 3], index[:, 4] == CALL_KINDS["child_first"])
                 done += len(task[1])
                 if progress and num_processes == 1:
                     progress(done, total)
@@ -244,6 +246,8 @@ def build_dataset(
                 # window of C tokens: the trace solves and every call (BOS + prompt + output +
                 # EOS, as a training example) fits in C.
                 "solved_within": {str(c): int((solved & (longest <= c)).sum()) for c in REPORT_CONTEXTS},
+                # How many child threads the demonstrations spawn per problem: {count: problems}.
+                "children": {str(k): int(v) for k, v in enumerate(np.bincount(children)) if v},
                 "longest_call": dict(zip(("p50", "p90"), np.percentile(written, [50, 90]).tolist()
                                          if len(written) else (0.0, 0.0))),
                 "tokens": int(lengths.sum()),

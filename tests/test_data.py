@@ -1,4 +1,5 @@
 """jaxapr.data: building tokenized SoS+/APR datasets and loading fixed-shape batches."""
+import collections
 import json
 
 import numpy as np
@@ -65,17 +66,19 @@ def test_solved_within_counts_problems_whose_every_call_fits(built, splits):
     numbers, targets = splits["val"]
     for kind, (_, manifest) in built.items():
         config = data.TraceConfig(kind=kind, max_depth=2 if kind == "apr" else 1)
-        longest, solved = [], []
+        longest, solved, children = [], [], collections.Counter()
         for p in range(len(targets)):
             calls, ok = data.problem_texts(numbers[p], targets[p], config, 3, p)
             longest.append(max(len(TOK.encode(a)) + len(TOK.encode(b)) + 2 for a, b, _ in calls))
             solved.append(ok)
+            children[str(sum(k == data.CALL_KINDS["child_first"] for _, _, k in calls))] += 1
         longest, solved = np.array(longest), np.array(solved)
         m = manifest["splits"]["val"]
         assert m["solved"] == solved.sum()
         for c in data.REPORT_CONTEXTS:
             assert m["solved_within"][str(c)] == (solved & (longest <= c)).sum(), (kind, c)
         assert m["longest_call"]["p90"] == np.percentile(longest, 90)
+        assert m["children"] == dict(children) and (kind == "apr") == (len(children) > 1)
         # The windows discriminate on these problems (3 numbers: calls of ~100-700 tokens).
         assert m["solved_within"]["512"] < m["solved_within"]["4096"] == m["solved"]
 

@@ -267,8 +267,10 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
             policy = common.load_policy(os.path.join(workdir, run), which=which)
             rl_cfg = configs.get(f"rl_{kind}") if stage == "grpo" else None
             entry = {
-                "method": kind, "stage": stage, "sft_steps": int(sft_cfg.num_steps), "sft_tokens": tokens["tokens"],
-                "sft_trained_tokens": tokens["trained_tokens"], "sft_token_slots": tokens["token_slots"],
+                # The SFT budget is its token slots (steps x batch x seq_len: the compute); what the
+                # slots held (non-padding tokens) and what trained (target tokens) differ by method.
+                "method": kind, "stage": stage, "sft_steps": int(sft_cfg.num_steps), "sft_tokens": tokens["token_slots"],
+                "sft_nonpad_tokens": tokens["tokens"], "sft_trained_tokens": tokens["trained_tokens"],
                 "rl_steps": int(rl_cfg.num_steps) if rl_cfg else 0,
                 "rl_rollouts": int(rl_cfg.num_steps * rl_cfg.grpo.num_problems * rl_cfg.grpo.group_size) if rl_cfg else 0,
                 "seed": {"data": int(data_config.seed), "sft": int(sft_cfg.seed),

@@ -45,7 +45,8 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     for name, entry in manifest["files"].items():
         assert sha256_file(str(tmp_path / "export" / name)) == entry["sha256"]
     for entry in policies.values():  # equal budgets: the same SFT token slots and RL rollouts
-        assert entry["sft_token_slots"] == 3 * 4 * 256 and entry["sft_steps"] == 3
+        assert entry["sft_tokens"] == 3 * 4 * 256 and entry["sft_steps"] == 3
+        assert 0 < entry["sft_trained_tokens"] < entry["sft_nonpad_tokens"] <= entry["sft_tokens"]
         assert entry["rl_steps"] == (1 if entry["stage"] == "grpo" else 0)
         assert entry["command"].startswith("python -m experiments.reproduce --preset=tiny")
     assert set(manifest["choice"]) == {"sosp", "apr"}

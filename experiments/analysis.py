@@ -41,9 +41,9 @@ def evaluate(runs: dict, problems, *, contexts, n_max: int, budgets, temperature
     import jax
 
     from jaxapr import evaluation
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
-    policies = {name: common.load_policy(path) for name, path in runs.items()}
+    policies = {name: policy_io.load_policy(path) for name, path in runs.items()}
     for name, p in policies.items():
         log(f"{name}: {runs[name]} ({p.cfg.num_layers} layers, d_model {p.cfg.d_model}, context {p.cfg.max_len})")
     main = max(p.cfg.max_len for p in policies.values())

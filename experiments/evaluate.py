@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
+from experiments import cli
 from jaxapr import distributed
 
 FLAGS = flags.FLAGS
@@ -56,9 +56,7 @@ def main(argv):
     distributed.initialize_or_exit()  # before any JAX computation
     from envs import countdown
     from experiments.analysis import evaluate, plot, resolve_runs, tables
-    from jaxapr.train import common
-
-    common.quiet_logs()
+    cli.quiet_logs()
     try:
         if not FLAGS.out:
             raise ValueError("--out is required: expected a directory for evaluate.json and the plots")
@@ -82,9 +80,8 @@ def main(argv):
         result = evaluate(runs, (numbers[:n], targets[:n]), contexts=[int(c) for c in FLAGS.contexts],
                           n_max=FLAGS.n_max, budgets=FLAGS.budgets, temperature=FLAGS.temperature,
                           num_slots=FLAGS.num_slots, seed=FLAGS.seed)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        cli.fail(e)
     result.update(runs=runs, data_dir=data_dir, split=FLAGS.split)
     if FLAGS.plots:
         result["plots"] = plot(result, FLAGS.out)
@@ -95,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,9 +22,8 @@ def run(workdir: str, data_config, sft_config, rl_config, *, rl: bool = True, ev
     times = {}
     data_dir = os.path.join(workdir, "data")
     t0 = time.perf_counter()
-    if not all(os.path.isfile(os.path.join(data_dir, k, "manifest.json")) for k in ("sosp", "apr")):
-        log("== data")
-        gen_data.run(data_config, data_dir, overwrite=True, log=log)
+    log("== data")
+    gen_data.prepare(data_config, data_dir, log=log)  # reused only when it holds this config's data
     times["data"] = time.perf_counter() - t0
     summaries = {}
     for kind in ("sosp", "apr"):

@@ -18,9 +18,8 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import pipeline
+from experiments import cli, pipeline
 from jaxapr import distributed
 
 
@@ -36,16 +35,16 @@ def _preset_in_argv(default: str = "mini") -> str:
 
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-_PRESET = _preset_in_argv()
+_PRESET = _preset_in_argv() if _preset_in_argv() in ("tiny", "mini", "paper") else "mini"  # else: --preset's error
 FLAGS = flags.FLAGS
 distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_enum("preset", "mini", ["tiny", "mini", "paper"], "Scale of every stage.")
 flags.DEFINE_string("workdir", None, "Work directory (created; an existing one is continued).")
-config_flags.DEFINE_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
-config_flags.DEFINE_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
-config_flags.DEFINE_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
+cli.define_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
+cli.define_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
+cli.define_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
 flags.DEFINE_bool("rl", True, "Run the GRPO stage.")
-flags.DEFINE_integer("eval_problems", 200, "Held-out (test) problems of the final evaluation.")
+flags.DEFINE_integer("eval_problems", 200, "Held-out (test) problems of the final evaluation (0: none).", lower_bound=0)
 flags.DEFINE_list("eval_contexts", [], "Per-call context windows evaluated (default: the model's).")
 flags.DEFINE_integer("eval_n_max", 4, "SoS+ pass@n / cons@n up to n.")
 
@@ -54,19 +53,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     distributed.initialize_or_exit()  # before any JAX computation
-    from jaxapr.train import common
-
-    common.quiet_logs()
+    cli.quiet_logs()
     data_config, sft_config, rl_config = FLAGS.data_config, FLAGS.sft_config, FLAGS.rl_config
     for name, c in (("data", data_config), ("sft", sft_config), ("rl", rl_config)):
         print(f"resolved {name} config:\n{c}")
     try:
         pipeline.run(FLAGS.workdir, data_config, sft_config, rl_config, rl=FLAGS.rl,
                      eval_problems=FLAGS.eval_problems, eval_contexts=FLAGS.eval_contexts, eval_n_max=FLAGS.eval_n_max)
-    except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        cli.fail(e)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

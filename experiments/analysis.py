@@ -97,9 +97,9 @@ def has_budgets(run: str) -> bool:
     policy says so in its metadata)."""
     try:
         if run.endswith(".npz"):
-            from jaxapr.train import common
+            from jaxapr import policy_io
 
-            return bool(common.exported_meta(run).get("extra", {}).get("sub_call_budget"))
+            return bool(policy_io.exported_meta(run).get("extra", {}).get("sub_call_budget"))
         with open(os.path.join(run, "config.json")) as f:
             data_dir = json.load(f).get("data_dir", "")
         with open(os.path.join(data_dir, "apr", "manifest.json")) as f:
@@ -144,7 +144,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     import jax
 
     from jaxapr import evaluation
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
     plan = plan.check()
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -154,7 +154,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
 
     def policy(run):
         if run not in policies:
-            policies[run] = common.load_policy(runs[run])
+            policies[run] = policy_io.load_policy(runs[run])
         return policies[run]
 
     main_ctx = plan.main_context

@@ -283,8 +283,8 @@ def _all_calls(tree):
 # ----------------------------------------------------------------------------------------
 def _matmul_peak_flops(dtype: str = "float32", quick: bool = False) -> float:
     """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (the reference peak of this machine;
-    ``common.matmul_peak_flops``'s size for the backend, 1,024 when quick)."""
-    from jaxapr.train.common import matmul_peak_flops
+    ``machine.matmul_peak_flops``'s size for the backend, 1,024 when quick)."""
+    from jaxapr.train.machine import matmul_peak_flops
 
     return matmul_peak_flops(1024 if quick else None, dtype=dtype)
 

@@ -23,12 +23,13 @@ def _sft_row(preset: str, batch: int, seq_len: int, accum: int, repeats: int, pe
     import numpy as np
 
     from jaxapr import kernels, model
-    from jaxapr.train import common, sft
+    from jaxapr import policy_io
+    from jaxapr.train import sft
     from jaxapr.train.state import init_train_state, make_optimizer
 
     cfg = model.get_config(preset)
     tx, sched = make_optimizer(1e-4, total_steps=1000)
-    graphdef, state = init_train_state(common.make_policy(cfg, 0), tx)
+    graphdef, state = init_train_state(policy_io.make_policy(cfg, 0), tx)
     rng = np.random.default_rng(0)
     # Fully packed rows: segments of 200..400 tokens, as packed trace examples are.
     seg = np.zeros((batch, seq_len), np.int32)
@@ -72,14 +73,14 @@ def suite_train(quick: bool, repeats: int, presets=("tiny", "mini"), grpo: bool 
     import jax
 
     from jaxapr import model
-    from jaxapr.train import common
+    from jaxapr.train import machine
 
     for p in presets:
         if p not in SFT_SHAPES:
             raise ValueError(f"--train_presets: unknown preset {p!r}: expected some of {sorted(SFT_SHAPES)}")
     peaks = {}
     for dtype in sorted({model.PRESETS[p].dtype for p in presets}):
-        peaks[dtype] = common.matmul_peak_flops(1024 if quick else None, dtype=dtype)
+        peaks[dtype] = machine.matmul_peak_flops(1024 if quick else None, dtype=dtype)
         print(f"\nmatmul peak ({dtype} jnp.dot on {jax.devices()[0].device_kind}, same run): "
               f"{peaks[dtype] / 1e9:,.1f} GFLOP/s")
     shapes = [(p, *shape) for p in presets for shape in SFT_SHAPES[p]]
@@ -120,21 +121,23 @@ def _grpo(quick: bool, repeats: int, policy_path: str | None = None, data_dir: s
     from envs import countdown
     from jaxapr import engine as engine_lib
     from jaxapr import model
-    from jaxapr.train import common, grpo
+    from experiments import cli
+    from jaxapr import policy_io
+    from jaxapr.train import grpo
     from jaxapr.train.state import init_train_state, make_optimizer
 
     p = num_problems or (4 if quick else 16)
     g = group_size
     if policy_path:  # with data_dir (experiments.bench checks both flags before any suite runs)
-        common.quiet_logs()  # orbax's restore lines
-        policy = common.load_policy(policy_path)
+        cli.quiet_logs()  # orbax's restore lines
+        policy = policy_io.load_policy(policy_path)
         ctx = context or policy.cfg.max_len
         numbers, targets = countdown.ProblemSplits.load(f"{data_dir}/problems")["train"]
         problems = (np.asarray(numbers[:p]), np.asarray(targets[:p]))
         what = f"{policy_path} ({policy.cfg.d_model} d_model)"
     else:
         ctx = context or (256 if quick else 512)
-        policy = common.make_policy(model.get_config("tiny", max_len=ctx), 0)
+        policy = policy_io.make_policy(model.get_config("tiny", max_len=ctx), 0)
         problems = countdown.generate_problems(jax.random.key(0), p, num_numbers=3, min_target=1, max_target=30,
                                                max_number=20)
         problems = tuple(np.asarray(x) for x in problems)

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
+from experiments import cli
 from jaxapr import distributed
 
 FLAGS = flags.FLAGS
@@ -58,9 +58,9 @@ def main(argv):
     distributed.initialize_or_exit()  # before any JAX computation
     from envs import countdown
     from experiments import analysis
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
-    common.quiet_logs()
+    cli.quiet_logs()
     try:
         if not FLAGS.out:
             raise ValueError("--out is required: expected a directory for evaluate.json and the plots")
@@ -84,14 +84,13 @@ def main(argv):
         except ValueError:
             raise ValueError(f"--contexts={FLAGS.contexts} / --budgets={FLAGS.budgets}: expected integers") from None
         if not contexts:
-            contexts = (max(common.load_policy(r).cfg.max_len for r in runs.values()),)
+            contexts = (max(policy_io.load_policy(r).cfg.max_len for r in runs.values()),)
         plan = analysis.Plan(contexts=contexts, n_max=FLAGS.n_max, budgets=budgets, sweep_problems=FLAGS.sweep_problems,
                              temperature=FLAGS.temperature, num_slots=FLAGS.num_slots, seed=FLAGS.seed).check()
         os.makedirs(FLAGS.out, exist_ok=True)
         result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)
     if FLAGS.plots:
         result["plots"] = analysis.plot(result, FLAGS.out)
@@ -104,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,8 +5,9 @@ r"""Build the SoS+ and APR datasets: problems -> split -> traces -> tokenized sh
         --config.num_workers=16
 
 Writes <out>/problems (the splits, with a manifest), <out>/<kind> for each kind in
-config.kinds (shards + manifest), <out>/config.json (the resolved config) and
-<out>/gen_data.json (counts, token statistics, timings), and prints a table. Its "within"
+config.kinds (shards + manifest), <out>/identity.json (the config that made the data, less
+``num_workers``), <out>/config.json (the resolved config) and, last, <out>/gen_data.json
+(counts, token statistics, timings), and prints a table. Its "within"
 columns are the demonstrators' ceilings: the share of problems whose trace solves with every
 call fitting a 512 / 1,024 / 4,096-token window (the manifest's ``solved_within``).
 
@@ -14,42 +15,142 @@ Many hosts (see jaxapr.distributed; e.g. ``python -m experiments.launch --num_pr
 experiments.gen_data ...``): every process draws the same problems (cheap, deterministic),
 the trace chunks are split over the processes, and process 0 writes every file: the output
 is byte for byte the single-process one (<out> must be on a file system all processes see).
+
+<out> must be new or empty. ``--overwrite`` replaces a previous gen_data output there as a
+whole (every file but the lock), so no kind of an earlier config is left beside the new
+problems; it refuses a directory that gen_data did not write. One writer at a time: <out> is
+locked while gen_data writes (``jaxapr.train.lock``). :func:`prepare` (the quickstart's and
+the pipeline's data step) reuses <out> when it holds a complete dataset of the same identity
+and fails in one line, listing the differing fields, when it holds another config's.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from experiments import cli
 from jaxapr import distributed
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
-config_flags.DEFINE_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
+cli.define_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
 flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
-flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
+flags.DEFINE_bool("overwrite", False, "Replace the gen_data output in --out (all of it).")
+
+IDENTITY = "identity.json"
+IDENTITY_FORMAT = "jaxapr.gen_data/1"
+NOT_IDENTITY = ("num_workers",)  # config fields that do not change the data
+
+
+def identity(config) -> dict:
+    """What makes a dataset: the resolved config less :data:`NOT_IDENTITY`."""
+    from jaxapr.train import run_config
+
+    ident = run_config.to_dict(config)
+    for key in NOT_IDENTITY:
+        ident.pop(key, None)
+    return ident
+
+
+def recorded_identity(out: str) -> dict | None:
+    """The identity recorded in ``out`` by gen_data, or None when there is none."""
+    path = os.path.join(out, IDENTITY)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path!r} is not readable ({type(e).__name__}: {e}): expected gen_data's identity "
+                         "record") from None
+    if not isinstance(record, dict) or record.get("format") != IDENTITY_FORMAT:
+        raise ValueError(f"{path!r} is not a {IDENTITY_FORMAT!r} record: expected gen_data's identity record")
+    return record["config"]
+
+
+def _contents(out: str) -> list[str]:
+    from jaxapr.train.lock import LOCK_NAME
+
+    return sorted(e for e in os.listdir(out) if e != LOCK_NAME)
+
+
+def _claim(config, out: str, overwrite: bool, log) -> None:
+    """Make ``out`` this run's: empty it (``overwrite`` and a previous gen_data output) or
+    check it is empty, then record the identity and the config (process 0)."""
+    entries = _contents(out)
+    if entries:
+        if not overwrite:
+            raise ValueError(f"--out={out!r} is not empty: expected a new directory (or --overwrite to replace the "
+                             "gen_data output there)")
+        if IDENTITY not in entries:
+            raise ValueError(f"--out={out!r} holds files that gen_data did not write (no {IDENTITY}): expected a new "
+                             "or empty directory (--overwrite replaces only a gen_data output)")
+        for name in entries:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        log(f"--overwrite: deleted the previous dataset in {out} ({', '.join(entries)})")
+    with open(os.path.join(out, IDENTITY), "w") as f:
+        json.dump({"format": IDENTITY_FORMAT, "config": identity(config)}, f, indent=2)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+
+
+def is_complete(config, out: str) -> bool:
+    """``out`` holds every part of ``config``'s dataset (gen_data.json is written last)."""
+    return os.path.isfile(os.path.join(out, "gen_data.json")) and all(
+        os.path.isfile(os.path.join(out, part, "manifest.json")) for part in ("problems", *config.kinds))
+
+
+def prepare(config, out: str, log=print) -> str:
+    """``config``'s dataset in ``out``: reused when ``out`` holds a complete one of the same
+    identity, built when ``out`` is new or empty or holds an interrupted build of it; another
+    config's data (or files gen_data did not write) are a one-line ``ValueError``."""
+    from jaxapr.train import run_config
+
+    saved = recorded_identity(out) if os.path.isdir(out) else None
+    if saved is None:
+        if os.path.isdir(out) and _contents(out):
+            raise ValueError(f"{out!r} holds files but no gen_data identity ({IDENTITY}): expected a new directory or "
+                             "one written by experiments.gen_data (delete it to rebuild the data)")
+        run(config, out, log=log)
+        return out
+    diffs = run_config.differences(saved, identity(config))
+    if diffs:
+        raise ValueError(f"{out!r} holds the dataset of another config: {run_config.describe(diffs)}: expected the "
+                         "same config to reuse it (use another directory, or gen_data --overwrite to replace it)")
+    if is_complete(config, out):
+        log(f"  reusing the dataset in {out} (same config)")
+    else:
+        log(f"  {out} holds an interrupted build of this dataset: building it again")
+        run(config, out, overwrite=True, log=log)
+    return out
 
 
 def run(config, out: str, overwrite: bool = False, log=print) -> dict:
+    """Builds ``config``'s dataset in ``out`` (see the module docstring); returns the report."""
+    from jaxapr import data
+    from jaxapr.train import lock, loop
+
+    kinds = tuple(config.kinds)
+    unknown = [k for k in kinds if k not in data.KINDS]
+    if unknown:
+        raise ValueError(f"config.kinds has {unknown}: expected some of {data.KINDS}")
+    out = loop.prepare_workdir(out, what="out")
+    with lock.hold(out, log=log):
+        distributed.run_on_main(_claim, config, out, overwrite, log)  # nobody writes before process 0 claimed it
+        return _build(config, out, kinds, log)
+
+
+def _build(config, out: str, kinds: tuple, log) -> dict:
     from envs import countdown
     from jaxapr import data
 
     process, processes = distributed.process_index(), distributed.process_count()
     main = process == 0
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ValueError(f"--out={out!r} is not empty: expected a new directory (or pass --overwrite)")
-    kinds = tuple(config.kinds)
-    unknown = [k for k in kinds if k not in data.KINDS]
-    if unknown:
-        raise ValueError(f"config.kinds has {unknown}: expected some of {data.KINDS}")
-    distributed.barrier("gen_data checked --out")  # nobody writes before every process has checked it
-    os.makedirs(out, exist_ok=True)
-    if main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
     log(f"resolved config:\n{config}")
     p = config.problems
     sizes = {"train": p.train, "val": p.val, "test": p.test}
@@ -119,12 +220,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.out:
         raise app.UsageError("--out is required: the directory to write the dataset into")
-    try:
-        distributed.initialize_from_flags()  # before any JAX computation
-        run(FLAGS.config, FLAGS.out, FLAGS.overwrite, log=distributed.log)
-    except (ValueError, FileNotFoundError) as e:
-        distributed.fail(f"gen_data: {e}")
+    distributed.initialize_or_exit()  # before any JAX computation
+    run(FLAGS.config, FLAGS.out, FLAGS.overwrite, log=distributed.log)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -82,7 +82,6 @@ def trained_tokens(data_dir: str, config) -> dict:
     """What an SFT run's batches held over its ``num_steps`` steps, recounted from the same
     loader (same seed, order and packing): token slots (steps x batch x seq_len), non-padding
     tokens (what the forward/backward processed) and trained (target) tokens."""
-    import numpy as np
 
     from jaxapr import data as data_lib
 
@@ -130,9 +129,8 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
     data_dir = os.path.join(workdir, "data")
     t0 = time.perf_counter()
     ran = not all(os.path.isfile(os.path.join(data_dir, k, "manifest.json")) for k in KINDS)
-    if ran:
-        log("== data")
-        gen_data.run(data_config, data_dir, overwrite=True, log=log)
+    log("== data")
+    gen_data.prepare(data_config, data_dir, log=log)  # reused only when it holds this config's data
     times.add("data", time.perf_counter() - t0, ran)
 
     summaries, configs = {}, {}
@@ -243,7 +241,7 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
 
     from envs import countdown
     from envs.countdown.problems import sha256_file
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
     out = os.path.join(workdir, "export")
     os.makedirs(out, exist_ok=True)
@@ -264,7 +262,7 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
             stages.append(("grpo", f"rl_{kind}", "latest"))
             choice[kind] = val_choice(os.path.join(workdir, f"rl_{kind}"))
         for stage, run, which in stages:
-            policy = common.load_policy(os.path.join(workdir, run), which=which)
+            policy = policy_io.load_policy(os.path.join(workdir, run), which=which)
             rl_cfg = configs.get(f"rl_{kind}") if stage == "grpo" else None
             entry = {
                 # The SFT budget is its token slots (steps x batch x seq_len: the compute); what the
@@ -283,7 +281,7 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
             }
             name = f"{preset}_{kind}_{stage}.npz"
             path = os.path.join(out, name)
-            common.export_policy(policy, path, extra={
+            policy_io.export_policy(policy, path, extra={
                 "kind": kind, "stage": stage, "data_preset": preset, "max_context": int(sft_cfg.eval_max_context),
                 "sub_call_budget": budget, "made_by": command, "manifest": "experiments/checkpoints/manifest.json"})
             entry["sha256"] = sha256_file(path)

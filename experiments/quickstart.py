@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
+
+from experiments import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = ("mini", "tiny")
@@ -116,10 +117,10 @@ def check_args(*, problems: int, contexts, rl_steps: int, rl_problems: int, rl_g
 
 def _exported_preset(name: str, path: str) -> str | None:
     """The data preset an exported policy was trained on (its metadata), or None if unknown."""
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
     try:
-        meta = common.exported_meta(path)
+        meta = policy_io.exported_meta(path)
     except ValueError as e:
         raise ValueError(f"--{name}: {e}") from None
     return meta.get("extra", {}).get("data_preset")
@@ -162,7 +163,8 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     from envs import countdown
     from experiments import gen_data
     from experiments import pipeline
-    from jaxapr.train import common
+    from jaxapr import policy_io
+    from jaxapr.train import loop
     from jaxapr.train import rl as rl_lib
     from jaxapr.train import sft
     from jaxapr.train.metrics import read_metrics
@@ -177,7 +179,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     contexts = check_args(problems=problems, contexts=contexts, rl_steps=rl_steps, rl_problems=rl_problems,
                           rl_group=rl_group, scratch_steps=scratch_steps, num_slots=num_slots, policies=policies_in,
                           preset=preset)
-    workdir = common.ensure_workdir(workdir)
+    workdir = loop.prepare_workdir(workdir)
     data_config, sft_config, rl_config = _configs(preset, scratch_steps, rl_steps, rl_problems, rl_group, num_slots)
     t_start = time.perf_counter()
     times, out = {}, {"preset": preset, "backend": jax.default_backend(), "devices": jax.device_count(), "contexts": contexts,
@@ -207,8 +209,8 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
                 "apr": os.path.join(workdir, "reproduce", "sft_apr")}
         if rl_steps > 0:
             runs["apr_rl"] = os.path.join(workdir, "reproduce", "rl_apr")
-    elif not all(os.path.isfile(os.path.join(data_dir, k, "manifest.json")) for k in ("sosp", "apr")):
-        gen_data.run(data_config, data_dir, overwrite=True, log=lambda *a: None)
+    else:  # reused only when it holds this preset's data (gen_data's recorded identity)
+        gen_data.prepare(data_config, data_dir, log=lambda *a: None)
     times["data"] = time.perf_counter() - t0
     splits = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))
     numbers, targets = splits["test"]
@@ -218,15 +220,15 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     log(f"  {len(splits['train'][1])} training problems, evaluating on {n} held-out test problems ({times['data']:.0f} s)")
 
     if from_scratch:
-        policies = {name: common.load_policy(path) for name, path in runs.items()}
+        policies = {name: policy_io.load_policy(path) for name, path in runs.items()}
         out["policies"] = runs
     else:
         policies, out["policies"] = {}, dict(policies_in)
         for name, path in policies_in.items():
             if not path.endswith(".npz"):
-                policies[name] = common.load_policy(path)
+                policies[name] = policy_io.load_policy(path)
                 continue
-            policies[name], _ = common.load_exported(path)  # its data preset was checked above
+            policies[name], _ = policy_io.load_exported(path)  # its data preset was checked above
     log(f"\n[2/5] SoS+ vs APR, greedy, at per-call contexts {contexts}")
     t0 = time.perf_counter()
     rows = evaluate_policies({k: policies[k] for k in ("sosp", "apr")}, test, contexts, num_slots=num_slots, log=log,
@@ -242,7 +244,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
             c = rl_config.copy_and_resolve_references()
             c.init_from, c.data_dir, c.progress = policies_in["apr"], data_dir, progress
             rl_lib.train(c, rl_dir, log=lambda *a: None)  # a finished run in rl_dir is resumed: nothing to do
-            policies["apr_rl"] = common.load_policy(rl_dir, which="latest")
+            policies["apr_rl"] = policy_io.load_policy(rl_dir, which="latest")
             out["policies"]["apr_rl"] = rl_dir
         rl_rows = read_metrics(out["policies"]["apr_rl"], prefix="rl/")
         curves["grpo"] = [{"step": r["step"], "reward": r["rl/reward"], "kl": r["rl/kl"],
@@ -268,7 +270,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
         log(f"  loss {curves['sft'][0]['loss']:.3f} (step {curves['sft'][0]['step']}) -> {curves['sft'][-1]['loss']:.3f} "
             f"(step {curves['sft'][-1]['step']}); {summary.get('tokens_per_s', 0):,.0f} tokens/s")
         times["scratch_sft"] = time.perf_counter() - t0
-        scratch = common.load_policy(scratch_dir, which="latest")
+        scratch = policy_io.load_policy(scratch_dir, which="latest")
         rows += evaluate_policies({"scratch": scratch}, test, [max(contexts)], num_slots=num_slots, log=log,
                                   progress=progress)
         out["policies"]["scratch"] = scratch_dir
@@ -403,18 +405,15 @@ def plot(out: dict, workdir: str) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from jaxapr.train import common
-
-    common.quiet_logs()
+    cli.quiet_logs()
     try:
         run(FLAGS.workdir, preset=FLAGS.preset, from_scratch=FLAGS.from_scratch, problems=FLAGS.problems, contexts=FLAGS.contexts,
             rl_steps=FLAGS.rl_steps, rl_problems=FLAGS.rl_problems, rl_group=FLAGS.rl_group,
             scratch_steps=FLAGS.scratch_steps, sosp=FLAGS.sosp, apr=FLAGS.apr, num_slots=FLAGS.num_slots,
             plots=FLAGS.plots, progress=FLAGS.progress)
-    except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        cli.fail(e)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,9 +19,8 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import pipeline
+from experiments import cli, pipeline
 from jaxapr import distributed
 
 
@@ -37,16 +36,16 @@ def _preset_in_argv(default: str = "mini") -> str:
 
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-_PRESET = _preset_in_argv()
+_PRESET = _preset_in_argv() if _preset_in_argv() in ("tiny", "mini", "paper") else "mini"  # else: --preset's error
 FLAGS = flags.FLAGS
 distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_enum("preset", "mini", ["tiny", "mini", "paper"], "Scale of every stage.")
 flags.DEFINE_string("workdir", None, "Work directory (created; an existing one is continued).")
-config_flags.DEFINE_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
-config_flags.DEFINE_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
-config_flags.DEFINE_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
-config_flags.DEFINE_config_file("eval_config", f"{_CONFIGS}/evaluate.py:{_PRESET}",
-                                "Evaluation config (file:preset); problems=0 skips the evaluation.")
+cli.define_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
+cli.define_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
+cli.define_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
+cli.define_config_file("eval_config", f"{_CONFIGS}/evaluate.py:{_PRESET}",
+                       "Evaluation config (file:preset); problems=0 skips the evaluation.")
 flags.DEFINE_bool("rl", True, "Run the GRPO stages.")
 
 
@@ -54,9 +53,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     distributed.initialize_or_exit()  # before any JAX computation
-    from jaxapr.train import common
-
-    common.quiet_logs()
+    cli.quiet_logs()
     configs = {"data": FLAGS.data_config, "sft": FLAGS.sft_config, "rl": FLAGS.rl_config, "eval": FLAGS.eval_config}
     for name, c in configs.items():
         print(f"resolved {name} config:\n{c}")
@@ -64,10 +61,9 @@ def main(argv):
     try:
         pipeline.run(FLAGS.workdir, configs["data"], configs["sft"], configs["rl"], configs["eval"], rl=FLAGS.rl,
                      command=command)
-    except (ValueError, FileNotFoundError, KeyError, common.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        cli.fail(e)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -135,7 +135,7 @@ def show(policy_path: str, numbers, target: int, *, out: str | None = None, budg
 
     from envs.countdown import rules
     from jaxapr import runtime
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
     try:
         nums = [int(x) for x in numbers]
@@ -146,7 +146,7 @@ def show(policy_path: str, numbers, target: int, *, out: str | None = None, budg
         raise ValueError(f"--target={target!r}: expected a non-negative int")
     if budget is not None and budget < 0:
         raise ValueError(f"--budget={budget}: expected >= 0")
-    policy = common.load_policy(policy_path)
+    policy = policy_io.load_policy(policy_path)
     ctx = context or policy.cfg.max_len
     if not 32 <= ctx <= policy.cfg.max_len:
         raise ValueError(f"--context={ctx}: expected 32..{policy.cfg.max_len} (the policy's context)")

@@ -10,24 +10,24 @@ same --workdir to resume.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from experiments import cli
 from jaxapr import distributed
 
 FLAGS = flags.FLAGS
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ... (see jaxapr.distributed)
-config_flags.DEFINE_config_file("config", "experiments/configs/rl.py:tiny", "GRPO config (file:preset).")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint).")
+cli.define_config_file("config", "experiments/configs/rl.py:tiny", "GRPO config (file:preset).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint of the same run).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     distributed.initialize_or_exit()  # before any JAX computation
-    from jaxapr.train import common, rl
+    from jaxapr.train import rl
 
-    common.run_training(rl.train, FLAGS.config, FLAGS.workdir)
+    cli.run_training(rl.train, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

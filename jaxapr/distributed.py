@@ -341,6 +341,27 @@ def max_across(value: float) -> float:
     return float(allgather(np.array(float(value), np.float64)).max())
 
 
+def run_on_main(fn, *args):
+    """``fn(*args)`` on process 0 alone (its result there, None elsewhere). A ``ValueError``
+    it raises is raised on every process (on the others as a ``ValueError`` with the same
+    message), so no process goes on to wait in a collective for one that stopped."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except ValueError as e:
+            if process_count() == 1:
+                raise
+            error = e
+    if process_count() > 1:
+        message = next((m for m in allgather_json(None if error is None else str(error)) if m), None)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ValueError(message)
+    return result
+
+
 # --------------------------------------------------------------------------------------
 # arrays
 # --------------------------------------------------------------------------------------
@@ -407,4 +428,4 @@ def share(n: int, index: int | None = None, count: int | None = None) -> range:
 
 __all__ = ["define_flags", "initialize_from_flags", "initialize", "process_index", "process_count", "is_main",
            "barrier", "log", "log_all", "quiet_other_processes", "fail", "allgather", "allgather_json", "sum_across",
-           "max_across", "process_local", "put_global", "share", "METHODS"]
+           "max_across", "run_on_main", "process_local", "put_global", "share", "METHODS"]

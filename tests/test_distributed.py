@@ -46,12 +46,14 @@ def model_cfg():
 
 def sft_setup(devices):
     from jaxapr import sharding
-    from jaxapr.train import common, sft
+    from jaxapr.policy_io import make_policy
+    from jaxapr.train import mesh as mesh_lib
+    from jaxapr.train import sft
     from jaxapr.train.state import make_optimizer
 
     mesh = sharding.make_mesh(data=2, fsdp=2, devices=devices)
     tx, schedule = make_optimizer(3e-3, total_steps=10, warmup_steps=1, weight_decay=0.01)
-    graphdef, state, shardings = common.init_state_on_mesh(common.make_policy(model_cfg(), 0), tx, mesh,
+    graphdef, state, shardings = mesh_lib.init_state_on_mesh(make_policy(model_cfg(), 0), tx, mesh,
                                                            sharding.RULES["fsdp_tp"])
     step = sft.make_sft_step(graphdef, tx, 1, schedule, state_shardings=shardings)
     return mesh, state, step
@@ -74,13 +76,15 @@ def grpo_setup(devices):
 
     from jaxapr import engine as engine_lib
     from jaxapr import sharding
-    from jaxapr.train import common, grpo
+    from jaxapr.policy_io import make_policy
+    from jaxapr.train import grpo
+    from jaxapr.train import mesh as mesh_lib
     from jaxapr.train.state import make_optimizer
 
     gcfg = grpo.GRPOConfig(**GRPO).check()
     mesh = sharding.make_mesh(data=-1, devices=devices)
     tx, schedule = make_optimizer(gcfg.learning_rate, total_steps=8, schedule="constant")
-    graphdef, state, shardings = common.init_state_on_mesh(common.make_policy(model_cfg(), 0), tx, mesh,
+    graphdef, state, shardings = mesh_lib.init_state_on_mesh(make_policy(model_cfg(), 0), tx, mesh,
                                                            sharding.RULES["replicated"])
     from jaxapr import distributed
 
@@ -135,7 +139,8 @@ def worker_train(data_dir, out):
     from jax.experimental import multihost_utils
 
     from jaxapr import distributed
-    from jaxapr.train import common, rl
+    from jaxapr.train import mesh as mesh_lib
+    from jaxapr.train import rl
     from jaxapr.train.checkpoint import Checkpointer
 
     p, n = jax.process_index(), jax.process_count()
@@ -146,12 +151,12 @@ def worker_train(data_dir, out):
     batches = sft_batches(data_dir)
     losses = []
     for i, batch in enumerate(batches[:SAVE_AT]):
-        device_batch = common.batch_to_device(rows(batch, p, n), mesh)
+        device_batch = mesh_lib.batch_to_device(rows(batch, p, n), mesh)
         if i == 0:
             whole = multihost_utils.process_allgather(device_batch["tokens"], tiled=True)
             report["global_batch_is_concatenation"] = bool(np.array_equal(np.asarray(whole), batch["tokens"]))
         state, m = step(state, device_batch)
-        losses.append(float(common.host(m)["loss"]))
+        losses.append(float(mesh_lib.host(m)["loss"]))
     report["sft_losses"] = losses
     with Checkpointer(os.path.join(out, "ckpt"), config={"test": "distributed"}, async_save=False) as ckpt:
         ckpt.save(SAVE_AT, state, extra={"written_by": n})
@@ -165,8 +170,8 @@ def worker_train(data_dir, out):
     max_rows = int(distributed.allgather(rows_of(results)).max())
     num_rows = rl.rows_per_process(max_rows, gcfg.num_minibatches, mesh.shape["data"] * mesh.shape["fsdp"], n)
     batch, _ = rl.process_batch(results, gcfg, seq_len=GRPO_CONTEXT, num_rows=num_rows, processes=n)
-    state, m = step(state, ref, common.batch_to_device(batch, mesh), grpo_update_key())
-    report["grpo_metrics"] = {k: float(v) for k, v in common.host(m).items()}
+    state, m = step(state, ref, mesh_lib.batch_to_device(batch, mesh), grpo_update_key())
+    report["grpo_metrics"] = {k: float(v) for k, v in mesh_lib.host(m).items()}
     report["grpo_rows_per_process"] = num_rows
     report["grpo_tokens"] = distributed.allgather_json(tokens_of(results))
     grpo_params = flat(distributed.process_local(state.params))
@@ -263,7 +268,7 @@ def test_sft_two_processes_equal_one_process_and_checkpoint_moves_between_them(t
     import jax
 
     from jaxapr import distributed
-    from jaxapr.train import common
+    from jaxapr.train import mesh as mesh_lib
     from jaxapr.train.checkpoint import Checkpointer
 
     out, report, proc = two_process_run
@@ -274,8 +279,8 @@ def test_sft_two_processes_equal_one_process_and_checkpoint_moves_between_them(t
     mesh, state, step = sft_setup(jax.devices()[:4])
     losses, at_save = [], None
     for i, batch in enumerate(sft_batches(data_dir)):
-        state, m = step(state, common.batch_to_device(batch, mesh))
-        losses.append(float(common.host(m)["loss"]))
+        state, m = step(state, mesh_lib.batch_to_device(batch, mesh))
+        losses.append(float(mesh_lib.host(m)["loss"]))
         if i + 1 == SAVE_AT:
             at_save = flat(state.params)
     np.testing.assert_allclose(report["sft_losses"], losses[:SAVE_AT], **TOL)
@@ -288,8 +293,8 @@ def test_sft_two_processes_equal_one_process_and_checkpoint_moves_between_them(t
     assert extra == {"written_by": 2} and int(restored.step) == SAVE_AT
     _assert_trees_close(flat(restored.params), saved, exact=True)
     for batch in sft_batches(data_dir)[SAVE_AT:]:
-        restored, m = step(restored, common.batch_to_device(batch, mesh))
-    np.testing.assert_allclose(float(common.host(m)["loss"]), losses[-1], **TOL)
+        restored, m = step(restored, mesh_lib.batch_to_device(batch, mesh))
+    np.testing.assert_allclose(float(mesh_lib.host(m)["loss"]), losses[-1], **TOL)
     _assert_trees_close(flat(restored.params), flat(state.params))
     assert distributed.process_local(state.params) is state.params  # one process: nothing copied
 
@@ -298,7 +303,8 @@ def test_sft_two_processes_equal_one_process_and_checkpoint_moves_between_them(t
 def test_grpo_step_two_processes_equal_one_process(two_process_run):
     import jax
 
-    from jaxapr.train import common, grpo, rl
+    from jaxapr.train import grpo, rl
+    from jaxapr.train import mesh as mesh_lib
 
     out, report, _ = two_process_run
     gcfg, mesh, state, engine, step = grpo_setup(jax.devices()[:4])
@@ -315,8 +321,8 @@ def test_grpo_step_two_processes_equal_one_process(two_process_run):
     parts = [rl.process_batch(r, gcfg, seq_len=GRPO_CONTEXT, num_rows=num_rows, processes=2)[0] for r in results]
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
     np.testing.assert_allclose(batch["token_weights"].sum(), 1.0, rtol=1e-6)  # 1 / (calls x all rollouts), packed
-    state, m = step(state, ref, common.batch_to_device(batch, mesh), grpo_update_key())
-    m = common.host(m)
+    state, m = step(state, ref, mesh_lib.batch_to_device(batch, mesh), grpo_update_key())
+    m = mesh_lib.host(m)
     assert m["grad_norm"] > 1e-3 and m["pg_loss"] != 0 and m["updates"] == 4  # a real update, 2 epochs x 2 minibatches
     for k in ("loss", "pg_loss", "kl", "grad_norm", "clip_fraction", "tokens"):
         np.testing.assert_allclose(report["grpo_metrics"][k], m[k], err_msg=k, **TOL)
@@ -391,7 +397,8 @@ def test_scripts_train_with_two_processes_and_resume_in_one(tmp_path, data_dir):
     workdirs then resume in this process (1 process, 8 devices)."""
     from experiments.configs import rl as rl_configs
     from experiments.configs import sft as sft_configs
-    from jaxapr.train import common, rl, sft
+    from jaxapr import policy_io
+    from jaxapr.train import rl, sft
 
     sft_dir, rl_dir = str(tmp_path / "sft"), str(tmp_path / "rl")
     sft_values = {"data_dir": data_dir, "kind": "apr", "num_steps": 4, "seq_len": 256, "batch_size": 8,
@@ -427,7 +434,7 @@ def test_scripts_train_with_two_processes_and_resume_in_one(tmp_path, data_dir):
     config.grpo.update(num_problems=2, group_size=2, learning_rate=1e-3)
     config.optim.learning_rate, config.num_steps = 1e-3, 3
     assert rl.train(config, rl_dir, log=lambda *_: None)["rl_step"] == 3
-    assert common.load_params(rl_dir, which="latest")[0].d_model == 32
+    assert policy_io.load_params(rl_dir, which="latest")[0].d_model == 32
 
 
 def test_killed_process_stops_the_job_with_a_clear_error(tmp_path):

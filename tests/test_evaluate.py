@@ -84,7 +84,8 @@ def test_evaluate_bad_input(tmp_path):
                           (["--workdir=" + str(tmp_path)], "--out is required")):
         proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-500:]
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]  # a usage error
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -97,7 +98,7 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
             f"--apr={ckpts}/tiny_apr_sft.npz", f"--out={out}", "--num_problems=3", "--contexts=128", "--n_max=1",
             "--num_slots=8", "--plots=False"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "--data_dir is required with exported (.npz) policies" in proc.stderr
+    assert proc.returncode == 2 and "--data_dir is required with exported (.npz) policies" in proc.stderr
     proc = subprocess.run(args + [f"--data_dir={workdir}/data"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -66,7 +66,8 @@ def test_presets_are_consistent(preset):
     from experiments.configs import data as data_configs
     from experiments.configs import rl as rl_configs
     from experiments.configs import sft as sft_configs
-    from jaxapr.train import common
+    from jaxapr import policy_io
+    from jaxapr.train import run_config
 
     d, s, r = data_configs.get_config(preset), sft_configs.get_config(preset), rl_configs.get_config(preset)
     assert s.seq_len <= s.model.max_len and r.max_context <= s.model.max_len and s.eval_max_context <= s.model.max_len
@@ -75,5 +76,5 @@ def test_presets_are_consistent(preset):
     if s.init_from:
         for kind in ("sosp", "apr"):
             path = s.init_from.replace("{kind}", kind)
-            cfg, _, _ = common.load_params(path)
-            assert cfg == common.model_config(s), path
+            cfg, _, _ = policy_io.load_params(path)
+            assert cfg == run_config.model_config(s), path

@@ -117,7 +117,17 @@ class Countdown(Environment[EnvState, EnvParams]):
     def action_mask(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
         return rules.legal_mask(state.numbers, state.count)
 
+    def check_params(self, params: EnvParams) -> None:
+        """A problem bank of another number count is a one-line error (shapes are static, so
+        this holds under jit and vmap too)."""
+        n = params.numbers.shape[-1]
+        if n != self.num_numbers:
+            raise ValueError(f"params hold problems of {n} numbers: expected {self.num_numbers}-number problems "
+                             f"(the env's num_numbers; make the env with num_numbers={n}, or pass a bank of "
+                             f"{self.num_numbers}-number problems)")
+
     def reset_env(self, key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
+        self.check_params(params)
         # One random word modulo the (static) bank size: uniform up to a bias below
         # P / 2**32 (2e-6 for a 10k bank), and several times cheaper than randint.
         bank_size = params.targets.shape[0]

@@ -1,12 +1,20 @@
-"""Training: supervised fine-tuning and GRPO, orbax checkpoints, metric writers.
+"""Training: supervised fine-tuning and GRPO on one run skeleton.
 
+- ``loop``: the skeleton both runs share (``run(task, workdir)``: work-directory lock, run
+  identity, resume, checkpoints, periodic evaluation, metrics, summary) and ``Task``, what a
+  kind of run plugs into it; ``TrainingError``.
+- ``sft``: the masked next-token loss, ``make_sft_step`` (one jitted update with gradient
+  accumulation), ``SFTTask`` and ``train(config, workdir)``.
+- ``grpo``: group-normalised advantages, APR's 1/calls weights, the PPO-clipped loss with a k3
+  KL to a frozen reference, ``make_grpo_step``; ``rl``: ``GRPOTask`` and ``train``.
 - ``state``: ``TrainState`` (step, params, opt_state), ``make_optimizer`` (AdamW, warmup +
   cosine, clipping).
-- ``sft``: the masked next-token loss, ``make_sft_step`` (one jitted update with gradient
-  accumulation), ``train(config, workdir)`` (a resumable run).
-- ``grpo``: group-normalised advantages, APR's 1/calls weights, the PPO-clipped loss with a k3
-  KL to a frozen reference, ``make_grpo_step``; ``rl.train(config, workdir)`` runs it.
-- ``checkpoint``: ``Checkpointer`` (orbax; last k and the best; restore onto any mesh).
-- ``metrics``: ``MetricWriter`` (JSONL, TensorBoard, a progress bar).
-- ``common``: what the runs share (mesh, policy from a config, held-out rollouts).
+- ``run_config``: a run config's model, optimizer and identity (``RESUMABLE`` fields).
+- ``mesh``: the mesh and rules of a run config, state and batches placed on it.
+- ``machine``: the memory check before a run, the matmul peak of this machine.
+- ``checkpoint``: ``Checkpointer`` (orbax; last k and the best; checksums; restore onto any mesh).
+- ``lock``: one writer per work directory.
+- ``metrics``: ``MetricWriter`` (JSONL, TensorBoard via tensorboardX, a progress bar).
+
+Policies in and out of runs (``load_policy``, ``export_policy``) live in ``jaxapr.policy_io``.
 """

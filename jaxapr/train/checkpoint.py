@@ -3,12 +3,19 @@
 A checkpoint is one step directory ``<dir>/<step>/`` written by an
 ``orbax.checkpoint.CheckpointManager`` with two items:
 
-- ``state``: the array pytree (``TrainState``: step, params, optimizer state), written with
-  ``StandardSave`` (OCDBT/zarr, one file set per host, any sharding);
-- ``meta``: JSON ``{"format", "step", "config", "extra", "metrics"}``. ``extra`` holds whatever
-  else a resumed run needs to continue exactly: the data iterator's ``get_state()``, PRNG keys,
-  counters. Values that JSON cannot hold are encoded reversibly (bytes, tuples, numpy/jax
-  arrays, typed PRNG keys; see :func:`encode_json` / :func:`decode_json`).
+- ``state``: the array pytree (``TrainState``: step, params, optimizer state; or any pytree
+  of arrays, PRNG keys included), written with ``StandardSave`` (OCDBT/zarr, one file set
+  per host, any sharding);
+- ``meta``: JSON (orbax's ``JsonSave``) ``{"format", "step", "config", "extra", "metrics",
+  "checksums"}``. ``extra`` holds whatever else a resumed run needs to continue exactly (the
+  data iterator's ``get_state()``, counters) as JSON data: dicts with string keys, lists,
+  strings, numbers (NaN and infinities included), bools, None; arrays and PRNG keys belong
+  in the state.
+
+Integrity: ``checksums`` holds a 32-bit fingerprint of every array of the state (its bits and
+their positions, summed with wrap-around on the devices, so it is the same for any sharding).
+``restore`` recomputes them and also requires every floating array to be finite; an array
+that fails either check makes the step corrupt, like a file that cannot be read.
 
 Retention: the newest ``keep`` checkpoints, and with ``best_metric`` also the best one by
 ``metrics[best_metric]`` (orbax ``AnyPreservationPolicy(LatestN(keep), BestN(n=1))``), so an
@@ -25,19 +32,17 @@ or the last save is lost.
 ``jax.ShapeDtypeStruct`` with ``.sharding``, or a concrete array), so a checkpoint written on
 one device restores onto a mesh and the other way round; :func:`sharded_target` builds such a
 target from ``state.abstract_train_state`` and ``sharding.rules_for``. Before touching the
-arrays it checks the saved config against this run's (keys ``compare_keys``) and the target's
-tree against the saved one, each with a one-line ``ValueError``. A checkpoint that cannot be
-read is reported as :class:`CorruptCheckpointError` naming the step and directory; with
-``step=None`` the newest checkpoint that restores is used instead (a warning names the bad
-ones). Nothing is deleted: corrupt steps newer than the one restored are moved aside to
-``<dir>/corrupt/<step>`` by the next ``save`` (so the resumed run can reuse those step
-numbers), and kept there for inspection.
+arrays it checks the saved config against this run's (every key under ``compare_keys`` and
+not under ``ignore_keys``: all differing keys in one line, :class:`ConfigMismatchError`) and
+the target's tree against the saved one (a one-line ``ValueError``). A checkpoint that cannot
+be read or fails its integrity checks is reported as :class:`CorruptCheckpointError` naming
+the step and directory; with ``step=None`` the newest checkpoint that restores is used
+instead (a warning names the bad ones). Nothing is deleted: corrupt steps newer than the one
+restored are moved aside to ``<dir>/corrupt/<step>`` by the next ``save`` (so the resumed run
+can reuse those step numbers), and kept there for inspection.
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,7 +50,10 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxapr.train import run_config
 
 logger = logging.getLogger(__name__)
 
@@ -55,110 +63,103 @@ CORRUPT_DIR = "corrupt"
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint step that exists but cannot be read (missing, truncated or garbage files)."""
+    """A checkpoint step that exists but cannot be used: missing, truncated or garbage files,
+    an array whose checksum differs from the saved one, or a non-finite array."""
 
 
-# --------------------------------------------------------------------------------------
-# JSON encoding of ``extra`` and ``config``
-# --------------------------------------------------------------------------------------
-_MARKERS = ("__bytes__", "__tuple__", "__array__", "__prng_key__", "__float__", "__dict__")
+class ConfigMismatchError(ValueError):
+    """A checkpoint written by a run whose config differs from this run's (``.differences``:
+    ``(key, saved value, this run's value)``)."""
+
+    def __init__(self, message: str, differences: list):
+        super().__init__(message)
+        self.differences = differences
 
 
-def encode_json(value: Any, where: str = "value") -> Any:
-    """``value`` as plain JSON data, reversibly (:func:`decode_json` gives it back): bytes,
-    tuples, non-finite floats, numpy/jax arrays (-> numpy on decode), typed PRNG keys (-> the
-    same key array) and dicts with non-string keys get tagged forms. Raises a one-line
-    ``ValueError`` naming ``where`` for anything else (objects, functions...)."""
-    if value is None or isinstance(value, (bool, str)):
+def path_name(path, separator: str = ".") -> str:
+    """A pytree key path as text: dict keys, sequence indices and attribute names joined by
+    ``separator`` (``params.blocks.0.attn.wk.value``); ``<root>`` for the empty path."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=separator) or "<root>"
+
+
+def json_data(value: Any, where: str = "value") -> Any:
+    """``value`` as JSON data for the meta record (numpy scalars -> Python numbers, tuples ->
+    lists); a one-line ``ValueError`` naming ``where`` for anything JSON cannot hold."""
+    if value is None or isinstance(value, (bool, str, int, float)):
         return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else {"__float__": repr(value)}
-    if isinstance(value, (bytes, bytearray)):
-        return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-        return {"__prng_key__": np.asarray(jax.random.key_data(value)).tolist(),
-                "impl": str(jax.random.key_impl(value))}
-    if isinstance(value, (np.ndarray, jax.Array)):
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "biuf":
-            raise ValueError(f"{where} is an array of dtype {arr.dtype}: expected bool, int or float arrays")
-        flat = [encode_json(x, where) for x in arr.reshape(-1).tolist()]
-        return {"__array__": flat, "dtype": arr.dtype.name, "shape": list(arr.shape)}
-    if isinstance(value, tuple):
-        return {"__tuple__": [encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [json_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: encode_json(v, f"{where}[{k!r}]") for k, v in value.items()}
-        return {"__dict__": [[encode_json(k, f"{where} key"), encode_json(v, f"{where}[{k!r}]")]
-                             for k, v in value.items()]}
-    raise ValueError(f"{where} is a {type(value).__name__}: expected JSON-serializable data (dict, list, str, "
-                     "number, bool, None, bytes, tuple, numpy/jax array, PRNG key)")
+        bad = next((k for k in value if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where} has the key {bad!r}: expected string keys (JSON)")
+        return {k: json_data(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise ValueError(f"{where} is a {type(value).__name__}: expected JSON data (dict with string keys, list, str, "
+                     "number, bool, None); arrays and PRNG keys belong in the saved state")
 
 
-def decode_json(value: Any) -> Any:
-    """The inverse of :func:`encode_json`."""
-    if isinstance(value, list):
-        return [decode_json(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1 and "__bytes__" in value:
-        return base64.b64decode(value["__bytes__"])
-    if len(value) == 1 and "__tuple__" in value:
-        return tuple(decode_json(v) for v in value["__tuple__"])
-    if len(value) == 1 and "__float__" in value:
-        return float(value["__float__"])
-    if len(value) == 1 and "__dict__" in value:
-        return {_hashable(decode_json(k)): decode_json(v) for k, v in value["__dict__"]}
-    if set(value) == {"__array__", "dtype", "shape"}:
-        flat = [decode_json(x) for x in value["__array__"]]
-        return np.asarray(flat, dtype=value["dtype"]).reshape(value["shape"])
-    if set(value) == {"__prng_key__", "impl"}:
-        data = np.asarray(value["__prng_key__"], np.uint32)
-        return jax.random.wrap_key_data(data, impl=_key_impl(value["impl"]))
-    return {k: decode_json(v) for k, v in value.items()}
+# --------------------------------------------------------------------------------------
+# Integrity: a fingerprint per array, computed where the arrays live
+# --------------------------------------------------------------------------------------
+def _bits(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 (narrower types widened; 64-bit ones as two words)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
 
 
-def _hashable(x):
-    return tuple(_hashable(v) for v in x) if isinstance(x, list) else x
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """uint32: each element's bits mixed with its flat index (murmur3's finaliser), summed
+    with wrap-around. Integer sums are exact in any order, so any sharding gives the same."""
+    b = _bits(x)
+    index = jnp.zeros(b.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(b.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= b.shape[d]
+    h = b * jnp.uint32(0x9E3779B1) + index * jnp.uint32(0x85EBCA77)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return jnp.sum(h, dtype=jnp.uint32)
 
 
-def _key_impl(text: str):
-    # str(key_impl) looks like "PRNGImpl(threefry2x32)" or is the bare name.
-    name = text[text.index("(") + 1:text.rindex(")")] if "(" in text else text
-    return name
+def _finite(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.bool_(True)
 
 
-def _config_json(config: Any) -> Any:
-    """A config (dict, dataclass, ml_collections ConfigDict) as plain JSON data."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif hasattr(config, "to_dict") and callable(config.to_dict):
-        config = config.to_dict()
-    if isinstance(config, Mapping):
-        return {str(k): _config_json(v) for k, v in config.items()}
-    if isinstance(config, (list, tuple)):
-        return [_config_json(v) for v in config]
-    return encode_json(config, "config value")
+@jax.jit
+def _integrity(leaves: list) -> tuple[list, list]:
+    return [_fingerprint(x) for x in leaves], [_finite(x) for x in leaves]
 
 
-def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts flattened to dotted keys: ``{"model": {"d_model": 128}}`` ->
-    ``{"model.d_model": 128}``."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not any(str(k).startswith("__") for k in value):
-            out.update(flatten_config(value, name + "."))
-        else:
-            out[name] = value
-    return out
+def _scalar(x) -> Any:
+    """A replicated scalar result as a Python value (also when it spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x).item()
+
+
+def integrity(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """(``{array name: fingerprint as 8 hex digits}``, names of floating arrays that hold a
+    NaN or an infinity) of a pytree of arrays (computed on their devices; with several
+    processes every process must call it together)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}, []
+    sums, finite = _integrity([x for _, x in flat])
+    names = [path_name(p) for p, _ in flat]
+    return ({n: f"{_scalar(s):08x}" for n, s in zip(names, sums)},
+            [n for n, ok in zip(names, finite) if not _scalar(ok)])
 
 
 def _quiet_closed_loop_noise() -> None:
@@ -191,17 +192,6 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 # --------------------------------------------------------------------------------------
 # Restore targets
 # --------------------------------------------------------------------------------------
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _path_name(path) -> str:
-    return ".".join(_key_name(k) for k in path) or "<root>"
-
-
 def sharded_target(abstract_state: Any, mesh, rules) -> Any:
     """``abstract_state`` (e.g. ``state.abstract_train_state(...)``) with a ``NamedSharding`` on
     every leaf: ``nnx.Variable`` leaves (parameters and the optimizer moments that mirror them)
@@ -233,10 +223,17 @@ def _abstract(target: Any) -> Any:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         if isinstance(x, (np.ndarray, np.generic)):
             return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=default)
-        raise ValueError(f"restore target leaf {_path_name(path)} is a {type(x).__name__}: "
+        raise ValueError(f"restore target leaf {path_name(path)} is a {type(x).__name__}: "
                          "expected jax.ShapeDtypeStruct or an array (e.g. state.abstract_train_state(...))")
 
     return jax.tree_util.tree_map_with_path(one, target)
+
+
+def _stored_shape(x) -> tuple:
+    """The shape orbax records for a target leaf (a PRNG key array: its key data's)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+    return tuple(x.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -247,7 +244,9 @@ class Checkpointer:
 
     ``config``: this run's config (dict, dataclass or ConfigDict), stored with every checkpoint
     and compared on restore over ``compare_keys`` (dotted prefixes of the flattened config;
-    default every key under ``model``; ``None`` = all keys; ``()`` = none).
+    default every key under ``model``; ``None`` = all keys; ``()`` = none), except keys under
+    ``ignore_keys`` (a training run passes ``compare_keys=None,
+    ignore_keys=run_config.RESUMABLE``: its identity).
     ``keep``: how many of the newest checkpoints to keep. ``best_metric``/``best_mode``: also
     keep the best checkpoint by ``metrics[best_metric]`` passed to :meth:`save` (NaN ranks
     worst). ``async_save``: write in a background thread.
@@ -255,7 +254,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, config: Any, keep: int = 3, best_metric: str | None = None,
                  best_mode: str = "max", async_save: bool = True,
-                 compare_keys: Sequence[str] | None = ("model",)):
+                 compare_keys: Sequence[str] | None = ("model",), ignore_keys: Sequence[str] = ()):
         import orbax.checkpoint as ocp
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -270,10 +269,12 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"checkpoint directory '{self.directory}' is a file: expected a directory")
-        self.config = _config_json(config)
-        if not isinstance(self.config, dict):
+        if not (isinstance(config, Mapping) or hasattr(config, "to_json") or
+                (hasattr(config, "__dataclass_fields__") and not isinstance(config, type))):
             raise ValueError(f"config is a {type(config).__name__}: expected a dict (or dataclass / ConfigDict)")
+        self.config = json_data(run_config.to_dict(config), "config")
         self.compare_keys = None if compare_keys is None else tuple(compare_keys)
+        self.ignore_keys = (ignore_keys,) if isinstance(ignore_keys, str) else tuple(ignore_keys)
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
         self._corrupt: set[int] = set()
         self._closed = False
@@ -320,20 +321,19 @@ class Checkpointer:
 
     def metadata(self, step: int | None = None) -> dict:
         """The JSON record of a checkpoint (default: the latest): ``{"format", "step",
-        "config", "extra", "metrics"}`` with ``extra`` decoded."""
+        "config", "extra", "metrics", "checksums"}``."""
         self.wait()
-        step = self._existing_step(step)
-        meta = self._read_meta(step)
-        return {**meta, "extra": decode_json(meta.get("extra", {}))}
+        return self._read_meta(self._existing_step(step))
 
     # ---- save ----------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, extra: Mapping | None = None, metrics: Mapping | None = None,
              force: bool = False) -> bool:
         """Save ``state`` (a pytree of arrays) as checkpoint ``step`` with ``extra`` (JSON data,
-        see :func:`encode_json`) and ``metrics`` (name -> number). Returns False, saving
-        nothing, when ``step`` is not newer than the latest checkpoint (unless ``force``; an
-        existing step is never overwritten). Asynchronous by default: the arrays are on host
-        when this returns, so the caller may donate ``state`` to the next step."""
+        see the module docstring) and ``metrics`` (name -> number), and the fingerprint of
+        every array. Returns False, saving nothing, when ``step`` is not newer than the latest
+        checkpoint (unless ``force``; an existing step is never overwritten). Asynchronous by
+        default: the arrays are on host when this returns, so the caller may donate ``state``
+        to the next step. With several processes every process calls it together."""
         self._check_open()
         if isinstance(step, (jax.Array, np.ndarray, np.integer)):
             step = int(np.asarray(step))
@@ -342,8 +342,8 @@ class Checkpointer:
         if extra is not None and not isinstance(extra, Mapping):
             raise ValueError(f"extra is a {type(extra).__name__}: expected a dict")
         metrics_json = self._metrics_json(metrics)
-        meta = {"format": FORMAT, "step": step, "config": self.config,
-                "extra": encode_json(dict(extra or {}), "extra"), "metrics": encode_json(metrics_json or {}, "metrics")}
+        meta = {"format": FORMAT, "step": step, "config": self.config, "extra": json_data(dict(extra or {}), "extra"),
+                "metrics": metrics_json or {}}
         self._set_aside_corrupt()
         steps = self.all_steps()
         if step in steps:
@@ -356,6 +356,7 @@ class Checkpointer:
             logger.warning("save(step=%d) skipped: '%s' already holds the newer step %d (pass force=True to save "
                            "an older step)", step, self.directory, steps[-1])
             return False
+        meta["checksums"], _ = integrity(state)
         args = self._ocp.args.Composite(**{STATE: self._ocp.args.StandardSave(state),
                                            META: self._ocp.args.JsonSave(meta)})
         track = metrics_json if self.best_metric is not None else None
@@ -444,34 +445,24 @@ class Checkpointer:
     def _check_config(self, saved: dict, step: int) -> None:
         if self.compare_keys is not None and not self.compare_keys:
             return
-        old, new = flatten_config(saved), flatten_config(self.config)
-
-        def compared(key):
-            return self.compare_keys is None or any(key == p or key.startswith(p + ".") for p in self.compare_keys)
-
-        absent = object()
-        for key in sorted(k for k in set(old) | set(new) if compared(k)):
-            a, b = old.get(key, absent), new.get(key, absent)
-            if a != b:
-                def show(v):
-                    return "<absent>" if v is absent else json.dumps(v)
-
-                raise ValueError(f"checkpoint config {key}={show(a)} differs from this run's {show(b)}: expected the "
-                                 f"same value to restore step {step} of '{self.directory}' (use the checkpoint's "
-                                 "config or a new directory)")
+        diffs = run_config.differences(saved, self.config, compare=self.compare_keys, ignore=self.ignore_keys)
+        if diffs:
+            raise ConfigMismatchError(
+                f"checkpoint config {run_config.describe(diffs)}: expected the same values to resume step {step} of "
+                f"'{self.directory}' (a fresh run: a new directory, or --config.overwrite=True)", diffs)
 
     def _check_tree(self, step: int, abstract: Any) -> None:
         _quiet_closed_loop_noise()
         try:
             md = self._mgr.item_metadata(step)[STATE]
             tree = md.tree if hasattr(md, "tree") else md
-            saved = {_path_name(p): tuple(leaf.shape)
+            saved = {path_name(p): tuple(leaf.shape)
                      for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
         except Exception as e:  # noqa: BLE001
             raise self._corrupt_error(step, "its array metadata cannot be read", e) from None
         if not saved:
             raise self._corrupt_error(step, "it holds no arrays")
-        wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        wanted = {path_name(p): _stored_shape(x) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
         where = f"checkpoint step {step} of '{self.directory}' does not match the restore target"
         missing = sorted(set(wanted) - set(saved))
         if missing:
@@ -495,7 +486,21 @@ class Checkpointer:
                 step, args=self._ocp.args.Composite(**{STATE: self._ocp.args.StandardRestore(abstract)}))[STATE]
         except Exception as e:  # noqa: BLE001
             raise self._corrupt_error(step, "its arrays cannot be read", e) from None
-        return state, decode_json(meta.get("extra", {}))
+        self._check_integrity(step, state, meta.get("checksums"))
+        return state, meta.get("extra", {})
+
+    def _check_integrity(self, step: int, state: Any, saved: Mapping | None) -> None:
+        """Corrupt unless every array matches its saved fingerprint (checkpoints written
+        without fingerprints skip that part) and every floating array is finite."""
+        sums, nonfinite = integrity(state)
+        if saved is not None:
+            bad = sorted(name for name, value in sums.items() if saved.get(name) != value)
+            if bad:
+                raise self._corrupt_error(step, f"array {bad[0]} does not match its saved checksum "
+                                                f"({len(bad)} of {len(sums)} arrays differ)")
+        if nonfinite:
+            raise self._corrupt_error(step, f"array {nonfinite[0]} holds NaN or infinite values "
+                                            f"({len(nonfinite)} arrays do)")
 
     def _set_aside_corrupt(self) -> None:
         """Move corrupt steps found by restore to <dir>/corrupt/<step> (never delete them)."""

@@ -4,14 +4,13 @@
 ``<workdir>/metrics.jsonl`` (``{"step": step, name: value, ...}``, flushed per line; NaN and
 infinities are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``, which
 :func:`read_metrics` turns back into floats) and the same scalars to TensorBoard event files
-under ``<workdir>/tensorboard`` (written with tensorboard's ``EventFileWriter`` and protos, no
-TensorFlow). ``progress(step, ...)`` moves a tqdm bar on stderr with a postfix (loss,
+under ``<workdir>/tensorboard`` (tensorboardX's ``SummaryWriter``, no TensorFlow). ``progress(step, ...)`` moves a tqdm bar on stderr with a postfix (loss,
 tokens/s, ...).
 
 Resuming: ``MetricWriter(workdir, resume_step=s)`` drops the JSONL lines with ``step > s``
-(the file is rewritten atomically) and marks a TensorBoard restart at ``s + 1`` (a
-``SessionLog.START`` event, which makes TensorBoard discard the old events after ``s``), so a
-resumed run's metrics equal an uninterrupted run's.
+(the file is rewritten atomically) and opens the TensorBoard writer with ``purge_step=s + 1``
+(which makes TensorBoard discard the old events after ``s``), so a resumed run's metrics
+equal an uninterrupted run's.
 
 In a multi-host run only one process writes: pass ``enabled=(jax.process_index() == 0)``;
 a disabled writer does nothing at all.
@@ -134,17 +133,11 @@ class MetricWriter:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            from tensorboardX import SummaryWriter
 
-            self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-            self._tb = EventFileWriter(os.path.join(self.workdir, TB_DIR))
-            if resume_step is not None:
-                # TensorBoard drops the earlier events with step >= this one (a restart).
-                self._tb.add_event(event_pb2.Event(
-                    wall_time=time.time(), step=resume_step + 1,
-                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-                self._tb.flush()
+            # purge_step: TensorBoard drops the earlier events with step >= it (a restart).
+            self._tb = SummaryWriter(os.path.join(self.workdir, TB_DIR),
+                                     purge_step=None if resume_step is None else resume_step + 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -196,13 +189,11 @@ class MetricWriter:
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
-            summary = self._summary_pb2.Summary
-            values = [summary.Value(tag=key, simple_value=float(_NONFINITE[value] if isinstance(value, str) else value))
-                      for key, value in row.items() if key != "step"]
-            if values:
-                self._tb.add_event(self._event_pb2.Event(wall_time=time.time(), step=step,
-                                                         summary=summary(value=values)))
-                self._tb.flush()
+            now = time.time()
+            for key, value in row.items():
+                if key != "step":
+                    self._tb.add_scalar(key, float(_NONFINITE[value] if isinstance(value, str) else value), step, now)
+            self._tb.flush()
 
     def progress(self, step: int, *, tokens: int | None = None, **postfix: Any) -> None:
         """Move the bar to ``step`` and show ``postfix`` (numbers shortened). ``tokens``: the

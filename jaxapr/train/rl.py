@@ -25,7 +25,6 @@ process needs) and the update runs on the global batch of all processes' rows
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,11 +34,11 @@ import numpy as np
 from flax import nnx
 
 from jaxapr import distributed, evaluation
-from jaxapr.train import common, grpo
+from jaxapr.train import grpo, loop, run_config
 
 
 def grpo_config(config) -> grpo.GRPOConfig:
-    return grpo.GRPOConfig(**common.to_dict(config.grpo)).check()
+    return grpo.GRPOConfig(**run_config.to_dict(config.grpo)).check()
 
 
 def step_problems(problems, num: int, seed: int, step: int):
@@ -74,139 +73,127 @@ def process_batch(results, gcfg: grpo.GRPOConfig, *, seq_len: int, num_rows: int
     return batch, stats
 
 
-def train(config, workdir: str, log=print) -> dict:
-    """Runs GRPO as ``config`` says; see the module docstring. Returns the final metrics."""
-    from envs import countdown
-    from jaxapr import engine as engine_lib
-    from jaxapr.train.checkpoint import Checkpointer
-    from jaxapr.train.metrics import MetricWriter
+class GRPOTask(loop.Task):
+    """GRPO in the run skeleton: each RL step rolls out its problems with the current
+    parameters and applies ``grpo.make_grpo_step``; validation is greedy rollouts on
+    ``eval_problems`` problems. The counter is the RL step (the state's ``step`` counts
+    optimizer updates); a step's problems and keys come from ``(seed, step)`` alone."""
 
-    workdir = common.ensure_workdir(workdir)
-    if not config.init_from:
-        raise ValueError("config.init_from is required: expected the workdir of a train_sft run or an exported .npz")
-    if config.kind not in ("apr", "sosp"):
-        raise ValueError(f"config.kind={config.kind!r}: expected 'apr' or 'sosp'")
-    if not config.data_dir:
-        raise ValueError("config.data_dir is required: expected a directory written by experiments.gen_data")
-    cfg, init_params, init_config = common.load_params(config.init_from, which=config.init_which)
-    with config.unlocked():
-        config.model = init_config.model  # the policy is the checkpoint's
-    gcfg = grpo_config(config)
-    splits = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))
-    train_problems = splits["train"]
-    eval_problems = None
-    if config.eval_problems:
-        n, t = splits[config.eval_split]
-        eval_problems = (n[:config.eval_problems], t[:config.eval_problems])
-    max_context = int(config.max_context or cfg.max_len)
-    if max_context > cfg.max_len:
-        raise ValueError(f"config.max_context={max_context}: longer than the model's context max_len={cfg.max_len}")
-    mesh = common.make_run_mesh(config)
-    rules = common.run_rules(config, cfg)
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]  # rows of every minibatch split over them
-    process, processes = jax.process_index(), jax.process_count()
-    if gcfg.num_problems % processes:  # whole groups per process: advantages never straddle processes
-        raise ValueError(f"grpo.num_problems={gcfg.num_problems}: expected a multiple of the {processes} processes")
-    mine = distributed.share(gcfg.num_problems)
-    rows_guess = gcfg.num_problems * gcfg.group_size * 2
-    micro_rows = grpo.micro_chunks(-(-rows_guess // gcfg.num_minibatches), max_context, gcfg.micro_batch_tokens)[1]
-    common.check_memory(cfg, micro_rows, max_context, 1, what="GRPO")
-    if config.optim.learning_rate != gcfg.learning_rate:
-        raise ValueError(f"config.optim.learning_rate={config.optim.learning_rate} differs from "
-                         f"config.grpo.learning_rate={gcfg.learning_rate}: set both (the GRPO rate is the optimizer's)")
-    tx, schedule = common.make_run_optimizer(common.optimizer_config(config))
-    policy = common.make_policy(cfg, 0)
-    graphdef, _ = nnx.split(policy)
-    policy = nnx.merge(graphdef, init_params)
-    graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
-    ref_params = grpo.reference_params(state.params) if gcfg.beta else None
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=common.to_dict(config), keep=config.keep,
-                        best_metric="val/accuracy" if eval_problems is not None else None,
-                        async_save=config.async_checkpoint)
-    start, train_seconds = 0, 0.0
-    if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(state)
-        start, train_seconds = int(extra["rl_step"]), float(extra["train_seconds"])
-        log(f"resumed from RL step {start} ({train_seconds:.0f} s of training so far)")
-    if process == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
-            f.write(config.to_json(indent=2))
-    writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=process == 0,
-                          progress=config.progress, resume_step=start)
-    step_fn = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
-    # One engine per process, on its local devices, decoding with a process-local copy of the params.
-    engine = engine_lib.Engine(nnx.merge(graphdef, distributed.process_local(state.params)),
-                               num_slots=config.num_slots, max_len=max_context)
-    rollout_kw = dict(max_context=max_context, max_depth=config.max_depth, decode_chunk=config.decode_chunk)
+    counter, counter_label, prefix = "rl_step", "RL step", "rl/"
 
-    def evaluate(step):
-        engine.update_params(distributed.process_local(state.params))
-        r = evaluation.rollout_metrics(None, eval_problems, mode=config.kind, max_context=max_context,
-                                   num_slots=config.num_slots, engine=engine)
-        out = {f"val/{k}": v for k, v in r.items()}
-        out["train_seconds"] = train_seconds
-        writer.write(step, out)
-        log(f"RL step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
-        return out
+    def resolve(self) -> None:
+        from jaxapr import policy_io
+        from jaxapr.train import machine
 
-    if start == 0 and eval_problems is not None and config.eval_at_start:
-        evaluate(0)
-    last: dict = {}
-    done = start
-    base_key = jax.random.key(config.seed)
-    for step in range(start, config.num_steps):
-        if config.max_train_seconds and train_seconds >= config.max_train_seconds:
-            log(f"time budget of {config.max_train_seconds} s reached at RL step {step}")
-            break
-        k_roll, k_upd = jax.random.split(jax.random.fold_in(base_key, step))
+        config = self.config
+        run_config.check_counts(config, positive=("num_steps", "num_slots", "decode_chunk", "checkpoint_every", "keep",
+                                                  "max_depth"),
+                                non_negative=("eval_every", "eval_problems", "max_train_seconds"))
+        if not config.init_from:
+            raise ValueError("config.init_from is required: expected the workdir of a train_sft run or an exported .npz")
+        if config.kind not in ("apr", "sosp"):
+            raise ValueError(f"config.kind={config.kind!r}: expected 'apr' or 'sosp'")
+        if not config.data_dir:
+            raise ValueError("config.data_dir is required: expected a directory written by experiments.gen_data")
+        self.cfg, self.init_params, init_config = policy_io.load_params(config.init_from, which=config.init_which)
+        with config.unlocked():
+            config.model = init_config.model  # the policy is the checkpoint's
+        if not 2 <= config.max_context <= self.cfg.max_len:
+            raise ValueError(f"config.max_context={config.max_context}: expected a per-call context window of 2.."
+                             f"{self.cfg.max_len} tokens (the model's max_len)")
+        self.gcfg = grpo_config(config)
+        self.processes = jax.process_count()
+        if self.gcfg.num_problems % self.processes:  # whole groups per process: advantages never straddle processes
+            raise ValueError(f"grpo.num_problems={self.gcfg.num_problems}: expected a multiple of the "
+                             f"{self.processes} processes")
+        rows_guess = self.gcfg.num_problems * self.gcfg.group_size * 2
+        micro_rows = grpo.micro_chunks(-(-rows_guess // self.gcfg.num_minibatches), config.max_context,
+                                       self.gcfg.micro_batch_tokens)[1]
+        machine.check_memory(self.cfg, micro_rows, config.max_context, 1, what="GRPO")
+        if config.optim.learning_rate != self.gcfg.learning_rate:
+            raise ValueError(f"config.optim.learning_rate={config.optim.learning_rate} differs from "
+                             f"config.grpo.learning_rate={self.gcfg.learning_rate}: set both (the GRPO rate is the "
+                             "optimizer's)")
+        self.best_metric = "val/accuracy" if config.eval_problems else None
+
+    def build(self, resuming: bool):
+        from envs import countdown
+        from jaxapr import engine as engine_lib
+        from jaxapr import policy_io
+        from jaxapr.train import mesh as mesh_lib
+
+        config, gcfg = self.config, self.gcfg
+        splits = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))
+        self.train_problems = splits["train"]
+        self.eval_problems = None
+        if config.eval_problems:
+            n, t = splits[config.eval_split]
+            self.eval_problems = (n[:config.eval_problems], t[:config.eval_problems])
+        self.mesh = mesh_lib.make_run_mesh(config)
+        rules = mesh_lib.run_rules(config, self.cfg)
+        self.ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows of every minibatch split over them
+        self.mine = distributed.share(gcfg.num_problems)
+        tx, schedule = run_config.make_optimizer(run_config.optimizer_config(config))
+        graphdef = nnx.split(policy_io.make_policy(self.cfg, 0))[0]
+        policy = nnx.merge(graphdef, self.init_params)
+        graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, self.mesh, rules)
+        self.ref_params = grpo.reference_params(state.params) if gcfg.beta else None
+        self.step_fn = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
+        # One engine per process, on its local devices, decoding with a process-local copy of the params.
+        self.engine = engine_lib.Engine(nnx.merge(graphdef, distributed.process_local(state.params)),
+                                        num_slots=config.num_slots, max_len=config.max_context)
+        self.base_key = jax.random.key(config.seed)
+        return state
+
+    def train_step(self, state, step: int):
+        from jaxapr.train import mesh as mesh_lib
+
+        config, gcfg, mine = self.config, self.gcfg, self.mine
+        k_roll, k_upd = jax.random.split(jax.random.fold_in(self.base_key, step))
         t0 = time.perf_counter()
-        numbers, targets = step_problems(train_problems, gcfg.num_problems, config.seed, step)
+        numbers, targets = step_problems(self.train_problems, gcfg.num_problems, config.seed, step)
         problems = (numbers[mine.start:mine.stop], targets[mine.start:mine.stop])  # this process's groups
-        results = grpo.rollout_groups(engine, distributed.process_local(state.params), problems, gcfg,
+        results = grpo.rollout_groups(self.engine, distributed.process_local(state.params), problems, gcfg,
                                       key=k_roll, problem_ids=np.arange(mine.start, mine.stop), mode=config.kind,
-                                      **rollout_kw)
+                                      max_context=config.max_context, max_depth=config.max_depth,
+                                      decode_chunk=config.decode_chunk)
         t1 = time.perf_counter()
-        needed = grpo.rows_needed(results, max_context, gcfg.pack_calls, keep=grpo.rollout_mask(results, gcfg))
+        needed = grpo.rows_needed(results, config.max_context, gcfg.pack_calls, keep=grpo.rollout_mask(results, gcfg))
         max_rows = int(distributed.allgather(needed).max())  # every process's part has the same rows
-        batch, stats = process_batch(results, gcfg, seq_len=max_context, processes=processes,
-                                     num_rows=rows_per_process(max_rows, gcfg.num_minibatches, ways, processes))
-        state, m = step_fn(state, ref_params, common.batch_to_device(batch, mesh), k_upd)
-        m = common.host(m)
-        common.check_finite(m, step + 1)
+        batch, stats = process_batch(results, gcfg, seq_len=config.max_context, processes=self.processes,
+                                     num_rows=rows_per_process(max_rows, gcfg.num_minibatches, self.ways,
+                                                               self.processes))
+        state, m = self.step_fn(state, self.ref_params, mesh_lib.batch_to_device(batch, self.mesh), k_upd)
+        m = mesh_lib.host(m)
+        loop.check_finite(m, step + 1)
         t2 = time.perf_counter()
-        train_seconds += t2 - t0
         r = grpo.rewards(results, gcfg)
         local = [r.sum(), sum(x.success for x in results), stats["zero_groups"] * len(results) / gcfg.group_size,
                  stats["calls"], stats["trained_calls"], sum(x.num_children for x in results),
                  sum(x.total_tokens for x in results), sum(x.sequential_tokens for x in results), len(results)]
         (reward, success, zero, calls, trained_calls, children, gen, seq, n), rollout_seconds = (
             distributed.allgather(np.array(local, np.float64)).sum(axis=0), distributed.max_across(t1 - t0))
-        last = {
+        metrics = {
             "reward": reward / n, "success": success / n, "zero_groups": zero / (n / gcfg.group_size),
             "children_per_problem": children / n, "total_tokens": gen / n, "sequential_tokens": seq / n,
             "calls": int(calls), "trained_calls": int(trained_calls), "kl": m["kl"],
             "clip_fraction": m["clip_fraction"], "loss": m["loss"],
             "grad_norm": m["grad_norm"], "lr": m.get("lr", gcfg.learning_rate), "rollout_seconds": rollout_seconds,
             "update_seconds": t2 - t1, "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
-            "train_seconds": train_seconds,
         }
-        done = step + 1
-        writer.write(done, {f"rl/{k}": v for k, v in last.items()})
-        writer.progress(done, reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2e}")
-        ev = None
-        if eval_problems is not None and (done % config.eval_every == 0 or done == config.num_steps):
-            ev = evaluate(done)
-        if done % config.checkpoint_every == 0 or done == config.num_steps:
-            if eval_problems is not None and ev is None:
-                ev = evaluate(done)
-            ckpt.save(done, state, extra={"rl_step": done, "train_seconds": train_seconds}, metrics=ev,
-                      force=done == config.num_steps)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    summary = {"rl_step": done, "train_seconds": train_seconds, **last,
-               **(common.read_last_eval(workdir) or {})}
-    if process == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+        return state, metrics, {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics['kl']:.2e}"}
+
+    def evaluate(self, state, step: int) -> dict:
+        if self.eval_problems is None:
+            return {}
+        self.engine.update_params(distributed.process_local(state.params))
+        r = evaluation.rollout_metrics(None, self.eval_problems, mode=self.config.kind,
+                                       max_context=self.config.max_context, num_slots=self.config.num_slots,
+                                       engine=self.engine)
+        return {f"val/{k}": v for k, v in r.items()}
+
+
+def train(config, workdir: str, log=print) -> dict:
+    """Runs GRPO as ``config`` says in ``workdir`` (``jaxapr.train.loop``; see the module
+    docstring), resuming from its newest checkpoint; returns the summary."""
+    return loop.run(GRPOTask(config, log), workdir)

@@ -13,13 +13,18 @@ optimizer once; the state is donated.
 """
 from __future__ import annotations
 
+import itertools
+import os
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from jaxapr.train import loop, run_config
 from jaxapr.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
@@ -110,14 +115,14 @@ def make_eval_step(graphdef):
 
 
 # --------------------------------------------------------------------------------------
-# The run: data -> jitted steps -> validation, checkpoints, metrics (resumable)
+# The run: data -> jitted steps -> validation, checkpoints, metrics (jaxapr.train.loop)
 # --------------------------------------------------------------------------------------
 def init_params(init_from: str, which: str, cfg):
     """The parameters of ``init_from`` (a train_sft / train_rl workdir or an exported ``.npz``)
     for a run whose model config is ``cfg``; a different model is a one-line error."""
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
-    init_cfg, params, _ = common.load_params(init_from, which=which)
+    init_cfg, params, _ = policy_io.load_params(init_from, which=which)
     if init_cfg != cfg:
         diff = [f"{k}={getattr(init_cfg, k)!r} (run: {getattr(cfg, k)!r})" for k in cfg.__dataclass_fields__
                 if getattr(init_cfg, k) != getattr(cfg, k)]
@@ -126,187 +131,153 @@ def init_params(init_from: str, which: str, cfg):
     return params
 
 
+class SFTTask(loop.Task):
+    """Supervised fine-tuning in the run skeleton: packed batches of one dataset kind, the
+    masked next-token loss; validation loss on ``eval_batches`` batches and greedy rollouts
+    on ``eval_problems`` problems. Checkpoints hold every process's data-loader position."""
+
+    def resolve(self) -> None:
+        from jaxapr import data as data_lib
+        from jaxapr.train import machine
+
+        config = self.config
+        run_config.check_counts(config, positive=("num_steps", "batch_size", "accum_steps", "log_every",
+                                                  "checkpoint_every", "keep"),
+                                non_negative=("eval_every", "eval_problems", "eval_batches", "max_train_seconds"))
+        self.cfg = run_config.model_config(config)
+        if config.kind not in data_lib.KINDS:
+            raise ValueError(f"config.kind={config.kind!r}: expected one of {data_lib.KINDS}")
+        if not config.data_dir:
+            raise ValueError("config.data_dir is required: expected a directory written by experiments.gen_data")
+        self.data_dir = os.path.join(config.data_dir, config.kind)
+        data_lib.load_manifest(self.data_dir)  # one-line errors for a missing / stale dataset
+        if config.seq_len > self.cfg.max_len:
+            raise ValueError(f"config.seq_len={config.seq_len}: longer than the model's context "
+                             f"max_len={self.cfg.max_len}")
+        self.processes = jax.process_count()
+        if config.batch_size % self.processes:
+            raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {self.processes} processes")
+        machine.check_memory(self.cfg, config.batch_size, config.seq_len, config.accum_steps)
+        self.best_metric = "val/accuracy" if config.eval_problems else ("val/loss" if config.eval_batches else None)
+        self.best_mode = "max" if config.eval_problems else "min"
+
+    def build(self, resuming: bool):
+        from envs import countdown
+        from jaxapr import data as data_lib
+        from jaxapr import distributed, policy_io
+        from jaxapr.train import machine, mesh as mesh_lib
+
+        config, cfg, log = self.config, self.cfg, self.log
+        self.mesh = mesh_lib.make_run_mesh(config)
+        rules = mesh_lib.run_rules(config, cfg)
+        mesh_lib.check_batch_fits(config.batch_size, config.accum_steps, self.mesh)
+        process, local_batch = jax.process_index(), config.batch_size // self.processes
+        loader = data_lib.make_loader(self.data_dir, "train", batch_size=local_batch, seq_len=config.seq_len,
+                                      seed=config.seed, shard_index=process, num_shards=self.processes,
+                                      train_on_prompt=config.train_on_prompt,
+                                      kind_repeats=dict(config.get("kind_repeats", None) or {}))
+        if loader.num_dropped:  # a serial policy with this window could not produce them either; say so once
+            log(f"{loader.num_dropped} training examples are longer than seq_len={config.seq_len} tokens and are "
+                f"left out ({loader.num_examples} examples per epoch remain)")
+        self.it = iter(loader)
+        self.val_batches = []
+        if config.eval_batches:
+            val = data_lib.make_loader(self.data_dir, "val", batch_size=local_batch, seq_len=config.seq_len, seed=0,
+                                       num_epochs=1, shard_index=process, num_shards=self.processes,
+                                       train_on_prompt=config.train_on_prompt)
+            self.val_batches = list(itertools.islice(iter(val), config.eval_batches))
+            if self.processes > 1:  # every process must run the same number of global eval steps
+                self.val_batches = self.val_batches[:int(distributed.allgather(len(self.val_batches)).min())]
+        self.eval_problems = None
+        if config.eval_problems:
+            numbers, targets = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))[config.eval_split]
+            self.eval_problems = (numbers[:config.eval_problems], targets[:config.eval_problems])
+
+        tx, schedule = run_config.make_optimizer(config)
+        policy = policy_io.make_policy(cfg, config.seed)
+        init_from = config.get("init_from", "").replace("{kind}", config.kind)
+        if init_from and not resuming:  # fine-tuning (a curriculum stage): another run's parameters, a fresh optimizer
+            policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
+        self.graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, self.mesh, rules)
+        self.step_fn = make_sft_step(self.graphdef, tx, config.accum_steps, schedule, state_shardings=shardings)
+        self.eval_fn = make_eval_step(self.graphdef)
+        self.engine = None
+        self.peak = machine.matmul_peak_flops(dtype=cfg.dtype)
+        self.flops_per_token = 3 * model_flops(cfg, config.seq_len)
+        self.window_t, self.window_tokens = time.perf_counter(), 0.0
+        return state
+
+    def resume(self, state, extra: dict) -> int:
+        saved = int(extra.get("data_processes", 1))
+        if saved == self.processes:
+            self.it.set_state(extra["data_by_process"][jax.process_index()] if self.processes > 1 else extra["data"])
+        else:  # each process reads 1/P of the data: positions do not carry over to another P
+            self.log(f"warning: the checkpoint was written by {saved} processes, this run has {self.processes}: "
+                     "parameters and optimizer state are restored, the data loaders start a new pass")
+        return super().resume(state, extra)
+
+    def checkpoint_extra(self) -> dict:  # every process's loader position (the meta JSON is process 0's)
+        from jaxapr import distributed
+
+        extra = {"data": self.it.get_state()}
+        if self.processes > 1:
+            extra.update(data_processes=self.processes, data_by_process=distributed.allgather_json(extra["data"]))
+        return extra
+
+    def train_step(self, state, step: int):
+        from jaxapr import distributed
+        from jaxapr.train import mesh as mesh_lib
+
+        local_batch = next(self.it)
+        state, m = self.step_fn(state, mesh_lib.batch_to_device(local_batch, self.mesh))
+        m = mesh_lib.host(m)
+        loop.check_finite(m, step + 1)
+        step += 1
+        self.window_tokens += float(np.sum(local_batch["segment_ids"] > 0))
+        if step % self.config.log_every and step != self.config.num_steps:
+            return state, {}, {}
+        elapsed = time.perf_counter() - self.window_t
+        tokens = self.window_tokens
+        if self.processes > 1:
+            tokens = distributed.sum_across({"tokens": tokens})["tokens"]
+        tps = tokens / max(elapsed, 1e-9)
+        self.window_t, self.window_tokens = time.perf_counter(), 0.0
+        metrics = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "trained_tokens": m["tokens"],
+                   "tokens_per_s": tps, "peak_fraction": tps * self.flops_per_token / self.peak}
+        return state, metrics, {"loss": f"{m['loss']:.3f}", "tok_s": f"{tps:,.0f}"}
+
+    def evaluate(self, state, step: int) -> dict:
+        from jaxapr import distributed, evaluation
+        from jaxapr import engine as engine_lib
+        from jaxapr.train import mesh as mesh_lib
+
+        out = {}
+        if self.val_batches:
+            sums = [self.eval_fn(state.params, mesh_lib.batch_to_device(b, self.mesh)) for b in self.val_batches]
+            total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
+            out["val/loss"] = total / max(count, 1.0)
+        if self.eval_problems is not None:
+            params = distributed.process_local(state.params)  # the engine is per process
+            if self.engine is None:
+                self.engine = engine_lib.Engine(nnx.merge(self.graphdef, params), num_slots=self.config.eval_num_slots,
+                                                max_len=self.config.eval_max_context or self.cfg.max_len)
+            self.engine.update_params(params)
+            r = evaluation.rollout_metrics(None, self.eval_problems, mode=self.config.kind,
+                                           max_context=self.engine.max_len, num_slots=self.config.eval_num_slots,
+                                           engine=self.engine)
+            out.update({f"val/{k}": v for k, v in r.items()})
+        return out
+
+
 def train(config, workdir: str, log=print) -> dict:
-    """Runs SFT as ``config`` says (``experiments/configs/sft.py``), resuming from the newest
-    checkpoint in ``workdir`` when there is one; returns the final metrics.
+    """Runs SFT as ``config`` says (``experiments/configs/sft.py``) in ``workdir``, resuming
+    from its newest checkpoint when there is one (``jaxapr.train.loop``); returns the summary.
 
     Writes ``workdir/config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and
     ``summary.json``. A resumed run continues exactly (same batches, same parameters, same
     loss values) as if it had not stopped.
     """
-    import os
-    import time
-
-    import numpy as np
-
-    from envs import countdown
-    from jaxapr import data as data_lib
-    from jaxapr import distributed
-    from jaxapr import engine as engine_lib
-    from jaxapr import evaluation
-    from jaxapr.train import common
-    from jaxapr.train.checkpoint import Checkpointer
-    from jaxapr.train.metrics import MetricWriter
-
-    workdir = common.ensure_workdir(workdir)
-    cfg = common.model_config(config)
-    if config.kind not in data_lib.KINDS:
-        raise ValueError(f"config.kind={config.kind!r}: expected one of {data_lib.KINDS}")
-    if not config.data_dir:
-        raise ValueError("config.data_dir is required: expected a directory written by experiments.gen_data")
-    data_dir = os.path.join(config.data_dir, config.kind)
-    data_lib.load_manifest(data_dir)  # one-line errors for a missing / stale dataset
-    seq_len = int(config.seq_len)
-    if seq_len > cfg.max_len:
-        raise ValueError(f"config.seq_len={seq_len}: longer than the model's context max_len={cfg.max_len}")
-    mesh = common.make_run_mesh(config)
-    rules = common.run_rules(config, cfg)
-    common.check_batch_fits(config.batch_size, config.accum_steps, mesh)
-    common.check_memory(cfg, config.batch_size, seq_len, config.accum_steps)
-    process, processes = jax.process_index(), jax.process_count()
-    if config.batch_size % processes:
-        raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {processes} processes")
-    loader = data_lib.make_loader(data_dir, "train", batch_size=config.batch_size // processes, seq_len=seq_len,
-                                  seed=config.seed, shard_index=process, num_shards=processes,
-                                  train_on_prompt=config.train_on_prompt,
-                                  kind_repeats=dict(config.get("kind_repeats", None) or {}))
-    if loader.num_dropped:  # a serial policy with this window could not produce them either; say so once
-        log(f"{loader.num_dropped} training examples are longer than seq_len={seq_len} tokens and are left out "
-            f"({loader.num_examples} examples per epoch remain)")
-    val_batches = []
-    if config.eval_batches:
-        val = data_lib.make_loader(data_dir, "val", batch_size=config.batch_size // processes, seq_len=seq_len,
-                                   seed=0, num_epochs=1, shard_index=process, num_shards=processes,
-                                   train_on_prompt=config.train_on_prompt)
-        val_it = iter(val)
-        for _ in range(config.eval_batches):
-            try:
-                val_batches.append(next(val_it))
-            except StopIteration:
-                break
-        if processes > 1:  # every process must run the same number of global eval steps
-            val_batches = val_batches[:int(distributed.allgather(len(val_batches)).min())]
-    eval_problems = None
-    if config.eval_problems:
-        numbers, targets = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))[config.eval_split]
-        eval_problems = (numbers[:config.eval_problems], targets[:config.eval_problems])
-
-    tx, schedule = common.make_run_optimizer(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=common.to_dict(config), keep=config.keep,
-                        best_metric="val/accuracy" if eval_problems is not None else "val/loss",
-                        best_mode="max" if eval_problems is not None else "min",
-                        async_save=config.async_checkpoint)
-    resuming = ckpt.latest_step() is not None
-    policy = common.make_policy(cfg, config.seed)
-    init_from = config.get("init_from", "").replace("{kind}", config.kind)
-    if init_from and not resuming:  # fine-tuning (a curriculum stage): another run's parameters, a fresh optimizer
-        policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
-    graphdef, state, shardings = common.init_state_on_mesh(policy, tx, mesh, rules)
-    it = iter(loader)
-    train_seconds, start = 0.0, 0
-    if resuming:
-        state, extra = ckpt.restore(state)
-        saved_processes = int(extra.get("data_processes", 1))
-        if saved_processes == processes:
-            it.set_state(extra["data_by_process"][process] if processes > 1 else extra["data"])
-        else:  # each process reads 1/P of the data: positions do not carry over to another P
-            log(f"warning: the checkpoint was written by {saved_processes} processes, this run has {processes}: "
-                "parameters and optimizer state are restored, the data loaders start a new pass")
-        train_seconds, start = float(extra["train_seconds"]), int(state.step)
-        log(f"resumed from step {start} ({train_seconds:.0f} s of training so far)")
-    if process == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:  # after the checkpoint's config check
-            f.write(config.to_json(indent=2))
-    writer = MetricWriter(workdir, total_steps=config.num_steps, enabled=process == 0,
-                          progress=config.progress, resume_step=start)
-    step_fn = make_sft_step(graphdef, tx, config.accum_steps, schedule, state_shardings=shardings,
-                            batch_sharding=None)
-    eval_fn = make_eval_step(graphdef)
-    engine = None
-    peak = common.matmul_peak_flops(dtype=cfg.dtype)
-    flops_per_token = 3 * model_flops(cfg, seq_len)
-
-    def evaluate(step):
-        nonlocal engine
-        out = {}
-        if val_batches:
-            sums = [eval_fn(state.params, common.batch_to_device(b, mesh)) for b in val_batches]
-            total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
-            out["val/loss"] = total / max(count, 1.0)
-        if eval_problems is not None:
-            params = distributed.process_local(state.params)  # the engine is per process
-            if engine is None:
-                engine = engine_lib.Engine(nnx.merge(graphdef, params), num_slots=config.eval_num_slots,
-                                           max_len=config.eval_max_context or cfg.max_len)
-            engine.update_params(params)
-            r = evaluation.rollout_metrics(None, eval_problems, mode=config.kind, max_context=engine.max_len,
-                                       num_slots=config.eval_num_slots, engine=engine)
-            out.update({f"val/{k}": v for k, v in r.items()})
-        if out:
-            out["train_seconds"] = train_seconds
-            writer.write(step, out)
-            log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
-        return out
-
-    def data_extra(seconds):  # every process's loader position (the meta JSON is process 0's)
-        extra = {"data": it.get_state(), "train_seconds": seconds}
-        if processes > 1:
-            from jaxapr.train.checkpoint import decode_json, encode_json
-
-            states = distributed.allgather_json(encode_json(extra["data"], "data state"))
-            extra.update(data_processes=processes, data_by_process=[decode_json(x) for x in states])
-        return extra
-
-    if start == 0 and config.eval_at_start:
-        evaluate(0)
-    last = {}
-    window_t, window_tokens = time.perf_counter(), 0.0
-    while int(state.step) < config.num_steps:
-        if config.max_train_seconds and train_seconds >= config.max_train_seconds:
-            log(f"time budget of {config.max_train_seconds} s reached at step {int(state.step)}")
-            break
-        t0 = time.perf_counter()
-        local_batch = next(it)
-        batch = common.batch_to_device(local_batch, mesh)
-        state, m = step_fn(state, batch)
-        m = common.host(m)
-        step = int(state.step)
-        common.check_finite(m, step + (0 if m["finite"] else 1))
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        window_tokens += float(np.sum(local_batch["segment_ids"] > 0))
-        if step % config.log_every == 0 or step == config.num_steps:
-            elapsed = time.perf_counter() - window_t
-            if processes > 1:
-                window_tokens = distributed.sum_across({"tokens": window_tokens})["tokens"]
-            tps = window_tokens / max(elapsed, 1e-9)
-            last = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "trained_tokens": m["tokens"],
-                    "tokens_per_s": tps, "peak_fraction": tps * flops_per_token / peak, "train_seconds": train_seconds}
-            writer.write(step, {f"train/{k}": v for k, v in last.items()})
-            writer.progress(step, loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
-            window_t, window_tokens = time.perf_counter(), 0.0
-        ev = {}
-        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
-            ev = evaluate(step)
-        if step % config.checkpoint_every == 0 or step == config.num_steps:
-            if step == config.num_steps:
-                ev = evaluate(step)
-            ckpt.save(step, state, extra=data_extra(train_seconds), metrics=ev or None,
-                      force=step == config.num_steps)
-    final = {"step": int(state.step), "train_seconds": train_seconds, **last}
-    if int(state.step) < config.num_steps:  # stopped by the time budget: evaluate and keep it
-        final.update(evaluate(int(state.step)))
-        ckpt.save(int(state.step), state, extra=data_extra(train_seconds), metrics=final, force=True)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    summary = {**final, **{k: v for k, v in (common.read_last_eval(workdir) or {}).items()}}
-    if process == 0:
-        import json
-
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+    return loop.run(SFTTask(config, log), workdir)
 
 
 def model_flops(cfg, seq_len: int) -> float:

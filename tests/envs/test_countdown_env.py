@@ -237,3 +237,20 @@ def test_sharded_batch_and_pmap_equal_one_device():
     pm_out = jax.pmap(rollout_from_keys, in_axes=(0, None))(keys64.reshape(8, 8, -1), params)
     pm_out = jax.tree.map(lambda x: np.asarray(x).reshape((64,) + x.shape[2:]), pm_out)
     chex.assert_trees_all_equal(pm_out, one_dev)
+
+
+def test_a_bank_of_another_number_count_is_refused():
+    """A 3-number problem bank given to a 4-number env would reset with an observation
+    shorter than its space: a one-line error instead, eagerly, under jit and under vmap."""
+    env, params4 = envs.make("Countdown-v0", num_numbers=4)
+    _, params3 = envs.make("Countdown-v0", num_numbers=3)
+    key = jax.random.key(0)
+    message = r"^params hold problems of 3 numbers: expected 4-number problems \(the env's num_numbers"
+    with pytest.raises(ValueError, match=message):
+        env.reset(key, params3)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(env.reset)(key, params3)
+    with pytest.raises(ValueError, match=message):
+        jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, 2), params3)
+    obs, _ = env.reset(key, params4)
+    assert obs.shape == env.observation_space(params4).shape

@@ -1,6 +1,5 @@
 """traces.verify: fixture conformance, >= 5,000 mutated traces, hand-written rule cases, fuzzing."""
 import collections
-import os
 import re
 
 import numpy as np

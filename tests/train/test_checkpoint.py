@@ -1,5 +1,6 @@
 """jaxapr.train.checkpoint: exact round trips, retention (last k + best), restore across meshes,
-config/tree checks, corrupt and half-written checkpoints on disk, and an exact resume."""
+config/tree checks, corrupt (unreadable, flipped, non-finite) and half-written checkpoints on
+disk, and an exact resume."""
 import glob
 import json
 import logging
@@ -18,7 +19,7 @@ from flax import nnx
 
 from jaxapr import model, sharding
 from jaxapr.train import state as st
-from jaxapr.train.checkpoint import Checkpointer, CorruptCheckpointError, decode_json, encode_json, sharded_target
+from jaxapr.train.checkpoint import Checkpointer, ConfigMismatchError, CorruptCheckpointError, sharded_target
 
 TINY = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, mlp_dim=64)
 CONFIG = {"model": TINY, "train": {"lr": 1e-3, "batch_size": 2}}
@@ -56,39 +57,51 @@ def bumped(state, k):
 def test_round_trip_is_exact_with_extra(tmp_path, setup):
     _, _, state, abstract = setup
     key = jax.random.split(jax.random.key(5), 3)
-    extra = {"data": {"parent": {"next_index": 7}, "next_row": 0, "counter": 6}, "rng": key,
-             "raw_key": jax.random.PRNGKey(2), "blob": b"\x00\x01\xff", "pair": (1, "a"), "loss": float("nan")}
+    extra = {"data": {"parent": {"next_index": 7}, "next_row": 0, "counter": 6}, "pair": (1, "a"),
+             "loss": float("nan"), "n": np.int64(4)}
+    tree = {"state": state, "rng": key, "raw_key": jax.random.PRNGKey(2)}  # PRNG keys travel with the arrays
     with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
         assert ck.latest_step() is None and ck.all_steps() == [] and ck.best_step() is None
-        assert ck.save(10, state, extra=extra) is True
+        assert ck.save(10, tree, extra=extra) is True
         ck.wait()
         assert ck.latest_step() == 10
-        restored, got = ck.restore(abstract)
-    assert type(restored) is st.TrainState
-    assert_same(restored, state)
-    assert got["data"] == extra["data"] and got["blob"] == extra["blob"] and got["pair"] == (1, "a")
+        target = {"state": abstract, "rng": jax.eval_shape(lambda: key),
+                  "raw_key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        restored, got = ck.restore(target)
+    assert type(restored["state"]) is st.TrainState
+    assert_same(restored["state"], state)
+    assert got["data"] == extra["data"] and got["pair"] == [1, "a"] and got["n"] == 4  # JSON: tuples are lists
     assert np.isnan(got["loss"])
-    np.testing.assert_array_equal(jax.random.key_data(got["rng"]), jax.random.key_data(key))
-    assert got["rng"].dtype == key.dtype
-    np.testing.assert_array_equal(got["raw_key"], np.asarray(jax.random.PRNGKey(2)))
-    # The meta record is plain JSON on disk.
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
+    assert restored["rng"].dtype == key.dtype
+    np.testing.assert_array_equal(restored["raw_key"], np.asarray(jax.random.PRNGKey(2)))
+    # The meta record is plain JSON on disk (orbax's JSON item), with a checksum per array.
     meta = Checkpointer(tmp_path / "ck", config=CONFIG).metadata()
     assert meta["step"] == 10 and meta["config"]["model"]["d_model"] == 32 and meta["extra"]["data"] == extra["data"]
+    assert len(meta["checksums"]) == len(jax.tree.leaves(tree)) and "rng" in meta["checksums"]
+    (path,) = [p for p in glob.glob(str(tmp_path / "ck" / "10" / "meta" / "*")) if "commit" not in p]
+    assert json.loads(open(path).read().replace("NaN", "null"))["extra"]["data"] == extra["data"]
 
 
-def test_json_encoding_round_trips_and_rejects_objects():
-    value = {"a": [1, 2.5, None, True], "b": {"c": b"xy"}, "t": (1, (2, 3)), "n": np.int64(4),
-             "f": np.float32(0.5), "arr": np.arange(6, dtype=np.int32).reshape(2, 3), "inf": -float("inf"),
-             "weird": {"__bytes__": "not bytes"}, 3: "int key"}
-    text = json.dumps(encode_json(value), allow_nan=False)
-    back = decode_json(json.loads(text))
-    assert back["a"] == [1, 2.5, None, True] and back["b"] == {"c": b"xy"} and back["t"] == (1, (2, 3))
-    assert back["n"] == 4 and back["f"] == 0.5 and back["inf"] == -float("inf")
-    assert back["weird"] == {"__bytes__": "not bytes"} and back[3] == "int key"
-    np.testing.assert_array_equal(back["arr"], value["arr"])
-    assert back["arr"].dtype == np.int32
-    with pytest.raises(ValueError, match=r"extra\['obj'\] is a object: expected JSON-serializable"):
-        encode_json({"obj": object()}, "extra")
+def test_extra_is_json_data_and_objects_are_one_line_errors(tmp_path, setup):
+    _, _, state, abstract = setup
+    value = {"a": [1, 2.5, None, True], "b": {"c": "xy"}, "t": (1, (2, 3)), "n": np.int64(4),
+             "f": np.float32(0.5), "inf": -float("inf"), "weird": {"__bytes__": "not bytes"}}
+    with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
+        ck.save(1, state, extra=value)
+        _, back = ck.restore(abstract)
+        assert back["a"] == [1, 2.5, None, True] and back["b"] == {"c": "xy"} and back["t"] == [1, [2, 3]]
+        assert back["n"] == 4 and back["f"] == 0.5 and back["inf"] == -float("inf")
+        assert back["weird"] == {"__bytes__": "not bytes"}  # no tags: plain JSON means what it says
+        for bad, message in (({"obj": object()}, r"^extra\['obj'\] is a object: expected JSON data"),
+                             ({"blob": b"xy"}, r"extra\['blob'\] is a bytes: expected JSON data"),
+                             ({"arr": np.arange(3)}, r"extra\['arr'\] is a ndarray: .* arrays and PRNG keys belong "
+                                                     r"in the saved state"),
+                             ({3: "int key"}, r"extra has the key 3: expected string keys")):
+            with pytest.raises(ValueError, match=message) as e:
+                ck.save(2, state, extra=bad)
+            assert "\n" not in str(e.value)
+        assert ck.all_steps() == [1]
 
 
 def test_async_save_is_safe_when_buffers_are_deleted_after_save(tmp_path, setup):
@@ -179,6 +192,16 @@ def test_config_mismatch_is_one_line_naming_the_key(tmp_path, setup):
     with Checkpointer(tmp_path / "ck", config=lr) as ck:  # train.* is not compared by default
         restored, _ = ck.restore(abstract)
         assert_same(restored, state)
+    # A run's identity: every key but the ignored ones, all differences in one line.
+    run = {"model": {**TINY, "d_model": 64}, "train": {"lr": 3e-4, "batch_size": 4}}
+    with Checkpointer(tmp_path / "ck", config=run, compare_keys=None, ignore_keys=("train.batch_size",)) as ck:
+        with pytest.raises(ConfigMismatchError, match=r"^checkpoint config model\.d_model=32 differs from this run's "
+                                                      r"64, train\.lr=0\.001 differs from this run's 0\.0003: ") as e:
+            ck.restore(abstract)
+        assert [k for k, _, _ in e.value.differences] == ["model.d_model", "train.lr"]
+    same = {"model": TINY, "train": {"lr": 1e-3, "batch_size": 4}}
+    with Checkpointer(tmp_path / "ck", config=same, compare_keys=None, ignore_keys=("train.batch_size",)) as ck:
+        assert_same(ck.restore(abstract)[0], state)
     with Checkpointer(tmp_path / "ck", config=lr, compare_keys=("model", "train.lr")) as ck:
         with pytest.raises(ValueError, match=r"checkpoint config train\.lr=0\.001 differs from this run's 0\.0003"):
             ck.restore(abstract)
@@ -263,7 +286,22 @@ def _delete_tree_metadata(step_dir):
     os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_arrays, _delete_arrays, _garbage_meta, _delete_tree_metadata])
+def _flip_bytes(step_dir):
+    """Bit rot in the middle of every array data file: orbax reads such files without
+    complaint (the values are wrong), so only the checksums can tell."""
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+             if os.path.getsize(p) > 4096]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            chunk = f.read(16)
+            f.seek(os.path.getsize(path) // 2)
+            f.write(bytes(b ^ 0x5A for b in chunk))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate_arrays, _delete_arrays, _garbage_meta, _delete_tree_metadata,
+                                     _flip_bytes])
 def test_corrupt_latest_falls_back_and_is_kept(tmp_path, setup, corrupt, caplog):
     _, _, state, abstract = setup
     d = tmp_path / "ck"
@@ -306,6 +344,38 @@ def test_all_corrupt_is_a_clear_error(tmp_path, setup):
                                                          r"are corrupt \(newest: checkpoint step 2"):
             ck.restore(abstract)
     assert sorted(os.listdir(d)) == ["1", "2"]
+
+
+def test_flipped_bytes_are_caught_by_the_checksums(tmp_path, setup):
+    _, _, state, abstract = setup
+    d = tmp_path / "ck"
+    with Checkpointer(d, config=CONFIG, async_save=False) as ck:
+        ck.save(1, state)
+        ck.save(2, bumped(state, 2))
+    _flip_bytes(str(d / "2"))
+    with Checkpointer(d, config=CONFIG) as ck:
+        with pytest.raises(CorruptCheckpointError, match=r"^checkpoint step 2 in .* is corrupt: array \S+ does not "
+                                                         r"match its saved checksum \(\d+ of \d+ arrays differ\)$"):
+            ck.restore(abstract, step=2)
+        restored, _ = ck.restore(abstract)
+    assert_same(restored, state)
+
+
+def test_non_finite_state_counts_as_corrupt(tmp_path, setup):
+    _, _, state, abstract = setup
+    nan_moment = jax.tree.map(lambda x: x, state)
+    nan_moment.opt_state[1][0].mu["embed"][...] = nan_moment.opt_state[1][0].mu["embed"][...].at[0, 0].set(jnp.inf)
+    d = tmp_path / "ck"
+    with Checkpointer(d, config=CONFIG, async_save=False) as ck:
+        ck.save(1, state)
+        ck.save(2, nan_moment)  # saved as it is: its checksums match, its values are not usable
+        with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 2 in .* is corrupt: array "
+                                                         r"opt_state\.1\.0\.mu\.embed\.value holds NaN or infinite"):
+            ck.restore(abstract, step=2)
+        restored, _ = ck.restore(abstract)
+        assert_same(restored, state)
+        ck.save(2, bumped(state, 1))  # the resumed run writes step 2 again; the bad one is kept aside
+        assert os.path.isdir(d / "corrupt" / "2")
 
 
 def test_half_written_checkpoint_is_never_latest(tmp_path, setup):
@@ -394,13 +464,13 @@ def test_resumed_run_continues_exactly(tmp_path, setup):
     it = iter(_loader())
     part, key, losses = run(state0, it, jax.random.key(0), 3)
     with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
-        ck.save(3, part, extra={"data": it.get_state(), "key": key})
+        ck.save(3, {"state": part, "key": key}, extra={"data": it.get_state()})
     del part, it, key  # "crash"
     with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
-        part, extra = ck.restore(abstract)
+        saved, extra = ck.restore({"state": abstract, "key": jax.eval_shape(lambda: jax.random.key(0))})
     it = iter(_loader())
     it.set_state(extra["data"])
-    part, _, more = run(part, it, extra["key"], 3)
+    part, _, more = run(saved["state"], it, saved["key"], 3)
     assert losses + more == full_losses
     assert int(part.step) == 6
     assert_same(part, full)

@@ -14,7 +14,7 @@ from envs import countdown
 from jaxapr import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMING = ("tokens_per_s", "peak_fraction", "train_seconds", "seconds")
+TIMING = ("tokens_per_s", "peak_fraction", "train_seconds", "seconds", "seconds_per_problem")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def _rows(workdir):
 
 
 def _final_params(workdir):
-    from jaxapr.train import common
+    from jaxapr import policy_io
 
-    return common.load_params(workdir, which="latest")[1]
+    return policy_io.load_params(workdir, which="latest")[1]
 
 
 @pytest.mark.slow

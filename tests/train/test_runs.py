@@ -1,7 +1,10 @@
 """The SFT and GRPO runs end to end (in-process, a very small policy): outputs, resume,
-and bad input (missing data, NaN loss, a config that does not match the checkpoint)."""
+and bad input (missing data, NaN loss, a config that does not match the checkpoint, another
+run's work directory, a corrupt latest checkpoint)."""
+import glob
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -9,7 +12,8 @@ import pytest
 
 from envs import countdown
 from jaxapr import data
-from jaxapr.train import common, rl, sft
+from jaxapr import policy_io
+from jaxapr.train import loop, machine, rl, sft
 
 SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
 
@@ -74,7 +78,7 @@ def test_sft_run_writes_metrics_checkpoints_and_summary(sft_run):
     assert [r["step"] for r in rows if "val/accuracy" in r] == [3, 6]
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    policy = common.load_policy(workdir, which="latest")
+    policy = policy_io.load_policy(workdir, which="latest")
     assert policy.cfg.d_model == SMALL["d_model"]
     # Running again on a finished workdir resumes at the end and trains nothing more.
     again = sft.train(sft_config(sft_run_data(workdir)),
@@ -122,14 +126,14 @@ def test_sft_says_how_many_examples_are_too_long(tmp_path, data_dir):
 
 def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, sft_run):
     workdir, _ = sft_run
-    source = common.export_policy(common.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"),
+    source = policy_io.export_policy(policy_io.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"),
                                   dtype="float32")
     # "{kind}" in init_from is the run's kind; with a negligible learning rate the run keeps them exactly.
     c = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2, init_from=str(tmp_path / "p_{kind}.npz"))
     c.optim.update(learning_rate=1e-30, warmup_steps=1)  # updates below every float32 ulp
     sft.train(c, str(tmp_path / "ft"), log=lambda *_: None)
-    got = common.load_params(str(tmp_path / "ft"), which="latest")[1]
-    want = common.load_params(source)[1]
+    got = policy_io.load_params(str(tmp_path / "ft"), which="latest")[1]
+    want = policy_io.load_params(source)[1]
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # A finished or interrupted run resumes from its own checkpoint: init_from is not read again.
@@ -139,7 +143,7 @@ def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, s
     fresh = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2)
     fresh.optim.update(learning_rate=1e-30, warmup_steps=1)
     sft.train(fresh, str(tmp_path / "fresh"), log=lambda *_: None)
-    other = common.load_params(str(tmp_path / "fresh"), which="latest")[1]
+    other = policy_io.load_params(str(tmp_path / "fresh"), which="latest")[1]
     assert any(not np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(other), jax.tree.leaves(want)))
     bigger = sft_config(data_dir, init_from=workdir, init_which="latest")
@@ -152,14 +156,73 @@ def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, s
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "nan")
-    sft.train(sft_config(data_dir, num_steps=3), workdir, log=lambda *_: None)
-    blowup = sft_config(data_dir, num_steps=30, checkpoint_every=100, eval_every=0)
+    # Warmup from 0: step 1 changes nothing, step 2 (lr 5e29) makes every later loss non-finite.
+    blowup = sft_config(data_dir, num_steps=30, checkpoint_every=1, eval_every=0, eval_problems=0)
     blowup.optim.learning_rate = 1e30
-    with pytest.raises(common.TrainingError, match="non-finite loss") as err:
+    with pytest.raises(loop.TrainingError, match="non-finite loss") as err:
         sft.train(blowup, workdir, log=lambda *_: None)
     assert "\n" not in str(err.value)
-    _, params, _ = common.load_params(workdir, which="latest")
+    _, params, _ = policy_io.load_params(workdir, which="latest")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_another_runs_workdir_is_refused_listing_the_fields(tmp_path, data_dir, sft_run):
+    """A finished APR run restarted as a SoS+ run with another seed and learning rate: one
+    line with every differing field; nothing in the workdir changes. Fields that only say how
+    long to train or how often to evaluate may change; overwrite=True starts afresh."""
+    from jaxapr.train.checkpoint import ConfigMismatchError
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(sft_run[0], workdir)
+    before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True)
+              if os.path.isfile(p)}
+    other = sft_config(data_dir, kind="sosp", seed=7)
+    other.optim.learning_rate = 0.05
+    with pytest.raises(ConfigMismatchError) as e:
+        sft.train(other, workdir, log=lambda *_: None)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("checkpoint config kind=\"apr\" differs from this run's \"sosp\", "
+                                                      "optim.learning_rate=0.002 differs from this run's 0.05, "
+                                                      "seed=0 differs from this run's 7: expected the same values")
+    assert "--config.overwrite=True" in message
+    after = {p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True)
+             if os.path.isfile(p)}
+    assert after == before
+    # How long to train and how often to evaluate may change: the run continues 6 -> 8.
+    longer = sft_config(data_dir, num_steps=8, eval_every=4, checkpoint_every=4, log_every=4, eval_batches=2)
+    lines = []
+    assert sft.train(longer, workdir, log=lines.append)["step"] == 8
+    assert any(line.startswith("resumed from step 6") for line in lines), lines
+    # overwrite=True: the previous run's outputs go, a fresh run of the new config starts.
+    fresh = sft_config(data_dir, kind="sosp", seed=7, num_steps=2, checkpoint_every=2, eval_every=0, overwrite=True)
+    lines = []
+    assert sft.train(fresh, workdir, log=lines.append)["step"] == 2
+    assert any(line.startswith("config.overwrite: deleted the previous run's checkpoints") for line in lines)
+    assert not any("resumed" in line for line in lines)
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [2]
+    assert [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "train/loss" in r] == [2]
+    assert json.load(open(os.path.join(workdir, "config.json")))["kind"] == "sosp"
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before(tmp_path, data_dir):
+    workdir = str(tmp_path / "flip")
+    c = sft_config(data_dir, num_steps=6, eval_every=0, eval_problems=0)
+    sft.train(c, workdir, log=lambda *_: None)
+    files = [p for p in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "d", "*"), recursive=True)
+             if os.path.getsize(p) > 4096]  # the array data (orbax reads it without complaint: wrong values)
+    for path in files:
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            chunk = f.read(16)
+            f.seek(os.path.getsize(path) // 2)
+            f.write(bytes(b ^ 0x5A for b in chunk))
+    lines = []
+    summary = sft.train(sft_config(data_dir, num_steps=9, eval_every=0, eval_problems=0), workdir, log=lines.append)
+    assert any(line.startswith("resumed from step 3 ") for line in lines), lines
+    assert summary["step"] == 9 and np.isfinite(summary["loss"])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt", "6"))  # kept aside, not deleted
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps[-1] == 9 and 6 in steps  # step 6 was written again by the resumed run
 
 
 def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
@@ -174,11 +237,11 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
             "rl/rollout_seconds", "rl/update_seconds"} <= set(rl_rows[0])
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
     rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
-    a = common.load_params(straight, which="latest")[1]
-    b = common.load_params(split, which="latest")[1]
+    a = policy_io.load_params(straight, which="latest")[1]
+    b = policy_io.load_params(split, which="latest")[1]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    init_params = common.load_params(init, which="latest")[1]
+    init_params = policy_io.load_params(init, which="latest")[1]
     assert any(not np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init_params)))
 
@@ -187,21 +250,21 @@ def test_export_round_trip(tmp_path, sft_run):
     from jaxapr import model
 
     workdir, _ = sft_run
-    policy = common.load_policy(workdir, which="latest")
-    path = common.export_policy(policy, str(tmp_path / "p"), extra={"note": "test"})
-    back = common.load_policy(path)
+    policy = policy_io.load_policy(workdir, which="latest")
+    path = policy_io.export_policy(policy, str(tmp_path / "p"), extra={"note": "test"})
+    back = policy_io.load_policy(path)
     tokens = np.arange(3, 40, dtype=np.int32)[None]
     a, b = np.asarray(policy(tokens)), np.asarray(back(tokens))
     np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())  # bfloat16 parameters
-    f32 = common.export_policy(policy, str(tmp_path / "q.npz"), dtype="float32")
-    np.testing.assert_array_equal(np.asarray(common.load_policy(f32)(tokens)), a)
-    assert common.load_exported(path)[1]["extra"] == {"note": "test"}
+    f32 = policy_io.export_policy(policy, str(tmp_path / "q.npz"), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(policy_io.load_policy(f32)(tokens)), a)
+    assert policy_io.load_exported(path)[1]["extra"] == {"note": "test"}
     assert os.path.getsize(path) < os.path.getsize(f32)
     with pytest.raises(FileNotFoundError, match="no exported policy"):
-        common.load_policy(str(tmp_path / "missing.npz"))
+        policy_io.load_policy(str(tmp_path / "missing.npz"))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable exported policy"):
-        common.load_policy(str(tmp_path / "bad.npz"))
+        policy_io.load_policy(str(tmp_path / "bad.npz"))
     del model
 
 
@@ -209,5 +272,5 @@ def test_a_preset_that_does_not_fit_memory_fails_fast():
     from jaxapr import model
 
     with pytest.raises(ValueError, match=r"training needs about .* GiB .* but this machine has .* GiB available"):
-        common.check_memory(model.get_config("paper"), batch_size=256, seq_len=4096, accum_steps=1)
-    common.check_memory(model.get_config("tiny"), batch_size=16, seq_len=512, accum_steps=1)  # fits
+        machine.check_memory(model.get_config("paper"), batch_size=256, seq_len=4096, accum_steps=1)
+    machine.check_memory(model.get_config("tiny"), batch_size=16, seq_len=512, accum_steps=1)  # fits

@@ -1,0 +1,61 @@
+"""What this machine can do: the memory a run may use (checked before it starts) and the
+matmul peak that "fraction of peak" figures are measured against."""
+from __future__ import annotations
+
+import time
+
+import jax
+
+from jaxapr import model as model_lib
+
+
+def check_memory(cfg: model_lib.ModelConfig, batch_size: int, seq_len: int, accum_steps: int,
+                 what: str = "training") -> None:
+    """Fail fast when a preset clearly does not fit this machine's memory (host RAM on CPU)."""
+    params = model_lib.param_count(cfg)
+    micro = batch_size // max(accum_steps, 1)
+    # params + grads + 2 Adam moments + reference (f32), activations ~ 34 * d * L per layer-token
+    # plus the float32 logits; a rough upper bound, conservative by design.
+    need = 5 * 4 * params + micro * seq_len * (cfg.num_layers * 34 * cfg.d_model + 3 * cfg.vocab_size) * 4
+    avail = available_bytes()
+    if avail and need > avail:
+        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB (model d_model={cfg.d_model}, "
+                         f"{cfg.num_layers} layers, micro-batch {micro} x {seq_len}) but this machine has "
+                         f"{avail / 2**30:.1f} GiB available: use a smaller preset, batch or seq_len, or more accum_steps")
+
+
+def available_bytes() -> int | None:
+    """Memory available to a run: the first device's limit on an accelerator, the host's
+    ``MemAvailable`` on CPU; None when unknown."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def matmul_peak_flops(n: int | None = None, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted ``dtype`` [n, n] @ [n, n] on the default device (random operands):
+    the reference peak that "fraction of peak" figures are measured against (in the same run).
+    Use the model's compute dtype: on GPU/TPU a bfloat16 product runs several times faster
+    than a float32 one. ``n`` defaults to 2,048 on a CPU and 8,192 on an accelerator (a
+    smaller product does not fill it)."""
+    import jax.numpy as jnp
+
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

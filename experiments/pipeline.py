@@ -113,6 +113,25 @@ def val_choice(rl_dir: str) -> dict:
             "best": "grpo" if end["val/accuracy"] > start["val/accuracy"] else "sft"}
 
 
+def check_eval_config(eval_config) -> None:
+    """A one-line ValueError for an evaluation config that the last stage would reject."""
+    if int(eval_config.problems) < 0:
+        raise ValueError(f"eval_config.problems={eval_config.problems}: expected >= 0 (0 skips the evaluation)")
+    if eval_config.policies not in ("all", "best"):
+        raise ValueError(f"eval_config.policies={eval_config.policies!r}: expected 'all' or 'best'")
+    plan_of(eval_config).check()
+
+
+def plan_of(eval_config):
+    """The ``analysis.Plan`` an evaluation config describes."""
+    from experiments import analysis
+
+    return analysis.Plan(contexts=tuple(eval_config.contexts), n_max=eval_config.n_max,
+                         budgets=tuple(eval_config.budgets), sweep_problems=eval_config.sweep_problems,
+                         temperature=eval_config.temperature, num_slots=eval_config.num_slots,
+                         seed=eval_config.seed)
+
+
 def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bool = True, command: str = "",
         log=print) -> dict:
     from envs import countdown
@@ -123,6 +142,7 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
 
     if not workdir:
         raise ValueError("--workdir is required: expected a directory for the pipeline's stages")
+    check_eval_config(eval_config)  # before hours of training, not after
     os.makedirs(workdir, exist_ok=True)
     times = _Times(workdir)
     preset = data_config.preset
@@ -174,12 +194,14 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
     log("== evaluation (test split)")
     t0 = time.perf_counter()
     runs = {_run_name(m): os.path.join(export_dir, name) for name, m in manifest["files"].items() if "method" in m}
+    if eval_config.policies == "best":
+        choice = manifest.get("choice", {})
+        best = {k + ("_rl" if choice.get(k, {}).get("best") == "grpo" else "") for k in KINDS}
+        runs = {name: path for name, path in runs.items() if name in best}
     numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[eval_config.split]
     n = min(int(eval_config.problems), len(targets))
     problems = (numbers[:n], targets[:n])
-    plan = analysis.Plan(contexts=tuple(eval_config.contexts), n_max=eval_config.n_max,
-                         budgets=tuple(eval_config.budgets), sweep_problems=eval_config.sweep_problems,
-                         temperature=eval_config.temperature, num_slots=eval_config.num_slots, seed=eval_config.seed)
+    plan = plan_of(eval_config)
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     result = analysis.evaluate(runs, problems, plan, cache_dir=os.path.join(out, "cache"), log=log)

@@ -95,7 +95,7 @@ def test_unreadable_policy_files(files, tmp_path, module, name, reason):
     ("train_sft", ["--config=experiments/configs/nowhere.py"], ["No such file or directory"]),
     ("train_sft", ["--workdri=/tmp/x"], ["Unknown command line flag 'workdri'"]),
     ("reproduce", ["--preset=huge"], ["flag --preset=huge: value should be one of <tiny|mini|paper>"]),
-    ("reproduce", ["--eval_problems=-1"], ["flag --eval_problems=-1: -1 is not a non-negative integer"]),
+    ("reproduce", ["--eval_config.problems=-1"], ["eval_config.problems=-1: expected >= 0"]),
     ("quickstart", ["--preset=huge"], ["flag --preset=huge: value should be one of"]),
 ])
 def test_config_typos_unknown_presets_and_bad_values(tmp_path, module, args, fragments):

@@ -1,11 +1,11 @@
-"""experiments.show_trace: the tree of a real rollout in the terminal and as HTML."""
+"""jaxapr.trace_view and experiments.show_trace: the tree of a real rollout in the terminal and as HTML."""
 import os
 import subprocess
 import sys
 
 import numpy as np
 
-from jaxapr import runtime, traces
+from jaxapr import runtime, trace_view, traces
 from jaxapr.scripted_engine import ScriptedEngine
 from tests.test_runtime import BIG, responses_of
 
@@ -21,17 +21,15 @@ def _scripted_result():
 
 
 def test_text_and_html_show_every_call(tmp_path):
-    from experiments import show_trace
-
     tree, res = _scripted_result()
-    text = show_trace.render_text(res, width=400)
+    text = trace_view.render_text(res, width=400)
     lines = text.split("\n")
-    calls = len(list(show_trace._calls_in_order(res.tree)))
+    calls = len(list(trace_view._calls_in_order(res.tree)))
     assert len(lines) == 1 + calls == 1 + len(res.calls)
     assert lines[1].startswith("root call 1 [47:[4, 23, 59, 44]] spawned")
     assert sum(l.startswith("  child ") for l in lines) == len(tree["sub_calls"][0])
     assert ("SOLVED" in lines[0]) == res.success
-    page = open(show_trace.write_html(res, str(tmp_path / "t" / "trace.html"))).read()
+    page = open(trace_view.write_html(res, str(tmp_path / "t" / "trace.html"))).read()
     assert page.count('class="call') == calls and page.count('class="kids"') == 1
     for call in res.calls:  # every call's own output is on the page, escaped
         assert call.output.replace("<", "&lt;").replace(">", "&gt;")[:60] in page

@@ -34,7 +34,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     #        problems group  lr    beta  minibatches steps  max_context slots eval_every eval_problems
     p, g, lr, beta, mbs, steps, ctx, slots, ev, evp = {
         "tiny": (16, 8, 3e-5, 0.001, 2, 100, 512, 64, 10, 100),
-        "mini": (4, 8, 3e-5, 0.001, 2, 40, 1024, 64, 40, 300),
+        "mini": (4, 8, 3e-5, 0.001, 2, 6, 1024, 64, 6, 200),
         "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
     }[preset]
     c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
@@ -53,7 +53,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.eval_problems = evp
     c.eval_split = "val"
     c.eval_at_start = True
-    c.checkpoint_every = ev if preset != "mini" else 20
+    c.checkpoint_every = ev
     c.keep = 3
     c.async_checkpoint = True
     c.max_train_seconds = 0

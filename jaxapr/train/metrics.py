@@ -136,8 +136,12 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             # purge_step: TensorBoard drops the earlier events with step >= it (a restart).
+            # tensorboardX names event files by the second; the nanosecond suffix keeps a writer
+            # opened within the same second as the last one from overwriting its file, and
+            # still sorts after it (TensorBoard reads files in name order).
             self._tb = SummaryWriter(os.path.join(self.workdir, TB_DIR),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+                                     purge_step=None if resume_step is None else resume_step + 1,
+                                     filename_suffix=f".{time.time_ns()}")
         if progress:
             from tqdm.auto import tqdm
 

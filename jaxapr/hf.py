@@ -241,7 +241,11 @@ def export_hf(policy, out_dir: str, dtype: str = "float32") -> str:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out={out_dir!r} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; the other files follow the umask
     files = {CONFIG_FILE: hf_config(policy.cfg, dtype), **tokenizer_files(policy.cfg.max_len)}
     for name, content in files.items():
         with open(os.path.join(out_dir, name), "w") as f:

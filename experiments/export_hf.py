@@ -29,12 +29,13 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype
 
 
 def export(policy_path: str, out: str, dtype: str = "float32") -> str:
-    from jaxapr import hf, policy_io
-
     if not os.path.exists(policy_path):
         raise FileNotFoundError(f"--policy={policy_path!r}: no such file or directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out={out!r} exists and is not a directory")
+    # imported after the checks: a mistyped path is answered before JAX starts
+    from jaxapr import hf, policy_io
+
     return hf.export_hf(policy_io.load_policy(policy_path), out, dtype=dtype)
 
 

@@ -7,7 +7,9 @@ position, per-slot limit, stop ids, sampling parameters and key). Every slot can
 sequence of a different length at a different step: the cache is written and read at per-row
 positions. Prefill runs ``Transformer.forward_cached``; decode runs ``decode_forward``, the
 same computation for one token per slot on the engine's heads-major cache layout; ``extend``
-runs ``extend_forward``, the same for new tokens appended to occupied rows.
+runs ``extend_forward``, the same for new tokens appended to occupied rows. All three are the
+policy's one pass over its layers, ``Transformer.forward``, each with its own attention
+callback that writes the layer's keys/values into its cache and attends over it.
 
 The interface the APR runtime drives (all host-side calls; the work is in three jitted
 functions, ``_prefill``, ``_extend`` and ``_decode``, which take the parameters explicitly and
@@ -216,25 +218,23 @@ def decode_forward(policy, tokens, positions, cache: dict, write):
 
     The same computation as ``policy.forward_cached`` with T = 1, on the engine's cache layout
     (see ``init_engine_cache``): the key/value of slot s is written at ``positions[s]`` where
-    ``write[s]``, and it attends to cache entries ``<= positions[s]``.
+    ``write[s]``, and it attends to cache entries ``<= positions[s]`` (``_attend_one``: a
+    mat-vec over the heads-major layout instead of ``model.masked_attention``).
     """
     num_slots = tokens.shape[0]
     max_len = cache["k"][0].shape[2]
     rows = jnp.arange(num_slots)
     where = jnp.where(write, positions, max_len)  # out of range: dropped
     mask = jnp.arange(max_len)[None, :] <= positions[:, None]
-    x = policy._embed(tokens[:, None])
-    new_k, new_v = [], []
-    for layer, block in enumerate(policy.blocks):
-        q, k, v = block.attn.qkv(block.attn_norm(x), positions[:, None])
+
+    def attention(layer, q, k, v):  # q [S, 1, H, D], k/v [S, 1, KV, D]
         ck = cache["k"][layer].at[rows, :, where].set(k[:, 0].astype(cache["k"][layer].dtype), mode="drop")
         cv = cache["v"][layer].at[rows, :, where].set(v[:, 0].astype(cache["v"][layer].dtype), mode="drop")
-        out = _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)
-        x = x + block.attn.project(out[:, None])
-        x = x + block.mlp(block.mlp_norm(x))
-        new_k.append(ck)
-        new_v.append(cv)
-    return policy._logits(x)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+        return _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)[:, None], (ck, cv)
+
+    x, layer_caches = policy.forward(tokens[:, None], positions[:, None], attention)
+    new_k, new_v = zip(*layer_caches)
+    return policy.logits(x)[:, 0], {"k": new_k, "v": new_v}
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,7 +313,8 @@ def extend_forward(policy, tokens, starts, lengths, slot_ids, cache: dict, windo
     num_slots = padding row: nothing written) at cache indices ``starts[i] .. starts[i] +
     lengths[i] - 1``; each attends to the row's entries ``<=`` its own index, i.e. to the
     entries below ``starts[i]`` that the row already holds. The same computation as
-    ``policy.forward_cached`` over the row (same attention call), on the engine's layout.
+    ``policy.forward_cached`` over the row (same attention, ``model.masked_attention``), on
+    the engine's layout.
     ``window`` (static, default max_len): attention reads only cache indices below it, which
     must cover every ``starts[i] + lengths[i]`` (a short context need not pay for the whole row).
     """
@@ -326,20 +327,18 @@ def extend_forward(policy, tokens, starts, lengths, slot_ids, cache: dict, windo
     where = jnp.where(write, positions, max_len)  # out of range: dropped
     gather = jnp.minimum(slot_ids, num_slots - 1)  # a padding row reads some row; its result is unused
     mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [n, T, window]
-    x = policy._embed(tokens)
-    new_k, new_v = [], []
-    for layer, block in enumerate(policy.blocks):
-        q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+
+    def attention(layer, q, k, v):
         ck = cache["k"][layer].at[rows, :, where].set(k.astype(cache["k"][layer].dtype), mode="drop")
         cv = cache["v"][layer].at[rows, :, where].set(v.astype(cache["v"][layer].dtype), mode="drop")
         kr = ck[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)  # [n, window, kv_heads, head_dim]
         vr = cv[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)
-        x = x + block.attn.attend(q, kr, vr, mask)
-        x = x + block.mlp(block.mlp_norm(x))
-        new_k.append(ck)
-        new_v.append(cv)
+        return model_lib.masked_attention(q, kr, vr, mask), (ck, cv)
+
+    x, layer_caches = policy.forward(tokens, positions, attention)
+    new_k, new_v = zip(*layer_caches)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    return policy._logits(last)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+    return policy.logits(last)[:, 0], {"k": new_k, "v": new_v}
 
 
 def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes, lengths, starts, slot_ids, limit,

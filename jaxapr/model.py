@@ -8,7 +8,11 @@ RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (``num_kv_heads``
 SFT steps), elsewhere they are the plain fused ops. Parameters are float32 by default; ``dtype`` is
 the compute dtype (float32 on CPU, bfloat16 on GPU/TPU); logits are always float32.
 
-Two forwards share the layers:
+One pass over the layers, ``model.forward(tokens, positions, attention) -> (hidden,
+layer_caches)``, serves every forward: each layer computes its queries, keys and values and
+hands them to ``attention``, a callback that says where keys and values are kept and which of
+them each query sees (``model.logits(hidden)`` then gives the logits). Two forwards here are
+built on it, and the engine's decode and extend (``jaxapr.engine``) on the same pass:
 
 - ``model(tokens, positions=None, segment_ids=None) -> logits`` for training: causal within a
   row, and tokens of different segments (packed examples; 0 = padding) never attend to each
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,10 @@ from jaxapr import kernels
 from jaxapr.tokenizer import CountdownTokenizer
 
 ATTENTION_BLOCK = 128  # query block of the training forward's causal attention
+
+# A forward's attention in one layer: (layer, q, k, v) -> (heads out, the layer's new cache);
+# see ``Transformer.forward``.
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -164,9 +172,6 @@ class Attention(nnx.Module):
         theta = self.cfg.rope_theta
         return rotary(q, positions, theta), rotary(k, positions, theta), v
 
-    def attend(self, q, k, v, mask):
-        return self.project(jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]))  # mask [B, 1, T, S]
-
     def project(self, out):
         """Heads [B, T, H, D] -> the residual stream [B, T, d_model]."""
         wo = self.wo[...]
@@ -215,13 +220,36 @@ class Transformer(nnx.Module):
     def _embed(self, tokens):
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
-    def _logits(self, x):
+    def logits(self, x):
+        """Hidden states [..., d_model] (as ``forward`` returns them) -> logits float32[..., V]."""
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             w = self.embed[...].astype(x.dtype).T * self.cfg.d_model**-0.5
         else:
             w = self.unembed[...].astype(x.dtype)
         return kernels.dense(x, w).astype(jnp.float32)
+
+    def forward(self, tokens, positions, attention: Attend) -> tuple[jax.Array, list]:
+        """The pass over the layers that every forward runs -> (hidden [B, T, d_model] before
+        the final norm, [what ``attention`` returned as each layer's cache]).
+
+        tokens, positions int32[B, T]. In layer ``i``, ``attention(i, q, k, v) -> (out,
+        layer_cache)`` gets the layer's queries q [B, T, heads, head_dim] and the tokens' own
+        keys/values k, v [B, T, kv_heads, head_dim] (rotary already applied at ``positions``)
+        and returns the attended heads ``out`` [B, T, heads, head_dim]; where the keys and
+        values come from (these tokens only, or a cache they are first written into) is the
+        callback's. ``layer_cache`` is anything (None when there is no cache): returning it
+        keeps the callback a pure function, so the whole pass jits.
+        """
+        x = self._embed(tokens)
+        layer_caches = []
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+            out, layer_cache = attention(layer, q, k, v)
+            x = x + block.attn.project(out)
+            x = x + block.mlp(block.mlp_norm(x))
+            layer_caches.append(layer_cache)
+        return x, layer_caches
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """Training forward: logits float32[B, T, V] for tokens int32[B, T]."""
@@ -231,13 +259,12 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(idx, (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = self._embed(tokens)
-        for block in self.blocks:
-            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
-            out = kernels.causal_attention(q, k, v, segment_ids, block=ATTENTION_BLOCK)
-            x = x + block.attn.project(out)
-            x = x + block.mlp(block.mlp_norm(x))
-        return self._logits(x)
+
+        def attention(layer, q, k, v):
+            return kernels.causal_attention(q, k, v, segment_ids, block=ATTENTION_BLOCK), None
+
+        x, _ = self.forward(tokens, positions, attention)
+        return self.logits(x)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> dict:
         """A zero KV cache: {"k", "v"}: [layers, batch, max_len, kv_heads, head_dim]."""
@@ -255,17 +282,20 @@ class Transformer(nnx.Module):
         where = jnp.where(write_mask, positions, s)  # index s = out of range: dropped
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        x = self._embed(tokens)
-        new_k, new_v = [], []
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+
+        def attention(layer, q, k, v):
             ck = cache["k"][layer].at[rows, where].set(k.astype(cache["k"].dtype), mode="drop")
             cv = cache["v"][layer].at[rows, where].set(v.astype(cache["v"].dtype), mode="drop")
-            x = x + block.attn.attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
-            x = x + block.mlp(block.mlp_norm(x))
-            new_k.append(ck)
-            new_v.append(cv)
-        return self._logits(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+            return masked_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
+
+        x, layer_caches = self.forward(tokens, positions, attention)
+        new_k, new_v = zip(*layer_caches)
+        return self.logits(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+
+def masked_attention(q, k, v, mask):
+    """q [B, T, H, D] against k, v [B, S, KV, D] where mask bool[B, T, S] -> [B, T, H, D]."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # mask [B, 1, T, S]
 
 
 def cache_bytes_per_slot(cfg: ModelConfig, max_len: int | None = None, dtype=None) -> int:

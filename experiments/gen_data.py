@@ -37,7 +37,7 @@ from jaxapr import distributed
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
-cli.define_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
+cli.define_config_file("config", cli.config_path("data.py:tiny"), "Dataset config (file:preset).")
 flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
 flags.DEFINE_bool("overwrite", False, "Replace the gen_data output in --out (all of it).")
 

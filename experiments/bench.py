@@ -17,6 +17,10 @@ train (``experiments/bench_train.py``: the SFT step's tokens/s and fraction of a
 the tiny and mini presets, and a GRPO step split into rollout and update time, the update with
 one call per row and with packed rows; ``--grpo_policy=<run or .npz> --grpo_data_dir=<data>``
 for a trained policy's rollouts).
+quickstart (the main job stage by stage: runs ``experiments.quickstart`` with its defaults, or
+reads ``--quickstart_json``, and prints each stage's wall time, the evaluation's tokens/s and the
+total, beside ``--baseline_json``'s (another run's quickstart.json, e.g. the previous commit's)
+with their ratio).
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from absl import app, flags
 from experiments.bench_util import fmt, interleaved_medians, median_time, print_table
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train"], "Which benchmark suite to run.")
+flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train", "quickstart"],
+                  "Which benchmark suite to run.")
 flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
@@ -51,6 +56,9 @@ flags.DEFINE_string("grpo_policy", None, "train: GRPO step with this trained pol
 flags.DEFINE_string("grpo_data_dir", None, "train: the --grpo_policy's gen_data output (its training problems).")
 flags.DEFINE_integer("grpo_problems", None, "train: GRPO problems per step (default 16; quick 4).")
 flags.DEFINE_integer("grpo_group", 4, "train: GRPO rollouts per problem.")
+flags.DEFINE_string("quickstart_json", None, "quickstart: an existing quickstart.json to report (default: run it).")
+flags.DEFINE_string("baseline_json", None, "quickstart: another run's quickstart.json, reported side by side.")
+flags.DEFINE_string("quickstart_workdir", "/tmp/jaxapr_bench_quickstart", "quickstart: where the run goes.")
 flags.DEFINE_integer("grpo_context", None, "train: GRPO per-call context (default: the policy's; random: 512).")
 
 
@@ -681,8 +689,50 @@ def suite_train(quick: bool, repeats: int) -> dict:
                data_dir=FLAGS.grpo_data_dir, num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
 
 
+def quickstart_stages(out: dict) -> dict:
+    """{stage: {"seconds", "tokens_per_s"}} of a quickstart.json: its stage timers, and for the
+    evaluation stages the decoded tokens per second of wall time."""
+    rows = out.get("rows", [])
+    tokens = {
+        "evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] in ("sosp", "apr")),
+        "grpo_evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] == "apr_rl"),
+    }
+    stages = {}
+    for name, seconds in out.get("times", {}).items():
+        row = {"seconds": float(seconds)}
+        if tokens.get(name):
+            row["tokens_per_s"] = tokens[name] / max(float(seconds), 1e-9)
+        stages[name] = row
+    return stages
+
+
+def suite_quickstart(quick: bool, repeats: int) -> dict:
+    del repeats  # one run: the quickstart is minutes long
+    if FLAGS.quickstart_json:
+        with open(FLAGS.quickstart_json) as f:
+            out = json.load(f)
+    else:
+        from experiments import quickstart
+
+        kw = dict(problems=16, scratch_steps=2, rl_steps=1, progress=False) if quick else dict(progress=False)
+        out = quickstart.run(FLAGS.quickstart_workdir, **kw)
+    stages = quickstart_stages(out)
+    base = None
+    if FLAGS.baseline_json:
+        with open(FLAGS.baseline_json) as f:
+            base = quickstart_stages(json.load(f))
+    rows = []
+    for name, row in stages.items():
+        b = (base or {}).get(name, {})
+        rows.append({"stage": name, "seconds": row["seconds"], "baseline s": b.get("seconds"),
+                     "speed-up": f"{b['seconds'] / row['seconds']:.2f}x" if b.get("seconds") else None,
+                     "eval tok/s": row.get("tokens_per_s"), "baseline tok/s": b.get("tokens_per_s")})
+    print_table(rows, ["stage", "seconds", "baseline s", "speed-up", "eval tok/s", "baseline tok/s"])
+    return {"stages": stages, "baseline": base}
+
+
 SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,
-          "train": suite_train}
+          "train": suite_train, "quickstart": suite_quickstart}
 
 
 def _check_flags() -> None:
@@ -704,6 +754,10 @@ def _check_flags() -> None:
         for b in getattr(FLAGS, name) or []:
             if not b.isdigit() or int(b) < 1:
                 raise ValueError(f"--{name}: {b!r} is not a positive int")
+    for name in ("quickstart_json", "baseline_json"):
+        path = getattr(FLAGS, name)
+        if path and not os.path.isfile(path):
+            raise ValueError(f"--{name}={path!r} does not exist: expected a quickstart.json")
     for name in ("grpo_problems", "grpo_group", "grpo_context"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:

@@ -3,29 +3,30 @@ r"""The main job: APR vs serial search on a laptop, in minutes.
     python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--preset=mini|tiny] [--from_scratch]
 
 With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
-Countdown, 0.9M parameters, SoS+ and APR SFT made by ``experiments.reproduce --preset=mini``
-and further rounds of its SFT; see the README there), on a 2-core CPU in about ten
-minutes:
+Countdown, 0.9M parameters; for each method the policy that validation chose among the SFT and
+GRPO outputs of ``experiments.reproduce --preset=mini``, as ``manifest.json`` records):
 
 1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the
    problems and demonstrations the shipped policies were trained on; ``test`` is held out);
 2. **SoS+ vs APR**: both policies, greedy, on ``--problems`` held-out problems at each
    per-call context window of ``--contexts`` (the paper's comparison at equal context; mini:
-   768 and 1,024 tokens, windows that serial search runs out of);
-3. **GRPO**: ``--rl_steps`` GRPO steps on the APR policy (``experiments/configs/rl.py:<preset>``),
-   then the same evaluation;
+   1,024 tokens, a window that serial search runs out of), with 95% intervals and APR's lead
+   with its paired interval;
+3. **GRPO**: ``--rl_steps`` GRPO steps on the APR policy (``experiments/configs/rl.py:<preset>``)
+   and their reward and children per problem (``--rl_eval`` also evaluates the result);
 4. **from scratch**: a ``--scratch_steps``-step SFT run of a fresh SoS+ policy on the same
    data (the first minutes of the path that made the shipped policies), evaluated likewise;
 5. **results**: a table (accuracy, total and sequential tokens, children per problem, wall
-   time), ``quickstart.json`` and PNG plots in ``--workdir``.
+   time), one solved APR search drawn as a tree (terminal and ``trace.html``),
+   ``quickstart.json`` (with each stage's wall time) and PNG plots in ``--workdir``.
 
 ``--preset=tiny`` does the same with the tiny pair (3-number Countdown, contexts 256 / 384 /
-512: serial traces mostly fit the window there, so APR has little to gain), in about ten minutes.
+512: serial traces mostly fit the window there, so APR has little to gain).
 
 ``--from_scratch`` instead runs the whole pipeline (``experiments.reproduce`` at the preset:
 data, SoS+ and APR SFT, GRPO) without the shipped policies and evaluates what it trained the
-same way: about two hours on 2 CPU cores. Every number printed is measured in this run;
-nothing is stored or assumed.
+same way (hours on 2 CPU cores). Every number printed is measured in this run; nothing is
+stored or assumed. BUILD_NOTES.md records how long each takes on which machine.
 """
 from __future__ import annotations
 
@@ -33,33 +34,60 @@ import json
 import os
 import time
 
+import numpy as np
+
 from absl import app, flags
 
 from experiments import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = ("mini", "tiny")
-# The shipped policies of each preset (experiments/checkpoints/README.md says how each was made).
-SHIPPED = {p: {k: os.path.join(HERE, "checkpoints", f"{p}_{k}_sft.npz") for k in ("sosp", "apr")} for p in PRESETS}
+CHECKPOINTS = os.path.join(HERE, "checkpoints")
 # Per preset: the comparison's contexts, GRPO steps and the from-scratch demo's SFT steps.
 PRESET_INFO = {
     "tiny": dict(contexts=(256, 384, 512), rl_steps=4, scratch_steps=200),
-    "mini": dict(contexts=(768, 1024), rl_steps=2, scratch_steps=40),
+    "mini": dict(contexts=(1024,), rl_steps=2, scratch_steps=40),
 }
-NAMES = {"sosp": "SoS+ (SFT)", "apr": "APR (SFT)", "apr_rl": "APR + GRPO", "scratch": "SoS+ from scratch"}
+NAMES = {"sosp": "SoS+", "apr": "APR", "apr_rl": "APR + GRPO (demo)", "scratch": "SoS+ from scratch"}
 MODES = {"sosp": "sosp", "apr": "apr", "apr_rl": "apr", "scratch": "sosp"}
+
+
+def shipped_policies(preset: str) -> dict:
+    """{"sosp": path, "apr": path}: the shipped policies of ``preset``. Where the checkpoints'
+    manifest holds the preset's reproduce run, each method's policy is the one validation chose
+    (SFT or GRPO, the manifest's ``choice``); otherwise the preset's SFT pair."""
+    manifest_path = os.path.join(CHECKPOINTS, "manifest.json")
+    choice = {}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("preset") == preset:
+            choice = {k: v["best"] for k, v in manifest.get("choice", {}).items()}
+    return {k: os.path.join(CHECKPOINTS, f"{preset}_{k}_{choice.get(k, 'sft')}.npz") for k in ("sosp", "apr")}
+
+
+def _label(name: str, path: str | None) -> str:
+    """A row's name: the method, and for a shipped file its stage."""
+    base = NAMES.get(name, name)
+    if path and path.endswith(".npz") and name in ("sosp", "apr"):
+        stage = "GRPO" if path.endswith("_grpo.npz") else "SFT"
+        return f"{base} ({stage})"
+    return base
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/jaxapr_quickstart", "Where data, runs, quickstart.json and the plots go.")
 flags.DEFINE_enum("preset", "mini", list(PRESETS), "Problem distribution and shipped policies: mini (4 numbers, "
                   "1,024-token calls) or tiny (3 numbers).")
-flags.DEFINE_bool("from_scratch", False, "Train everything (experiments.reproduce at the preset, ~2 h on "
+flags.DEFINE_bool("from_scratch", False, "Train everything (experiments.reproduce at the preset: hours on "
                   "2 cores) instead of starting from the shipped policies.")
 flags.DEFINE_integer("problems", 200, "Held-out (test) problems evaluated.")
 flags.DEFINE_list("contexts", None, "Per-call context windows (tokens) of the comparison (default: tiny "
-                  "256,384,512; mini 768,1024).")
+                  "256,384,512; mini 1024; e.g. 768,1024 adds a tighter window).")
 flags.DEFINE_integer("rl_steps", None, "GRPO steps on the APR policy (default: tiny 4, mini 2).")
-flags.DEFINE_integer("rl_problems", 4, "GRPO problems per step (x --rl_group rollouts).")
+flags.DEFINE_integer("rl_problems", 2, "GRPO problems per step (x --rl_group rollouts).")
+flags.DEFINE_bool("rl_eval", False, "Also evaluate the GRPO demo's policy (a few steps barely move it; the "
+                  "shipped APR policy already had reproduce's GRPO stage when validation chose it).")
 flags.DEFINE_integer("rl_group", 8, "GRPO rollouts per problem.")
 flags.DEFINE_integer("scratch_steps", None, "SFT steps of the from-scratch demo (0: skip it; default: tiny 200, "
                      "mini 40).")
@@ -126,8 +154,11 @@ def _exported_preset(name: str, path: str) -> str | None:
     return meta.get("extra", {}).get("data_preset")
 
 
-def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True) -> list:
-    """Greedy rollouts of each policy at each per-call context: one row per (policy, context)."""
+def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True,
+                      labels: dict | None = None) -> list:
+    """Greedy rollouts of each policy at each per-call context: one row per (policy, context),
+    with the per-problem verdicts (``solved``) and children counts."""
+    labels = labels or {}
     from tqdm.auto import tqdm
 
     from jaxapr import evaluation
@@ -139,13 +170,15 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
     for name, ctx in bar:
         policy = policies[name]
         if ctx > policy.cfg.max_len:
-            log(f"  {NAMES.get(name, name)}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped")
+            log(f"  {labels.get(name, NAMES.get(name, name))}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped")
             continue
-        r = evaluation.rollout_metrics(policy, problems, mode=MODES.get(name, name), max_context=ctx,
-                                       num_slots=num_slots)
-        r.update(run=name, context=ctx, mode=MODES.get(name, name))
+        r, records = evaluation.evaluate_rollouts(policy, problems, mode=MODES.get(name, name), max_context=ctx,
+                                                  num_slots=num_slots)
+        r.update(run=name, label=labels.get(name, NAMES.get(name, name)), context=ctx, mode=MODES.get(name, name),
+                 solved=records["success"], children_per_problem=records["children"])
         rows.append(r)
-        log(f"  {NAMES.get(name, name):18s} context {ctx:4d}: solved {r['accuracy']:6.1%}  tokens {r['total_tokens']:6.0f}"
+        log(f"  {r['label']:18s} context {ctx:4d}: solved {r['accuracy']:6.1%} "
+            f"[{r['accuracy_low']:.1%}, {r['accuracy_high']:.1%}]  tokens {r['total_tokens']:6.0f}"
             f"  sequential {r['sequential_tokens']:5.0f}  children {r['children']:4.2f}  ({r['seconds']:.0f} s)"
             + (f"\n  {'':18s} a child solved {r['child_solved']:6.1%}  lost at the join {r['lost_at_join']:6.1%}"
                f"  join out of context {r['join_overflow']:6.1%}" if "lost_at_join" in r else ""))
@@ -153,9 +186,9 @@ def evaluate_policies(policies: dict, problems, contexts, *, num_slots: int, log
 
 
 def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, problems: int = 200, contexts=None,
-        rl_steps: int | None = None, rl_problems: int = 4, rl_group: int = 8, scratch_steps: int | None = None,
-        sosp: str | None = None, apr: str | None = None, num_slots: int = 64, plots: bool = True,
-        progress: bool = True, log=print) -> dict:
+        rl_steps: int | None = None, rl_problems: int = 2, rl_group: int = 8, rl_eval: bool = False,
+        scratch_steps: int | None = None, sosp: str | None = None, apr: str | None = None, num_slots: int = 64,
+        plots: bool = True, progress: bool = True, log=print) -> dict:
     """The quickstart (see the module docstring); returns what it writes to ``quickstart.json``.
     ``contexts``, ``rl_steps``, ``scratch_steps``, ``sosp`` and ``apr`` default to the preset's."""
     import jax
@@ -175,7 +208,9 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     contexts = info["contexts"] if contexts is None else contexts
     scratch_steps = info["scratch_steps"] if scratch_steps is None else scratch_steps
     rl_steps = info["rl_steps"] if rl_steps is None else rl_steps
-    policies_in = {} if from_scratch else {"sosp": sosp or SHIPPED[preset]["sosp"], "apr": apr or SHIPPED[preset]["apr"]}
+    shipped = shipped_policies(preset)
+    policies_in = {} if from_scratch else {"sosp": sosp or shipped["sosp"], "apr": apr or shipped["apr"]}
+    labels = {name: _label(name, path) for name, path in policies_in.items()}
     contexts = check_args(problems=problems, contexts=contexts, rl_steps=rl_steps, rl_problems=rl_problems,
                           rl_group=rl_group, scratch_steps=scratch_steps, num_slots=num_slots, policies=policies_in,
                           preset=preset)
@@ -193,7 +228,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     t0 = time.perf_counter()
     if from_scratch:
         log(f"  --from_scratch: experiments.reproduce's pipeline at the {preset} preset (data, SoS+ and APR SFT, GRPO; "
-            "~2 h on 2 cores)")
+            "hours on 2 cores)")
         from experiments.configs import sft as sft_cfg
         s = sft_cfg.get_config(preset)
         s.eval_num_slots = num_slots
@@ -232,7 +267,7 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     log(f"\n[2/5] SoS+ vs APR, greedy, at per-call contexts {contexts}")
     t0 = time.perf_counter()
     rows = evaluate_policies({k: policies[k] for k in ("sosp", "apr")}, test, contexts, num_slots=num_slots, log=log,
-                             progress=progress)
+                             progress=progress, labels=labels)
     times["evaluate"] = time.perf_counter() - t0
 
     curves = {}
@@ -249,17 +284,22 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
         rl_rows = read_metrics(out["policies"]["apr_rl"], prefix="rl/")
         curves["grpo"] = [{"step": r["step"], "reward": r["rl/reward"], "kl": r["rl/kl"],
                            "children": r["rl/children_per_problem"]} for r in rl_rows]
+        for p_ in curves["grpo"]:
+            log(f"  step {p_['step']}: mean reward {p_['reward']:.3f}, {p_['children']:.2f} children per problem, "
+                f"KL {p_['kl']:.2e}")
         times["grpo"] = time.perf_counter() - t0
-        rows += evaluate_policies({"apr_rl": policies["apr_rl"]}, test, contexts, num_slots=num_slots, log=log,
-                                  progress=progress)
-        times["grpo+evaluate"] = time.perf_counter() - t0
+        if rl_eval or from_scratch:
+            t0 = time.perf_counter()
+            rows += evaluate_policies({"apr_rl": policies["apr_rl"]}, test, contexts, num_slots=num_slots, log=log,
+                                      progress=progress)
+            times["grpo_evaluate"] = time.perf_counter() - t0
     else:
         log("\n[3/5] GRPO: skipped (--rl_steps=0)")
 
     if scratch_steps and not from_scratch:
         log(f"\n[4/5] from scratch: {scratch_steps} SFT steps of a fresh SoS+ policy on the {preset} data "
-            + ("(the shipped one trained 2,000 steps, ~1 h on 2 cores)" if preset == "tiny" else
-               "(the shipped one: tiny's 2,000 steps, then 30 + 45 min on these data)"))
+            + ("(the shipped one trained 2,000 steps)" if preset == "tiny" else
+               "(the shipped one: tiny's 2,000 steps, then reproduce's SFT stage on these data)"))
         t0 = time.perf_counter()
         scratch_dir = os.path.join(workdir, "sft_scratch")
         c = sft_config.copy_and_resolve_references()
@@ -282,11 +322,18 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     else:
         log("\n[4/5] from scratch: skipped (--scratch_steps=0)")
 
-    times["total"] = time.perf_counter() - t_start
-    out.update(rows=rows, curves=curves, times=times, comparison=comparison(rows))
+    out.update(rows=rows, curves=curves, comparison=comparison(rows))
     log("\n[5/5] results")
     log(table(rows))
     log("\n" + verdict(out["comparison"], preset))
+    t0 = time.perf_counter()
+    example = example_trace(policies["apr"], test, rows, workdir, num_slots=num_slots)
+    if example:
+        out["example"] = example
+        log(f"\nOne APR search from the table, as a tree (and as {example['html']}):\n{example['text']}")
+    times["example"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_start
+    out["times"] = times
     if plots:
         out["plots"] = plot(out, workdir)
     with open(os.path.join(workdir, "quickstart.json"), "w") as f:
@@ -296,15 +343,44 @@ def run(workdir: str, *, preset: str = "mini", from_scratch: bool = False, probl
     return out
 
 
+def example_trace(policy, problems, rows: list, workdir: str, *, num_slots: int) -> dict | None:
+    """Rolls out again the first test problem APR solved with the most children (at the largest
+    context evaluated) and draws it: {"problem", "text", "html"}; None if APR solved none."""
+    from jaxapr import runtime
+    from jaxapr.trace_view import render_text, write_html
+
+    apr = [r for r in rows if r["run"] == "apr"]
+    if not apr:
+        return None
+    row = max(apr, key=lambda r: r["context"])
+    solved = [i for i, ok in enumerate(row["solved"]) if ok]
+    if not solved:
+        return None
+    i = max(solved, key=lambda j: (row["children_per_problem"][j], -j))
+    nums, target = np.asarray(problems[0][i : i + 1]), np.asarray(problems[1][i : i + 1])
+    (result,) = runtime.rollout(policy, (nums, target), mode="apr", max_context=row["context"],
+                                num_slots=min(num_slots, 16))
+    html = write_html(result, os.path.join(workdir, "trace.html"))
+    return {"problem": int(i), "numbers": nums[0].tolist(), "target": int(target[0]), "solved": bool(result.success),
+            "text": render_text(result), "html": html}
+
+
 def comparison(rows: list) -> dict:
-    """APR vs SoS+ at each context both were evaluated at: accuracies and APR's lead (points)."""
-    by = {(r["run"], r["context"]): r["accuracy"] for r in rows}
+    """APR vs SoS+ at each context both were evaluated at: accuracies and APR's lead (points)
+    with its paired-bootstrap 95% interval over the problems."""
+    from jaxapr import stats
+
+    by = {(r["run"], r["context"]): r for r in rows}
     res = {}
-    for (run, ctx), acc in sorted(by.items(), key=lambda kv: kv[0][1]):
+    for (run, ctx), r in sorted(by.items(), key=lambda kv: kv[0][1]):
         if run == "sosp" and ("apr", ctx) in by:
-            best_apr = max(by[("apr", ctx)], by.get(("apr_rl", ctx), 0.0))
-            res[str(ctx)] = {"sosp": acc, "apr": by[("apr", ctx)], "apr_rl": by.get(("apr_rl", ctx)),
-                             "apr_lead_points": 100 * (best_apr - acc)}
+            apr = by[("apr", ctx)]
+            best = max((by[(k, ctx)] for k in ("apr", "apr_rl") if (k, ctx) in by), key=lambda x: x["accuracy"])
+            d = stats.paired_bootstrap(best["solved"], r["solved"])
+            lead, low, high = d["diff"], d["low"], d["high"]
+            res[str(ctx)] = {"sosp": r["accuracy"], "apr": apr["accuracy"],
+                             "apr_rl": by[("apr_rl", ctx)]["accuracy"] if ("apr_rl", ctx) in by else None,
+                             "apr_lead_points": 100 * lead, "apr_lead_low": 100 * low, "apr_lead_high": 100 * high}
     return res
 
 
@@ -314,10 +390,8 @@ WHY_NOT = {
             "shorter than a serial trace; APR's edge needs problems whose serial search outgrows the window "
             "(4 numbers: --preset=mini; BUILD_NOTES.md, Known limits).",
     "mini": "Why, at the mini preset: the small policies imitate demonstrators that themselves solve only "
-            "~57% (APR, beams 4 written best first) and ~32% (SoS+) of these problems within 1,024-token calls, "
-            "and they fall short of them after ~2 hours of training each: APR's children find a solution for "
-            "about half of the problems, and over a quarter of its children repeat a sibling's state "
-            "(BUILD_NOTES.md, 'Where mini APR loses', 'Best-first expansions').",
+            "~57% (APR) and ~36% (SoS+) of the validation problems within 1,024-token calls (gen_data's table), "
+            "after 450 SFT steps each (experiments/checkpoints/manifest.json); BUILD_NOTES.md, Known limits.",
 }
 
 
@@ -336,7 +410,8 @@ def verdict(comp: dict, preset: str = "mini") -> str:
     best_ctx = max(comp, key=lambda c: (meets(comp[c]), round(comp[c]["apr_lead_points"], 6), better_of(comp[c])))
     b = comp[best_ctx]
     lines = ["APR vs SoS+ at equal per-call context (greedy): " + "; ".join(
-        f"{c}: {v['apr_lead_points']:+.1f} points" for c, v in comp.items()) + "."]
+        f"{c}: {v['apr_lead_points']:+.1f} points [{v['apr_lead_low']:+.1f}, {v['apr_lead_high']:+.1f}]"
+        for c, v in comp.items()) + " (paired 95% intervals)."]
     better = better_of(b)
     met = meets(b)
     lines.append(f"Target (APR >= 10 points ahead, the better >= 40%): {'met' if met else 'not met'} "
@@ -350,11 +425,12 @@ def verdict(comp: dict, preset: str = "mini") -> str:
 def table(rows: list) -> str:
     """One line per evaluated condition: policy, context, accuracy, total and sequential
     tokens, children per problem, wall seconds."""
-    w = max([12] + [len(NAMES.get(r["run"], r["run"])) for r in rows])
-    lines = [f"{'policy':{w}s} {'context':>7s} {'accuracy':>8s} {'total tok':>9s} {'seq tok':>8s} {'children':>8s} "
-             f"{'wall s':>7s}"]
+    w = max([12] + [len(r.get("label", r["run"])) for r in rows])
+    lines = [f"{'policy':{w}s} {'context':>7s} {'accuracy [95% interval]':>24s} {'total tok':>9s} {'seq tok':>8s} "
+             f"{'children':>8s} {'wall s':>7s}"]
     for r in rows:
-        lines.append(f"{NAMES.get(r['run'], r['run']):{w}s} {r['context']:7d} {r['accuracy']:8.1%} "
+        acc = f"{r['accuracy']:.1%} [{r['accuracy_low']:.1%}, {r['accuracy_high']:.1%}]"
+        lines.append(f"{r.get('label', r['run']):{w}s} {r['context']:7d} {acc:>24s} "
                      f"{r['total_tokens']:9.0f} {r['sequential_tokens']:8.0f} {r['children']:8.2f} {r['seconds']:7.1f}")
     return "\n".join(lines)
 
@@ -379,8 +455,9 @@ def plot(out: dict, workdir: str) -> list[str]:
     for run, style in (("sosp", "o-"), ("apr", "s-"), ("apr_rl", "^--"), ("scratch", "x")):
         rs = sorted((r for r in rows if r["run"] == run), key=lambda r: r["context"])
         if rs:
-            axes[0].plot([r["context"] for r in rs], [r["accuracy"] for r in rs], style, label=NAMES[run])
-            axes[1].plot([r["sequential_tokens"] for r in rs], [r["accuracy"] for r in rs], style, label=NAMES[run])
+            label = rs[0].get("label", NAMES[run])
+            axes[0].plot([r["context"] for r in rs], [r["accuracy"] for r in rs], style, label=label)
+            axes[1].plot([r["sequential_tokens"] for r in rs], [r["accuracy"] for r in rs], style, label=label)
     axes[0].set(xlabel="per-call context window (tokens)", ylabel="solved (held-out)", ylim=(0, 1),
                 title="Accuracy vs context window")
     axes[1].set(xlabel="sequential tokens per problem", ylabel="solved (held-out)", ylim=(0, 1),
@@ -408,7 +485,7 @@ def main(argv):
     cli.quiet_logs()
     try:
         run(FLAGS.workdir, preset=FLAGS.preset, from_scratch=FLAGS.from_scratch, problems=FLAGS.problems, contexts=FLAGS.contexts,
-            rl_steps=FLAGS.rl_steps, rl_problems=FLAGS.rl_problems, rl_group=FLAGS.rl_group,
+            rl_steps=FLAGS.rl_steps, rl_problems=FLAGS.rl_problems, rl_group=FLAGS.rl_group, rl_eval=FLAGS.rl_eval,
             scratch_steps=FLAGS.scratch_steps, sosp=FLAGS.sosp, apr=FLAGS.apr, num_slots=FLAGS.num_slots,
             plots=FLAGS.plots, progress=FLAGS.progress)
     except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again

@@ -4,7 +4,8 @@ The environments live in the sibling package ``envs`` (importable on its own); t
 system (trace language, tokenizer, policy, engine, runtime, training) grows here.
 
 ``jaxapr.load_policy(path)`` loads a policy from an exported ``.npz`` (such as the shipped
-``experiments/checkpoints/*.npz``) or a training run's work directory (``jaxapr.policy_io``).
+``experiments/checkpoints/*.npz``), a training run's work directory (``jaxapr.policy_io``) or a
+Hugging Face Llama directory (``jaxapr.hf``).
 """
 __version__ = "0.1.0"
 __all__ = ["load_policy"]

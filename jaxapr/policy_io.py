@@ -1,7 +1,8 @@
 """Policies in and out: a trained run's checkpoint or a compact exported file -> a policy.
 
 - :func:`load_policy(path)` (also ``jaxapr.load_policy``): the policy of a training work
-  directory (its best checkpoint by default) or of an exported ``.npz``;
+  directory (its best checkpoint by default), of an exported ``.npz`` or of a Hugging Face
+  Llama directory (``config.json`` + ``model.safetensors``, as ``jaxapr.hf.export_hf`` writes);
 - :func:`load_params`: the same as (model config, parameters, run config), for code that
   trains further or compares parameters;
 - :func:`export_policy` / :func:`load_exported` / :func:`exported_meta`: one compact
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxapr import hf
 from jaxapr import model as model_lib
 
 EXPORT_FORMAT = "jaxapr.policy/1"
@@ -58,7 +60,8 @@ def load_params(path: str, which: str = "best", step: int | None = None):
     :func:`best_step`; the newest restorable one when no checkpoint has validation metrics)
     or "latest", or an explicit ``step``. The config is the one saved in the checkpoint.
     ``path`` may also be an exported ``.npz``: its parameters, and a run config holding its
-    ``model`` (and its metadata as ``exported``)."""
+    ``model`` (and its metadata as ``exported``); or a Hugging Face directory (``jaxapr.hf``):
+    its parameters and a run config holding its ``model``."""
     from ml_collections import ConfigDict
 
     from jaxapr.train import run_config
@@ -68,6 +71,9 @@ def load_params(path: str, which: str = "best", step: int | None = None):
     if path.endswith(".npz"):
         policy, meta = load_exported(path)
         return policy.cfg, nnx.split(policy)[1], ConfigDict({"model": meta["model"], "exported": meta["extra"]})
+    if hf.is_hf_dir(path):
+        policy = hf.load_hf(path)
+        return policy.cfg, nnx.split(policy)[1], ConfigDict({"model": dataclasses.asdict(policy.cfg)})
     if which not in ("best", "latest"):
         raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
     directory = os.path.join(path, "checkpoints")
@@ -85,9 +91,12 @@ def load_params(path: str, which: str = "best", step: int | None = None):
 
 def load_policy(path: str, which: str = "best", step: int | None = None) -> nnx.Module:
     """The policy at ``path``: a train_sft / train_rl work directory (checkpoint ``which`` /
-    ``step`` as :func:`load_params` says) or an exported ``.npz`` (:func:`export_policy`)."""
+    ``step`` as :func:`load_params` says), an exported ``.npz`` (:func:`export_policy`) or a
+    Hugging Face Llama directory (:func:`jaxapr.hf.export_hf`)."""
     if path.endswith(".npz"):
         return load_exported(path)[0]
+    if hf.is_hf_dir(path):
+        return hf.load_hf(path)
     cfg, params, _ = load_params(path, which, step)
     return nnx.merge(_abstract_policy(cfg)[0], params)
 

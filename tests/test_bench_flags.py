@@ -18,3 +18,30 @@ def test_bad_grpo_flags_fail_fast(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-500:]
         assert len(proc.stderr.strip().splitlines()) == 1 and "matmul peak" not in proc.stdout  # nothing ran
+
+
+def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
+    import json
+
+    from experiments import bench
+
+    run = {"rows": [{"run": "sosp", "total_tokens": 800.0, "problems": 200},
+                    {"run": "apr", "total_tokens": 2000.0, "problems": 200},
+                    {"run": "scratch", "total_tokens": 1000.0, "problems": 200}],
+           "times": {"data": 20.0, "evaluate": 400.0, "total": 900.0}}
+    stages = bench.quickstart_stages(run)
+    assert stages["evaluate"] == {"seconds": 400.0, "tokens_per_s": (800 + 2000) * 200 / 400}
+    assert stages["data"] == {"seconds": 20.0} and set(stages) == {"data", "evaluate", "total"}
+    base = {"rows": run["rows"][:1], "times": {"data": 25.0, "evaluate": 600.0, "total": 1800.0}}
+    paths = []
+    for name, out in (("new", run), ("old", base)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(out, f)
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--suite=quickstart",
+                           f"--quickstart_json={paths[0]}", f"--baseline_json={paths[1]}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
+    assert "2.00x" in total and "1.50x" in next(l for l in proc.stdout.splitlines() if l.startswith("evaluate"))

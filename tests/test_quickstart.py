@@ -12,13 +12,14 @@ from experiments import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-SMALL = ["--problems=6", "--contexts=96,128", "--rl_steps=1", "--rl_problems=2", "--rl_group=2",
+SMALL = ["--problems=6", "--contexts=96,128", "--rl_steps=1", "--rl_problems=2", "--rl_group=2", "--rl_eval",
          "--scratch_steps=2", "--num_slots=16", "--progress=False"]
 
 
-def _check_output(out: dict, workdir: str, contexts):
+def _check_output(out: dict, workdir: str, contexts, rl_eval: bool = True):
     rows = out["rows"]
-    assert {(r["run"], r["context"]) for r in rows} >= {(run, c) for run in ("sosp", "apr", "apr_rl") for c in contexts}
+    runs = ("sosp", "apr", "apr_rl") if rl_eval else ("sosp", "apr")
+    assert {(r["run"], r["context"]) for r in rows} >= {(run, c) for run in runs for c in contexts}
     assert ("scratch", max(contexts)) in {(r["run"], r["context"]) for r in rows}
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0 < r["sequential_tokens"] <= r["total_tokens"]
@@ -27,6 +28,13 @@ def _check_output(out: dict, workdir: str, contexts):
     assert [p["step"] for p in out["curves"]["grpo"]] == [1] and out["curves"]["sft"]
     assert len(out["plots"]) == 2 and all(os.path.getsize(p) > 1000 for p in out["plots"])
     assert os.path.isfile(os.path.join(workdir, "quickstart.json"))
+    for r in rows:  # every accuracy carries its interval; the verdicts behind it are kept
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] and len(r["solved"]) == out["problems"]
+    for c in out["comparison"].values():
+        assert c["apr_lead_low"] <= c["apr_lead_points"] <= c["apr_lead_high"]
+    if "example" in out:  # APR solved a problem: its tree is drawn
+        assert os.path.isfile(out["example"]["html"]) and out["example"]["text"].startswith("problem ")
+    assert {"data", "evaluate", "total"} <= set(out["times"])
 
 
 @pytest.mark.slow
@@ -37,13 +45,15 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.load(open(os.path.join(workdir, "quickstart.json")))
     _check_output(out, workdir, [96, 128])
-    assert out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.SHIPPED["mini"]["sosp"]  # the default
-    for line in ("[5/5] results", "APR (SFT)", "APR + GRPO", "SoS+ from scratch", "Target (APR >= 10 points"):
+    assert out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.shipped_policies("mini")["sosp"]  # the default
+    for line in ("[5/5] results", "APR (", "APR + GRPO (demo)", "SoS+ from scratch", "Target (APR >= 10 points"):
         assert line in proc.stdout
 
 
-def _row(run, ctx, acc):
-    return {"run": run, "context": ctx, "accuracy": acc, "total_tokens": 1.0, "sequential_tokens": 1.0,
+def _row(run, ctx, acc, n=200):
+    solved = [1] * round(acc * n) + [0] * (n - round(acc * n))
+    return {"run": run, "label": quickstart.NAMES[run], "context": ctx, "accuracy": acc, "accuracy_low": acc - 0.05,
+            "accuracy_high": acc + 0.05, "solved": solved, "total_tokens": 1.0, "sequential_tokens": 1.0,
             "children": 0.0, "seconds": 0.0}
 
 
@@ -54,6 +64,8 @@ def test_comparison_and_verdict_by_hand():
     assert set(comp) == {"256", "512"}
     assert comp["256"]["apr_lead_points"] == pytest.approx(15.0)  # the better APR (after GRPO) vs SoS+
     assert comp["512"]["apr_lead_points"] == pytest.approx(5.0)
+    # Nested verdicts (every problem SoS+ solves, APR solves too): the paired interval is one-sided.
+    assert 0 <= comp["512"]["apr_lead_low"] < 5.0 < comp["512"]["apr_lead_high"]
     v = quickstart.verdict(comp)
     assert "not met" in v and "+15.0 at context 256: at least 10; the better solves 25.0%" in v  # but < 40%
     comp = quickstart.comparison([_row("sosp", 512, 0.35), _row("apr", 512, 0.46)])
@@ -78,7 +90,7 @@ def test_comparison_and_verdict_by_hand():
     (["--apr=/nonexistent/policy.npz"], "--apr='/nonexistent/policy.npz': expected an exported policy .npz"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--preset=huge"], "--preset=huge: value should be one of"),
-    (["--preset=mini", f"--apr={quickstart.SHIPPED['tiny']['apr']}"], "was trained on the 'tiny' distribution: the "
+    (["--preset=mini", f"--apr={quickstart.shipped_policies('tiny')['apr']}"], "was trained on the 'tiny' distribution: the "
                                                                       "quickstart evaluates on the 'mini' one"),
 ])
 def test_quickstart_bad_flags_fail_fast(tmp_path, args, message):

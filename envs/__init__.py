@@ -5,9 +5,13 @@
     obs, state = env.reset(key, params)
     obs, state, reward, terminated, truncated, info = env.step(key, state, action, params)
 
-    env = envs.make("ParallelSearch-v0", num_threads=4)[0]         # multi-agent (JaxMARL API)
-    obs, state = env.reset(key)
-    obs, state, rewards, dones, infos = env.step(key, state, actions)
+    env, params = envs.make("ParallelSearch-v0", num_threads=4)    # multi-agent (JaxMARL API)
+    obs, state = env.reset(key, params)                             # params optional, as in JaxMARL
+    obs, state, rewards, dones, infos = env.step(key, state, actions, params)
+
+``envs.make(id, **kwargs)`` returns ``(env, default_params)`` for every id in
+``envs.registered_envs()``. Both kinds report ``terminated`` and ``truncated`` in their info
+dict as gymnax 1.0 does (the episode reached a terminal state / was cut short by a limit).
 
 Adapters for gymnax's and JaxMARL's own wrappers: ``envs.compat`` (extra ``compat``).
 """

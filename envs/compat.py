@@ -84,8 +84,10 @@ def _gymnax_class():
             return self._env.reset_env(key, params)
 
         def step_env(self, key, state, action, params):
+            # gymnax 1.0's step_env returns (obs, state, reward, terminated, info); the time limit
+            # is its step's is_truncated, so truncation rides in info here.
             obs, state, reward, terminated, truncated, info = self._env.step_env(key, state, action, params)
-            return obs, state, reward, terminated | truncated, {**info, "truncated": truncated}
+            return obs, state, reward, terminated, {**info, "terminated": terminated, "truncated": truncated}
 
     return GymnaxEnv
 

@@ -6,7 +6,11 @@ A subclass implements ``reset_env`` and ``step_env`` (one episode, no reset) plu
     obs, state, reward, terminated, truncated, info = env.step(key, state, action, params)
 
 When an episode ends the returned ``obs``/``state`` already belong to the next episode;
-``info["final_observation"]`` is the observation the ended episode finished on.
+``info["final_observation"]`` is the observation the ended episode finished on. As in gymnax
+1.0, ``info["terminated"]`` and ``info["truncated"]`` repeat the two flags (the episode ended in
+a terminal state / was cut short by a limit; ``done = terminated | truncated``), so wrappers that
+pass only ``info`` along keep them; ``info["action_mask"]`` is the legal actions at the returned
+state.
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ class Environment(Generic[TState, TParams]):
         state = jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st)
         obs = jax.lax.select(done, obs_re, obs_st)
         info = dict(info)
+        info["terminated"] = terminated
+        info["truncated"] = truncated
         info["final_observation"] = obs_st
         info["action_mask"] = self.action_mask(state, params)
         return obs, state, reward, terminated, truncated, info

@@ -71,7 +71,8 @@ thread's search (a running thread still spends the tick and one unit of budget);
 ``infos["illegal_actions"]`` counts them.
 
 Infos (team-level scalars, describing the episode the tick belongs to, so at the end of an
-episode they are its totals): ``success``, ``truncated``, ``ticks`` (critical path),
+episode they are its totals): ``success``, ``terminated`` and ``truncated`` (as gymnax 1.0's
+``info``: ``dones["__all__"] = terminated | truncated``), ``ticks`` (critical path),
 ``thread_steps`` (total compute), ``threads_used`` (distinct threads that held a job),
 ``children`` (threads spawned), ``illegal_actions`` (this tick).
 
@@ -426,6 +427,7 @@ class ParallelSearch(MultiAgentEnv[EnvState, EnvParams]):
         dones["__all__"] = done
         infos = {
             "success": solved,
+            "terminated": terminated,
             "truncated": truncated,
             "ticks": new.ticks,
             "thread_steps": new.thread_steps,

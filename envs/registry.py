@@ -19,7 +19,7 @@ def registered_envs() -> list[str]:
 
 
 def make(env_id: str, **kwargs):
-    """(env, default_params) for a registered id, gymnax-style.
+    """(env, default_params) for a registered id, gymnax-style, single- and multi-agent alike.
 
     Keyword arguments go to the environment's constructor, e.g.
     ``make("Countdown-v0", num_numbers=4, max_number=99)``.

@@ -63,7 +63,13 @@ def _flag_error(exc: BaseException, argv: list[str]) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
-        rest = flags.FLAGS(argv)
+        try:
+            rest = flags.FLAGS(argv)
+        except SystemExit as e:  # absl's --help/--helpfull print the help and exit 1; asked-for help is no error
+            if e.code == 1 and any(a.split("=", 1)[0] in ("--help", "-h", "-?", "--helpshort", "--helpfull")
+                                   for a in argv[1:]):
+                sys.exit(0)
+            raise
         for name in flags.FLAGS:  # a config file that did not load is an object that raises when touched
             value = flags.FLAGS[name].value
             if type(value).__name__ == "_ErrorConfig":
@@ -71,6 +77,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return rest
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         _flag_error(e, argv)
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def config_path(spec: str) -> str:
+    """``"sft.py:tiny"`` -> the absolute ``<package>/configs/sft.py:tiny``: a default config
+    that resolves next to the installed ``experiments`` package, whatever the working directory."""
+    return os.path.join(CONFIGS_DIR, spec)
 
 
 def define_config_file(name: str, default: str, help_string: str, **kwargs) -> None:
@@ -83,6 +98,9 @@ def define_config_file(name: str, default: str, help_string: str, **kwargs) -> N
         config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         _flag_error(e, sys.argv)
+    # A key flag of the script that asked for it (so --help lists it), not of this module.
+    caller = sys._getframe(1).f_globals.get("__name__")
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
 
 
 def _exit(message: str, code: int) -> None:

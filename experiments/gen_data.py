@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 from absl import app, flags
@@ -37,7 +38,7 @@ from jaxapr import distributed
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
-cli.define_config_file("config", "experiments/configs/data.py:tiny", "Dataset config (file:preset).")
+cli.define_config_file("config", cli.config_path("data.py:tiny"), "Dataset config (file:preset).")
 flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
 flags.DEFINE_bool("overwrite", False, "Replace the gen_data output in --out (all of it).")
 
@@ -146,6 +147,8 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
 
 
 def _build(config, out: str, kinds: tuple, log) -> dict:
+    from tqdm.auto import tqdm
+
     from envs import countdown
     from jaxapr import data
 
@@ -170,17 +173,21 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
     for kind in kinds:
         trace_config = data.TraceConfig(kind=kind, **config[kind].to_dict())
         t1 = time.time()
-        last = [0.0]
+        # Problems traced per second on a bar per kind (stderr); with many processes, this one's share.
+        bar = tqdm(total=sum(len(t) for _, t in splits.splits.values()), desc=f"{kind} traces", unit="problem",
+                   file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=not main)
 
-        def progress(done, total, kind=kind, t1=t1):
-            if time.time() - last[0] > 5 or done == total:
-                last[0] = time.time()
-                log(f"  {kind}: {done:,}/{total:,} problems ({done / max(1e-9, time.time() - t1):,.0f}/s)")
+        def progress(done, total, bar=bar):
+            bar.total = total
+            bar.update(done - bar.n)
 
-        manifest = data.build_dataset(
-            os.path.join(out, kind), splits.splits, trace_config, seed=config.seed, num_workers=workers,
-            problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress,
-            process_index=process, num_processes=processes)
+        try:
+            manifest = data.build_dataset(
+                os.path.join(out, kind), splits.splits, trace_config, seed=config.seed, num_workers=workers,
+                problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress,
+                process_index=process, num_processes=processes)
+        finally:
+            bar.close()
         report["kinds"][kind] = {"seconds": time.time() - t1, "bytes_on_disk": manifest["bytes_on_disk"],
                                  "splits": {s: {k: v for k, v in m.items() if k != "files"}
                                             for s, m in manifest["splits"].items()}}

@@ -15,7 +15,6 @@ overridable (``--sft_config.num_steps=...``, ``--data_config.problems.train=...`
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -35,16 +34,15 @@ def _preset_in_argv(default: str = "mini") -> str:
     return default
 
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _PRESET = _preset_in_argv() if _preset_in_argv() in ("tiny", "mini", "paper") else "mini"  # else: --preset's error
 FLAGS = flags.FLAGS
 distributed.define_flags()  # many hosts: see jaxapr.distributed / experiments.launch
 flags.DEFINE_enum("preset", "mini", ["tiny", "mini", "paper"], "Scale of every stage.")
 flags.DEFINE_string("workdir", None, "Work directory (created; an existing one is continued).")
-cli.define_config_file("data_config", f"{_CONFIGS}/data.py:{_PRESET}", "Dataset config (file:preset).")
-cli.define_config_file("sft_config", f"{_CONFIGS}/sft.py:{_PRESET}", "SFT config (file:preset).")
-cli.define_config_file("rl_config", f"{_CONFIGS}/rl.py:{_PRESET}", "GRPO config (file:preset).")
-cli.define_config_file("eval_config", f"{_CONFIGS}/evaluate.py:{_PRESET}",
+cli.define_config_file("data_config", cli.config_path(f"data.py:{_PRESET}"), "Dataset config (file:preset).")
+cli.define_config_file("sft_config", cli.config_path(f"sft.py:{_PRESET}"), "SFT config (file:preset).")
+cli.define_config_file("rl_config", cli.config_path(f"rl.py:{_PRESET}"), "GRPO config (file:preset).")
+cli.define_config_file("eval_config", cli.config_path(f"evaluate.py:{_PRESET}"),
                        "Evaluation config (file:preset); problems=0 skips the evaluation.")
 flags.DEFINE_bool("rl", True, "Run the GRPO stages.")
 

@@ -16,7 +16,7 @@ from jaxapr import distributed
 
 FLAGS = flags.FLAGS
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ... (see jaxapr.distributed)
-cli.define_config_file("config", "experiments/configs/rl.py:tiny", "GRPO config (file:preset).")
+cli.define_config_file("config", cli.config_path("rl.py:tiny"), "GRPO config (file:preset).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint of the same run).")
 
 

@@ -68,3 +68,13 @@ def test_prepare_reuses_the_same_config_and_refuses_another_preset(tmp_path):
     (tmp_path / "other" / "x").write_text("x")
     with pytest.raises(ValueError, match="holds files but no gen_data identity"):
         gen_data.prepare(small(), str(tmp_path / "other"), log=quiet)
+
+
+def test_progress_is_a_bar_per_kind_and_the_table_is_printed(tmp_path, capsys):
+    lines = []
+    gen_data.run(small(), str(tmp_path / "d"), log=lines.append)
+    err = capsys.readouterr().err
+    for kind in ("sosp", "apr"):  # a tqdm bar with the rate in problems per second, ending at every problem
+        assert f"{kind} traces" in err and "problem/s" in err and "28/28" in err
+    assert not any("problems (" in line for line in lines)  # no progress lines in the log
+    assert any(line.startswith("kind") and "tokens/problem" in line for line in lines)  # the table stays

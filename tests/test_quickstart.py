@@ -1,5 +1,6 @@
 """The main job (experiments.quickstart) and its notebook at a seconds-long size: every stage,
-the table, the JSON and the plots; its verdict logic by hand; bad flags fail fast."""
+the table, the JSON and the plots; its verdict logic by hand; bad flags fail fast. The notebook:
+tests/test_notebook.py."""
 import json
 import os
 import subprocess
@@ -47,34 +48,6 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.shipped_policies("mini")["sosp"]  # the default
     for line in ("[5/5] results", "APR (", "APR + GRPO (demo)", "SoS+ from scratch", "Target (APR >= 10 points"):
         assert line in proc.stdout
-
-
-@pytest.mark.slow
-def test_colab_notebook_runs_on_cpu(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.read(os.path.join(ROOT, "experiments", "colab_quickstart.ipynb"), as_version=4)
-    workdir = str(tmp_path / "nb")
-    old = {k: os.environ.get(k) for k in ("JAXAPR_NOTEBOOK_SIZE", "JAXAPR_NOTEBOOK_WORKDIR", "XLA_FLAGS", "PYTHONPATH")}
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # this checkout, installed or not
-    os.environ.update(JAXAPR_NOTEBOOK_SIZE="test", JAXAPR_NOTEBOOK_WORKDIR=workdir, XLA_FLAGS="", PYTHONPATH=path)
-    try:  # the kernel inherits this environment
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    out = json.load(open(os.path.join(workdir, "quickstart.json")))
-    _check_output(out, workdir, [128], rl_eval=False)
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the plots are shown inline
-    text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
-    assert "size 'test'" in text and "Target (APR >= 10 points" in text
 
 
 def _row(run, ctx, acc, n=200):

@@ -58,6 +58,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.async_checkpoint = True
     c.max_train_seconds = 0
     c.progress = True
+    c.wandb = False  # True: also log the metrics to Weights & Biases (pip install 'jaxapr[wandb]')
     c.overwrite = False  # True: delete the workdir's previous run (checkpoints, metrics) and start afresh
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = "auto"

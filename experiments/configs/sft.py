@@ -59,6 +59,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.keep = 3
     c.async_checkpoint = True
     c.progress = True
+    c.wandb = False  # True: also log the metrics to Weights & Biases (pip install 'jaxapr[wandb]')
     c.overwrite = False  # True: delete the workdir's previous run (checkpoints, metrics) and start afresh
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
     c.rules = "auto"  # or a jaxapr.sharding.RULES name

@@ -183,7 +183,8 @@ class _Loop:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
         self.writer = MetricWriter(self.workdir, total_steps=config.num_steps, enabled=self.main,
-                                   progress=config.progress, resume_step=step)
+                                   progress=config.progress, resume_step=step, wandb=config.get("wandb", False),
+                                   wandb_config=run_config.to_dict(config))
         if step == 0 and config.get("eval_at_start", False):
             self._evaluate(state, 0)
         last: dict = {}

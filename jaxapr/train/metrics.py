@@ -1,4 +1,5 @@
-"""Training metrics: a JSONL file (always), TensorBoard event files, a console progress bar.
+"""Training metrics: a JSONL file (always), TensorBoard event files, a console progress bar and,
+optionally, Weights & Biases.
 
 ``MetricWriter(workdir)`` appends one JSON object per ``write(step, metrics)`` to
 ``<workdir>/metrics.jsonl`` (``{"step": step, name: value, ...}``, flushed per line; NaN and
@@ -11,6 +12,14 @@ Resuming: ``MetricWriter(workdir, resume_step=s)`` drops the JSONL lines with ``
 (the file is rewritten atomically) and opens the TensorBoard writer with ``purge_step=s + 1``
 (which makes TensorBoard discard the old events after ``s``), so a resumed run's metrics
 equal an uninterrupted run's.
+
+Weights & Biases (``wandb=True``; the training configs' ``--config.wandb=True``): ``wandb`` is
+imported only then (``pip install 'jaxapr[wandb]'``; without it the writer raises a one-line
+ValueError). The run is named after the work directory, its id is kept in
+``<workdir>/wandb_run_id`` so a resumed training run continues the same W&B run, the project is
+``$WANDB_PROJECT`` (default ``jaxapr``) and ``wandb_config`` is logged as the run's config. W&B
+keeps the first value logged at a step, so steps a resumed run repeats keep their old values
+there (the JSONL file and TensorBoard have the resumed ones).
 
 In a multi-host run only one process writes: pass ``enabled=(jax.process_index() == 0)``;
 a disabled writer does nothing at all.
@@ -32,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 JSONL = "metrics.jsonl"
 TB_DIR = "tensorboard"
+WANDB_ID = "wandb_run_id"
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -102,16 +112,37 @@ def read_metrics(workdir: str | os.PathLike, prefix: str | None = None) -> list[
     return rows
 
 
+def _start_wandb(workdir: str, config: Mapping[str, Any] | None):
+    """A W&B run for ``workdir`` (the same one again when the workdir already started one)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("wandb=True needs the wandb package: pip install 'jaxapr[wandb]' "
+                         "(or set --config.wandb=False)") from None
+    id_path = os.path.join(workdir, WANDB_ID)
+    if os.path.isfile(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "jaxapr"), name=os.path.basename(os.path.abspath(workdir)),
+                      id=run_id, resume="allow", dir=workdir, config=dict(config or {}))
+
+
 class MetricWriter:
     """Write metrics to ``<workdir>/metrics.jsonl``, TensorBoard and a progress bar.
 
     ``total_steps``: the length of the progress bar. ``enabled``: False makes every method a
     no-op (pass ``jax.process_index() == 0``). ``tensorboard``/``progress``: turn those parts
-    off. ``resume_step``: continue a run from this step (see the module docstring).
+    off. ``resume_step``: continue a run from this step (see the module docstring). ``wandb``:
+    also log to Weights & Biases, with ``wandb_config`` as the run's config.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int | None = None, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True, resume_step: int | None = None):
+                 tensorboard: bool = True, progress: bool = True, resume_step: int | None = None,
+                 wandb: bool = False, wandb_config: Mapping[str, Any] | None = None):
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
             raise ValueError(f"total_steps={total_steps!r}: expected a non-negative int or None")
         if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
@@ -122,6 +153,7 @@ class MetricWriter:
         self._file = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         self._closed = False
         self._last_time = time.perf_counter()
         if not self.enabled:
@@ -131,6 +163,8 @@ class MetricWriter:
         os.makedirs(self.workdir, exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
+        if wandb:  # before any file is opened: a missing package leaves nothing to close
+            self._wandb = _start_wandb(self.workdir, wandb_config)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -198,6 +232,9 @@ class MetricWriter:
                 if key != "step":
                     self._tb.add_scalar(key, float(_NONFINITE[value] if isinstance(value, str) else value), step, now)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: _NONFINITE[v] if isinstance(v, str) else v for k, v in row.items() if k != "step"},
+                            step=step)
 
     def progress(self, step: int, *, tokens: int | None = None, **postfix: Any) -> None:
         """Move the bar to ``step`` and show ``postfix`` (numbers shortened). ``tokens``: the
@@ -238,6 +275,8 @@ class MetricWriter:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> "MetricWriter":
         return self

@@ -23,7 +23,7 @@ from jaxapr import model as model_lib
 # Fields that a continuation may change (dotted prefixes of the flattened config).
 RESUMABLE = ("num_steps", "max_train_seconds", "eval_every", "eval_problems", "eval_batches", "eval_num_slots",
              "eval_max_context", "eval_split", "eval_at_start", "checkpoint_every", "log_every", "keep",
-             "async_checkpoint", "progress", "mesh", "rules", "overwrite")
+             "async_checkpoint", "progress", "wandb", "mesh", "rules", "overwrite")
 
 
 def to_dict(config) -> dict:

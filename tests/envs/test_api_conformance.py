@@ -178,3 +178,30 @@ def test_no_retracing(env_id):
         key = jax.random.PRNGKey(t)
         obs, state, *_ = jitted(key, state, sample(env, key, masks(env, state, params)), params)
     jax.block_until_ready(state)
+
+
+def test_registry_lists_both_kinds_and_make_returns_env_and_params():
+    assert {"Countdown-v0", "ParallelSearch-v0"} <= set(envs.registered_envs())
+    for env_id in ENV_IDS:
+        out = envs.make(env_id, **KWARGS.get(env_id, {}))
+        assert isinstance(out, tuple) and len(out) == 2, env_id
+        env, params = out
+        assert isinstance(env, (envs.Environment, envs.MultiAgentEnv))
+        assert jax.tree.structure(params) == jax.tree.structure(env.default_params)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_info_has_terminated_and_truncated(env_id):
+    # gymnax 1.0: info["terminated"] | info["truncated"] is the step's done, never both at once.
+    env, params = make(env_id)
+    key = jax.random.PRNGKey(3)
+    obs, state = env.reset(key, params)
+    ended = 0
+    for i in range(40):
+        ka, ks = jax.random.split(jax.random.fold_in(key, i))
+        obs, state, _, done, info = step(env, ks, state, sample(env, ka, masks(env, state, params)), params)
+        assert info["terminated"].dtype == jnp.bool_ and info["truncated"].dtype == jnp.bool_
+        assert bool(info["terminated"] | info["truncated"]) == bool(done)
+        assert not bool(info["terminated"] & info["truncated"])
+        ended += bool(done)
+    assert ended > 0

@@ -124,3 +124,70 @@ def test_progress_bar_shows_postfix_and_tokens_per_second(tmp_path, capsys):
     with MetricWriter(tmp_path, total_steps=10, tensorboard=False, progress=False) as w:
         w.progress(3, loss=1.0)  # no bar: a no-op
         assert w._bar is None
+
+
+class _FakeWandb:
+    """Stands in for the ``wandb`` module: records init/log/finish calls."""
+
+    def __init__(self):
+        import types
+
+        self.inits, self.logs, self.finished = [], [], 0
+        self.util = types.SimpleNamespace(generate_id=lambda: f"id{len(self.inits)}")
+        fake = self
+
+        class Run:
+            def log(self, data, step=None):
+                fake.logs.append((step, dict(data)))
+
+            def finish(self):
+                fake.finished += 1
+
+        self._run = Run
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self._run()
+
+
+def test_wandb_logs_every_row_and_resumes_the_same_run(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    with MetricWriter(tmp_path / "run", progress=False, tensorboard=False, wandb=True,
+                      wandb_config={"kind": "apr"}) as w:
+        w.write(1, {"loss": 2.0, "tokens": 10})
+        w.write(2, {"loss": float("nan")}, prefix="eval/")
+    assert fake.finished == 1
+    assert fake.inits[0]["project"] == "proj" and fake.inits[0]["name"] == "run"
+    assert fake.inits[0]["config"] == {"kind": "apr"} and fake.inits[0]["resume"] == "allow"
+    assert fake.logs[0] == (1, {"loss": 2.0, "tokens": 10})
+    assert fake.logs[1][0] == 2 and math.isnan(fake.logs[1][1]["eval/loss"])
+    with MetricWriter(tmp_path / "run", progress=False, tensorboard=False, wandb=True, resume_step=1) as w:
+        w.write(2, {"loss": 1.0})
+    assert fake.inits[1]["id"] == fake.inits[0]["id"]  # the run continues
+    with MetricWriter(tmp_path / "off", progress=False, tensorboard=False) as w:  # default: no W&B
+        w.write(1, {"loss": 1.0})
+    with MetricWriter(tmp_path / "other", progress=False, tensorboard=False, wandb=True, enabled=False) as w:
+        w.write(1, {"loss": 1.0})  # a disabled writer (not process 0) never starts a run
+    assert len(fake.inits) == 2 and len(fake.logs) == 3
+
+
+def test_wandb_missing_is_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'jaxapr\[wandb\]'") as e:
+        MetricWriter(tmp_path, progress=False, tensorboard=False, wandb=True)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_training_configs_have_wandb_off():
+    from experiments.configs import rl, sft
+
+    for module in (sft, rl):
+        for preset in module.PRESETS:
+            assert module.get_config(preset).wandb is False

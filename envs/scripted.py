@@ -67,16 +67,17 @@ def evaluate(env, params, policy, indices=None) -> dict:
 
     def one(index):
         obs, state = env.reset_to(index, params)
-        info0 = {
-            "success": jnp.zeros((), bool), "truncated": jnp.zeros((), bool), "ticks": jnp.int32(0),
-            "thread_steps": jnp.int32(0), "threads_used": jnp.int32(1), "children": jnp.int32(0),
-            "illegal_actions": jnp.int32(0),
-        }
+
+        def step(obs, state):
+            actions = policy(obs, env.get_avail_actions(state))
+            return env.step_env(jax.random.PRNGKey(0), state, actions, params)
+
+        # The loop's info starts as zeros of exactly what step_env returns (whatever its keys).
+        info0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, obs, state)[4])
 
         def body(carry):
             obs, state, _, ret, _ = carry
-            actions = policy(obs, env.get_avail_actions(state))
-            obs, state, rewards, dones, info = env.step_env(jax.random.PRNGKey(0), state, actions, params)
+            obs, state, rewards, dones, info = step(obs, state)
             return obs, state, dones["__all__"], ret + rewards[env.agents[0]], info
 
         carry = (obs, state, jnp.zeros((), bool), jnp.float32(0), info0)

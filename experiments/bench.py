@@ -34,7 +34,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_util import fmt, interleaved_medians, median_time, print_table
+from experiments.bench_util import fmt, interleaved_medians, median_time, print_table, quickstart_stages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train", "quickstart"],
@@ -687,23 +687,6 @@ def suite_train(quick: bool, repeats: int) -> dict:
 
     return run(quick, repeats, presets=FLAGS.train_presets, grpo=FLAGS.train_grpo, policy_path=FLAGS.grpo_policy,
                data_dir=FLAGS.grpo_data_dir, num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
-
-
-def quickstart_stages(out: dict) -> dict:
-    """{stage: {"seconds", "tokens_per_s"}} of a quickstart.json: its stage timers, and for the
-    evaluation stages the decoded tokens per second of wall time."""
-    rows = out.get("rows", [])
-    tokens = {
-        "evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] in ("sosp", "apr")),
-        "grpo_evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] == "apr_rl"),
-    }
-    stages = {}
-    for name, seconds in out.get("times", {}).items():
-        row = {"seconds": float(seconds)}
-        if tokens.get(name):
-            row["tokens_per_s"] = tokens[name] / max(float(seconds), 1e-9)
-        stages[name] = row
-    return stages
 
 
 def suite_quickstart(quick: bool, repeats: int) -> dict:

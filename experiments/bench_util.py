@@ -44,3 +44,20 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return "" if v is None else str(v)
+
+
+def quickstart_stages(out: dict) -> dict:
+    """{stage: {"seconds", "tokens_per_s"}} of a quickstart.json: its stage timers, and for the
+    evaluation stages the decoded tokens per second of wall time."""
+    rows = out.get("rows", [])
+    tokens = {
+        "evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] in ("sosp", "apr")),
+        "grpo_evaluate": sum(r["total_tokens"] * r["problems"] for r in rows if r["run"] == "apr_rl"),
+    }
+    stages = {}
+    for name, seconds in out.get("times", {}).items():
+        row = {"seconds": float(seconds)}
+        if tokens.get(name):
+            row["tokens_per_s"] = tokens[name] / max(float(seconds), 1e-9)
+        stages[name] = row
+    return stages

@@ -23,13 +23,13 @@ def test_bad_grpo_flags_fail_fast(tmp_path):
 def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
     import json
 
-    from experiments import bench
+    from experiments.bench_util import quickstart_stages
 
     run = {"rows": [{"run": "sosp", "total_tokens": 800.0, "problems": 200},
                     {"run": "apr", "total_tokens": 2000.0, "problems": 200},
                     {"run": "scratch", "total_tokens": 1000.0, "problems": 200}],
            "times": {"data": 20.0, "evaluate": 400.0, "total": 900.0}}
-    stages = bench.quickstart_stages(run)
+    stages = quickstart_stages(run)
     assert stages["evaluate"] == {"seconds": 400.0, "tokens_per_s": (800 + 2000) * 200 / 400}
     assert stages["data"] == {"seconds": 20.0} and set(stages) == {"data", "evaluate", "total"}
     base = {"rows": run["rows"][:1], "times": {"data": 25.0, "evaluate": 600.0, "total": 1800.0}}

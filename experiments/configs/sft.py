@@ -21,9 +21,8 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         raise ValueError(f"unknown SFT preset {preset!r}: expected one of {PRESETS}")
     c = ConfigDict()
     c.preset = preset
-    # mini trains the tiny model's dimensions: the 4.8M-parameter mini model runs ~3k tokens/s
-    # of SFT on 2 CPU cores (~5k with jaxapr.kernels), too few tokens in 2 hours (BUILD_NOTES);
-    # paper and tiny are their own.
+    # mini trains the tiny model's dimensions: the 4.8M-parameter mini model trains too few
+    # tokens in reproduce's 2.5 hours on 2 CPU cores (BUILD_NOTES); paper and tiny are their own.
     c.model = ConfigDict(dataclasses.asdict(model.PRESETS["tiny" if preset == "mini" else preset]))
     c.kind = "sosp"  # "sosp" | "apr": which dataset of data_dir trains, and how validation rolls out
     c.data_dir = ""  # an experiments.gen_data output directory (required)

@@ -195,8 +195,7 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
     t0 = time.perf_counter()
     runs = {_run_name(m): os.path.join(export_dir, name) for name, m in manifest["files"].items() if "method" in m}
     if eval_config.policies == "best":
-        choice = manifest.get("choice", {})
-        best = {k + ("_rl" if choice.get(k, {}).get("best") == "grpo" else "") for k in KINDS}
+        best = set(best_runs(manifest.get("choice", {})).values())
         runs = {name: path for name, path in runs.items() if name in best}
     numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[eval_config.split]
     n = min(int(eval_config.problems), len(targets))
@@ -315,13 +314,17 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
     return manifest
 
 
+def best_runs(choice: dict) -> dict:
+    """{method: the run name of its validation-chosen policy} ("apr" or "apr_rl", ...)."""
+    return {k: k + ("_rl" if choice.get(k, {}).get("best") == "grpo" else "") for k in KINDS}
+
+
 def headline(result: dict) -> list[dict]:
     """Each method's validation-chosen policy at every context, and APR's lead with its paired
     interval: the paper's comparison."""
     from experiments import analysis
 
-    choice = result.get("choice", {})
-    best = {k: k + ("_rl" if choice.get(k, {}).get("best") == "grpo" else "") for k in KINDS}
+    best = best_runs(result.get("choice", {}))
     rows = []
     for ctx in result["contexts"]:
         a = analysis.find(result, best["apr"], "context", context=ctx)

@@ -15,6 +15,7 @@ dict as gymnax 1.0 does (the episode reached a terminal state / was cut short by
 
 Adapters for gymnax's and JaxMARL's own wrappers: ``envs.compat`` (extra ``compat``).
 """
+
 from envs import compat, countdown, multi_agent, parallel_search, scripted, spaces
 from envs.environment import Environment
 from envs.multi_agent import MultiAgentEnv
@@ -25,7 +26,17 @@ register("Countdown-v0", countdown.Countdown)
 register("ParallelSearch-v0", ParallelSearch)
 
 __all__ = [
-    "Environment", "MultiAgentEnv", "ParallelSearch", "compat", "countdown", "make", "multi_agent",
-    "parallel_search", "register", "registered_envs", "scripted", "spaces",
+    "Environment",
+    "MultiAgentEnv",
+    "ParallelSearch",
+    "compat",
+    "countdown",
+    "make",
+    "multi_agent",
+    "parallel_search",
+    "register",
+    "registered_envs",
+    "scripted",
+    "spaces",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ adapter is built, so ``import envs`` works without them.
   info entry is broadcast to shape ``[num_agents]``, as JaxMARL's IPPO loops reshape infos
   per actor. The parameters are fixed at construction (JaxMARL keeps them on the object).
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,8 @@ def _convert_space(space, mod):
 @functools.cache
 def _gymnax_class():
     try:
-        from gymnax.environments import environment, spaces as gspaces
+        from gymnax.environments import environment
+        from gymnax.environments import spaces as gspaces
     except ImportError as e:
         raise ImportError(f"envs.compat.to_gymnax needs gymnax: pip install 'jaxapr[compat]' ({e})") from None
 
@@ -146,7 +148,9 @@ def to_gymnax(env, params=None):
     from envs.environment import Environment
 
     if not isinstance(env, Environment):
-        raise ValueError(f"to_gymnax(env={env!r}): expected a single-agent envs.Environment (use to_jaxmarl for multi-agent)")
+        raise ValueError(
+            f"to_gymnax(env={env!r}): expected a single-agent envs.Environment (use to_jaxmarl for multi-agent)"
+        )
     return _gymnax_class()(env, params)
 
 

@@ -12,6 +12,7 @@ a terminal state / was cut short by a limit; ``done = terminated | truncated``),
 pass only ``info`` along keep them; ``info["action_mask"]`` is the legal actions at the returned
 state.
 """
+
 from __future__ import annotations
 
 from typing import Any, Generic, TypeVar

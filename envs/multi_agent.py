@@ -17,9 +17,11 @@ work unchanged. A subclass implements ``reset_env``/``step_env`` (one episode, n
 episode, while ``rewards``, ``dones`` and ``infos`` describe the tick that ended the old one.
 Everything is pure and works under ``jax.jit`` and ``jax.vmap``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Generic, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
 
 import jax
 

@@ -79,6 +79,7 @@ episode they are its totals): ``success``, ``terminated`` and ``truncated`` (as 
 Problems: reset draws one from the bank in ``params`` (as ``Countdown-v0`` does);
 ``reset_to(index, params)`` starts at a given one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -133,8 +134,10 @@ def _check_budgets(thread_budget, compute_budget, max_ticks, tick_cost, step_cos
     max_ticks = problems._check_int("max_ticks", max_ticks, 1, 2**31 - 1)
     out = []
     for name, value in (("tick_cost", tick_cost), ("step_cost", step_cost)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-            np.isfinite(value) and value >= 0
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not (np.isfinite(value) and value >= 0)
         ):
             raise ValueError(f"{name}={value!r} is out of range: expected a finite number >= 0")
         out.append(float(value))
@@ -210,8 +213,13 @@ class ParallelSearch(MultiAgentEnv[EnvState, EnvParams]):
     @property
     def default_params(self) -> EnvParams:
         return _default_params(
-            self.num_numbers, self.min_target, self.max_target, self.max_number, self.bank_size,
-            self.bank_seed, self._budgets,
+            self.num_numbers,
+            self.min_target,
+            self.max_target,
+            self.max_number,
+            self.bank_size,
+            self.bank_seed,
+            self._budgets,
         )
 
     @property
@@ -372,15 +380,15 @@ class ParallelSearch(MultiAgentEnv[EnvState, EnvParams]):
         returns_to = jnp.sum((state.parent[None, :] == ks[:, None]) & is_ret[None, :], axis=-1, dtype=jnp.int32)
         pending = state.pending + granted - returns_to
 
-        depth = jnp.where(
-            is_child, parent_depth + 1, jnp.where(is_ret, 0, state.depth + is_move - is_back)
-        ).astype(jnp.int32)
-        root_depth = jnp.where(is_child, parent_depth + 1, jnp.where(is_ret, 0, state.root_depth))
-        status = jnp.where(
-            is_child, RUNNING, jnp.where(is_ret, IDLE, jnp.where(granted > 0, WAITING, state.status))
+        depth = jnp.where(is_child, parent_depth + 1, jnp.where(is_ret, 0, state.depth + is_move - is_back)).astype(
+            jnp.int32
         )
+        root_depth = jnp.where(is_child, parent_depth + 1, jnp.where(is_ret, 0, state.root_depth))
+        status = jnp.where(is_child, RUNNING, jnp.where(is_ret, IDLE, jnp.where(granted > 0, WAITING, state.status)))
         status = jnp.where((status == WAITING) & (pending == 0), RUNNING, status).astype(jnp.int32)
-        parent = jnp.where(is_child, jnp.sum(jnp.where(assign, ks[None], 0), axis=-1), jnp.where(is_ret, -1, state.parent))
+        parent = jnp.where(
+            is_child, jnp.sum(jnp.where(assign, ks[None], 0), axis=-1), jnp.where(is_ret, -1, state.parent)
+        )
         spend = running & ~is_ret
         budget = jnp.where(
             is_child, params.thread_budget, jnp.where(is_ret, 0, jnp.maximum(state.budget_left - spend, 0))

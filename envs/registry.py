@@ -1,7 +1,9 @@
 """``envs.make`` and the registry of environment ids."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 

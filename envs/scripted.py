@@ -20,6 +20,7 @@ available action in a fixed priority order, which the masks make well defined:
 ``evaluate(env, params, policy)`` plays one episode per bank problem to its end and returns
 the per-problem totals.
 """
+
 from __future__ import annotations
 
 import jax

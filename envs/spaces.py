@@ -1,7 +1,8 @@
 """Observation and action spaces (gymnax-style), with no dependency beyond jax."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

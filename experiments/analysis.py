@@ -19,6 +19,7 @@ same problems; with ``cache_dir`` each finished condition is stored and a rerun 
 (keyed by an exported policy file's sha256 and the condition), so an interrupted evaluation
 resumes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,15 +38,15 @@ MODES = {"sosp": "sosp", "apr": "apr", "sosp_rl": "sosp", "apr_rl": "apr"}
 class Plan:
     """What an evaluation runs (``experiments/configs/evaluate.py`` holds the presets)."""
 
-    contexts: tuple = (1024,)     # per-call windows of the context analysis (the last is the main one)
-    n_max: int = 8                # SoS+ pass@n / cons@n for n = 1..n_max
-    budgets: tuple = ()           # APR "Sub Call Budget: b" conditions (when the data has budgets)
-    sweep_problems: int = 0       # problems of the tokens analysis (0: all)
-    temperature: float = 1.0      # sampling temperature of pass@n / cons@n
+    contexts: tuple = (1024,)  # per-call windows of the context analysis (the last is the main one)
+    n_max: int = 8  # SoS+ pass@n / cons@n for n = 1..n_max
+    budgets: tuple = ()  # APR "Sub Call Budget: b" conditions (when the data has budgets)
+    sweep_problems: int = 0  # problems of the tokens analysis (0: all)
+    temperature: float = 1.0  # sampling temperature of pass@n / cons@n
     num_slots: int = 64
     seed: int = 0
 
-    def check(self) -> "Plan":
+    def check(self) -> Plan:
         if not self.contexts or min(int(c) for c in self.contexts) < 32:
             raise ValueError(f"contexts={list(self.contexts)}: expected at least one window of >= 32 tokens")
         for name in ("n_max", "sweep_problems"):
@@ -69,14 +70,20 @@ def resolve_runs(workdir, overrides: dict) -> dict:
     runs = {}
     for name, sub in RUNS.items():
         path = overrides.get(name) or (os.path.join(workdir, sub) if workdir else None)
-        if path and (os.path.isdir(os.path.join(path, "checkpoints")) or (path.endswith(".npz") and os.path.isfile(path))):
+        if path and (
+            os.path.isdir(os.path.join(path, "checkpoints")) or (path.endswith(".npz") and os.path.isfile(path))
+        ):
             runs[name] = path
         elif overrides.get(name):
-            raise FileNotFoundError(f"--{name}={path!r} is neither a run with checkpoints/ nor an exported .npz: "
-                                    "expected a train_sft / train_rl workdir or a file written by export_policy")
+            raise FileNotFoundError(
+                f"--{name}={path!r} is neither a run with checkpoints/ nor an exported .npz: "
+                "expected a train_sft / train_rl workdir or a file written by export_policy"
+            )
     if not runs:
-        raise FileNotFoundError(f"no runs found (workdir={workdir!r}): expected sft_sosp/, sft_apr/, rl_sosp/ or "
-                                "rl_apr/ with checkpoints, or --sosp/--apr/--sosp_rl/--apr_rl")
+        raise FileNotFoundError(
+            f"no runs found (workdir={workdir!r}): expected sft_sosp/, sft_apr/, rl_sosp/ or "
+            "rl_apr/ with checkpoints, or --sosp/--apr/--sosp_rl/--apr_rl"
+        )
     return runs
 
 
@@ -143,8 +150,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     ``records``."""
     import jax
 
-    from jaxapr import evaluation
-    from jaxapr import policy_io
+    from jaxapr import evaluation, policy_io
 
     plan = plan.check()
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -158,28 +164,38 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
         return policies[run]
 
     main_ctx = plan.main_context
-    out = {"problems": int(len(targets)), "contexts": sorted(int(c) for c in plan.contexts), "main_context": main_ctx,
-           "plan": dataclasses.asdict(plan), "runs": dict(runs), "conditions": []}
+    out = {
+        "problems": len(targets),
+        "contexts": sorted(int(c) for c in plan.contexts),
+        "main_context": main_ctx,
+        "plan": dataclasses.asdict(plan),
+        "runs": dict(runs),
+        "conditions": [],
+    }
 
     def record(cond):
         out["conditions"].append(cond)
-        log(f"  {NAMES.get(cond['run'], cond['run']):12s} {cond['analysis']:8s} {cond['mode']:8s} ctx {cond['context']:5d} "
+        log(
+            f"  {NAMES.get(cond['run'], cond['run']):12s} {cond['analysis']:8s} {cond['mode']:8s} ctx {cond['context']:5d} "
             f"{cond['prefix'].strip():20s} {_acc(cond):26s} tokens {cond['total_tokens']:8.1f} "
-            f"children {cond['children']:5.2f} ({cond['seconds']:.0f} s{', cached' if cond.get('cached') else ''})")
+            f"children {cond['children']:5.2f} ({cond['seconds']:.0f} s{', cached' if cond.get('cached') else ''})"
+        )
 
     def greedy(run, analysis, context, prefix="", subset=None):
         probs = (numbers, targets) if subset is None else (numbers[:subset], targets[:subset])
         spec = {"mode": MODES[run], "context": int(context), "prefix": prefix, "problems": len(probs[1])}
         hit = cache.get(run, spec)
         if hit is None:
-            metrics, records = evaluation.evaluate_rollouts(policy(run), probs, mode=MODES[run], max_context=context,
-                                                            num_slots=plan.num_slots, prefix=prefix)
+            metrics, records = evaluation.evaluate_rollouts(
+                policy(run), probs, mode=MODES[run], max_context=context, num_slots=plan.num_slots, prefix=prefix
+            )
             hit = {"metrics": metrics, "records": records}
             cache.put(run, spec, hit)
         else:
             hit["metrics"]["cached"] = True
-        record({"run": run, "analysis": analysis, "temperature": 0.0, **spec, **hit["metrics"],
-                "records": hit["records"]})
+        record(
+            {"run": run, "analysis": analysis, "temperature": 0.0, **spec, **hit["metrics"], "records": hit["records"]}
+        )
 
     for ctx in out["contexts"]:
         for run in RUNS:
@@ -192,19 +208,41 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
         if run not in runs or not plan.n_max:
             continue
         modes = [f"{kind}@{n}" for n in range(1, plan.n_max + 1) for kind in ("pass", "cons")]
-        spec = {"modes": modes, "context": main_ctx, "problems": sweep, "temperature": plan.temperature,
-                "seed": plan.seed}
+        spec = {
+            "modes": modes,
+            "context": main_ctx,
+            "problems": sweep,
+            "temperature": plan.temperature,
+            "seed": plan.seed,
+        }
         hit = cache.get(run, spec)
         if hit is None:
-            rows = evaluation.sampled_rollouts(policy(run), (numbers[:sweep], targets[:sweep]), modes=modes,
-                                               max_context=main_ctx, num_slots=plan.num_slots,
-                                               temperature=plan.temperature, key=jax.random.key(plan.seed))
+            rows = evaluation.sampled_rollouts(
+                policy(run),
+                (numbers[:sweep], targets[:sweep]),
+                modes=modes,
+                max_context=main_ctx,
+                num_slots=plan.num_slots,
+                temperature=plan.temperature,
+                key=jax.random.key(plan.seed),
+            )
             hit = {m: {"metrics": metrics, "records": records} for m, (metrics, records) in rows.items()}
             cache.put(run, spec, hit)
         for mode in modes:
-            record({"run": run, "analysis": "tokens", "mode": mode, "context": main_ctx, "prefix": "",
-                    "problems": sweep, "temperature": plan.temperature, "samples_drawn": plan.n_max,
-                    **hit[mode]["metrics"], "records": hit[mode]["records"]})
+            record(
+                {
+                    "run": run,
+                    "analysis": "tokens",
+                    "mode": mode,
+                    "context": main_ctx,
+                    "prefix": "",
+                    "problems": sweep,
+                    "temperature": plan.temperature,
+                    "samples_drawn": plan.n_max,
+                    **hit[mode]["metrics"],
+                    "records": hit[mode]["records"],
+                }
+            )
     for run in ("apr", "apr_rl"):
         if run in runs and plan.budgets and has_budgets(runs[run]):
             for b in plan.budgets:
@@ -223,9 +261,14 @@ def _acc(c: dict) -> str:
 def find(result: dict, run: str, analysis: str, *, context=None, mode=None, prefix: str = "", problems=None):
     """The one condition matching, or None."""
     for c in result["conditions"]:
-        if (c["run"] == run and c["analysis"] == analysis and (context is None or c["context"] == context)
-                and (mode is None or c["mode"] == mode) and c["prefix"] == prefix
-                and (problems is None or c["problems"] == problems)):
+        if (
+            c["run"] == run
+            and c["analysis"] == analysis
+            and (context is None or c["context"] == context)
+            and (mode is None or c["mode"] == mode)
+            and c["prefix"] == prefix
+            and (problems is None or c["problems"] == problems)
+        ):
             return c
     return None
 
@@ -253,16 +296,28 @@ def compare(result: dict) -> list[dict]:
             if ctx_rows[a] and ctx_rows[b]:
                 out.append(paired(ctx_rows[a], ctx_rows[b], label=f"{NAMES[a]} - {NAMES[b]} at {ctx}"))
         if ctx_rows["apr_rl"] and ctx_rows["apr"]:
-            out.append(paired(ctx_rows["apr_rl"], ctx_rows["apr"], "children",
-                              label=f"children: {NAMES['apr_rl']} - {NAMES['apr']} at {ctx}"))
+            out.append(
+                paired(
+                    ctx_rows["apr_rl"],
+                    ctx_rows["apr"],
+                    "children",
+                    label=f"children: {NAMES['apr_rl']} - {NAMES['apr']} at {ctx}",
+                )
+            )
     main = result["main_context"]
     cons = [c for c in result["conditions"] if c["run"] == "sosp" and c["mode"].startswith("cons@")]
     for run in ("apr", "apr_rl"):
         apr = find(result, run, "tokens", context=main, prefix="")
         if apr and cons:  # matched total tokens: the cons@n whose tokens come closest
             near = min(cons, key=lambda c: abs(c["total_tokens"] - apr["total_tokens"]))
-            out.append(paired(apr, near, label=f"{NAMES[run]} - SoS+ {near['mode']} at matched total tokens "
-                              f"({apr['total_tokens']:.0f} vs {near['total_tokens']:.0f})"))
+            out.append(
+                paired(
+                    apr,
+                    near,
+                    label=f"{NAMES[run]} - SoS+ {near['mode']} at matched total tokens "
+                    f"({apr['total_tokens']:.0f} vs {near['total_tokens']:.0f})",
+                )
+            )
     budgets = sorted({c["prefix"] for c in result["conditions"] if c["prefix"]}, key=lambda p: int(p.split(": ")[1]))
     if budgets:
         top = budgets[-1]
@@ -288,33 +343,45 @@ def tables(result: dict) -> str:
         if not rows:
             return
         lines.append(f"\n{title}")
-        lines.append(f"{'policy':12s} {'mode':8s} {'context':>7s} {'prefix':>20s} {'problems':>8s} {'accuracy [95% CI]':>24s} "
-                     f"{'total tok':>9s} {'+context':>9s} {'seq tok':>8s} {'latency':>8s} {'children':>8s}")
+        lines.append(
+            f"{'policy':12s} {'mode':8s} {'context':>7s} {'prefix':>20s} {'problems':>8s} {'accuracy [95% CI]':>24s} "
+            f"{'total tok':>9s} {'+context':>9s} {'seq tok':>8s} {'latency':>8s} {'children':>8s}"
+        )
         for r in rows:
-            lines.append(f"{NAMES.get(r['run'], r['run']):12s} {r['mode']:8s} {r['context']:7d} {r['prefix'].strip():>20s} "
-                         f"{r['problems']:8d} {_acc(r):>24s} {r['total_tokens']:9.0f} "
-                         f"{r['total_tokens_with_context']:9.0f} {r['sequential_tokens']:8.0f} "
-                         f"{r['latency_steps']:8.0f} {r['children']:8.2f}")
+            lines.append(
+                f"{NAMES.get(r['run'], r['run']):12s} {r['mode']:8s} {r['context']:7d} {r['prefix'].strip():>20s} "
+                f"{r['problems']:8d} {_acc(r):>24s} {r['total_tokens']:9.0f} "
+                f"{r['total_tokens_with_context']:9.0f} {r['sequential_tokens']:8.0f} "
+                f"{r['latency_steps']:8.0f} {r['children']:8.2f}"
+            )
 
     fmt([r for r in conds if r["analysis"] == "context"], "Accuracy vs per-call context window (greedy)")
-    fmt([r for r in conds if r["analysis"] == "tokens"],
+    fmt(
+        [r for r in conds if r["analysis"] == "tokens"],
         f"Accuracy vs total tokens (first {result.get('sweep_problems', result['problems'])} problems: SoS+ pass@n / "
-        "cons@n sampled, APR budgets greedy)")
+        "cons@n sampled, APR budgets greedy)",
+    )
     comps = result.get("comparisons", [])
     if comps:
         lines.append("\nPaired comparisons (A - B over the same problems, 95% paired-bootstrap interval)")
         for c in comps:
             pct = c["field"] == "success"
-            lines.append(f"  {c['label']:70s} {stats.format_interval(c['diff'], c['low'], c['high'], percent=pct, digits=1 if pct else 2)}"
-                         f"{' points' if pct else ''} (n={c['n']})")
+            lines.append(
+                f"  {c['label']:70s} {stats.format_interval(c['diff'], c['low'], c['high'], percent=pct, digits=1 if pct else 2)}"
+                f"{' points' if pct else ''} (n={c['n']})"
+            )
     joins = [r for r in conds if "child_solved" in r and r["analysis"] == "context"]
     if joins:
-        lines.append("\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
-                     " / a call after a join ran out of room; children: all / distinct / solved)")
+        lines.append(
+            "\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
+            " / a call after a join ran out of room; children: all / distinct / solved)"
+        )
         for r in joins:
-            lines.append(f"  {NAMES.get(r['run'], r['run']):12s} ctx {r['context']:5d} child ok {r['child_solved']:.3f} "
-                         f"lost {r['lost_at_join']:.3f} overflow {r['join_overflow']:.3f} children {r['children']:.2f} "
-                         f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}")
+            lines.append(
+                f"  {NAMES.get(r['run'], r['run']):12s} ctx {r['context']:5d} child ok {r['child_solved']:.3f} "
+                f"lost {r['lost_at_join']:.3f} overflow {r['join_overflow']:.3f} children {r['children']:.2f} "
+                f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -348,36 +415,66 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
         for run in RUNS:
             rows = sorted((r for r in ctx_rows if r["run"] == run), key=lambda r: r["context"])
             if rows:
-                ax.errorbar([r["context"] for r in rows], [r["accuracy"] for r in rows], yerr=_errorbars(rows),
-                            fmt="o-", capsize=3, label=NAMES[run])
-        ax.set(xlabel="per-call context window (tokens)", ylabel="accuracy (95% CI)", ylim=(0, 1),
-               title="Accuracy vs context window")
+                ax.errorbar(
+                    [r["context"] for r in rows],
+                    [r["accuracy"] for r in rows],
+                    yerr=_errorbars(rows),
+                    fmt="o-",
+                    capsize=3,
+                    label=NAMES[run],
+                )
+        ax.set(
+            xlabel="per-call context window (tokens)",
+            ylabel="accuracy (95% CI)",
+            ylim=(0, 1),
+            title="Accuracy vs context window",
+        )
         ax.legend(fontsize=8)
         save(fig, "accuracy_vs_context.png")
     tok_rows = [r for r in conds if r["analysis"] == "tokens"]
-    series = [("SoS+ pass@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("pass@")),
-              ("SoS+ cons@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("cons@")),
-              ("SoS+ + GRPO cons@n", lambda r: r["run"] == "sosp_rl" and r["mode"].startswith("cons@")),
-              ("APR (budget b)", lambda r: r["run"] == "apr" and r["prefix"]),
-              ("APR + GRPO (budget b)", lambda r: r["run"] == "apr_rl" and r["prefix"]),
-              ("APR (no budget)", lambda r: r["run"] == "apr" and not r["prefix"]),
-              ("APR + GRPO (no budget)", lambda r: r["run"] == "apr_rl" and not r["prefix"])]
-    for x, name, label in (("total_tokens", "accuracy_vs_total_tokens.png", "total tokens per problem"),
-                           ("latency_steps", "accuracy_vs_latency.png", "latency (critical-path decode steps)")):
+    series = [
+        ("SoS+ pass@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("pass@")),
+        ("SoS+ cons@n", lambda r: r["run"] == "sosp" and r["mode"].startswith("cons@")),
+        ("SoS+ + GRPO cons@n", lambda r: r["run"] == "sosp_rl" and r["mode"].startswith("cons@")),
+        ("APR (budget b)", lambda r: r["run"] == "apr" and r["prefix"]),
+        ("APR + GRPO (budget b)", lambda r: r["run"] == "apr_rl" and r["prefix"]),
+        ("APR (no budget)", lambda r: r["run"] == "apr" and not r["prefix"]),
+        ("APR + GRPO (no budget)", lambda r: r["run"] == "apr_rl" and not r["prefix"]),
+    ]
+    for x, name, label in (
+        ("total_tokens", "accuracy_vs_total_tokens.png", "total tokens per problem"),
+        ("latency_steps", "accuracy_vs_latency.png", "latency (critical-path decode steps)"),
+    ):
         if not tok_rows:
             break
         fig, ax = plt.subplots(figsize=(6, 4))
         for label_s, pred in series:
             rows = sorted((r for r in tok_rows if pred(r)), key=lambda r: r[x])
             if rows:
-                ax.errorbar([r[x] for r in rows], [r["accuracy"] for r in rows], yerr=_errorbars(rows),
-                            fmt="o-" if len(rows) > 1 else "s", capsize=2, label=label_s, markersize=4)
+                ax.errorbar(
+                    [r[x] for r in rows],
+                    [r["accuracy"] for r in rows],
+                    yerr=_errorbars(rows),
+                    fmt="o-" if len(rows) > 1 else "s",
+                    capsize=2,
+                    label=label_s,
+                    markersize=4,
+                )
                 if "budget b" in label_s:
                     for r in rows:
-                        ax.annotate(r["prefix"].split(": ")[1].strip(), (r[x], r["accuracy"]), fontsize=6,
-                                    xytext=(3, -8), textcoords="offset points")
-        ax.set(xlabel=label, ylabel="accuracy (95% CI)", ylim=(0, 1),
-               title=f"Accuracy vs {label.split(' per')[0].split(' (')[0]} ({result.get('sweep_problems')} problems)")
+                        ax.annotate(
+                            r["prefix"].split(": ")[1].strip(),
+                            (r[x], r["accuracy"]),
+                            fontsize=6,
+                            xytext=(3, -8),
+                            textcoords="offset points",
+                        )
+        ax.set(
+            xlabel=label,
+            ylabel="accuracy (95% CI)",
+            ylim=(0, 1),
+            title=f"Accuracy vs {label.split(' per')[0].split(' (')[0]} ({result.get('sweep_problems')} problems)",
+        )
         ax.legend(fontsize=7)
         save(fig, name)
     if difficulty is not None:
@@ -393,9 +490,17 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
             ch, ok = np.asarray(row["records"]["children"]), np.asarray(row["records"]["success"])
             ax1.plot(centers, [ch[bins == i].mean() for i in range(len(centers))], "o-", label=NAMES[run])
             ax2.plot(centers, [ok[bins == i].mean() for i in range(len(centers))], "o-", label=NAMES[run])
-        ax1.set(xlabel="solutions of the problem (quintiles; fewer = harder)", ylabel="children per problem",
-                title="Children vs difficulty")
-        ax2.set(xlabel="solutions of the problem (quintiles)", ylabel="accuracy", ylim=(0, 1), title="Accuracy vs difficulty")
+        ax1.set(
+            xlabel="solutions of the problem (quintiles; fewer = harder)",
+            ylabel="children per problem",
+            title="Children vs difficulty",
+        )
+        ax2.set(
+            xlabel="solutions of the problem (quintiles)",
+            ylabel="accuracy",
+            ylim=(0, 1),
+            title="Accuracy vs difficulty",
+        )
         for ax in (ax1, ax2):
             ax.tick_params(axis="x", labelsize=7)
             ax.legend(fontsize=8)
@@ -406,12 +511,16 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
             steps = [r["step"] for r in rows if "rl/success" in r]
             if not steps:
                 continue
-            ax1.plot(steps, _smooth([r["rl/success"] for r in rows if "rl/success" in r]), label=f"{NAMES[run]} (rollouts)")
+            ax1.plot(
+                steps, _smooth([r["rl/success"] for r in rows if "rl/success" in r]), label=f"{NAMES[run]} (rollouts)"
+            )
             val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
             if val:
                 ax1.plot(*zip(*val), "s--", label=f"{NAMES[run]} (val, greedy)")
             if run.startswith("apr"):
-                ax2.plot(steps, _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]), label=NAMES[run])
+                ax2.plot(
+                    steps, _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]), label=NAMES[run]
+                )
         ax1.set(xlabel="GRPO step", ylabel="success", ylim=(0, 1), title="GRPO: success")
         ax2.set(xlabel="GRPO step", ylabel="children per problem (rollouts)", title="GRPO: children")
         ax1.legend(fontsize=7)

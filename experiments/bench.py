@@ -22,8 +22,10 @@ reads ``--quickstart_json``, and prints each stage's wall time, the evaluation's
 total, beside ``--baseline_json``'s (another run's quickstart.json, e.g. the previous commit's)
 with their ratio).
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -37,8 +39,9 @@ from absl import app, flags
 from experiments.bench_util import fmt, interleaved_medians, median_time, print_table, quickstart_stages
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "env", ["env", "datagen", "sampler", "runtime", "train", "quickstart"],
-                  "Which benchmark suite to run.")
+flags.DEFINE_enum(
+    "suite", "env", ["env", "datagen", "sampler", "runtime", "train", "quickstart"], "Which benchmark suite to run."
+)
 flags.DEFINE_integer("datagen_problems", 50_000, "datagen: problems in the timed dataset build (paper: 500000).")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: print only).")
 flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, not a measurement).")
@@ -51,8 +54,11 @@ flags.DEFINE_bool("train_grpo", True, "train: also time the GRPO step (rollout +
 flags.DEFINE_enum("runtime_preset", "mini", ["tiny", "mini"], "runtime: model preset (random weights).")
 flags.DEFINE_integer("runtime_slots", None, "runtime: engine slots (default 32; quick 16).")
 flags.DEFINE_integer("runtime_problems", None, "runtime: problems per rollout (default 64; quick 32).")
-flags.DEFINE_string("grpo_policy", None, "train: GRPO step with this trained policy (a run or .npz; default: "
-                    "tiny random weights); needs --grpo_data_dir.")
+flags.DEFINE_string(
+    "grpo_policy",
+    None,
+    "train: GRPO step with this trained policy (a run or .npz; default: tiny random weights); needs --grpo_data_dir.",
+)
 flags.DEFINE_string("grpo_data_dir", None, "train: the --grpo_policy's gen_data output (its training problems).")
 flags.DEFINE_integer("grpo_problems", None, "train: GRPO problems per step (default 16; quick 4).")
 flags.DEFINE_integer("grpo_group", 4, "train: GRPO rollouts per problem.")
@@ -172,6 +178,7 @@ def suite_env(quick: bool, repeats: int) -> dict:
         steps = max(32, min(2048, 2**21 // batch)) if not quick else 32
         fns = {"countdown": _scan_steps(env, params, _countdown_policy(batch, env.num_actions), batch, steps)}
         if cart is not None:
+
             def cart_policy(key, obs, state, aux, batch=batch):  # one random word per env, as above
                 return (jax.random.uniform(key, (batch,)) < 0.5).astype(jnp.int32), aux
 
@@ -192,8 +199,10 @@ def suite_env(quick: bool, repeats: int) -> dict:
     print("\nCountdown-v0 (N=4, random legal actions, lax.scan of vmapped steps) vs gymnax CartPole-v1")
     print_table(rows, ["batch", "Countdown-v0 steps/s", "CartPole-v1 steps/s", "ratio"])
     top = max(batches)
-    print(f"\nplain-Python Countdown: {py:,.0f} steps/s; Countdown-v0 at batch {top}: "
-          f"{results['countdown'][top] / py:,.0f}x")
+    print(
+        f"\nplain-Python Countdown: {py:,.0f} steps/s; Countdown-v0 at batch {top}: "
+        f"{results['countdown'][top] / py:,.0f}x"
+    )
     results["ratio_vs_python"] = results["countdown"][top] / py
     if cart is not None:
         results["ratio_vs_cartpole"] = results["countdown"][top] / results["cartpole"][top]
@@ -205,8 +214,10 @@ def suite_env(quick: bool, repeats: int) -> dict:
     countdown.generate_problems(key, 1000)  # compile
     t = median_time(lambda: countdown.generate_problems(key, num)[0].block_until_ready(), max(1, repeats // 2))
     results["generate_problems"] = {"problems": num, "seconds": t, "problems_per_s": num / t}
-    print(f"\ngenerate_problems: {num:,} paper-distribution problems (N=4, targets 10..100, numbers "
-          f"1..99) in {t:.2f} s = {num / t:,.0f} problems/s")
+    print(
+        f"\ngenerate_problems: {num:,} paper-distribution problems (N=4, targets 10..100, numbers "
+        f"1..99) in {t:.2f} s = {num / t:,.0f} problems/s"
+    )
 
     from experiments import bench_parallel_search
 
@@ -236,11 +247,18 @@ def suite_datagen(quick: bool, repeats: int) -> dict:
     sizes = [(rng.randint(1, 5), rng.randint(1, 6)) for _ in problems]
     sub_sizes = [rng.randint(b, 10) for _, b in sizes]
     solvers = {
-        "SoS+ (sosp)": lambda: [traces.sosp(x, t, beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))],
-        "APR (apr)": lambda: [traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k)
-                              for k, ((x, t), (_, b), sb) in enumerate(zip(problems, sizes, sub_sizes))],
+        "SoS+ (sosp)": lambda: [
+            traces.sosp(x, t, beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))
+        ],
+        "APR (apr)": lambda: [
+            traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k)
+            for k, ((x, t), (_, b), sb) in enumerate(zip(problems, sizes, sub_sizes))
+        ],
         "SoS DFS": lambda: [traces.sos(x, t, strategy="dfs", seed=k) for k, (x, t) in enumerate(problems)],
-        "SoS BFS": lambda: [traces.sos(x, t, strategy="bfs", beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))],
+        "SoS BFS": lambda: [
+            traces.sos(x, t, strategy="bfs", beam_size=b, seed=k)
+            for k, ((x, t), (b, _)) in enumerate(zip(problems, sizes))
+        ],
     }
     results, rows = {"solvers": {}}, []
     texts = {}
@@ -266,16 +284,24 @@ def suite_datagen(quick: bool, repeats: int) -> dict:
         for kind in ("sosp", "apr"):
             t0 = time.perf_counter()
             m = data.build_dataset(os.path.join(tmp, kind), splits.splits, data.TraceConfig(kind=kind), seed=0)
-            build[kind] = {"seconds": time.perf_counter() - t0, "bytes_on_disk": m["bytes_on_disk"],
-                           "tokens_per_problem": m["splits"]["train"]["tokens_per_problem"],
-                           "examples": m["splits"]["train"]["examples"], "solved": m["splits"]["train"]["solved"]}
+            build[kind] = {
+                "seconds": time.perf_counter() - t0,
+                "bytes_on_disk": m["bytes_on_disk"],
+                "tokens_per_problem": m["splits"]["train"]["tokens_per_problem"],
+                "examples": m["splits"]["train"]["examples"],
+                "solved": m["splits"]["train"]["solved"],
+            }
     seconds = sum(b["seconds"] for b in build.values())
     results["build"] = {"problems": total, "workers": os.cpu_count(), "seconds": seconds, "kinds": build}
-    print(f"\nDataset build: {total:,} paper problems, SoS+ and APR traces, tokenized (uint16), "
-          f"{os.cpu_count()} worker processes: {seconds:.1f} s")
+    print(
+        f"\nDataset build: {total:,} paper problems, SoS+ and APR traces, tokenized (uint16), "
+        f"{os.cpu_count()} worker processes: {seconds:.1f} s"
+    )
     for kind, b in build.items():
-        print(f"  {kind}: {b['seconds']:.1f} s, {b['tokens_per_problem']:,.0f} tokens/problem, "
-              f"{b['examples']:,} examples, solved {b['solved'] / total:.1%}, {b['bytes_on_disk'] / 2**20:,.1f} MiB")
+        print(
+            f"  {kind}: {b['seconds']:.1f} s, {b['tokens_per_problem']:,.0f} tokens/problem, "
+            f"{b['examples']:,} examples, solved {b['solved'] / total:.1%}, {b['bytes_on_disk'] / 2**20:,.1f} MiB"
+        )
     return results
 
 
@@ -344,17 +370,27 @@ def _hf_llama(cfg):
     torch.set_num_threads(os.cpu_count())
     cuda = torch.cuda.is_available()
     conf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.dims_per_head, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.dims_per_head,
+        max_position_embeddings=cfg.max_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     try:
         hf = transformers.LlamaForCausalLM(conf).eval()
         if cuda:  # HF keeps float32 weights on the CPU; on the GPU it runs as JAX does
             hf = hf.to("cuda", dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
         _hf_generate(hf, [[3, 4, 5]], 2)()  # a smoke run: an API change skips HF, not the suite
-    except Exception as e:  # noqa: BLE001 -- any failure of the optional baseline
+    except Exception as e:
         print(f"HF generate unavailable (transformers {transformers.__version__}): {type(e).__name__}: {e}")
         return None
     return hf
@@ -367,10 +403,18 @@ def _hf_generate(hf, prompts, new: int):
 
     def run():
         with torch.no_grad():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, eos_token_id=None, pad_token_id=0)
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         if ids.is_cuda:
             torch.cuda.synchronize()
+
     return run
 
 
@@ -434,7 +478,8 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
             engine_tps = batch * new / (prefill_t + decode_t)
             nocache_t = sum(steps / k * med[f"nocache{i}"] for i, (steps, k, _) in enumerate(segments))
             row = {
-                "preset": preset, "batch": batch,
+                "preset": preset,
+                "batch": batch,
                 "decode tok/s": decode_tps,
                 "prefill tok/s": batch * prompt_len / prefill_t,
                 "gen tok/s": engine_tps,
@@ -467,13 +512,31 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
         # Attention in a prefill of length T sees T/2 keys on average.
         frac = tps * model.flops_per_token(cfg, plen // 2) / peak
         results["prefill"][preset] = {"prompt_len": plen, "batch": pbatch, "tokens_per_s": tps, "peak_frac": frac}
-        print(f"prefill {preset}: {pbatch} prompts x {plen} tokens: {tps:,.0f} tokens/s = {frac:.1%} of the "
-              f"matmul peak ({peak / 1e9:,.0f} GFLOP/s)")
-    print(f"\nSlot engine, greedy, prompt {prompt_len} + {new} generated tokens (stop_ids=(): all real), "
-          f"cache max_len {max_len}; gen = prefill + decode; no-cache = full forward per token "
-          "(length-bucketed, probed and scaled); HF = LlamaForCausalLM.generate, same shape, random weights")
-    print_table(rows, ["preset", "batch", "decode tok/s", "prefill tok/s", "gen tok/s", "no-cache tok/s",
-                       "x no-cache", "HF tok/s", "x HF", "peak frac", "KV bytes/slot"])
+        print(
+            f"prefill {preset}: {pbatch} prompts x {plen} tokens: {tps:,.0f} tokens/s = {frac:.1%} of the "
+            f"matmul peak ({peak / 1e9:,.0f} GFLOP/s)"
+        )
+    print(
+        f"\nSlot engine, greedy, prompt {prompt_len} + {new} generated tokens (stop_ids=(): all real), "
+        f"cache max_len {max_len}; gen = prefill + decode; no-cache = full forward per token "
+        "(length-bucketed, probed and scaled); HF = LlamaForCausalLM.generate, same shape, random weights"
+    )
+    print_table(
+        rows,
+        [
+            "preset",
+            "batch",
+            "decode tok/s",
+            "prefill tok/s",
+            "gen tok/s",
+            "no-cache tok/s",
+            "x no-cache",
+            "HF tok/s",
+            "x HF",
+            "peak frac",
+            "KV bytes/slot",
+        ],
+    )
     if all(r["HF tok/s"] is None for r in rows):
         print("torch/transformers not installed (or --sampler_hf_batches empty): HF generate not timed")
     return results
@@ -506,13 +569,18 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
     preset = FLAGS.runtime_preset
     max_len, chunk = 1024, 16
     repeats = max(1, min(repeats, 9))
-    numbers, targets = jax.device_get(countdown.generate_problems(
-        jax.random.PRNGKey(0), num_problems, num_numbers=num_numbers, max_number=25, min_target=10, max_target=50))
+    numbers, targets = jax.device_get(
+        countdown.generate_problems(
+            jax.random.PRNGKey(0), num_problems, num_numbers=num_numbers, max_number=25, min_target=10, max_target=50
+        )
+    )
     problems = list(zip(numbers.tolist(), targets.tolist()))
     rng = random.Random(0)
     beams = [(rng.randint(1, 2), rng.randint(2, 3)) for _ in problems]  # traces that fit the 1024 context
-    trees = [traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k, spawn_prob=1.0)
-             for k, ((x, t), (b, sb)) in enumerate(zip(problems, beams))]
+    trees = [
+        traces.apr(x, t, beam_size=b, sub_call_beam_size=sb, seed=k, spawn_prob=1.0)
+        for k, ((x, t), (b, sb)) in enumerate(zip(problems, beams))
+    ]
     sosp = [traces.sosp(x, t, beam_size=b, seed=k) for k, ((x, t), (b, _)) in enumerate(zip(problems, beams))]
     responses = {"apr": {}, "sosp": {}}
     for tree in trees:
@@ -521,15 +589,16 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
     for (x, t), trace in zip(problems, sosp):
         head = traces.root_prompt(x, t, "sosp")
         assert trace.startswith(head)
-        responses["sosp"][head] = trace[len(head):]
+        responses["sosp"][head] = trace[len(head) :]
     longest = max(len(tok.encode(p)) + len(tok.encode(o)) + 2 for r in responses.values() for p, o in r.items())
     assert longest <= max_len, f"a call of {longest} tokens does not fit the {max_len} context"
 
     cfg = model.PRESETS[preset]
     policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
     batch_buckets, prefill_buckets = (1, 4, num_slots), (64, 128, 256, 512, max_len)
-    eng = engine.Engine(policy, num_slots=num_slots, max_len=max_len, batch_buckets=batch_buckets,
-                        prefill_buckets=prefill_buckets)
+    eng = engine.Engine(
+        policy, num_slots=num_slots, max_len=max_len, batch_buckets=batch_buckets, prefill_buckets=prefill_buckets
+    )
     for b in batch_buckets:  # compile every (batch, length) bucket before timing
         for t in prefill_buckets:
             eng.insert([np.full(t - 1, 3, np.int32)] * b, max_new_tokens=1)
@@ -560,9 +629,20 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
     times = interleaved_medians({name: (lambda name=name: run(name)) for name in runs}, repeats)
     recompiles = {k: engine.TRACE_COUNTS[k] - traces_before.get(k, 0) for k in counted}
 
-    out, rows = {"preset": preset, "num_slots": num_slots, "problems": num_problems, "num_numbers": num_numbers,
-                 "max_len": max_len, "decode_chunk": chunk, "repeats": repeats,
-                 "recompiles_while_timed": recompiles, "modes": {}}, []
+    out, rows = (
+        {
+            "preset": preset,
+            "num_slots": num_slots,
+            "problems": num_problems,
+            "num_numbers": num_numbers,
+            "max_len": max_len,
+            "decode_chunk": chunk,
+            "repeats": repeats,
+            "recompiles_while_timed": recompiles,
+            "modes": {},
+        },
+        [],
+    )
     for name, all_runs in runs.items():
         timed = all_runs[2:]  # drop the replay check and interleaved_medians' warm-up call
         per_run = []
@@ -570,62 +650,131 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
             sch = results[0].schedule
             gen = sum(r.total_tokens for r in results)
             assert gen == sch["generated_tokens"]
-            per_run.append({
-                "wall_s": sch["wall_s"],
-                "util": sch["useful_slot_steps"] / (num_slots * sch["steps"]),
-                "util_saturated": sch["useful_slot_steps_saturated"] / max(1, num_slots * sch["saturated_steps"]),
-                "saturated_share": sch["saturated_steps"] / sch["steps"],
-                "host": 1 - sch["device_s"] / sch["wall_s"],
-                "prefill_s": sch["prefill_s"], "decode_s": sch["decode_s"],
-                "prefill_time_share": sch["prefill_s"] / sch["device_s"],
-                "decode_calls": sch["decode_calls"], "steps": sch["steps"]})
+            per_run.append(
+                {
+                    "wall_s": sch["wall_s"],
+                    "util": sch["useful_slot_steps"] / (num_slots * sch["steps"]),
+                    "util_saturated": sch["useful_slot_steps_saturated"] / max(1, num_slots * sch["saturated_steps"]),
+                    "saturated_share": sch["saturated_steps"] / sch["steps"],
+                    "host": 1 - sch["device_s"] / sch["wall_s"],
+                    "prefill_s": sch["prefill_s"],
+                    "decode_s": sch["decode_s"],
+                    "prefill_time_share": sch["prefill_s"] / sch["device_s"],
+                    "decode_calls": sch["decode_calls"],
+                    "steps": sch["steps"],
+                }
+            )
         med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
         results = timed[-1]
         sch = results[0].schedule
         gen = sum(r.total_tokens for r in results)
-        m = {"join": configs[name][1], "seconds": times[name], "problems_per_s": num_problems / times[name],
-             "gen_tokens": gen, "gen_tokens_per_s": gen / times[name], "calls": sum(r.num_calls for r in results),
-             "prefill_tokens": sch["prefill_tokens"],
-             "prefill_token_share": sch["prefill_tokens"] / (sch["prefill_tokens"] + gen),
-             "extend_calls": sch["extend_calls"], "reused_prefix_tokens": sch["reused_prefix_tokens"],
-             "evictions": sch["evictions"], "held_slot_steps": sch["held_slot_steps"],
-             "median_latency_steps": statistics.median(r.latency_steps for r in results),
-             "solved": sum(r.success for r in results), **med}
+        m = {
+            "join": configs[name][1],
+            "seconds": times[name],
+            "problems_per_s": num_problems / times[name],
+            "gen_tokens": gen,
+            "gen_tokens_per_s": gen / times[name],
+            "calls": sum(r.num_calls for r in results),
+            "prefill_tokens": sch["prefill_tokens"],
+            "prefill_token_share": sch["prefill_tokens"] / (sch["prefill_tokens"] + gen),
+            "extend_calls": sch["extend_calls"],
+            "reused_prefix_tokens": sch["reused_prefix_tokens"],
+            "evictions": sch["evictions"],
+            "held_slot_steps": sch["held_slot_steps"],
+            "median_latency_steps": statistics.median(r.latency_steps for r in results),
+            "solved": sum(r.success for r in results),
+            **med,
+        }
         out["modes"][name] = m
-        rows.append({"mode": name, "problems/s": m["problems_per_s"], "gen tok/s": m["gen_tokens_per_s"],
-                     "tokens": gen, "calls": m["calls"], "steps": int(m["steps"]), "chunks": int(m["decode_calls"]),
-                     "util": f"{m['util']:.1%}", "util (saturated)": f"{m['util_saturated']:.1%}",
-                     "saturated": f"{m['saturated_share']:.0%}", "host": f"{m['host']:.1%}",
-                     "prefill (time)": f"{m['prefill_time_share']:.1%}", "prefill (tokens)": f"{m['prefill_token_share']:.1%}"})
-    out["apr_over_sosp_tokens_per_s"] = out["modes"]["apr"]["gen_tokens_per_s"] / out["modes"]["sosp"]["gen_tokens_per_s"]
+        rows.append(
+            {
+                "mode": name,
+                "problems/s": m["problems_per_s"],
+                "gen tok/s": m["gen_tokens_per_s"],
+                "tokens": gen,
+                "calls": m["calls"],
+                "steps": int(m["steps"]),
+                "chunks": int(m["decode_calls"]),
+                "util": f"{m['util']:.1%}",
+                "util (saturated)": f"{m['util_saturated']:.1%}",
+                "saturated": f"{m['saturated_share']:.0%}",
+                "host": f"{m['host']:.1%}",
+                "prefill (time)": f"{m['prefill_time_share']:.1%}",
+                "prefill (tokens)": f"{m['prefill_token_share']:.1%}",
+            }
+        )
+    out["apr_over_sosp_tokens_per_s"] = (
+        out["modes"]["apr"]["gen_tokens_per_s"] / out["modes"]["sosp"]["gen_tokens_per_s"]
+    )
     re, keep = out["modes"]["apr"], out["modes"]["apr keep_slot"]
-    ratio_keys = {"wall s": "seconds", "decode steps": "steps", "prefill tokens": "prefill_tokens",
-                  "prefill s (blocked)": "prefill_s", "decode s (blocked)": "decode_s", "slot util": "util",
-                  "median latency steps": "median_latency_steps"}
+    ratio_keys = {
+        "wall s": "seconds",
+        "decode steps": "steps",
+        "prefill tokens": "prefill_tokens",
+        "prefill s (blocked)": "prefill_s",
+        "decode s (blocked)": "decode_s",
+        "slot util": "util",
+        "median latency steps": "median_latency_steps",
+    }
     out["keep_slot_over_reprefill"] = {k: keep[v] / re[v] if re[v] else None for k, v in ratio_keys.items()}
     join_rows = []
-    for name, m in (("reprefill", re), ("keep_slot", keep),
-                    ("keep / reprefill", {v: out["keep_slot_over_reprefill"][k] for k, v in ratio_keys.items()})):
-        join_rows.append({"join": name, **{k: m[v] for k, v in ratio_keys.items()},
-                          "extends": m.get("extend_calls"), "evictions": m.get("evictions")})
-    print(f"\nRuntime: {preset} preset (random weights), one engine of {num_slots} slots, context {max_len}, decode "
-          f"chunk {chunk}; {num_problems} problems ({num_numbers} numbers in 1..25, targets 10..50); outputs forced "
-          f"to solver traces (APR spawn_prob 1, SoS+ same problems); medians of {repeats} interleaved runs")
-    print_table(rows, ["mode", "problems/s", "gen tok/s", "tokens", "calls", "steps", "chunks", "util",
-                       "util (saturated)", "saturated", "host", "prefill (time)", "prefill (tokens)"])
-    print(f"apr / sosp generated tokens/s: {out['apr_over_sosp_tokens_per_s']:.2f}; re-traces while timed: {recompiles}")
-    print("util = sum over calls of (tokens - 1) / (slots x decode steps) (a call's first token comes from its "
-          "prefill); saturated = steps in chunks that began with calls queued; host = 1 - time blocked on the "
-          "device / wall; prefill (time) = blocked in prefill / all blocked")
-    print(f"\nAPR join strategies, same engine, problems and script ({keep['extend_calls']} of "
-          f"{keep['extend_calls'] + keep['evictions']} joins extended a kept slot, {keep['evictions']} parents evicted)")
+    for name, m in (
+        ("reprefill", re),
+        ("keep_slot", keep),
+        ("keep / reprefill", {v: out["keep_slot_over_reprefill"][k] for k, v in ratio_keys.items()}),
+    ):
+        join_rows.append(
+            {
+                "join": name,
+                **{k: m[v] for k, v in ratio_keys.items()},
+                "extends": m.get("extend_calls"),
+                "evictions": m.get("evictions"),
+            }
+        )
+    print(
+        f"\nRuntime: {preset} preset (random weights), one engine of {num_slots} slots, context {max_len}, decode "
+        f"chunk {chunk}; {num_problems} problems ({num_numbers} numbers in 1..25, targets 10..50); outputs forced "
+        f"to solver traces (APR spawn_prob 1, SoS+ same problems); medians of {repeats} interleaved runs"
+    )
+    print_table(
+        rows,
+        [
+            "mode",
+            "problems/s",
+            "gen tok/s",
+            "tokens",
+            "calls",
+            "steps",
+            "chunks",
+            "util",
+            "util (saturated)",
+            "saturated",
+            "host",
+            "prefill (time)",
+            "prefill (tokens)",
+        ],
+    )
+    print(
+        f"apr / sosp generated tokens/s: {out['apr_over_sosp_tokens_per_s']:.2f}; re-traces while timed: {recompiles}"
+    )
+    print(
+        "util = sum over calls of (tokens - 1) / (slots x decode steps) (a call's first token comes from its "
+        "prefill); saturated = steps in chunks that began with calls queued; host = 1 - time blocked on the "
+        "device / wall; prefill (time) = blocked in prefill / all blocked"
+    )
+    print(
+        f"\nAPR join strategies, same engine, problems and script ({keep['extend_calls']} of "
+        f"{keep['extend_calls'] + keep['evictions']} joins extended a kept slot, {keep['evictions']} parents evicted)"
+    )
     print_table(join_rows, ["join", *ratio_keys, "extends", "evictions"])
     out["join_kernels"] = _join_kernels(eng, runs["apr"][-1], repeats)
     jk = out["join_kernels"]
-    print(f"\nPrefill of each APR join context alone (one slot, {jk['joins']} joins of this run, medians of "
-          f"{jk['repeats']} interleaved repeats): whole prompt (insert, reprefill) {jk['insert_s'] * 1e3:,.1f} ms for "
-          f"{jk['insert_tokens']:,} tokens vs suffix only (extend, keep_slot) {jk['extend_s'] * 1e3:,.1f} ms for "
-          f"{jk['extend_tokens']:,} tokens: ratio {jk['extend_over_insert']:.2f}")
+    print(
+        f"\nPrefill of each APR join context alone (one slot, {jk['joins']} joins of this run, medians of "
+        f"{jk['repeats']} interleaved repeats): whole prompt (insert, reprefill) {jk['insert_s'] * 1e3:,.1f} ms for "
+        f"{jk['insert_tokens']:,} tokens vs suffix only (extend, keep_slot) {jk['extend_s'] * 1e3:,.1f} ms for "
+        f"{jk['extend_tokens']:,} tokens: ratio {jk['extend_over_insert']:.2f}"
+    )
     return out
 
 
@@ -644,7 +793,7 @@ def _join_kernels(eng, results, repeats: int) -> dict:
 
         def walk(tree):
             calls = [by_text[t] for t in tree["main_calls"]]
-            for prev, call in zip(calls, calls[1:]):
+            for prev, call in itertools.pairwise(calls):
                 held = np.concatenate([prev.prompt_tokens, prev.output_tokens])
                 pairs.append((call.prompt_tokens, runtime.reusable_prefix(held, call.prompt_tokens)))
             for children in tree["sub_calls"]:
@@ -656,7 +805,7 @@ def _join_kernels(eng, results, repeats: int) -> dict:
     def setup(prompt, start, kind):
         eng.release(range(eng.num_slots))
         if kind == "extend":
-            eng.insert([prompt[:max(start, 1)]], [0], max_new_tokens=1)
+            eng.insert([prompt[: max(start, 1)]], [0], max_new_tokens=1)
         eng.wait()
 
     def op(prompt, start, kind):
@@ -677,16 +826,31 @@ def _join_kernels(eng, results, repeats: int) -> dict:
                     times[kind][i].append(time.perf_counter() - t0)
     eng.release(range(eng.num_slots))
     med = {kind: sum(statistics.median(ts) for ts in per) for kind, per in times.items()}
-    return {"joins": len(pairs), "repeats": repeats, "insert_s": med["insert"], "extend_s": med["extend"],
-            "insert_tokens": int(sum(len(p) for p, _ in pairs)), "extend_tokens": int(sum(len(p) - s for p, s in pairs)),
-            "extend_over_insert": med["extend"] / med["insert"] if med["insert"] else None}
+    return {
+        "joins": len(pairs),
+        "repeats": repeats,
+        "insert_s": med["insert"],
+        "extend_s": med["extend"],
+        "insert_tokens": int(sum(len(p) for p, _ in pairs)),
+        "extend_tokens": int(sum(len(p) - s for p, s in pairs)),
+        "extend_over_insert": med["extend"] / med["insert"] if med["insert"] else None,
+    }
 
 
 def suite_train(quick: bool, repeats: int) -> dict:
     from experiments.bench_train import suite_train as run
 
-    return run(quick, repeats, presets=FLAGS.train_presets, grpo=FLAGS.train_grpo, policy_path=FLAGS.grpo_policy,
-               data_dir=FLAGS.grpo_data_dir, num_problems=FLAGS.grpo_problems, group_size=FLAGS.grpo_group, context=FLAGS.grpo_context)
+    return run(
+        quick,
+        repeats,
+        presets=FLAGS.train_presets,
+        grpo=FLAGS.train_grpo,
+        policy_path=FLAGS.grpo_policy,
+        data_dir=FLAGS.grpo_data_dir,
+        num_problems=FLAGS.grpo_problems,
+        group_size=FLAGS.grpo_group,
+        context=FLAGS.grpo_context,
+    )
 
 
 def suite_quickstart(quick: bool, repeats: int) -> dict:
@@ -707,15 +871,28 @@ def suite_quickstart(quick: bool, repeats: int) -> dict:
     rows = []
     for name, row in stages.items():
         b = (base or {}).get(name, {})
-        rows.append({"stage": name, "seconds": row["seconds"], "baseline s": b.get("seconds"),
-                     "speed-up": f"{b['seconds'] / row['seconds']:.2f}x" if b.get("seconds") else None,
-                     "eval tok/s": row.get("tokens_per_s"), "baseline tok/s": b.get("tokens_per_s")})
+        rows.append(
+            {
+                "stage": name,
+                "seconds": row["seconds"],
+                "baseline s": b.get("seconds"),
+                "speed-up": f"{b['seconds'] / row['seconds']:.2f}x" if b.get("seconds") else None,
+                "eval tok/s": row.get("tokens_per_s"),
+                "baseline tok/s": b.get("tokens_per_s"),
+            }
+        )
     print_table(rows, ["stage", "seconds", "baseline s", "speed-up", "eval tok/s", "baseline tok/s"])
     return {"stages": stages, "baseline": base}
 
 
-SUITES = {"env": suite_env, "datagen": suite_datagen, "sampler": suite_sampler, "runtime": suite_runtime,
-          "train": suite_train, "quickstart": suite_quickstart}
+SUITES = {
+    "env": suite_env,
+    "datagen": suite_datagen,
+    "sampler": suite_sampler,
+    "runtime": suite_runtime,
+    "train": suite_train,
+    "quickstart": suite_quickstart,
+}
 
 
 def _check_flags() -> None:
@@ -724,8 +901,10 @@ def _check_flags() -> None:
         if not os.path.exists(FLAGS.grpo_policy):
             raise ValueError(f"--grpo_policy={FLAGS.grpo_policy!r} does not exist: expected a run or an exported .npz")
         if not FLAGS.grpo_data_dir or not os.path.isdir(os.path.join(FLAGS.grpo_data_dir, "problems")):
-            raise ValueError(f"--grpo_data_dir={FLAGS.grpo_data_dir!r}: expected the policy's gen_data output "
-                             "(a directory with problems/)")
+            raise ValueError(
+                f"--grpo_data_dir={FLAGS.grpo_data_dir!r}: expected the policy's gen_data output "
+                "(a directory with problems/)"
+            )
     from experiments.bench_train import SFT_SHAPES
     from jaxapr.model import PRESETS
 

@@ -9,6 +9,7 @@
    serial depth-first search in ``thread_0`` versus fork-at-root with K threads
    (``envs.scripted``): success rate, mean ticks (latency), mean thread-steps (compute).
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,7 +49,7 @@ def _scan_steps(env, params, batch: int, steps: int):
             avail = avail_fn(state, params)
             act = _random_masked(k_act, jnp.stack([avail[a] for a in env.agents], axis=1))
             actions = {a: act[:, i] for i, a in enumerate(env.agents)}
-            _, state, rewards, dones, _ = step(jax.random.split(k_step, batch), state, actions, params)
+            _, state, _rewards, dones, _ = step(jax.random.split(k_step, batch), state, actions, params)
             return state, dones["__all__"].sum()
 
         _, episodes = jax.lax.scan(body, state, jax.random.split(k1, steps))
@@ -75,8 +76,15 @@ def run(quick: bool, repeats: int) -> tuple[dict, list[dict]]:
         fn = _scan_steps(env, params, batch, steps)
         t = median_time(lambda: fn(jax.random.PRNGKey(0)).block_until_ready(), max(1, repeats))
         results["steps_per_s"][batch] = batch * steps / t
-        rows.append({"table": "throughput", "batch": batch, "K": k, "env steps/s": batch * steps / t,
-                     "agent steps/s": batch * steps * k / t})
+        rows.append(
+            {
+                "table": "throughput",
+                "batch": batch,
+                "K": k,
+                "env steps/s": batch * steps / t,
+                "agent steps/s": batch * steps * k / t,
+            }
+        )
 
     num_problems = 200 if quick else 1000
     bank = envs.make("ParallelSearch-v0", num_numbers=n)[1]
@@ -88,9 +96,14 @@ def run(quick: bool, repeats: int) -> tuple[dict, list[dict]]:
         out = jax.jit(lambda p, env_k=env_k, policy=policy: scripted.evaluate(env_k, p, policy))(p)
         out = {key: np.asarray(v) for key, v in out.items()}
         row = {
-            "table": "scripted", "policy": policy_name, "K": kk, "problems": num_problems,
-            "success": float(out["success"].mean()), "mean ticks": float(out["ticks"].mean()),
-            "median ticks": float(np.median(out["ticks"])), "mean thread-steps": float(out["thread_steps"].mean()),
+            "table": "scripted",
+            "policy": policy_name,
+            "K": kk,
+            "problems": num_problems,
+            "success": float(out["success"].mean()),
+            "mean ticks": float(out["ticks"].mean()),
+            "median ticks": float(np.median(out["ticks"])),
+            "mean thread-steps": float(out["thread_steps"].mean()),
             "mean threads used": float(out["threads_used"].mean()),
         }
         results["scripted"].append(row)
@@ -105,15 +118,37 @@ def run(quick: bool, repeats: int) -> tuple[dict, list[dict]]:
 def _print(rows: list[dict]) -> None:
     for table, cols in (
         ("throughput", ["batch", "K", "env steps/s", "agent steps/s"]),
-        ("scripted", ["policy", "K", "problems", "success", "mean ticks", "median ticks", "mean thread-steps",
-                      "mean threads used", "ticks vs serial", "thread-steps vs serial"]),
+        (
+            "scripted",
+            [
+                "policy",
+                "K",
+                "problems",
+                "success",
+                "mean ticks",
+                "median ticks",
+                "mean thread-steps",
+                "mean threads used",
+                "ticks vs serial",
+                "thread-steps vs serial",
+            ],
+        ),
     ):
         sel = [r for r in rows if r["table"] == table]
         print("\n" + " | ".join(cols))
         for r in sel:
-            print(" | ".join(
-                (f"{r[c]:,.0f}" if isinstance(r.get(c), float) and r[c] > 100 else
-                 f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols))
+            print(
+                " | ".join(
+                    (
+                        f"{r[c]:,.0f}"
+                        if isinstance(r.get(c), float) and r[c] > 100
+                        else f"{r[c]:.3f}"
+                        if isinstance(r.get(c), float)
+                        else str(r.get(c, ""))
+                    )
+                    for c in cols
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Timing and table helpers shared by the benchmark modules (no flags: ``experiments/bench.py``
 is ``__main__`` when it runs, so the suites import these from here, not from it)."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -18,6 +18,7 @@
 
 ``JAXAPR_TRACEBACK=1`` in the environment shows the traceback of user errors too.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,13 +45,19 @@ def _config_field_error(exc: BaseException, argv: list[str]) -> str:
     """An ml_collections lookup error raised while applying ``--config.a.b=...``: the flag,
     the missing field and the library's suggestion."""
     text = str(exc.args[0]) if exc.args else str(exc)
-    text = text.replace("\\n", " ").replace("\\'", "'").replace("\\\"", '"').strip("'\" ")
+    text = text.replace("\\n", " ").replace("\\'", "'").replace('\\"', '"').strip("'\" ")
     key = re.match(r"'?([^'\s]+)'?", text)
     name = key.group(1) if key else ""
-    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]
-                 and a.split("=", 1)[0].rsplit(".", 1)[-1] == name), None)
+    flag = next(
+        (
+            a.split("=", 1)[0]
+            for a in argv[1:]
+            if a.startswith("--") and "." in a.split("=", 1)[0] and a.split("=", 1)[0].rsplit(".", 1)[-1] == name
+        ),
+        None,
+    )
     where = f"{flag}: " if flag else ""
-    return one_line(f"{where}no config field {name!r}. {text[len(key.group(0)):].strip() if key else text}")
+    return one_line(f"{where}no config field {name!r}. {text[len(key.group(0)) :].strip() if key else text}")
 
 
 def _flag_error(exc: BaseException, argv: list[str]) -> None:
@@ -66,8 +73,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         try:
             rest = flags.FLAGS(argv)
         except SystemExit as e:  # absl's --help/--helpfull print the help and exit 1; asked-for help is no error
-            if e.code == 1 and any(a.split("=", 1)[0] in ("--help", "-h", "-?", "--helpshort", "--helpfull")
-                                   for a in argv[1:]):
+            if e.code == 1 and any(
+                a.split("=", 1)[0] in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]
+            ):
                 sys.exit(0)
             raise
         for name in flags.FLAGS:  # a config file that did not load is an object that raises when touched
@@ -136,10 +144,11 @@ def fail(exc: BaseException) -> None:
 
 def guarded(main):
     """``main`` with its errors handled by :func:`fail`."""
+
     def wrapped(argv):
         try:
             return main(argv)
-        except Exception as e:  # noqa: BLE001 - fail() raises what is not a user error again
+        except Exception as e:
             fail(e)
 
     return wrapped
@@ -166,6 +175,7 @@ def run_training(train, config, workdir: str) -> dict:
     distributed.quiet_other_processes()
     distributed.log(f"resolved config:\n{config}")
     summary = train(config, workdir, log=distributed.log)
-    distributed.log("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in summary.items()))
+    distributed.log(
+        "summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    )
     return summary

@@ -12,6 +12,7 @@ config flags' overrides) are defined at import time from ``sys.argv``.
     jaxapr-evaluate     -> experiments.evaluate
     jaxapr-reproduce    -> experiments.reproduce
 """
+
 from __future__ import annotations
 
 import importlib

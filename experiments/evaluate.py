@@ -22,6 +22,7 @@ every condition):
 Writes ``<out>/evaluate.json``, ``<out>/records.json`` (per-problem values) and the plots, and
 prints the tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature of pass@n / cons@n.
 flags.DEFINE_integer("num_slots", 64, "Engine slots.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+
 
 def main(argv):
     if len(argv) > 1:
@@ -85,11 +87,18 @@ def main(argv):
             raise ValueError(f"--contexts={FLAGS.contexts} / --budgets={FLAGS.budgets}: expected integers") from None
         if not contexts:
             contexts = (max(policy_io.load_policy(r).cfg.max_len for r in runs.values()),)
-        plan = analysis.Plan(contexts=contexts, n_max=FLAGS.n_max, budgets=budgets, sweep_problems=FLAGS.sweep_problems,
-                             temperature=FLAGS.temperature, num_slots=FLAGS.num_slots, seed=FLAGS.seed).check()
+        plan = analysis.Plan(
+            contexts=contexts,
+            n_max=FLAGS.n_max,
+            budgets=budgets,
+            sweep_problems=FLAGS.sweep_problems,
+            temperature=FLAGS.temperature,
+            num_slots=FLAGS.num_slots,
+            seed=FLAGS.seed,
+        ).check()
         os.makedirs(FLAGS.out, exist_ok=True)
         result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan)
-    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+    except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)
     if FLAGS.plots:
@@ -99,7 +108,10 @@ def main(argv):
     with open(os.path.join(FLAGS.out, "evaluate.json"), "w") as f:
         json.dump(analysis.without_records(result), f, indent=2)
     print(analysis.tables(result))
-    print(f"\nwrote {os.path.join(FLAGS.out, 'evaluate.json')}" + (f" and {len(result.get('plots', []))} plots" if FLAGS.plots else ""))
+    print(
+        f"\nwrote {os.path.join(FLAGS.out, 'evaluate.json')}"
+        + (f" and {len(result.get('plots', []))} plots" if FLAGS.plots else "")
+    )
 
 
 if __name__ == "__main__":

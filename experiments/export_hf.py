@@ -14,6 +14,7 @@ the exact parameters). Writes ``config.json``, ``model.safetensors``, ``tokenize
 
 The conversion is ``jaxapr.hf`` (``export_hf``, ``load_hf``).
 """
+
 from __future__ import annotations
 
 import os

@@ -23,6 +23,7 @@ locked while gen_data writes (``jaxapr.train.lock``). :func:`prepare` (the quick
 the pipeline's data step) reuses <out> when it holds a complete dataset of the same identity
 and fails in one line, listing the differing fields, when it holds another config's.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def recorded_identity(out: str) -> dict | None:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path!r} is not readable ({type(e).__name__}: {e}): expected gen_data's identity "
-                         "record") from None
+        raise ValueError(
+            f"{path!r} is not readable ({type(e).__name__}: {e}): expected gen_data's identity record"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != IDENTITY_FORMAT:
         raise ValueError(f"{path!r} is not a {IDENTITY_FORMAT!r} record: expected gen_data's identity record")
     return record["config"]
@@ -85,11 +87,15 @@ def _claim(config, out: str, overwrite: bool, log) -> None:
     entries = _contents(out)
     if entries:
         if not overwrite:
-            raise ValueError(f"--out={out!r} is not empty: expected a new directory (or --overwrite to replace the "
-                             "gen_data output there)")
+            raise ValueError(
+                f"--out={out!r} is not empty: expected a new directory (or --overwrite to replace the "
+                "gen_data output there)"
+            )
         if IDENTITY not in entries:
-            raise ValueError(f"--out={out!r} holds files that gen_data did not write (no {IDENTITY}): expected a new "
-                             "or empty directory (--overwrite replaces only a gen_data output)")
+            raise ValueError(
+                f"--out={out!r} holds files that gen_data did not write (no {IDENTITY}): expected a new "
+                "or empty directory (--overwrite replaces only a gen_data output)"
+            )
         for name in entries:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
@@ -103,7 +109,8 @@ def _claim(config, out: str, overwrite: bool, log) -> None:
 def is_complete(config, out: str) -> bool:
     """``out`` holds every part of ``config``'s dataset (gen_data.json is written last)."""
     return os.path.isfile(os.path.join(out, "gen_data.json")) and all(
-        os.path.isfile(os.path.join(out, part, "manifest.json")) for part in ("problems", *config.kinds))
+        os.path.isfile(os.path.join(out, part, "manifest.json")) for part in ("problems", *config.kinds)
+    )
 
 
 def prepare(config, out: str, log=print) -> str:
@@ -115,14 +122,18 @@ def prepare(config, out: str, log=print) -> str:
     saved = recorded_identity(out) if os.path.isdir(out) else None
     if saved is None:
         if os.path.isdir(out) and _contents(out):
-            raise ValueError(f"{out!r} holds files but no gen_data identity ({IDENTITY}): expected a new directory or "
-                             "one written by experiments.gen_data (delete it to rebuild the data)")
+            raise ValueError(
+                f"{out!r} holds files but no gen_data identity ({IDENTITY}): expected a new directory or "
+                "one written by experiments.gen_data (delete it to rebuild the data)"
+            )
         run(config, out, log=log)
         return out
     diffs = run_config.differences(saved, identity(config))
     if diffs:
-        raise ValueError(f"{out!r} holds the dataset of another config: {run_config.describe(diffs)}: expected the "
-                         "same config to reuse it (use another directory, or gen_data --overwrite to replace it)")
+        raise ValueError(
+            f"{out!r} holds the dataset of another config: {run_config.describe(diffs)}: expected the "
+            "same config to reuse it (use another directory, or gen_data --overwrite to replace it)"
+        )
     if is_complete(config, out):
         log(f"  reusing the dataset in {out} (same config)")
     else:
@@ -163,8 +174,15 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
         heldout = ["test_unseen"]
     t0 = time.time()
     splits = countdown.make_splits(
-        config.seed, sizes, num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target,
-        max_number=p.max_number, holdout_target_fraction=p.holdout_target_fraction, heldout_splits=heldout)
+        config.seed,
+        sizes,
+        num_numbers=p.num_numbers,
+        min_target=p.min_target,
+        max_target=p.max_target,
+        max_number=p.max_number,
+        holdout_target_fraction=p.holdout_target_fraction,
+        heldout_splits=heldout,
+    )
     if main:
         splits.save(os.path.join(out, "problems"))
     report = {"problems_seconds": time.time() - t0, "kinds": {}}
@@ -174,8 +192,15 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
         trace_config = data.TraceConfig(kind=kind, **config[kind].to_dict())
         t1 = time.time()
         # Problems traced per second on a bar per kind (stderr); with many processes, this one's share.
-        bar = tqdm(total=sum(len(t) for _, t in splits.splits.values()), desc=f"{kind} traces", unit="problem",
-                   file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=not main)
+        bar = tqdm(
+            total=sum(len(t) for _, t in splits.splits.values()),
+            desc=f"{kind} traces",
+            unit="problem",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            disable=not main,
+        )
 
         def progress(done, total, bar=bar):
             bar.total = total
@@ -183,29 +208,62 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
 
         try:
             manifest = data.build_dataset(
-                os.path.join(out, kind), splits.splits, trace_config, seed=config.seed, num_workers=workers,
-                problems_per_task=config.problems_per_task, shard_examples=config.shard_examples, progress=progress,
-                process_index=process, num_processes=processes)
+                os.path.join(out, kind),
+                splits.splits,
+                trace_config,
+                seed=config.seed,
+                num_workers=workers,
+                problems_per_task=config.problems_per_task,
+                shard_examples=config.shard_examples,
+                progress=progress,
+                process_index=process,
+                num_processes=processes,
+            )
         finally:
             bar.close()
-        report["kinds"][kind] = {"seconds": time.time() - t1, "bytes_on_disk": manifest["bytes_on_disk"],
-                                 "splits": {s: {k: v for k, v in m.items() if k != "files"}
-                                            for s, m in manifest["splits"].items()}}
+        report["kinds"][kind] = {
+            "seconds": time.time() - t1,
+            "bytes_on_disk": manifest["bytes_on_disk"],
+            "splits": {s: {k: v for k, v in m.items() if k != "files"} for s, m in manifest["splits"].items()},
+        }
     report["total_seconds"] = time.time() - t0
     if main:
         with open(os.path.join(out, "gen_data.json"), "w") as f:
             json.dump(report, f, indent=2)
     windows = (512, 1024, 4096)
-    rows = [("kind", "split", "problems", "solved", "within " + " / ".join(f"{c:,}" for c in windows),
-             "longest call p50 / p90", "children mean (range)", "examples", "tokens/problem", "max tokens", "MB")]
+    rows = [
+        (
+            "kind",
+            "split",
+            "problems",
+            "solved",
+            "within " + " / ".join(f"{c:,}" for c in windows),
+            "longest call p50 / p90",
+            "children mean (range)",
+            "examples",
+            "tokens/problem",
+            "max tokens",
+            "MB",
+        )
+    ]
     for kind, r in report["kinds"].items():
         for split, s in r["splits"].items():
             n = max(1, s["problems"])
-            rows.append((kind, split, f"{s['problems']:,}", f"{s['solved'] / n:.1%}",
-                         " / ".join(f"{s['solved_within'][str(c)] / n:.0%}" for c in windows),
-                         f"{s['longest_call']['p50']:,.0f} / {s['longest_call']['p90']:,.0f}", _children(s["children"]),
-                         f"{s['examples']:,}", f"{s['tokens_per_problem']:,.0f}",
-                         f"{s['tokens_per_example']['max']:,}", ""))
+            rows.append(
+                (
+                    kind,
+                    split,
+                    f"{s['problems']:,}",
+                    f"{s['solved'] / n:.1%}",
+                    " / ".join(f"{s['solved_within'][str(c)] / n:.0%}" for c in windows),
+                    f"{s['longest_call']['p50']:,.0f} / {s['longest_call']['p90']:,.0f}",
+                    _children(s["children"]),
+                    f"{s['examples']:,}",
+                    f"{s['tokens_per_problem']:,.0f}",
+                    f"{s['tokens_per_example']['max']:,}",
+                    "",
+                )
+            )
         rows.append((kind, "(all)", "", "", "", "", "", "", "", "", f"{r['bytes_on_disk'] / 2**20:,.1f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

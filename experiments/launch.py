@@ -21,6 +21,7 @@ blocked in a collective waiting for it), then stops them (SIGTERM, then SIGKILL 
 ``--kill_seconds``) and exits with the failed process's code (128 + signal for a signal).
 Children die with the launcher (Linux ``PR_SET_PDEATHSIG``).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,11 @@ flags.DEFINE_integer("port", 0, "Coordinator port on localhost (0: a free one)."
 flags.DEFINE_float("grace_seconds", 10.0, "After a process fails, how long the others may take to exit on their own.")
 flags.DEFINE_float("kill_seconds", 5.0, "After SIGTERM, how long before SIGKILL.")
 flags.DEFINE_bool("pass_flags", True, "Also pass --coordinator_address/--num_processes/--process_id as flags.")
-flags.DEFINE_integer("heartbeat_timeout", None, "jax.distributed heartbeat timeout in seconds for the children "
-                     "(env JAXAPR_HEARTBEAT_TIMEOUT; default JAX's).")
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    None,
+    "jax.distributed heartbeat timeout in seconds for the children (env JAXAPR_HEARTBEAT_TIMEOUT; default JAX's).",
+)
 
 
 def free_port() -> int:
@@ -51,8 +55,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(base: dict, *, process_id: int, num_processes: int, address: str, devices: int,
-              heartbeat_timeout: int | None = None) -> dict:
+def child_env(
+    base: dict, *, process_id: int, num_processes: int, address: str, devices: int, heartbeat_timeout: int | None = None
+) -> dict:
     env = dict(base)
     xla = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).split()
     env["XLA_FLAGS"] = " ".join(xla + [f"--xla_force_host_platform_device_count={devices}"])
@@ -67,8 +72,9 @@ def child_env(base: dict, *, process_id: int, num_processes: int, address: str, 
     return env
 
 
-def child_command(target: str, args: list[str], *, process_id: int, num_processes: int, address: str,
-                  pass_flags: bool) -> list[str]:
+def child_command(
+    target: str, args: list[str], *, process_id: int, num_processes: int, address: str, pass_flags: bool
+) -> list[str]:
     cmd = [sys.executable] + ([target] if target.endswith(".py") else ["-m", target]) + list(args)
     if pass_flags:
         cmd += [f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={process_id}"]
@@ -80,7 +86,7 @@ def _die_with_parent():  # runs in the child between fork and exec
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: children just outlive a killed launcher
+    except Exception:
         pass
 
 
@@ -108,9 +114,21 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def launch(target: str, args: list[str], *, num_processes: int, devices_per_process: int = 1, port: int = 0,
-           grace_seconds: float = 10.0, kill_seconds: float = 5.0, pass_flags: bool = True,
-           heartbeat_timeout: int | None = None, env: dict | None = None, out=None, err=None) -> int:
+def launch(
+    target: str,
+    args: list[str],
+    *,
+    num_processes: int,
+    devices_per_process: int = 1,
+    port: int = 0,
+    grace_seconds: float = 10.0,
+    kill_seconds: float = 5.0,
+    pass_flags: bool = True,
+    heartbeat_timeout: int | None = None,
+    env: dict | None = None,
+    out=None,
+    err=None,
+) -> int:
     """Runs the job (see the module docstring); returns the launcher's exit code."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"num_processes={num_processes}, devices_per_process={devices_per_process}: expected >= 1")
@@ -125,17 +143,30 @@ def launch(target: str, args: list[str], *, num_processes: int, devices_per_proc
         with lock:
             print(f"launch: {message}", file=err, flush=True)
 
-    say(f"{num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
-        f"{' '.join([target] + list(args))}")
+    say(
+        f"{num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
+        f"{' '.join([target] + list(args))}"
+    )
     try:
         for i in range(num_processes):
             proc = subprocess.Popen(
-                child_command(target, args, process_id=i, num_processes=num_processes, address=address,
-                              pass_flags=pass_flags),
-                env=child_env(base, process_id=i, num_processes=num_processes, address=address,
-                              devices=devices_per_process, heartbeat_timeout=heartbeat_timeout),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                child_command(
+                    target, args, process_id=i, num_processes=num_processes, address=address, pass_flags=pass_flags
+                ),
+                env=child_env(
+                    base,
+                    process_id=i,
+                    num_processes=num_processes,
+                    address=address,
+                    devices=devices_per_process,
+                    heartbeat_timeout=heartbeat_timeout,
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             procs.append(proc)
         for i, proc in enumerate(procs):  # threads only after the forks (preexec_fn and threads do not mix)
             t = threading.Thread(target=_stream, args=(proc, f"[p{i}] ".encode(), out, lock), daemon=True)
@@ -191,13 +222,22 @@ def _stop(procs: list, kill_seconds: float) -> None:
 
 def main(argv):
     if len(argv) < 2:
-        raise app.UsageError("expected a module (or script.py) to run after '--', e.g. "
-                             "python -m experiments.launch --num_processes=2 -- experiments.train_sft --workdir=...")
+        raise app.UsageError(
+            "expected a module (or script.py) to run after '--', e.g. "
+            "python -m experiments.launch --num_processes=2 -- experiments.train_sft --workdir=..."
+        )
     try:
-        code = launch(argv[1], argv[2:], num_processes=FLAGS.num_processes,
-                      devices_per_process=FLAGS.devices_per_process, port=FLAGS.port,
-                      grace_seconds=FLAGS.grace_seconds, kill_seconds=FLAGS.kill_seconds,
-                      pass_flags=FLAGS.pass_flags, heartbeat_timeout=FLAGS.heartbeat_timeout)
+        code = launch(
+            argv[1],
+            argv[2:],
+            num_processes=FLAGS.num_processes,
+            devices_per_process=FLAGS.devices_per_process,
+            port=FLAGS.port,
+            grace_seconds=FLAGS.grace_seconds,
+            kill_seconds=FLAGS.kill_seconds,
+            pass_flags=FLAGS.pass_flags,
+            heartbeat_timeout=FLAGS.heartbeat_timeout,
+        )
     except ValueError as e:
         sys.exit(f"launch: {e}")
     sys.exit(code)

@@ -22,6 +22,7 @@ What each stage leaves in the work directory:
   made on validation, by the GRPO run's own greedy evaluations before and after training;
 - ``reproduce.json``: the headline, per-stage wall times and trained tokens/s.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,15 @@ def machine() -> dict:
         flags = "avx512" if "avx512f" in info else ("avx2" if "avx2" in info else "")
     except OSError:
         pass
-    return {"cpu": cpu, "vector": flags, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "vector": flags,
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def trained_tokens(data_dir: str, config) -> dict:
@@ -85,17 +93,25 @@ def trained_tokens(data_dir: str, config) -> dict:
 
     from jaxapr import data as data_lib
 
-    loader = data_lib.make_loader(os.path.join(data_dir, config.kind), "train", batch_size=config.batch_size,
-                                  seq_len=int(config.seq_len), seed=config.seed,
-                                  train_on_prompt=config.train_on_prompt,
-                                  kind_repeats=dict(config.get("kind_repeats", None) or {}))
+    loader = data_lib.make_loader(
+        os.path.join(data_dir, config.kind),
+        "train",
+        batch_size=config.batch_size,
+        seq_len=int(config.seq_len),
+        seed=config.seed,
+        train_on_prompt=config.train_on_prompt,
+        kind_repeats=dict(config.get("kind_repeats", None) or {}),
+    )
     real = trained = 0
     for batch in data_lib.iterate_batches(loader, int(config.num_steps)):
         seg = batch["segment_ids"]
         real += int((seg > 0).sum())
         trained += int(((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (batch["loss_mask"][:, 1:] > 0)).sum())
-    return {"token_slots": int(config.num_steps) * int(config.batch_size) * int(config.seq_len),
-            "tokens": real, "trained_tokens": trained}
+    return {
+        "token_slots": int(config.num_steps) * int(config.batch_size) * int(config.seq_len),
+        "tokens": real,
+        "trained_tokens": trained,
+    }
 
 
 def val_choice(rl_dir: str) -> dict:
@@ -108,9 +124,13 @@ def val_choice(rl_dir: str) -> dict:
     if not rows or rows[0]["step"] != 0:
         raise ValueError(f"{rl_dir}: expected greedy validation at GRPO step 0 and at the end (eval_at_start)")
     start, end = rows[0], rows[-1]
-    return {"sft_val_accuracy": start["val/accuracy"], "grpo_val_accuracy": end["val/accuracy"],
-            "val_problems": start.get("val/problems"), "grpo_step": end["step"],
-            "best": "grpo" if end["val/accuracy"] > start["val/accuracy"] else "sft"}
+    return {
+        "sft_val_accuracy": start["val/accuracy"],
+        "grpo_val_accuracy": end["val/accuracy"],
+        "val_problems": start.get("val/problems"),
+        "grpo_step": end["step"],
+        "best": "grpo" if end["val/accuracy"] > start["val/accuracy"] else "sft",
+    }
 
 
 def check_eval_config(eval_config) -> None:
@@ -126,17 +146,22 @@ def plan_of(eval_config):
     """The ``analysis.Plan`` an evaluation config describes."""
     from experiments import analysis
 
-    return analysis.Plan(contexts=tuple(eval_config.contexts), n_max=eval_config.n_max,
-                         budgets=tuple(eval_config.budgets), sweep_problems=eval_config.sweep_problems,
-                         temperature=eval_config.temperature, num_slots=eval_config.num_slots,
-                         seed=eval_config.seed)
+    return analysis.Plan(
+        contexts=tuple(eval_config.contexts),
+        n_max=eval_config.n_max,
+        budgets=tuple(eval_config.budgets),
+        sweep_problems=eval_config.sweep_problems,
+        temperature=eval_config.temperature,
+        num_slots=eval_config.num_slots,
+        seed=eval_config.seed,
+    )
 
 
-def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bool = True, command: str = "",
-        log=print) -> dict:
+def run(
+    workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bool = True, command: str = "", log=print
+) -> dict:
     from envs import countdown
-    from experiments import analysis
-    from experiments import gen_data
+    from experiments import analysis, gen_data
     from jaxapr.train import rl as rl_lib
     from jaxapr.train import sft
 
@@ -160,11 +185,18 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
         c.kind, c.data_dir = kind, data_dir
         configs[f"sft_{kind}"] = c
         t0 = time.perf_counter()
-        summaries[f"sft_{kind}"], ran = _stage(stage, lambda c=c, stage=stage: sft.train(c, stage, log=log), log,
-                                               f"SFT {kind}")
+        summaries[f"sft_{kind}"], ran = _stage(
+            stage, lambda c=c, stage=stage: sft.train(c, stage, log=log), log, f"SFT {kind}"
+        )
         s = summaries[f"sft_{kind}"]
-        times.add(f"sft_{kind}", time.perf_counter() - t0, ran, steps=s.get("step"),
-                  train_seconds=s.get("train_seconds"), tokens_per_s=s.get("tokens_per_s"))
+        times.add(
+            f"sft_{kind}",
+            time.perf_counter() - t0,
+            ran,
+            steps=s.get("step"),
+            train_seconds=s.get("train_seconds"),
+            tokens_per_s=s.get("tokens_per_s"),
+        )
     if rl:
         for kind in KINDS:
             stage = os.path.join(workdir, f"rl_{kind}")
@@ -172,11 +204,18 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
             c.kind, c.data_dir, c.init_from = kind, data_dir, os.path.join(workdir, f"sft_{kind}")
             configs[f"rl_{kind}"] = c
             t0 = time.perf_counter()
-            summaries[f"rl_{kind}"], ran = _stage(stage, lambda c=c, stage=stage: rl_lib.train(c, stage, log=log),
-                                                  log, f"GRPO {kind}")
+            summaries[f"rl_{kind}"], ran = _stage(
+                stage, lambda c=c, stage=stage: rl_lib.train(c, stage, log=log), log, f"GRPO {kind}"
+            )
             s = summaries[f"rl_{kind}"]
-            times.add(f"rl_{kind}", time.perf_counter() - t0, ran, steps=s.get("rl_step"),
-                      train_seconds=s.get("train_seconds"), tokens_per_s=s.get("gen_tokens_per_s"))
+            times.add(
+                f"rl_{kind}",
+                time.perf_counter() - t0,
+                ran,
+                steps=s.get("rl_step"),
+                train_seconds=s.get("train_seconds"),
+                tokens_per_s=s.get("gen_tokens_per_s"),
+            )
 
     t0 = time.perf_counter()
     export_dir = os.path.join(workdir, "export")
@@ -210,9 +249,17 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
     rl_metrics = _rl_metrics(workdir)
     result["plots"] = analysis.plot(result, out, difficulty=difficulty, rl_metrics=rl_metrics)
     with open(os.path.join(out, "records.json"), "w") as f:
-        json.dump({"problems": {"numbers": problems[0].tolist(), "targets": problems[1].tolist(),
-                                "solutions": difficulty.tolist()},
-                   "conditions": [{**analysis._key(c), "records": c["records"]} for c in result["conditions"]]}, f)
+        json.dump(
+            {
+                "problems": {
+                    "numbers": problems[0].tolist(),
+                    "targets": problems[1].tolist(),
+                    "solutions": difficulty.tolist(),
+                },
+                "conditions": [{**analysis._key(c), "records": c["records"]} for c in result["conditions"]],
+            },
+            f,
+        )
     small = analysis.without_records(result)
     with open(os.path.join(out, "evaluate.json"), "w") as f:
         json.dump(small, f, indent=2)
@@ -220,9 +267,15 @@ def run(workdir: str, data_config, sft_config, rl_config, eval_config, *, rl: bo
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text + "\n")
     times.add("evaluate", time.perf_counter() - t0, True)
-    report = {"headline": result["headline"], "choice": manifest.get("choice", {}), "times": times.rows,
-              "total_wall_s": sum(r["wall_s"] for r in times.rows.values()), "machine": machine(),
-              "summaries": summaries, "eval": os.path.join(out, "evaluate.json")}
+    report = {
+        "headline": result["headline"],
+        "choice": manifest.get("choice", {}),
+        "times": times.rows,
+        "total_wall_s": sum(r["wall_s"] for r in times.rows.values()),
+        "machine": machine(),
+        "summaries": summaries,
+        "eval": os.path.join(out, "evaluate.json"),
+    }
     with open(os.path.join(workdir, "reproduce.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
     log(text)
@@ -255,7 +308,9 @@ def _rl_metrics(workdir: str) -> dict:
     return out
 
 
-def export(workdir: str, preset: str, configs: dict, data_config, stage_times: dict, *, command: str, log=print) -> dict:
+def export(
+    workdir: str, preset: str, configs: dict, data_config, stage_times: dict, *, command: str, log=print
+) -> dict:
     """Exports every trained policy, the problem splits and ``manifest.json`` into
     ``<workdir>/export`` (see the module docstring)."""
     import numpy as np
@@ -269,10 +324,21 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
     data_dir = os.path.join(workdir, "data")
     splits = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))
     split_file = os.path.join(out, f"{preset}_splits.npz")
-    np.savez(split_file, **{f"{s}_{f}": arr for s, (nums, tg) in splits.splits.items()
-                            for f, arr in (("numbers", nums), ("targets", tg))})
-    files = {os.path.basename(split_file): {"what": "problem splits", "config": data_config.to_dict(),
-                                            "sha256": sha256_file(split_file)}}
+    np.savez(
+        split_file,
+        **{
+            f"{s}_{f}": arr
+            for s, (nums, tg) in splits.splits.items()
+            for f, arr in (("numbers", nums), ("targets", tg))
+        },
+    )
+    files = {
+        os.path.basename(split_file): {
+            "what": "problem splits",
+            "config": data_config.to_dict(),
+            "sha256": sha256_file(split_file),
+        }
+    }
     choice, host = {}, machine()
     for kind in KINDS:
         sft_cfg = configs[f"sft_{kind}"]
@@ -288,23 +354,47 @@ def export(workdir: str, preset: str, configs: dict, data_config, stage_times: d
             entry = {
                 # The SFT budget is its token slots (steps x batch x seq_len: the compute); what the
                 # slots held (non-padding tokens) and what trained (target tokens) differ by method.
-                "method": kind, "stage": stage, "sft_steps": int(sft_cfg.num_steps), "sft_tokens": tokens["token_slots"],
-                "sft_nonpad_tokens": tokens["tokens"], "sft_trained_tokens": tokens["trained_tokens"],
+                "method": kind,
+                "stage": stage,
+                "sft_steps": int(sft_cfg.num_steps),
+                "sft_tokens": tokens["token_slots"],
+                "sft_nonpad_tokens": tokens["tokens"],
+                "sft_trained_tokens": tokens["trained_tokens"],
                 "rl_steps": int(rl_cfg.num_steps) if rl_cfg else 0,
-                "rl_rollouts": int(rl_cfg.num_steps * rl_cfg.grpo.num_problems * rl_cfg.grpo.group_size) if rl_cfg else 0,
-                "seed": {"data": int(data_config.seed), "sft": int(sft_cfg.seed),
-                         **({"rl": int(rl_cfg.seed)} if rl_cfg else {})},
+                "rl_rollouts": int(rl_cfg.num_steps * rl_cfg.grpo.num_problems * rl_cfg.grpo.group_size)
+                if rl_cfg
+                else 0,
+                "seed": {
+                    "data": int(data_config.seed),
+                    "sft": int(sft_cfg.seed),
+                    **({"rl": int(rl_cfg.seed)} if rl_cfg else {}),
+                },
                 "init_from": sft_cfg.init_from.replace("{kind}", kind) if stage == "sft" else f"{run}'s SFT policy",
-                "checkpoint": which, "command": command,
-                "config": {"data": data_config.to_dict(), "sft": sft_cfg.to_dict(),
-                           **({"rl": rl_cfg.to_dict()} if rl_cfg else {})},
-                "wall_s": stage_times.get(run, {}).get("wall_s"), "machine": host,
+                "checkpoint": which,
+                "command": command,
+                "config": {
+                    "data": data_config.to_dict(),
+                    "sft": sft_cfg.to_dict(),
+                    **({"rl": rl_cfg.to_dict()} if rl_cfg else {}),
+                },
+                "wall_s": stage_times.get(run, {}).get("wall_s"),
+                "machine": host,
             }
             name = f"{preset}_{kind}_{stage}.npz"
             path = os.path.join(out, name)
-            policy_io.export_policy(policy, path, extra={
-                "kind": kind, "stage": stage, "data_preset": preset, "max_context": int(sft_cfg.eval_max_context),
-                "sub_call_budget": budget, "made_by": command, "manifest": "experiments/checkpoints/manifest.json"})
+            policy_io.export_policy(
+                policy,
+                path,
+                extra={
+                    "kind": kind,
+                    "stage": stage,
+                    "data_preset": preset,
+                    "max_context": int(sft_cfg.eval_max_context),
+                    "sub_call_budget": budget,
+                    "made_by": command,
+                    "manifest": "experiments/checkpoints/manifest.json",
+                },
+            )
             entry["sha256"] = sha256_file(path)
             files[name] = entry
             log(f"  exported {name}")
@@ -331,11 +421,29 @@ def headline(result: dict) -> list[dict]:
         b = analysis.find(result, best["sosp"], "context", context=ctx)
         if a and b:
             lead = analysis.paired(a, b, label=f"{analysis.NAMES[a['run']]} - {analysis.NAMES[b['run']]} at {ctx}")
-            rows.append({"context": ctx, "apr": best["apr"], "sosp": best["sosp"],
-                         **{f"{side}_{k}": c[k] for side, c in (("apr", a), ("sosp", b))
-                            for k in ("accuracy", "accuracy_low", "accuracy_high", "total_tokens", "sequential_tokens",
-                                      "children")},
-                         "lead": lead["diff"], "lead_low": lead["low"], "lead_high": lead["high"], "problems": lead["n"]})
+            rows.append(
+                {
+                    "context": ctx,
+                    "apr": best["apr"],
+                    "sosp": best["sosp"],
+                    **{
+                        f"{side}_{k}": c[k]
+                        for side, c in (("apr", a), ("sosp", b))
+                        for k in (
+                            "accuracy",
+                            "accuracy_low",
+                            "accuracy_high",
+                            "total_tokens",
+                            "sequential_tokens",
+                            "children",
+                        )
+                    },
+                    "lead": lead["diff"],
+                    "lead_low": lead["low"],
+                    "lead_high": lead["high"],
+                    "problems": lead["n"],
+                }
+            )
     return rows
 
 
@@ -345,17 +453,21 @@ def format_headline(rows: list[dict]) -> str:
 
     lines = ["Headline (each method's policy chosen on validation; test split, greedy; paired 95% interval)"]
     for r in rows:
-        lines.append(f"  context {r['context']:5d}: {NAMES[r['apr']]} "
-                     f"{stats.format_interval(r['apr_accuracy'], r['apr_accuracy_low'], r['apr_accuracy_high'])} vs "
-                     f"{NAMES[r['sosp']]} {stats.format_interval(r['sosp_accuracy'], r['sosp_accuracy_low'], r['sosp_accuracy_high'])}"
-                     f": lead {stats.format_interval(r['lead'], r['lead_low'], r['lead_high'])} points (n={r['problems']})")
+        lines.append(
+            f"  context {r['context']:5d}: {NAMES[r['apr']]} "
+            f"{stats.format_interval(r['apr_accuracy'], r['apr_accuracy_low'], r['apr_accuracy_high'])} vs "
+            f"{NAMES[r['sosp']]} {stats.format_interval(r['sosp_accuracy'], r['sosp_accuracy_low'], r['sosp_accuracy_high'])}"
+            f": lead {stats.format_interval(r['lead'], r['lead_low'], r['lead_high'])} points (n={r['problems']})"
+        )
     return "\n".join(lines)
 
 
 def format_times(rows: dict) -> str:
     lines = [f"{'stage':12s} {'wall s':>8s} {'steps':>6s} {'train s':>8s} {'tokens/s':>9s}"]
     for stage, r in rows.items():
-        lines.append(f"{stage:12s} {r['wall_s']:8.0f} {str(r.get('steps') or ''):>6s} "
-                     f"{(r.get('train_seconds') or 0):8.0f} {(r.get('tokens_per_s') or 0):9,.0f}")
+        lines.append(
+            f"{stage:12s} {r['wall_s']:8.0f} {r.get('steps') or ''!s:>6s} "
+            f"{(r.get('train_seconds') or 0):8.0f} {(r.get('tokens_per_s') or 0):9,.0f}"
+        )
     lines.append(f"{'total':12s} {sum(r['wall_s'] for r in rows.values()):8.0f}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ overridable (``--sft_config.num_steps=...``, ``--data_config.problems.train=...`
 ``--rl_config.grpo.num_problems=...``, ``--eval_config.problems=...``) or replaced
 (``--sft_config=path.py:preset``). ``--preset=paper`` is the APR paper's scale, for GPU/TPU.
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,8 +43,11 @@ flags.DEFINE_string("workdir", None, "Work directory (created; an existing one i
 cli.define_config_file("data_config", cli.config_path(f"data.py:{_PRESET}"), "Dataset config (file:preset).")
 cli.define_config_file("sft_config", cli.config_path(f"sft.py:{_PRESET}"), "SFT config (file:preset).")
 cli.define_config_file("rl_config", cli.config_path(f"rl.py:{_PRESET}"), "GRPO config (file:preset).")
-cli.define_config_file("eval_config", cli.config_path(f"evaluate.py:{_PRESET}"),
-                       "Evaluation config (file:preset); problems=0 skips the evaluation.")
+cli.define_config_file(
+    "eval_config",
+    cli.config_path(f"evaluate.py:{_PRESET}"),
+    "Evaluation config (file:preset); problems=0 skips the evaluation.",
+)
 flags.DEFINE_bool("rl", True, "Run the GRPO stages.")
 
 
@@ -57,9 +61,10 @@ def main(argv):
         print(f"resolved {name} config:\n{c}")
     command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
     try:
-        pipeline.run(FLAGS.workdir, configs["data"], configs["sft"], configs["rl"], configs["eval"], rl=FLAGS.rl,
-                     command=command)
-    except Exception as e:  # noqa: BLE001 - cli.fail: user errors one line, bugs raised again
+        pipeline.run(
+            FLAGS.workdir, configs["data"], configs["sft"], configs["rl"], configs["eval"], rl=FLAGS.rl, command=command
+        )
+    except Exception as e:
         cli.fail(e)
 
 

@@ -11,6 +11,7 @@ full text inside (its prompt greyed, what the policy wrote in black), children s
 
 The drawing itself is ``jaxapr.trace_view`` (``render_text``, ``write_html``).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,14 +32,23 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def show(policy_path: str, numbers, target: int, *, out: str | None = None, budget: int | None = None,
-         context: int | None = None, temperature: float = 0.0, seed: int = 0, log=print):
+def show(
+    policy_path: str,
+    numbers,
+    target: int,
+    *,
+    out: str | None = None,
+    budget: int | None = None,
+    context: int | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    log=print,
+):
     import jax
     import numpy as np
 
     from envs.countdown import rules
-    from jaxapr import runtime
-    from jaxapr import policy_io
+    from jaxapr import policy_io, runtime
 
     try:
         nums = [int(x) for x in numbers]
@@ -54,8 +64,16 @@ def show(policy_path: str, numbers, target: int, *, out: str | None = None, budg
     if not 32 <= ctx <= policy.cfg.max_len:
         raise ValueError(f"--context={ctx}: expected 32..{policy.cfg.max_len} (the policy's context)")
     prefix = "" if budget is None else f"Sub Call Budget: {budget} "
-    (result,) = runtime.rollout(policy, (np.array([nums]), np.array([target])), mode="apr", max_context=ctx,
-                                num_slots=16, prefix=prefix, temperature=temperature, key=jax.random.key(seed))
+    (result,) = runtime.rollout(
+        policy,
+        (np.array([nums]), np.array([target])),
+        mode="apr",
+        max_context=ctx,
+        num_slots=16,
+        prefix=prefix,
+        temperature=temperature,
+        key=jax.random.key(seed),
+    )
     log(render_text(result))
     if out:
         log(f"wrote {write_html(result, os.path.join(out, 'trace.html'))}")
@@ -69,8 +87,16 @@ def main(argv):
         if getattr(FLAGS, name) is None:
             raise app.UsageError(f"--{name} is required")
     try:
-        show(FLAGS.policy, FLAGS.numbers, FLAGS.target, out=FLAGS.out, budget=FLAGS.budget, context=FLAGS.context,
-             temperature=FLAGS.temperature, seed=FLAGS.seed)
+        show(
+            FLAGS.policy,
+            FLAGS.numbers,
+            FLAGS.target,
+            out=FLAGS.out,
+            budget=FLAGS.budget,
+            context=FLAGS.context,
+            temperature=FLAGS.temperature,
+            seed=FLAGS.seed,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"show_trace: {e}", file=sys.stderr)
         sys.exit(2)

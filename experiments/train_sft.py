@@ -8,6 +8,7 @@ Prints the resolved config, a progress bar, validation lines; writes into --work
 metrics.jsonl, TensorBoard events, orbax checkpoints and summary.json. Run it again with the
 same --workdir to resume from the newest checkpoint.
 """
+
 from __future__ import annotations
 
 from absl import app, flags
@@ -18,7 +19,11 @@ from jaxapr import distributed
 FLAGS = flags.FLAGS
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ... (see jaxapr.distributed)
 cli.define_config_file("config", cli.config_path("sft.py:tiny"), "SFT config (file:preset).")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint of the same run).")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics and the summary (resumed if it has a checkpoint of the same run).",
+)
 
 
 def main(argv):

@@ -7,6 +7,7 @@ system (trace language, tokenizer, policy, engine, runtime, training) grows here
 ``experiments/checkpoints/*.npz``), a training run's work directory (``jaxapr.policy_io``) or a
 Hugging Face Llama directory (``jaxapr.hf``).
 """
+
 __version__ = "0.1.0"
 __all__ = ["load_policy"]
 

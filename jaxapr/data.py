@@ -20,6 +20,7 @@ per-host sharding, a per-epoch shuffle from a seed, then packing into fixed-leng
 (first-fit, with segment ids and positions so that packed examples never attend to each
 other) or padding, and fixed-shape batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,7 @@ import multiprocessing as mp
 import os
 import random
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class TraceConfig:
     only_solved: bool = False  # keep only problems whose trace reaches the goal
     shuffle: bool = True  # expansions write their kept children in a random order (the original); False: best first
 
-    def check(self) -> "TraceConfig":
+    def check(self) -> TraceConfig:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: expected one of {KINDS}")
         if not 1 <= self.min_beam_size <= self.max_beam_size:
@@ -92,8 +93,9 @@ def problem_texts(nums: Sequence[int], target: int, config: TraceConfig, seed: i
         if config.token_budget:
             tokens = len(_TOKENIZER.encode(text)) + 2
             budget = 512 * max(1, math.ceil(tokens / 512))
-            text = traces.sosp(nums, target, beam_size=beam, seed=solver_seed, token_budget=budget,
-                               shuffle=config.shuffle)
+            text = traces.sosp(
+                nums, target, beam_size=beam, seed=solver_seed, token_budget=budget, shuffle=config.shuffle
+            )
         head = text.index("\n") + 1
         solved = traces.verify(text, nums, target).success
         return [(text[:head], text[head:], CALL_KINDS["sosp"])], solved
@@ -101,9 +103,17 @@ def problem_texts(nums: Sequence[int], target: int, config: TraceConfig, seed: i
     solver_seed = rng.getrandbits(32)
     share = float(config.sub_call_budget)
     budget = share >= 1.0 or (share > 0.0 and rng.random() < share)  # no draw at 0 or 1: same bytes as before
-    tree = traces.apr(nums, target, beam_size=beam, sub_call_beam_size=sub_beam, seed=solver_seed,
-                      max_depth=config.max_depth, spawn_prob=config.spawn_prob, sub_call_budget=budget,
-                      shuffle=config.shuffle)
+    tree = traces.apr(
+        nums,
+        target,
+        beam_size=beam,
+        sub_call_beam_size=sub_beam,
+        seed=solver_seed,
+        max_depth=config.max_depth,
+        spawn_prob=config.spawn_prob,
+        sub_call_budget=budget,
+        shuffle=config.shuffle,
+    )
     solved = traces.verify(tree.final_text, nums, target).success
     return list(tree_calls(tree, is_root=True)), solved
 
@@ -191,20 +201,28 @@ def build_dataset(
     if not splits:
         raise ValueError("splits is empty: expected at least one {name: (numbers, targets)}")
     if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index={process_index} of num_processes={num_processes}: expected "
-                         "0 <= process_index < num_processes")
+        raise ValueError(
+            f"process_index={process_index} of num_processes={num_processes}: expected "
+            "0 <= process_index < num_processes"
+        )
     if num_processes > 1:
         from jaxapr import distributed
 
         if distributed.process_count() != num_processes:
-            raise ValueError(f"num_processes={num_processes} but jax.process_count()={distributed.process_count()}: "
-                             "expected jax.distributed to be initialized with that many processes")
+            raise ValueError(
+                f"num_processes={num_processes} but jax.process_count()={distributed.process_count()}: "
+                "expected jax.distributed to be initialized with that many processes"
+            )
     os.makedirs(out_dir, exist_ok=True)
     num_workers = os.cpu_count() if num_workers is None else num_workers
     t0 = time.time()
     manifest = {
-        "format": FORMAT, "vocab_version": VOCAB_VERSION, "token_dtype": np.dtype(_TOKENIZER.storage_dtype).name,
-        "config": dataclasses.asdict(config), "seed": seed, "splits": {},
+        "format": FORMAT,
+        "vocab_version": VOCAB_VERSION,
+        "token_dtype": np.dtype(_TOKENIZER.storage_dtype).name,
+        "config": dataclasses.asdict(config),
+        "seed": seed,
+        "splits": {},
     }
     pool = mp.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
     try:
@@ -214,8 +232,10 @@ def build_dataset(
             numbers, targets = np.asarray(numbers).tolist(), np.asarray(targets).tolist()
             if len(numbers) != len(targets):
                 raise ValueError(f"split {name!r}: {len(numbers)} number rows but {len(targets)} targets")
-            tasks = [(numbers[s:s + problems_per_task], targets[s:s + problems_per_task], s, config, seed)
-                     for s in range(0, len(targets), problems_per_task)]
+            tasks = [
+                (numbers[s : s + problems_per_task], targets[s : s + problems_per_task], s, config, seed)
+                for s in range(0, len(targets), problems_per_task)
+            ]
             if num_processes > 1:  # this process's chunks -> parts; process 0 writes them all in order
                 mine = tasks[process_index::num_processes]
                 _build_parts(os.path.join(out_dir, PARTS_DIR, name), mine, pool, progress)
@@ -231,7 +251,7 @@ def build_dataset(
             children = np.zeros(len(targets), np.int64)  # child threads per problem (their first calls)
             for (tokens, index, ok), task in zip(results, tasks):
                 writer.add(tokens, index)
-                solved[task[2]:task[2] + len(ok)] = ok
+                solved[task[2] : task[2] + len(ok)] = ok
                 np.maximum.at(longest, index[:, 3], index[:, 1])
                 np.add.at(children, index[:, 3], index[:, 4] == CALL_KINDS["child_first"])
                 done += len(task[1])
@@ -241,21 +261,26 @@ def build_dataset(
             lengths = writer.lengths
             written = longest[longest > 0]
             manifest["splits"][name] = {
-                "problems": len(targets), "solved": int(solved.sum()), "examples": int(len(lengths)),
+                "problems": len(targets),
+                "solved": int(solved.sum()),
+                "examples": len(lengths),
                 # The ceiling of a policy that imitated these traces perfectly with a per-call
                 # window of C tokens: the trace solves and every call (BOS + prompt + output +
                 # EOS, as a training example) fits in C.
                 "solved_within": {str(c): int((solved & (longest <= c)).sum()) for c in REPORT_CONTEXTS},
                 # How many child threads the demonstrations spawn per problem: {count: problems}.
                 "children": {str(k): int(v) for k, v in enumerate(np.bincount(children)) if v},
-                "longest_call": dict(zip(("p50", "p90"), np.percentile(written, [50, 90]).tolist()
-                                         if len(written) else (0.0, 0.0))),
+                "longest_call": dict(
+                    zip(("p50", "p90"), np.percentile(written, [50, 90]).tolist() if len(written) else (0.0, 0.0))
+                ),
                 "tokens": int(lengths.sum()),
                 "trained_tokens": int(writer.trained),
                 "tokens_per_problem": float(lengths.sum() / max(1, len(targets))),
-                "tokens_per_example": {"mean": float(lengths.mean()) if len(lengths) else 0.0,
-                                       "max": int(lengths.max(initial=0)),
-                                       "p99": float(np.percentile(lengths, 99)) if len(lengths) else 0.0},
+                "tokens_per_example": {
+                    "mean": float(lengths.mean()) if len(lengths) else 0.0,
+                    "max": int(lengths.max(initial=0)),
+                    "p99": float(np.percentile(lengths, 99)) if len(lengths) else 0.0,
+                },
                 "files": {os.path.relpath(f, out_dir): sha256_file(f) for f in files},
             }
     finally:
@@ -265,7 +290,8 @@ def build_dataset(
     if process_index == 0:
         manifest["build_seconds"] = time.time() - t0
         manifest["bytes_on_disk"] = sum(
-            os.path.getsize(os.path.join(out_dir, f)) for s in manifest["splits"].values() for f in s["files"])
+            os.path.getsize(os.path.join(out_dir, f)) for s in manifest["splits"].values() for f in s["files"]
+        )
         with open(os.path.join(out_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         if num_processes > 1:
@@ -307,8 +333,10 @@ def _build_parts(directory: str, tasks: list, pool, progress) -> None:
 def _load_part(directory: str, start: int):
     path = _part_path(directory, start)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset part {path!r} is missing: expected every process to have built its chunks "
-                                "into the shared out_dir (is it on a file system all processes see?)")
+        raise FileNotFoundError(
+            f"dataset part {path!r} is missing: expected every process to have built its chunks "
+            "into the shared out_dir (is it on a file system all processes see?)"
+        )
     with np.load(path) as part:
         return part["tokens"], part["index"], part["solved"]
 
@@ -356,18 +384,24 @@ class _ShardWriter:
 def load_manifest(data_dir: str, verify_checksums: bool = False) -> dict:
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no manifest.json in {data_dir!r}: expected a directory written by build_dataset / gen_data")
+        raise FileNotFoundError(
+            f"no manifest.json in {data_dir!r}: expected a directory written by build_dataset / gen_data"
+        )
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"dataset format {manifest.get('format')!r} in {path!r}: expected {FORMAT!r}")
     if manifest.get("vocab_version") != VOCAB_VERSION:
-        raise ValueError(f"dataset vocab_version {manifest.get('vocab_version')} in {path!r}: expected {VOCAB_VERSION} (rebuild it)")
+        raise ValueError(
+            f"dataset vocab_version {manifest.get('vocab_version')} in {path!r}: expected {VOCAB_VERSION} (rebuild it)"
+        )
     if verify_checksums:
         for split in manifest["splits"].values():
             for rel, digest in split["files"].items():
                 if sha256_file(os.path.join(data_dir, rel)) != digest:
-                    raise ValueError(f"checksum of {os.path.join(data_dir, rel)!r} does not match the manifest (file changed or corrupt)")
+                    raise ValueError(
+                        f"checksum of {os.path.join(data_dir, rel)!r} does not match the manifest (file changed or corrupt)"
+                    )
     return manifest
 
 
@@ -386,7 +420,9 @@ class TraceSource:
         files = sorted(f for f in manifest["splits"][split]["files"] if f.endswith(".index.npy"))
         self._tokens, index = [], []
         for k, rel in enumerate(files):
-            self._tokens.append(np.load(os.path.join(data_dir, rel.replace(".index.npy", ".tokens.npy")), mmap_mode="r"))
+            self._tokens.append(
+                np.load(os.path.join(data_dir, rel.replace(".index.npy", ".tokens.npy")), mmap_mode="r")
+            )
             idx = np.load(os.path.join(data_dir, rel))
             index.append(np.concatenate([idx, np.full((len(idx), 1), k, np.int64)], axis=1))
         self.index = np.concatenate(index) if index else np.zeros((0, 6), np.int64)
@@ -400,9 +436,9 @@ class TraceSource:
 
     def __getitem__(self, i: int) -> dict:
         offset, length, prompt_len, problem, kind, shard = (int(v) for v in self.index[i])
-        tokens = np.asarray(self._tokens[shard][offset:offset + length], np.int32)
+        tokens = np.asarray(self._tokens[shard][offset : offset + length], np.int32)
         mask = np.zeros(length, np.int32)
-        mask[1 if self.train_on_prompt else prompt_len:] = 1
+        mask[1 if self.train_on_prompt else prompt_len :] = 1
         return {"tokens": tokens, "loss_mask": mask, "problem": problem, "kind": kind}
 
 
@@ -437,7 +473,9 @@ def make_loader(
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: expected batch_size >= 1 and seq_len >= 2")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index={shard_index} of num_shards={num_shards}: expected 0 <= shard_index < num_shards")
+        raise ValueError(
+            f"shard_index={shard_index} of num_shards={num_shards}: expected 0 <= shard_index < num_shards"
+        )
     source = TraceSource(data_dir, split, train_on_prompt)
     keep = np.nonzero(source.lengths <= seq_len)[0]
     keep = keep[shard_index::num_shards]
@@ -452,15 +490,21 @@ def make_loader(
             reps[CALL_KINDS[name]] = r
         keep = np.repeat(keep, reps[source.index[keep, 4]])
     if len(keep) == 0:
-        raise ValueError(f"no example of split {split!r} fits seq_len={seq_len} (shortest: {int(source.lengths.min())} tokens)")
+        raise ValueError(
+            f"no example of split {split!r} fits seq_len={seq_len} (shortest: {int(source.lengths.min())} tokens)"
+        )
     fields = ("tokens", "loss_mask")
     ds = grain.MapDataset.range(len(keep)).map(lambda i: source[int(keep[i])])
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(lambda ex: {k: ex[k] for k in fields})
     it = ds.to_iter_dataset()
     if pack:
         it = gexp.FirstFitPackIterDataset(
-            it, length_struct={k: seq_len for k in fields}, num_packing_bins=packing_bins or batch_size,
-            seed=seed, shuffle_bins=True)
+            it,
+            length_struct={k: seq_len for k in fields},
+            num_packing_bins=packing_bins or batch_size,
+            seed=seed,
+            shuffle_bins=True,
+        )
         it = it.map(_rename_packed)
     else:
         it = it.map(lambda ex: _pad(ex, seq_len))

@@ -28,6 +28,7 @@ tree, for the per-process rollout engine), :func:`put_global` (host data that is
 every process onto a global sharding) and :func:`fail` (exit now without waiting for the
 others at JAX's shutdown barrier).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,8 +41,11 @@ import numpy as np
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 ENV_METHOD = "JAXAPR_DISTRIBUTED"
-ENV_TIMEOUTS = {"init": "JAXAPR_INIT_TIMEOUT", "heartbeat": "JAXAPR_HEARTBEAT_TIMEOUT",
-                "shutdown": "JAXAPR_SHUTDOWN_TIMEOUT"}
+ENV_TIMEOUTS = {
+    "init": "JAXAPR_INIT_TIMEOUT",
+    "heartbeat": "JAXAPR_HEARTBEAT_TIMEOUT",
+    "shutdown": "JAXAPR_SHUTDOWN_TIMEOUT",
+}
 DEFAULT_TIMEOUTS = {"init": 300, "heartbeat": 100, "shutdown": 300}  # JAX's defaults
 METHODS = ("auto", "off", "slurm", "ompi", "mpi4py", "gcetpu", "gketpu")  # JAX's cluster names
 
@@ -59,18 +63,32 @@ def define_flags(flag_values=None) -> None:
     fv = flags.FLAGS if flag_values is None else flag_values
     if "coordinator_address" in fv:
         return
-    flags.DEFINE_string("coordinator_address", None, f"host:port of process 0's coordinator (env {ENV_ADDRESS}); "
-                        "unset: single process, or the detected cluster's", flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        f"host:port of process 0's coordinator (env {ENV_ADDRESS}); unset: single process, or the detected cluster's",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("num_processes", None, f"Processes in the job (env {ENV_COUNT}).", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, f"This process's index, 0..num_processes-1 (env {ENV_ID}).",
-                         flag_values=fv)
-    flags.DEFINE_enum("distributed", None, METHODS, "Cluster detection when the three settings above are absent: "
-                      f"'auto' (default; env {ENV_METHOD}) initializes only on a detected multi-process cluster, "
-                      "'off' never, or a cluster name.", flag_values=fv)
+    flags.DEFINE_integer(
+        "process_id", None, f"This process's index, 0..num_processes-1 (env {ENV_ID}).", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "distributed",
+        None,
+        METHODS,
+        "Cluster detection when the three settings above are absent: "
+        f"'auto' (default; env {ENV_METHOD}) initializes only on a detected multi-process cluster, "
+        "'off' never, or a cluster name.",
+        flag_values=fv,
+    )
     for what, env in ENV_TIMEOUTS.items():
-        flags.DEFINE_integer(f"distributed_{what}_timeout", None,
-                             f"jax.distributed {what} timeout, seconds (env {env}; default {DEFAULT_TIMEOUTS[what]}).",
-                             flag_values=fv)
+        flags.DEFINE_integer(
+            f"distributed_{what}_timeout",
+            None,
+            f"jax.distributed {what} timeout, seconds (env {env}; default {DEFAULT_TIMEOUTS[what]}).",
+            flag_values=fv,
+        )
 
 
 def initialize_from_flags(flag_values=None) -> bool:
@@ -78,11 +96,16 @@ def initialize_from_flags(flag_values=None) -> bool:
     from absl import flags
 
     fv = flags.FLAGS if flag_values is None else flag_values
-    get = lambda name: fv[name].value if name in fv else None  # noqa: E731
-    return initialize(get("coordinator_address"), get("num_processes"), get("process_id"),
-                      method=get("distributed"), init_timeout=get("distributed_init_timeout"),
-                      heartbeat_timeout=get("distributed_heartbeat_timeout"),
-                      shutdown_timeout=get("distributed_shutdown_timeout"))
+    get = lambda name: fv[name].value if name in fv else None
+    return initialize(
+        get("coordinator_address"),
+        get("num_processes"),
+        get("process_id"),
+        method=get("distributed"),
+        init_timeout=get("distributed_init_timeout"),
+        heartbeat_timeout=get("distributed_heartbeat_timeout"),
+        shutdown_timeout=get("distributed_shutdown_timeout"),
+    )
 
 
 def initialize_or_exit(flag_values=None) -> bool:
@@ -117,19 +140,28 @@ def _detect(method: str):
             try:
                 if not env.opt_in_only_method and env.is_env_present():
                     return env
-            except Exception:  # noqa: BLE001 - a probe that fails means "not this cluster"
+            except Exception:
                 continue
         return None
     env = next((e for e in envs if e.name == method), None)
     if env is None or not env.is_env_present():
-        raise ValueError(f"--distributed={method}: that cluster environment is not present here "
-                         f"(known: {sorted(e.name for e in envs if e.name)})")
+        raise ValueError(
+            f"--distributed={method}: that cluster environment is not present here "
+            f"(known: {sorted(e.name for e in envs if e.name)})"
+        )
     return env
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, method: str | None = None, init_timeout: int | None = None,
-               heartbeat_timeout: int | None = None, shutdown_timeout: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    method: str | None = None,
+    init_timeout: int | None = None,
+    heartbeat_timeout: int | None = None,
+    shutdown_timeout: int | None = None,
+) -> bool:
     """Calls ``jax.distributed.initialize`` when this is a multi-process job (see the module
     docstring for where the settings come from); returns True when it did (or had already).
     Must run before any JAX computation."""
@@ -158,17 +190,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if address is None or count is None or pid is None:
         env = _detect(method)
         if env is None:
-            given = {k: v for k, v in (("coordinator_address", address), ("num_processes", count),
-                                       ("process_id", pid)) if v is not None}
+            given = {
+                k: v
+                for k, v in (("coordinator_address", address), ("num_processes", count), ("process_id", pid))
+                if v is not None
+            }
             if given:
                 missing = [k for k in ("coordinator_address", "num_processes", "process_id") if k not in given]
-                raise ValueError(f"distributed settings {given} are incomplete and no cluster was detected: "
-                                 f"expected {missing} too (flags --{' --'.join(missing)} or env "
-                                 f"{ENV_ADDRESS}/{ENV_COUNT}/{ENV_ID})")
+                raise ValueError(
+                    f"distributed settings {given} are incomplete and no cluster was detected: "
+                    f"expected {missing} too (flags --{' --'.join(missing)} or env "
+                    f"{ENV_ADDRESS}/{ENV_COUNT}/{ENV_ID})"
+                )
             return False  # a plain single-process run
         try:
             single = count is None and env.get_process_count() <= 1
-        except Exception:  # noqa: BLE001 - let jax.distributed.initialize ask (and report) itself
+        except Exception:
             single = False
         if single:
             return False
@@ -177,18 +214,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if count < 1 or not 0 <= pid < count:
             raise ValueError(f"process_id={pid}, num_processes={count}: expected 0 <= process_id < num_processes")
         detection = "deactivate"
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu" and \
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    if (
+        os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+        and "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ
+    ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(address, count, pid, cluster_detection_method=detection,
-                                   initialization_timeout=timeouts["init"],
-                                   heartbeat_timeout_seconds=timeouts["heartbeat"],
-                                   shutdown_timeout_seconds=timeouts["shutdown"])
+        jax.distributed.initialize(
+            address,
+            count,
+            pid,
+            cluster_detection_method=detection,
+            initialization_timeout=timeouts["init"],
+            heartbeat_timeout_seconds=timeouts["heartbeat"],
+            shutdown_timeout_seconds=timeouts["shutdown"],
+        )
     except RuntimeError as e:
         if "before any JAX" in str(e) or "backend" in str(e).lower():
-            raise RuntimeError(f"jax.distributed.initialize must run before any JAX computation: call "
-                               f"jaxapr.distributed.initialize_from_flags() first in main ({e})") from None
+            raise RuntimeError(
+                f"jax.distributed.initialize must run before any JAX computation: call "
+                f"jaxapr.distributed.initialize_from_flags() first in main ({e})"
+            ) from None
         raise
     _exit_fast_on_uncaught_errors()
     return True
@@ -203,8 +249,11 @@ def _exit_fast_on_uncaught_errors() -> None:
     def hook(exc_type, exc, tb):
         try:
             previous(exc_type, exc, tb)
-            print(f"{_prefix()}exiting on an uncaught {exc_type.__name__} without waiting for the other processes",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{_prefix()}exiting on an uncaught {exc_type.__name__} without waiting for the other processes",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.stdout.flush()
         finally:
             os._exit(130 if issubclass(exc_type, KeyboardInterrupt) else 1)
@@ -246,9 +295,11 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     if client is not None:
         try:
             client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
-        except Exception as e:  # noqa: BLE001 - the runtime's errors are long and unspecific
-            raise RuntimeError(f"barrier {name!r} failed on process {jax.process_index()}: another process "
-                               f"died or did not arrive within {timeout_s:g} s ({str(e).splitlines()[0]})") from None
+        except Exception as e:
+            raise RuntimeError(
+                f"barrier {name!r} failed on process {jax.process_index()}: another process "
+                f"died or did not arrive within {timeout_s:g} s ({str(e).splitlines()[0]})"
+            ) from None
         return
     from jax.experimental import multihost_utils
 
@@ -325,7 +376,7 @@ def allgather_json(value: Any) -> list:
     raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = allgather(np.array(len(raw), np.int64))
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:len(raw)] = raw
+    padded[: len(raw)] = raw
     rows = allgather(padded)
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes.tolist())]
 
@@ -379,8 +430,11 @@ def process_local(tree):
     if jax.process_count() == 1:
         return tree
     leaves, treedef = jax.tree.flatten(tree)
-    todo = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable
-            and not x.is_fully_replicated]
+    todo = [
+        i
+        for i, x in enumerate(leaves)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+    ]
     if todo:
         mesh = leaves[todo[0]].sharding.mesh
         fn = _replicators.get(mesh)
@@ -426,6 +480,25 @@ def share(n: int, index: int | None = None, count: int | None = None) -> range:
     return range(index * per, (index + 1) * per)
 
 
-__all__ = ["define_flags", "initialize_from_flags", "initialize", "process_index", "process_count", "is_main",
-           "barrier", "log", "log_all", "quiet_other_processes", "fail", "allgather", "allgather_json", "sum_across",
-           "max_across", "run_on_main", "process_local", "put_global", "share", "METHODS"]
+__all__ = [
+    "METHODS",
+    "allgather",
+    "allgather_json",
+    "barrier",
+    "define_flags",
+    "fail",
+    "initialize",
+    "initialize_from_flags",
+    "is_main",
+    "log",
+    "log_all",
+    "max_across",
+    "process_count",
+    "process_index",
+    "process_local",
+    "put_global",
+    "quiet_other_processes",
+    "run_on_main",
+    "share",
+    "sum_across",
+]

@@ -63,11 +63,13 @@ usual, so the cost per token is that of free decoding: ``scripted_engine.ForcedE
 it to drive real compute with scripted outputs. No extra compiles: the buffer has the slot
 row's static shape.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -90,20 +92,20 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class SlotState:
     """Per-slot device state; every leading axis is the slot axis S (L = engine max_len)."""
 
-    tokens: jax.Array       # int32[S, L]  generated tokens (first num_tokens are valid); a forced
-                            #              slot holds its tokens still to emit at num_tokens..num_forced-1
-    logprobs: jax.Array     # f32[S, L]    policy log-prob of each generated token
-    num_tokens: jax.Array   # int32[S]     tokens generated so far
-    next_pos: jax.Array     # int32[S]     cache index where the last token will be written
-    limit: jax.Array        # int32[S]     most tokens this slot may generate
-    done: jax.Array         # bool[S]      finished (stop token or limit)
-    active: jax.Array       # bool[S]      holds a sequence (inserted, not released)
-    stop_ids: jax.Array     # int32[S, K]  stop token ids, -1 = none
+    tokens: jax.Array  # int32[S, L]  generated tokens (first num_tokens are valid); a forced
+    #              slot holds its tokens still to emit at num_tokens..num_forced-1
+    logprobs: jax.Array  # f32[S, L]    policy log-prob of each generated token
+    num_tokens: jax.Array  # int32[S]     tokens generated so far
+    next_pos: jax.Array  # int32[S]     cache index where the last token will be written
+    limit: jax.Array  # int32[S]     most tokens this slot may generate
+    done: jax.Array  # bool[S]      finished (stop token or limit)
+    active: jax.Array  # bool[S]      holds a sequence (inserted, not released)
+    stop_ids: jax.Array  # int32[S, K]  stop token ids, -1 = none
     temperature: jax.Array  # f32[S]       0 = greedy
-    top_k: jax.Array        # int32[S]     0 = off
-    top_p: jax.Array        # f32[S]       1 = off
-    key: jax.Array          # uint32[S, 2] raw PRNG key data of the prompt
-    num_forced: jax.Array   # int32[S]     forced decoding: emit tokens[:num_forced] (0 = free sampling)
+    top_k: jax.Array  # int32[S]     0 = off
+    top_p: jax.Array  # f32[S]       1 = off
+    key: jax.Array  # uint32[S, 2] raw PRNG key data of the prompt
+    num_forced: jax.Array  # int32[S]     forced decoding: emit tokens[:num_forced] (0 = free sampling)
 
     @property
     def running(self) -> jax.Array:
@@ -118,12 +120,20 @@ class SlotState:
 def init_slots(num_slots: int, max_len: int, max_stop_ids: int) -> SlotState:
     s = num_slots
     return SlotState(
-        tokens=jnp.zeros((s, max_len), jnp.int32), logprobs=jnp.zeros((s, max_len), jnp.float32),
-        num_tokens=jnp.zeros((s,), jnp.int32), next_pos=jnp.zeros((s,), jnp.int32),
-        limit=jnp.zeros((s,), jnp.int32), done=jnp.zeros((s,), bool), active=jnp.zeros((s,), bool),
-        stop_ids=jnp.full((s, max_stop_ids), -1, jnp.int32), temperature=jnp.zeros((s,), jnp.float32),
-        top_k=jnp.zeros((s,), jnp.int32), top_p=jnp.ones((s,), jnp.float32),
-        key=jnp.zeros((s, 2), jnp.uint32), num_forced=jnp.zeros((s,), jnp.int32))
+        tokens=jnp.zeros((s, max_len), jnp.int32),
+        logprobs=jnp.zeros((s, max_len), jnp.float32),
+        num_tokens=jnp.zeros((s,), jnp.int32),
+        next_pos=jnp.zeros((s,), jnp.int32),
+        limit=jnp.zeros((s,), jnp.int32),
+        done=jnp.zeros((s,), bool),
+        active=jnp.zeros((s,), bool),
+        stop_ids=jnp.full((s, max_stop_ids), -1, jnp.int32),
+        temperature=jnp.zeros((s,), jnp.float32),
+        top_k=jnp.zeros((s,), jnp.int32),
+        top_p=jnp.ones((s,), jnp.float32),
+        key=jnp.zeros((s, 2), jnp.uint32),
+        num_forced=jnp.zeros((s,), jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,8 +155,14 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jnp.where(keep, x, -jnp.inf)
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array, forced: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def sample_logits(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    forced: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row -> (tokens int32[B], logprobs f32[B]).
 
     logits f32[B, V]; keys uint32[B, 2] (raw key data); temperature/top_p f32[B]; top_k int32[B].
@@ -158,8 +174,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
     def draw(_):
         def one(row, key, t, k, p):
-            filtered = jax.lax.cond((k > 0) | (p < 1.0), lambda: filter_logits(row, t, k, p),
-                                    lambda: row / t)
+            filtered = jax.lax.cond((k > 0) | (p < 1.0), lambda: filter_logits(row, t, k, p), lambda: row / t)
             return jax.random.categorical(jax.random.wrap_key_data(key), filtered).astype(jnp.int32)
 
         safe_t = jnp.where(temperature > 0, temperature, 1.0)
@@ -261,8 +276,21 @@ class _Layout:
         return jax.lax.with_sharding_constraint(slots, jax.tree.map(lambda _: self.slots, slots))
 
 
-def _start_rows(slots: SlotState, slot_ids, first, logp, next_pos, limit, stop_ids, temperature, top_k, top_p,
-                keys, forced, num_forced) -> SlotState:
+def _start_rows(
+    slots: SlotState,
+    slot_ids,
+    first,
+    logp,
+    next_pos,
+    limit,
+    stop_ids,
+    temperature,
+    top_k,
+    top_p,
+    keys,
+    forced,
+    num_forced,
+) -> SlotState:
     """Slot state of rows ``slot_ids`` after a prefill (``insert``) or an extension
     (``extend``): a new call whose first token ``first`` (log-prob ``logp``) came with it, the
     next token's cache index ``next_pos``, its limits, stop ids and sampling parameters."""
@@ -275,17 +303,40 @@ def _start_rows(slots: SlotState, slot_ids, first, logp, next_pos, limit, stop_i
     row = forced.at[:, 0].set(first)  # a forced slot's remaining tokens wait in its row
     lp_row = jnp.zeros((n, max_len), jnp.float32).at[:, 0].set(logp)
     return slots.replace(
-        tokens=put(slots.tokens, row), logprobs=put(slots.logprobs, lp_row),
-        num_tokens=put(slots.num_tokens, jnp.ones((n,), jnp.int32)), next_pos=put(slots.next_pos, next_pos),
+        tokens=put(slots.tokens, row),
+        logprobs=put(slots.logprobs, lp_row),
+        num_tokens=put(slots.num_tokens, jnp.ones((n,), jnp.int32)),
+        next_pos=put(slots.next_pos, next_pos),
         limit=put(slots.limit, limit),
         done=put(slots.done, _is_stop(first, stop_ids) | (limit <= 1) | (num_forced == 1)),
-        active=put(slots.active, jnp.ones((n,), bool)), stop_ids=put(slots.stop_ids, stop_ids),
-        temperature=put(slots.temperature, temperature), top_k=put(slots.top_k, top_k),
-        top_p=put(slots.top_p, top_p), key=put(slots.key, keys), num_forced=put(slots.num_forced, num_forced))
+        active=put(slots.active, jnp.ones((n,), bool)),
+        stop_ids=put(slots.stop_ids, stop_ids),
+        temperature=put(slots.temperature, temperature),
+        top_k=put(slots.top_k, top_k),
+        top_p=put(slots.top_p, top_p),
+        key=put(slots.key, keys),
+        num_forced=put(slots.num_forced, num_forced),
+    )
 
 
-def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths, slot_ids, limit,
-             stop_ids, temperature, top_k, top_p, keys, forced, num_forced):
+def _prefill(
+    graphdef,
+    layout,
+    params,
+    cache,
+    slots: SlotState,
+    prompts,
+    lengths,
+    slot_ids,
+    limit,
+    stop_ids,
+    temperature,
+    top_k,
+    top_p,
+    keys,
+    forced,
+    num_forced,
+):
     """Prefill ``prompts`` int32[n, T] (right-padded, true ``lengths``) into rows ``slot_ids``
     (index num_slots = padding row, dropped), sample each first token, set the slot state.
     ``forced`` int32[n, L] / ``num_forced`` int32[n]: forced tokens per prompt (0 = free)."""
@@ -296,12 +347,24 @@ def _prefill(graphdef, layout, params, cache, slots: SlotState, prompts, lengths
     small = policy.init_cache(n, t, dtype=cache["k"][0].dtype)
     logits, small = policy.forward_cached(prompts, positions, small, jnp.ones((n, t), bool))
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first, logp = sample_logits(last, _step_keys(keys, jnp.zeros((n,), jnp.int32)), temperature, top_k, top_p,
-                                jnp.where(num_forced > 0, forced[:, 0], -1))
-    cache = {name: tuple(c.at[slot_ids, :, :t].set(small[name][layer].transpose(0, 2, 1, 3), mode="drop")
-                         for layer, c in enumerate(cache[name])) for name in ("k", "v")}
-    slots = _start_rows(slots, slot_ids, first, logp, lengths, limit, stop_ids, temperature, top_k, top_p, keys,
-                        forced, num_forced)
+    first, logp = sample_logits(
+        last,
+        _step_keys(keys, jnp.zeros((n,), jnp.int32)),
+        temperature,
+        top_k,
+        top_p,
+        jnp.where(num_forced > 0, forced[:, 0], -1),
+    )
+    cache = {
+        name: tuple(
+            c.at[slot_ids, :, :t].set(small[name][layer].transpose(0, 2, 1, 3), mode="drop")
+            for layer, c in enumerate(cache[name])
+        )
+        for name in ("k", "v")
+    }
+    slots = _start_rows(
+        slots, slot_ids, first, logp, lengths, limit, stop_ids, temperature, top_k, top_p, keys, forced, num_forced
+    )
     return layout.constrain(cache, slots)
 
 
@@ -341,8 +404,26 @@ def extend_forward(policy, tokens, starts, lengths, slot_ids, cache: dict, windo
     return policy.logits(last)[:, 0], {"k": new_k, "v": new_v}
 
 
-def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes, lengths, starts, slot_ids, limit,
-            stop_ids, temperature, top_k, top_p, keys, forced, num_forced):
+def _extend(
+    graphdef,
+    layout,
+    window,
+    params,
+    cache,
+    slots: SlotState,
+    suffixes,
+    lengths,
+    starts,
+    slot_ids,
+    limit,
+    stop_ids,
+    temperature,
+    top_k,
+    top_p,
+    keys,
+    forced,
+    num_forced,
+):
     """Prefill ``suffixes`` int32[n, T] (right-padded, true ``lengths``) into occupied rows
     ``slot_ids`` from cache index ``starts`` on, attending within the first ``window`` cache
     entries (see ``extend_forward``), sample each first token and start a new call in the
@@ -351,10 +432,29 @@ def _extend(graphdef, layout, window, params, cache, slots: SlotState, suffixes,
     policy = nnx.merge(graphdef, params)
     n = suffixes.shape[0]
     last, cache = extend_forward(policy, suffixes, starts, lengths, slot_ids, cache, window)
-    first, logp = sample_logits(last, _step_keys(keys, jnp.zeros((n,), jnp.int32)), temperature, top_k, top_p,
-                                jnp.where(num_forced > 0, forced[:, 0], -1))
-    slots = _start_rows(slots, slot_ids, first, logp, starts + lengths, limit, stop_ids, temperature, top_k, top_p,
-                        keys, forced, num_forced)
+    first, logp = sample_logits(
+        last,
+        _step_keys(keys, jnp.zeros((n,), jnp.int32)),
+        temperature,
+        top_k,
+        top_p,
+        jnp.where(num_forced > 0, forced[:, 0], -1),
+    )
+    slots = _start_rows(
+        slots,
+        slot_ids,
+        first,
+        logp,
+        starts + lengths,
+        limit,
+        stop_ids,
+        temperature,
+        top_k,
+        top_p,
+        keys,
+        forced,
+        num_forced,
+    )
     return layout.constrain(cache, slots)
 
 
@@ -368,18 +468,22 @@ def _decode_step(policy, cache, slots: SlotState):
     logits, cache = decode_forward(policy, slots.last_token, pos, cache, run)
     rows = jnp.arange(run.shape[0])
     max_cols = slots.tokens.shape[1]
-    forced = jnp.where(slots.num_tokens < slots.num_forced,
-                       slots.tokens[rows, jnp.minimum(slots.num_tokens, max_cols - 1)], -1)
-    tok, logp = sample_logits(logits, _step_keys(slots.key, slots.num_tokens), slots.temperature,
-                              slots.top_k, slots.top_p, forced)
+    forced = jnp.where(
+        slots.num_tokens < slots.num_forced, slots.tokens[rows, jnp.minimum(slots.num_tokens, max_cols - 1)], -1
+    )
+    tok, logp = sample_logits(
+        logits, _step_keys(slots.key, slots.num_tokens), slots.temperature, slots.top_k, slots.top_p, forced
+    )
     col = jnp.where(run, slots.num_tokens, max_cols)  # out of range: dropped
     n = slots.num_tokens + run
     out_of_forced = (slots.num_forced > 0) & (n >= slots.num_forced)
     slots = slots.replace(
         tokens=slots.tokens.at[rows, col].set(tok, mode="drop"),
         logprobs=slots.logprobs.at[rows, col].set(logp, mode="drop"),
-        num_tokens=n, next_pos=slots.next_pos + run,
-        done=slots.done | (run & (_is_stop(tok, slots.stop_ids) | (n >= slots.limit) | out_of_forced)))
+        num_tokens=n,
+        next_pos=slots.next_pos + run,
+        done=slots.done | (run & (_is_stop(tok, slots.stop_ids) | (n >= slots.limit) | out_of_forced)),
+    )
     return cache, slots
 
 
@@ -431,7 +535,7 @@ _release_jit = jax.jit(_release, static_argnums=(0,), donate_argnums=(1,))
 # host side
 # ----------------------------------------------------------------------------------------
 class SlotOutput(NamedTuple):
-    tokens: np.ndarray    # int32[n]: generated tokens (a stop token, if hit, is the last)
+    tokens: np.ndarray  # int32[n]: generated tokens (a stop token, if hit, is the last)
     logprobs: np.ndarray  # f32[n]: policy log-prob of each (see module docstring)
 
 
@@ -499,10 +603,19 @@ class Engine:
         like ``kv_heads``. ``num_slots`` must be divisible by data x fsdp.
     """
 
-    def __init__(self, policy: nnx.Module, num_slots: int, max_len: int | None = None,
-                 prefill_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
-                 max_stop_ids: int = 8, mesh=None, rules=None, cache_dtype=None,
-                 decode_buckets: Sequence[int] | None = None):
+    def __init__(
+        self,
+        policy: nnx.Module,
+        num_slots: int,
+        max_len: int | None = None,
+        prefill_buckets: Sequence[int] | None = None,
+        batch_buckets: Sequence[int] | None = None,
+        max_stop_ids: int = 8,
+        mesh=None,
+        rules=None,
+        cache_dtype=None,
+        decode_buckets: Sequence[int] | None = None,
+    ):
         cfg = policy.cfg
         max_len = cfg.max_len if max_len is None else max_len
         if not isinstance(num_slots, int) or num_slots < 1:
@@ -510,10 +623,13 @@ class Engine:
         if not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_len:
             raise ValueError(f"max_len={max_len!r}: expected an int in [2, {cfg.max_len}] (the model's context)")
         self.cfg, self.num_slots, self.max_len, self.max_stop_ids = cfg, num_slots, max_len, max_stop_ids
-        self.prefill_buckets = self._check_buckets(prefill_buckets or _pow2_buckets(max_len), max_len, "prefill_buckets")
+        self.prefill_buckets = self._check_buckets(
+            prefill_buckets or _pow2_buckets(max_len), max_len, "prefill_buckets"
+        )
         self.batch_buckets = self._check_buckets(batch_buckets or _pow2_buckets(num_slots), num_slots, "batch_buckets")
         self.decode_buckets = self._check_buckets(
-            decode_buckets or _step_buckets(max_len, max(128, max_len // 8)), max_len, "decode_buckets")
+            decode_buckets or _step_buckets(max_len, max(128, max_len // 8)), max_len, "decode_buckets"
+        )
         self.mesh, self._layout, self._param_shardings = mesh, _Layout(), None
         cache = init_engine_cache(policy, num_slots, max_len, dtype=cache_dtype)
         slots = init_slots(num_slots, max_len, max_stop_ids)
@@ -543,8 +659,10 @@ class Engine:
             raise ValueError(f"num_slots={self.num_slots} is not divisible by data x fsdp = {ways} on this mesh")
         self._param_shardings = sharding.param_shardings(policy, mesh, rules)
         spec = sharding.logical_to_mesh(("batch", "kv_heads", None, "head_dim"), rules)
-        self._layout = _Layout(cache=NamedSharding(mesh, sharding.fit_spec(spec, cache["k"][0].shape, mesh)),
-                               slots=sharding.data_sharding(mesh))
+        self._layout = _Layout(
+            cache=NamedSharding(mesh, sharding.fit_spec(spec, cache["k"][0].shape, mesh)),
+            slots=sharding.data_sharding(mesh),
+        )
         cache = jax.device_put(cache, self._layout.cache_shardings(cache))
         slots = jax.device_put(slots, jax.tree.map(lambda _: self._layout.slots, slots))
         return cache, slots
@@ -572,9 +690,19 @@ class Engine:
         """Slots that hold no sequence."""
         return np.flatnonzero(~self._busy).tolist()
 
-    def insert(self, prompts: Sequence, slots: Sequence[int] | None = None, *, max_new_tokens,
-               stop_ids: Sequence[int] = (), temperature=0.0, top_k=None, top_p=None, key=None,
-               forced: Sequence | None = None) -> list[int]:
+    def insert(
+        self,
+        prompts: Sequence,
+        slots: Sequence[int] | None = None,
+        *,
+        max_new_tokens,
+        stop_ids: Sequence[int] = (),
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        key=None,
+        forced: Sequence | None = None,
+    ) -> list[int]:
         """Prefill ``prompts`` (list of int arrays) into free slots (``slots``, default the
         lowest free ones) and sample each first token; returns the slot ids.
 
@@ -599,9 +727,20 @@ class Engine:
         self._launch(_prefill_jit, prompts, lengths, None, slots, forced, sampling)
         return list(slots)
 
-    def extend(self, slots: Sequence[int], suffixes: Sequence, start_positions: Sequence[int], *, max_new_tokens,
-               stop_ids: Sequence[int] = (), temperature=0.0, top_k=None, top_p=None, key=None,
-               forced: Sequence | None = None) -> list[int]:
+    def extend(
+        self,
+        slots: Sequence[int],
+        suffixes: Sequence,
+        start_positions: Sequence[int],
+        *,
+        max_new_tokens,
+        stop_ids: Sequence[int] = (),
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        key=None,
+        forced: Sequence | None = None,
+    ) -> list[int]:
         """Continue finished slots with a new prompt that shares a prefix with what they hold,
         keeping their KV cache: ``suffixes[i]`` (an int array) is written into slot
         ``slots[i]`` at cache positions ``start_positions[i]`` on, attending to the slot's
@@ -621,8 +760,10 @@ class Engine:
         """
         slots, suffixes, starts = list(slots), list(suffixes), list(start_positions)
         if not (len(slots) == len(suffixes) == len(starts)):
-            raise ValueError(f"extend got {len(slots)} slots, {len(suffixes)} suffixes and {len(starts)} "
-                             "start_positions: expected one suffix and one start position per slot")
+            raise ValueError(
+                f"extend got {len(slots)} slots, {len(suffixes)} suffixes and {len(starts)} "
+                "start_positions: expected one suffix and one start position per slot"
+            )
         suffixes = [self._check_prompt(p, i, what="suffix") for i, p in enumerate(suffixes)]
         n = len(suffixes)
         forced = self._check_forced(forced, n)
@@ -659,10 +800,24 @@ class Engine:
             static = (_bucket(int(end.max()), self.prefill_buckets, "context"),)
             head = (pad(lengths, 1), pad(np.asarray(starts, np.int32), 0))
         self.cache, self.slots = kernel(
-            self.graphdef, self._layout, *static, self.params, self.cache, self.slots, tokens, *head,
-            pad(np.asarray(slots, np.int32), self.num_slots), pad(limit, 1),
-            np.repeat(stops[None], nb, 0), pad(temp, 0), pad(tk.astype(np.int32), 0), pad(tp, 1),
-            pad(keys, 0), forced_rows, num_forced)
+            self.graphdef,
+            self._layout,
+            *static,
+            self.params,
+            self.cache,
+            self.slots,
+            tokens,
+            *head,
+            pad(np.asarray(slots, np.int32), self.num_slots),
+            pad(limit, 1),
+            np.repeat(stops[None], nb, 0),
+            pad(temp, 0),
+            pad(tk.astype(np.int32), 0),
+            pad(tp, 1),
+            pad(keys, 0),
+            forced_rows,
+            num_forced,
+        )
         self._busy[slots] = True
         self._pos_bound[slots] = end  # the cache index of each new call's next token
 
@@ -678,8 +833,9 @@ class Engine:
         bound = np.minimum(self._pos_bound + num_steps, self.max_len)
         need = int(bound[self._busy].max()) if self._busy.any() else 1
         attend = _bucket(need, self.decode_buckets, "context")
-        self.cache, self.slots, steps = _decode_jit(self.graphdef, self._layout, attend, self.params, self.cache,
-                                                    self.slots, np.int32(num_steps))
+        self.cache, self.slots, steps = _decode_jit(
+            self.graphdef, self._layout, attend, self.params, self.cache, self.slots, np.int32(num_steps)
+        )
         self._pos_bound = bound
         self.attend_counts[attend] += 1
         return steps
@@ -730,8 +886,9 @@ class Engine:
             raise ValueError(f"{what} {i} has shape {arr.shape}: expected a non-empty 1-D array of token ids")
         model_lib.check_tokens(arr, self.cfg, what=f"{what} {i}")
         if arr.size >= self.max_len:
-            raise ValueError(f"{what} {i} has length {arr.size}: expected < max_len={self.max_len} "
-                             "(room for at least one new token)")
+            raise ValueError(
+                f"{what} {i} has length {arr.size}: expected < max_len={self.max_len} (room for at least one new token)"
+            )
         return arr.astype(np.int32)
 
     def _check_sampling(self, n: int, max_new_tokens, temperature, top_k, top_p, key, stop_ids) -> tuple:
@@ -762,8 +919,9 @@ class Engine:
             if not 0 <= s < self.num_slots:
                 raise ValueError(f"slot {s} is out of range: expected 0..{self.num_slots - 1}")
             if not self._busy[s]:
-                raise ValueError(f"slot {s} holds no sequence: extend continues an occupied, finished slot "
-                                 "(insert into a free one)")
+                raise ValueError(
+                    f"slot {s} holds no sequence: extend continues an occupied, finished slot (insert into a free one)"
+                )
             if not done[s]:
                 raise ValueError(f"slot {s} is still running: extend needs a finished slot")
         return slots
@@ -773,11 +931,15 @@ class Engine:
         out = np.zeros((len(slots),), np.int32)
         for i, (s, start, suffix) in enumerate(zip(slots, starts, suffixes)):
             if not isinstance(start, (int, np.integer)) or not 0 <= start <= cached[s]:
-                raise ValueError(f"start_positions[{i}]={start!r} for slot {s}: expected an int in 0..{cached[s]} "
-                                 "(the slot's cached tokens: its prompt and all but its last generated token)")
+                raise ValueError(
+                    f"start_positions[{i}]={start!r} for slot {s}: expected an int in 0..{cached[s]} "
+                    "(the slot's cached tokens: its prompt and all but its last generated token)"
+                )
             if start + suffix.size >= self.max_len:
-                raise ValueError(f"suffix {i} of length {suffix.size} from position {start} ends at "
-                                 f"{start + suffix.size}: expected < max_len={self.max_len} (room for at least one new token)")
+                raise ValueError(
+                    f"suffix {i} of length {suffix.size} from position {start} ends at "
+                    f"{start + suffix.size}: expected < max_len={self.max_len} (room for at least one new token)"
+                )
             out[i] = start
         return out
 
@@ -786,7 +948,9 @@ class Engine:
             return [None] * n
         forced = list(forced)
         if len(forced) != n:
-            raise ValueError(f"forced has {len(forced)} entries for {n} prompts: expected one (an array or None) per prompt")
+            raise ValueError(
+                f"forced has {len(forced)} entries for {n} prompts: expected one (an array or None) per prompt"
+            )
         out = []
         for i, f in enumerate(forced):
             if f is None:
@@ -794,8 +958,10 @@ class Engine:
                 continue
             arr = np.asarray(f)
             if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"forced[{i}] has shape {arr.shape} and dtype {arr.dtype}: expected None or a "
-                                 "non-empty 1-D int array of token ids")
+                raise ValueError(
+                    f"forced[{i}] has shape {arr.shape} and dtype {arr.dtype}: expected None or a "
+                    "non-empty 1-D int array of token ids"
+                )
             arr = arr[: self.max_len]  # a slot never emits more than max_len - 1 tokens
             model_lib.check_tokens(arr, self.cfg, what=f"forced[{i}]")
             out.append(arr.astype(np.int32))
@@ -832,8 +998,8 @@ class Engine:
 # generate: a thin loop over an Engine
 # ----------------------------------------------------------------------------------------
 class GenerateOutput(NamedTuple):
-    tokens: np.ndarray    # int32[B, T] generated tokens, T = max_new_tokens, pad_id after lengths
-    lengths: np.ndarray   # int32[B] tokens generated per prompt (a stop token counts)
+    tokens: np.ndarray  # int32[B, T] generated tokens, T = max_new_tokens, pad_id after lengths
+    lengths: np.ndarray  # int32[B] tokens generated per prompt (a stop token counts)
     logprobs: np.ndarray  # f32[B, T] policy log-prob of each token (0 after lengths)
 
 
@@ -841,10 +1007,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def generate(policy: nnx.Module, prompts: Sequence, max_new_tokens: int, temperature: float = 0.0, key=None,
-             stop_ids: Sequence[int] = (), top_k: int | None = None, top_p: float | None = None,
-             num_slots: int | None = None, *, max_len: int | None = None, steps_per_call: int = 32,
-             mesh=None, rules=None, pad_id: int = 0) -> GenerateOutput:
+def generate(
+    policy: nnx.Module,
+    prompts: Sequence,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    key=None,
+    stop_ids: Sequence[int] = (),
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_slots: int | None = None,
+    *,
+    max_len: int | None = None,
+    steps_per_call: int = 32,
+    mesh=None,
+    rules=None,
+    pad_id: int = 0,
+) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` for each prompt (list of int arrays).
 
     ``stop_ids=()`` decodes every prompt to ``max_new_tokens`` (or to the context end).
@@ -859,15 +1038,17 @@ def generate(policy: nnx.Module, prompts: Sequence, max_new_tokens: int, tempera
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
     if b == 0:
-        return GenerateOutput(np.zeros((0, max_new_tokens), np.int32), np.zeros((0,), np.int32),
-                              np.zeros((0, max_new_tokens), np.float32))
+        return GenerateOutput(
+            np.zeros((0, max_new_tokens), np.int32), np.zeros((0,), np.int32), np.zeros((0, max_new_tokens), np.float32)
+        )
     cfg = policy.cfg
     longest = max(p.size for p in prompts)
     if max_len is None:
         max_len = min(cfg.max_len, max(2, _next_pow2(longest + max_new_tokens)))
     num_slots = num_slots or min(_next_pow2(b), 256)
-    engine = Engine(policy, num_slots, max_len=max_len, max_stop_ids=max(1, len(tuple(stop_ids))), mesh=mesh,
-                    rules=rules)
+    engine = Engine(
+        policy, num_slots, max_len=max_len, max_stop_ids=max(1, len(tuple(stop_ids))), mesh=mesh, rules=rules
+    )
     for i, p in enumerate(prompts):  # every check before any compile
         engine._check_prompt(p, i)
     keys = None if key is None else _key_data(key, b)

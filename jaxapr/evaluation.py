@@ -25,6 +25,7 @@ evaluated on the same problems.
 With several processes each process rolls out every P-th problem on its own engine; records
 are gathered in problem order, so every figure is over all problems.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,14 @@ import numpy as np
 
 from jaxapr import distributed, stats
 
-RECORD_FIELDS = ("success", "total_tokens", "total_tokens_with_context", "sequential_tokens", "latency_steps",
-                 "children")
+RECORD_FIELDS = (
+    "success",
+    "total_tokens",
+    "total_tokens_with_context",
+    "sequential_tokens",
+    "latency_steps",
+    "children",
+)
 
 
 def problem_records(results, joins: bool = False) -> dict[str, list]:
@@ -81,9 +88,18 @@ def _local_rollouts(policy, problems, *, mode, max_context, num_slots, prefix, t
     ids = np.arange(len(targets))[p::n]  # keys from global indices: samples do not depend on n
     results = []
     if len(ids):
-        results = runtime.rollout(policy, (numbers[ids], targets[ids]), mode=mode, max_context=max_context,
-                                  num_slots=num_slots, engine=engine, temperature=temperature, key=key,
-                                  prefix=prefix, problem_ids=ids)
+        results = runtime.rollout(
+            policy,
+            (numbers[ids], targets[ids]),
+            mode=mode,
+            max_context=max_context,
+            num_slots=num_slots,
+            engine=engine,
+            temperature=temperature,
+            key=key,
+            prefix=prefix,
+            problem_ids=ids,
+        )
     return ids, results, time.perf_counter() - t0
 
 
@@ -97,14 +113,32 @@ def _gather(ids: np.ndarray, records: dict, seconds: float) -> tuple[dict, float
     return merged, distributed.max_across(seconds)
 
 
-def evaluate_rollouts(policy, problems, *, mode: str, max_context: int, num_slots: int, prefix: str = "",
-                      temperature: float = 0.0, key=None, engine=None) -> tuple[dict, dict]:
+def evaluate_rollouts(
+    policy,
+    problems,
+    *,
+    mode: str,
+    max_context: int,
+    num_slots: int,
+    prefix: str = "",
+    temperature: float = 0.0,
+    key=None,
+    engine=None,
+) -> tuple[dict, dict]:
     """Roll ``problems`` = (numbers, targets) out in ``mode`` -> (metrics, records): the
     scalar metrics of ``summarize`` and the per-problem records. Every process must call it
     (a collective with several processes)."""
-    ids, results, seconds = _local_rollouts(policy, problems, mode=mode, max_context=max_context,
-                                            num_slots=num_slots, prefix=prefix, temperature=temperature, key=key,
-                                            engine=engine)
+    ids, results, seconds = _local_rollouts(
+        policy,
+        problems,
+        mode=mode,
+        max_context=max_context,
+        num_slots=num_slots,
+        prefix=prefix,
+        temperature=temperature,
+        key=key,
+        engine=engine,
+    )
     records, seconds = _gather(ids, problem_records(results, joins=mode == "apr"), seconds)
     return summarize(records, seconds), records
 
@@ -114,8 +148,9 @@ def rollout_metrics(policy, problems, **kw) -> dict:
     return evaluate_rollouts(policy, problems, **kw)[0]
 
 
-def sampled_rollouts(policy, problems, *, modes, max_context: int, num_slots: int, temperature: float, key,
-                     prefix: str = "", engine=None) -> dict:
+def sampled_rollouts(
+    policy, problems, *, modes, max_context: int, num_slots: int, temperature: float, key, prefix: str = "", engine=None
+) -> dict:
     """{mode: (metrics, records)} for sampled serial modes (``pass@k``, ``cons@k``,
     ``best-of-k``) from ONE rollout of n = the largest k samples per problem: each mode is
     judged on the first k samples (``runtime.first_samples``), so the modes share samples and
@@ -128,9 +163,17 @@ def sampled_rollouts(policy, problems, *, modes, max_context: int, num_slots: in
     if not modes or bad:
         raise ValueError(f"modes={modes!r}: expected sampled modes 'pass@k', 'cons@k' or 'best-of-k'")
     n = max(k for _, k in ks)
-    ids, results, seconds = _local_rollouts(policy, problems, mode=f"pass@{n}", max_context=max_context,
-                                            num_slots=num_slots, prefix=prefix, temperature=temperature, key=key,
-                                            engine=engine)
+    ids, results, seconds = _local_rollouts(
+        policy,
+        problems,
+        mode=f"pass@{n}",
+        max_context=max_context,
+        num_slots=num_slots,
+        prefix=prefix,
+        temperature=temperature,
+        key=key,
+        engine=engine,
+    )
     out = {}
     for m in modes:
         records, wall = _gather(ids, problem_records([runtime.first_samples(r, m) for r in results]), seconds)

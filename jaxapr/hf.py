@@ -28,6 +28,7 @@ which HF's weight tying cannot express, so the export writes ``lm_head.weight`` 
 embedding with ``tie_word_embeddings: false``, and ``config.json``'s ``jaxapr`` entry records
 the tie so that loading restores it.
 """
+
 from __future__ import annotations
 
 import json
@@ -124,8 +125,10 @@ def _policy_arrays(policy) -> dict[str, np.ndarray]:
 
     from jaxapr.policy_io import _named_variables
 
-    return {name.removesuffix("/.value"): np.asarray(var[...], np.float32)
-            for name, var in _named_variables(nnx.split(policy)[1])}
+    return {
+        name.removesuffix("/.value"): np.asarray(var[...], np.float32)
+        for name, var in _named_variables(nnx.split(policy)[1])
+    }
 
 
 def hf_tensors(policy, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -174,8 +177,12 @@ def hf_config(cfg, dtype: str = "float32") -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
         # what the HF fields cannot say: read back by load_hf
-        "jaxapr": {"format": HF_FORMAT, "tie_embeddings": cfg.tie_embeddings, "dtype": cfg.dtype,
-                   "param_dtype": cfg.param_dtype},
+        "jaxapr": {
+            "format": HF_FORMAT,
+            "tie_embeddings": cfg.tie_embeddings,
+            "dtype": cfg.dtype,
+            "param_dtype": cfg.param_dtype,
+        },
     }
 
 
@@ -188,8 +195,15 @@ def tokenizer_files(max_len: int) -> dict[str, dict]:
     assert tok.byte_offset == vocab["<0x00>"] and len(tok.vocab) >= tok.byte_offset + NUM_BYTES
 
     def added(text: str, special: bool) -> dict:
-        return {"id": vocab[text], "content": text, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": special}
+        return {
+            "id": vocab[text],
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": special,
+        }
 
     bos = SPECIAL_TOKENS[tok.bos_id]
     bos_piece = {"SpecialToken": {"id": bos, "type_id": 0}}
@@ -204,15 +218,28 @@ def tokenizer_files(max_len: int) -> dict[str, dict]:
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [
+                bos_piece,
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
             "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
         },
         "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
         # No merges: every remaining character is its own token, or its UTF-8 bytes.
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": []},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
     }
     specials = {"bos_token": bos, "eos_token": SPECIAL_TOKENS[tok.eos_id], "pad_token": SPECIAL_TOKENS[tok.pad_id]}
     config = {
@@ -259,8 +286,9 @@ def _read_config(path: str) -> dict:
         with open(os.path.join(path, CONFIG_FILE)) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path!r}: unreadable {CONFIG_FILE} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-                         ) from None
+        raise ValueError(
+            f"{path!r}: unreadable {CONFIG_FILE} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        ) from None
     if not isinstance(config, dict):
         raise ValueError(f"{path!r}: {CONFIG_FILE} is not a JSON object")
     return config
@@ -274,9 +302,11 @@ def model_config(config: dict, path: str = "."):
     arch = config.get("architectures") or []
     if config.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
         raise ValueError(f"{path!r} holds model_type {config.get('model_type')!r}: expected a Llama model")
-    unsupported = {"hidden_act": (config.get("hidden_act", "silu"), "silu"),
-                   "attention_bias": (config.get("attention_bias", False), False),
-                   "mlp_bias": (config.get("mlp_bias", False), False)}
+    unsupported = {
+        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (config.get("attention_bias", False), False),
+        "mlp_bias": (config.get("mlp_bias", False), False),
+    }
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     unsupported["rope_type"] = (rope.get("rope_type", rope.get("type", "default")), "default")
     for name, (found, expected) in unsupported.items():
@@ -287,14 +317,19 @@ def model_config(config: dict, path: str = "."):
         head_dim = config.get("head_dim") or d // heads
         ours = config.get("jaxapr") or {}
         return ModelConfig(
-            vocab_size=int(config["vocab_size"]), d_model=d, num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            d_model=d,
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=None if d % heads == 0 and head_dim == d // heads else int(head_dim),
-            mlp_dim=int(config["intermediate_size"]), max_len=int(config["max_position_embeddings"]),
+            mlp_dim=int(config["intermediate_size"]),
+            max_len=int(config["max_position_embeddings"]),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(ours.get("tie_embeddings", False)),
-            dtype=ours.get("dtype", "float32"), param_dtype=ours.get("param_dtype", "float32"),
+            dtype=ours.get("dtype", "float32"),
+            param_dtype=ours.get("param_dtype", "float32"),
         ).check()
     except KeyError as e:
         raise ValueError(f"{path!r}: {CONFIG_FILE} lacks {e.args[0]!r}") from None

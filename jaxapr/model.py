@@ -28,11 +28,13 @@ built on it, and the engine's decode and extend (``jaxapr.engine``) on the same 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``norm``) that ``jaxapr.sharding`` maps to mesh axes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +72,7 @@ class ModelConfig:
     def dims_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
-    def check(self) -> "ModelConfig":
+    def check(self) -> ModelConfig:
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_len")
         for name in positive:
             value = getattr(self, name)
@@ -87,7 +89,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {sorted(_DTYPES)}")
         return self
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw).check()
 
 
@@ -97,8 +99,9 @@ PRESETS: dict[str, ModelConfig] = {
     # a few M parameters: a 2-core CPU in <= 2 hours.
     "mini": ModelConfig(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=768, max_len=1024),
     # the APR paper: 18 layers, d 1024, 16 heads, MLP 2752, 4096 context (228M non-embedding).
-    "paper": ModelConfig(d_model=1024, num_layers=18, num_heads=16, num_kv_heads=16, mlp_dim=2752, max_len=4096,
-                         dtype="bfloat16"),
+    "paper": ModelConfig(
+        d_model=1024, num_layers=18, num_heads=16, num_kv_heads=16, mlp_dim=2752, max_len=4096, dtype="bfloat16"
+    ),
 }
 
 
@@ -162,7 +165,9 @@ class Attention(nnx.Module):
         self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), d**-0.5, pd)
         self.wk = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), d**-0.5, pd)
         self.wv = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), d**-0.5, pd)
-        self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), (h * dh) ** -0.5 / math.sqrt(2 * cfg.num_layers), pd)
+        self.wo = _param(
+            rngs, (h, dh, d), ("heads", "head_dim", "embed"), (h * dh) ** -0.5 / math.sqrt(2 * cfg.num_layers), pd
+        )
 
     def qkv(self, x, positions):
         def heads(w):  # [d, n, k] weights -> x's rows as [..., n, k]

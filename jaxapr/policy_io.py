@@ -13,6 +13,7 @@ Export format ``jaxapr.policy/1``: ``__meta__`` (JSON: format, dtype, model, ext
 array per parameter, named by its path with ``/`` and the nnx Variable's value as ``.value``
 (``blocks/0/attn/wk/.value``); bfloat16 arrays are stored as their uint16 bits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -139,7 +140,7 @@ def _read_exported(path: str, arrays: bool) -> tuple[dict, dict]:
         with np.load(path) as f:
             meta = json.loads(str(f["__meta__"]))
             params = {k: f[k] for k in f.files if k != "__meta__"} if arrays else {}
-    except Exception as e:  # noqa: BLE001 - zipfile, zlib, numpy and json each raise their own
+    except Exception as e:
         reason = " ".join(str(e).split())[:160]
         raise ValueError(f"{path!r} is not a readable exported policy ({type(e).__name__}: {reason})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:

@@ -53,6 +53,7 @@ trains on them). Randomness: a call's key is derived from (key, problem index, i
 path, call index), so results do not depend on the number of slots or the schedule, and with
 ``problem_ids`` (global indices) not on how a batch is split over processes either.
 """
+
 from __future__ import annotations
 
 import collections
@@ -153,8 +154,23 @@ def parse_mode(mode: str) -> tuple[str, int]:
 class _Scheduler:
     """Runs threads of many problems through one engine (see the module docstring)."""
 
-    def __init__(self, engine, *, mode, temperature, key, max_context, decode_chunk, max_depth,
-                 max_children, max_total_tokens, top_k, top_p, join="reprefill", key_ids=None):
+    def __init__(
+        self,
+        engine,
+        *,
+        mode,
+        temperature,
+        key,
+        max_context,
+        decode_chunk,
+        max_depth,
+        max_children,
+        max_total_tokens,
+        top_k,
+        top_p,
+        join="reprefill",
+        key_ids=None,
+    ):
         self.engine, self.mode, self.temperature, self.key = engine, mode, temperature, key
         self.key_ids = key_ids  # problem -> the index its keys are drawn from (default: itself)
         self.join = join
@@ -168,9 +184,9 @@ class _Scheduler:
         self.generated = collections.Counter()  # per problem
         self.prefill_tokens = 0
         self.prefill_s = 0.0  # time blocked waiting for prefills (see ``run``)
-        self.decode_s = 0.0   # time blocked waiting for decode chunks
+        self.decode_s = 0.0  # time blocked waiting for decode chunks
         self.chunks: list = []  # per decode call: (first step, steps run, saturated, slots held by waiting parents)
-        self.spans: list = []   # per finished call: (start step, decode steps it ran = tokens - 1)
+        self.spans: list = []  # per finished call: (start step, decode steps it ran = tokens - 1)
         # join="keep_slot": slot -> id of the waiting parent that holds it, in suspension order
         self.held: dict[int, int] = {}
         self.extends: list = []  # (thread id, call, slot, start position): joins ready to extend their slot
@@ -237,12 +253,21 @@ class _Scheduler:
             if self.queue and free:
                 batch = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
                 prompts = [call.prompt_tokens for _, call in batch]
-                limits = [max(1, min(self.max_context - len(call.prompt_tokens),
-                                     self._budget_left(self.threads[t].problem))) for t, call in batch]
+                limits = [
+                    max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(self.threads[t].problem)))
+                    for t, call in batch
+                ]
                 keys = [self._call_key(self.threads[t]) for t, _ in batch] if self.temperature > 0 else None
-                slots = eng.insert(prompts, free[:len(batch)], max_new_tokens=limits, stop_ids=(_TOK.eos_id,),
-                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                   key=None if keys is None else jax.numpy.stack(keys))
+                slots = eng.insert(
+                    prompts,
+                    free[: len(batch)],
+                    max_new_tokens=limits,
+                    stop_ids=(_TOK.eos_id,),
+                    temperature=self.temperature,
+                    top_k=self.top_k,
+                    top_p=self.top_p,
+                    key=None if keys is None else jax.numpy.stack(keys),
+                )
                 t0 = time.perf_counter()
                 wait()
                 self.prefill_s += time.perf_counter() - t0
@@ -279,12 +304,21 @@ class _Scheduler:
         slots = [slot for _, _, slot, _ in batch]
         starts = [start for *_, start in batch]
         suffixes = [call.prompt_tokens[start:] for (_, call), start in zip(calls, starts)]
-        limits = [max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(th.problem)))
-                  for th, call in calls]
+        limits = [
+            max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(th.problem))) for th, call in calls
+        ]
         keys = [self._call_key(th) for th, _ in calls] if self.temperature > 0 else None
-        self.engine.extend(slots, suffixes, starts, max_new_tokens=limits, stop_ids=(_TOK.eos_id,),
-                           temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                           key=None if keys is None else jax.numpy.stack(keys))
+        self.engine.extend(
+            slots,
+            suffixes,
+            starts,
+            max_new_tokens=limits,
+            stop_ids=(_TOK.eos_id,),
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            key=None if keys is None else jax.numpy.stack(keys),
+        )
         t0 = time.perf_counter()
         wait()
         self.prefill_s += time.perf_counter() - t0
@@ -313,18 +347,30 @@ class _Scheduler:
         chunks that started with calls waiting in the queue (demand exceeding the slots)."""
         sat = np.zeros(self.step + 1, bool)
         for first, steps, saturated, _ in self.chunks:
-            sat[first:first + steps] = saturated
+            sat[first : first + steps] = saturated
         cum = np.concatenate([[0], np.cumsum(sat)])
         spans = np.asarray(self.spans, np.int64).reshape(-1, 2)
         start, length = spans[:, 0], spans[:, 1]
         useful_sat = int((cum[np.minimum(start + length, self.step)] - cum[np.minimum(start, self.step)]).sum())
-        return {"num_slots": self.engine.num_slots, "steps": self.step, "saturated_steps": int(sat.sum()),
-                "useful_slot_steps": int(length.sum()), "useful_slot_steps_saturated": useful_sat,
-                "decode_calls": len(self.chunks), "prefill_tokens": self.prefill_tokens,
-                "generated_tokens": int(sum(self.generated.values())), "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "device_s": self.prefill_s + self.decode_s, "wall_s": wall_s,
-                "join": self.join, "extend_calls": self.extend_calls, "reused_prefix_tokens": self.reused_tokens,
-                "evictions": self.evictions, "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks))}
+        return {
+            "num_slots": self.engine.num_slots,
+            "steps": self.step,
+            "saturated_steps": int(sat.sum()),
+            "useful_slot_steps": int(length.sum()),
+            "useful_slot_steps_saturated": useful_sat,
+            "decode_calls": len(self.chunks),
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": int(sum(self.generated.values())),
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "device_s": self.prefill_s + self.decode_s,
+            "wall_s": wall_s,
+            "join": self.join,
+            "extend_calls": self.extend_calls,
+            "reused_prefix_tokens": self.reused_tokens,
+            "evictions": self.evictions,
+            "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks)),
+        }
 
     def _complete(self, thread: Thread, call: Call, out, slot: int) -> None:
         tokens = np.asarray(out.tokens, np.int32)
@@ -347,12 +393,13 @@ class _Scheduler:
     def _spawn(self, thread: Thread, prompts: list[str]) -> None:
         spawn_index = len(thread.spawns)
         children = []
-        for c, prompt in enumerate(prompts):
+        for c, _prompt in enumerate(prompts):
             if c >= self.max_children:
                 children.append(None)
                 continue
-            child = Thread(len(self.threads), thread.problem, thread.path + ((spawn_index, c),), thread.level + 1,
-                           thread.id)
+            child = Thread(
+                len(self.threads), thread.problem, thread.path + ((spawn_index, c),), thread.level + 1, thread.id
+            )
             self.threads.append(child)
             children.append(child.id)
         thread.spawns.append(children)
@@ -373,8 +420,10 @@ class _Scheduler:
 
     # -- results -------------------------------------------------------------------------
     def tree(self, thread: Thread) -> dict:
-        return {"main_calls": [c.text for c in thread.calls],
-                "sub_calls": [[self.tree(self.threads[c]) for c in spawn if c is not None] for spawn in thread.spawns]}
+        return {
+            "main_calls": [c.text for c in thread.calls],
+            "sub_calls": [[self.tree(self.threads[c]) for c in spawn if c is not None] for spawn in thread.spawns],
+        }
 
     def all_calls(self, thread: Thread) -> list:
         out = []
@@ -448,7 +497,9 @@ def rollout(
     kind, n = parse_mode(mode)
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
     if numbers.ndim != 2 or targets.shape != (numbers.shape[0],):
-        raise ValueError(f"problems shapes {numbers.shape}, {targets.shape}: expected (numbers int[P, N], targets int[P])")
+        raise ValueError(
+            f"problems shapes {numbers.shape}, {targets.shape}: expected (numbers int[P, N], targets int[P])"
+        )
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: expected >= 0")
     if temperature > 0 and key is None:
@@ -461,10 +512,14 @@ def rollout(
         raise ValueError(f"join='keep_slot' needs an engine with an extend() method; {type(engine).__name__} has none")
     if problem_ids is not None:
         problem_ids = np.asarray(problem_ids)
-        if problem_ids.shape != targets.shape or not np.issubdtype(problem_ids.dtype, np.integer) or (
-                len(problem_ids) and problem_ids.min() < 0):
-            raise ValueError(f"problem_ids of shape {problem_ids.shape}: expected {len(targets)} non-negative ints, "
-                             "one per problem")
+        if (
+            problem_ids.shape != targets.shape
+            or not np.issubdtype(problem_ids.dtype, np.integer)
+            or (len(problem_ids) and problem_ids.min() < 0)
+        ):
+            raise ValueError(
+                f"problem_ids of shape {problem_ids.shape}: expected {len(targets)} non-negative ints, one per problem"
+            )
     for name, value in (("decode_chunk", decode_chunk), ("max_depth", max_depth), ("max_children", max_children)):
         if not isinstance(value, int) or value < (0 if name == "max_depth" else 1):
             raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -476,11 +531,21 @@ def rollout(
         engine = engine_lib.Engine(policy, num_slots=num_slots, max_len=max_context)
     key = jax.random.key(0) if key is None else key
     t0 = time.perf_counter()
-    sched = _Scheduler(engine, mode="apr" if kind == "apr" else "sosp", temperature=temperature, key=key,
-                       max_context=max_context, decode_chunk=decode_chunk, max_depth=max_depth if kind == "apr" else 0,
-                       max_children=max_children, max_total_tokens=max_total_tokens, top_k=top_k, top_p=top_p,
-                       join=join, key_ids=None if problem_ids is None else
-                       [int(i) * n + s for i in problem_ids for s in range(n)])
+    sched = _Scheduler(
+        engine,
+        mode="apr" if kind == "apr" else "sosp",
+        temperature=temperature,
+        key=key,
+        max_context=max_context,
+        decode_chunk=decode_chunk,
+        max_depth=max_depth if kind == "apr" else 0,
+        max_children=max_children,
+        max_total_tokens=max_total_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        join=join,
+        key_ids=None if problem_ids is None else [int(i) * n + s for i in problem_ids for s in range(n)],
+    )
     prompt_mode = "apr" if kind == "apr" else "sosp"
     starts = []
     for p, (nums, target) in enumerate(zip(numbers.tolist(), targets.tolist())):
@@ -506,10 +571,21 @@ def _result(sched: _Scheduler, root: Thread, nums, target, wall) -> RolloutResul
     children, spawns = sched.counts(root)
     sequential, latency = sched.critical_path(root)
     return RolloutResult(
-        nums=list(nums), target=int(target), success=verdict.success, reason=verdict.reason, text=text,
-        tree=sched.tree(root), calls=calls,
-        total_tokens=sum(len(c.output_tokens) for c in calls), prompt_tokens=sum(len(c.prompt_tokens) for c in calls),
-        sequential_tokens=sequential, num_children=children, num_spawns=spawns, latency_steps=latency, wall_s=wall)
+        nums=list(nums),
+        target=int(target),
+        success=verdict.success,
+        reason=verdict.reason,
+        text=text,
+        tree=sched.tree(root),
+        calls=calls,
+        total_tokens=sum(len(c.output_tokens) for c in calls),
+        prompt_tokens=sum(len(c.prompt_tokens) for c in calls),
+        sequential_tokens=sequential,
+        num_children=children,
+        num_spawns=spawns,
+        latency_steps=latency,
+        wall_s=wall,
+    )
 
 
 _CHILD_STATE_RE = re.compile(r"Current State: ([0-9]+):\[([0-9, ]*)\]")
@@ -546,8 +622,13 @@ def join_diagnostics(result: RolloutResult) -> dict:
         if k and (at >= len(calls) or calls[at].stopped != "eos"):
             overflow = 1
         at += 1 + (sum(_num_calls(c) for c in subs[k]) if k < len(subs) else 0)
-    return {"distinct_children": len(distinct), "solved_children": solved, "child_solved": int(solved > 0),
-            "join_overflow": overflow, "lost_at_join": int(solved > 0 and not result.success)}
+    return {
+        "distinct_children": len(distinct),
+        "solved_children": solved,
+        "child_solved": int(solved > 0),
+        "join_overflow": overflow,
+        "lost_at_join": int(solved > 0 and not result.success),
+    }
 
 
 def _num_calls(tree: dict) -> int:
@@ -561,7 +642,7 @@ def claimed_answer(text: str) -> tuple | None:
     if not lines or not lines[-1].endswith("equal: Goal Reached") or lines[-1].find("unequal") >= 0:
         return None
     spans = traces.goal_line_spans(text)
-    path = text[text.find("\n", spans[0]) + 1:] if spans else text
+    path = text[text.find("\n", spans[0]) + 1 :] if spans else text
     return tuple(l.split(",")[0].split(": ", 1)[1] for l in path.split("\n") if l.startswith("Exploring Operation: "))
 
 
@@ -574,8 +655,9 @@ def first_samples(result: RolloutResult, mode: str) -> RolloutResult:
     if kind not in ("pass", "cons", "best"):
         raise ValueError(f"mode={mode!r}: expected 'pass@k', 'cons@k' or 'best-of-k'")
     if k > len(result.samples):
-        raise ValueError(f"mode={mode!r} needs {k} samples; the result has {len(result.samples)}: "
-                         f"roll out with n >= {k}")
+        raise ValueError(
+            f"mode={mode!r} needs {k} samples; the result has {len(result.samples)}: roll out with n >= {k}"
+        )
     return _aggregate(kind, result.samples[:k])
 
 
@@ -588,12 +670,17 @@ def _aggregate(kind: str, samples: list) -> RolloutResult:
         votes = collections.Counter(a for _, a in claims)
         chosen = next((s for s, a in claims if a == votes.most_common(1)[0][0]), samples[0]) if claims else samples[0]
     else:
+
         def mean_logprob(s):
             lp = np.concatenate([c.logprobs for c in s.calls]) if s.calls else np.zeros(1)
             return float(lp.mean()) if lp.size else -np.inf
+
         chosen = max((s for s, _ in claims), key=mean_logprob, default=samples[0])
     return dataclasses.replace(
         chosen,
-        total_tokens=sum(s.total_tokens for s in samples), prompt_tokens=sum(s.prompt_tokens for s in samples),
-        sequential_tokens=max(s.sequential_tokens for s in samples), latency_steps=max(s.latency_steps for s in samples),
-        samples=samples)
+        total_tokens=sum(s.total_tokens for s in samples),
+        prompt_tokens=sum(s.prompt_tokens for s in samples),
+        sequential_tokens=max(s.sequential_tokens for s in samples),
+        latency_steps=max(s.latency_steps for s in samples),
+        samples=samples,
+    )

@@ -15,9 +15,10 @@ Both answer ``extend`` (a finished slot continued with a new prompt that shares 
 what it holds) as if the whole new prompt -- the slot's prompt and output up to the start
 position, then the suffix -- had been inserted.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,8 +32,13 @@ class ScriptedEngine:
     """``responses``: a mapping or a function from prompt text (without BOS) to output text
     (without EOS); EOS is appended. An unknown prompt is answered with EOS alone."""
 
-    def __init__(self, responses: Mapping[str, str] | Callable[[str], str], num_slots: int, max_len: int = 4096,
-                 tokens_per_step: int = 1):
+    def __init__(
+        self,
+        responses: Mapping[str, str] | Callable[[str], str],
+        num_slots: int,
+        max_len: int = 4096,
+        tokens_per_step: int = 1,
+    ):
         if num_slots < 1 or tokens_per_step < 1:
             raise ValueError(f"num_slots={num_slots}, tokens_per_step={tokens_per_step}: expected positive ints")
         self.respond = responses if callable(responses) else (lambda p: responses.get(p, ""))
@@ -46,10 +52,20 @@ class ScriptedEngine:
     def free_slots(self) -> list[int]:
         return [s for s in range(self.num_slots) if self._out[s] is None]
 
-    def insert(self, prompts: Sequence, slots: Sequence[int] | None = None, *, max_new_tokens, stop_ids=(),
-               temperature=0.0, top_k=None, top_p=None, key=None) -> list[int]:
+    def insert(
+        self,
+        prompts: Sequence,
+        slots: Sequence[int] | None = None,
+        *,
+        max_new_tokens,
+        stop_ids=(),
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        key=None,
+    ) -> list[int]:
         free = self.free_slots()
-        slots = list(free[:len(prompts)] if slots is None else slots)
+        slots = list(free[: len(prompts)] if slots is None else slots)
         limits = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),))
         for slot, prompt, limit in zip(slots, prompts, limits):
             if self._out[slot] is not None:
@@ -57,14 +73,27 @@ class ScriptedEngine:
             self._start(slot, np.asarray(prompt), limit)
         return slots
 
-    def extend(self, slots: Sequence[int], suffixes: Sequence, start_positions: Sequence[int], *, max_new_tokens,
-               stop_ids=(), temperature=0.0, top_k=None, top_p=None, key=None) -> list[int]:
+    def extend(
+        self,
+        slots: Sequence[int],
+        suffixes: Sequence,
+        start_positions: Sequence[int],
+        *,
+        max_new_tokens,
+        stop_ids=(),
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        key=None,
+    ) -> list[int]:
         slots = list(slots)
         limits = np.broadcast_to(np.asarray(max_new_tokens), (len(slots),))
         for slot, suffix, start, limit in zip(slots, suffixes, start_positions, limits):
             out = self._out[slot]
             if out is None or self._pos[slot] < len(out):
-                raise ValueError(f"slot {slot} is {'free' if out is None else 'still running'}: extend needs a finished slot")
+                raise ValueError(
+                    f"slot {slot} is {'free' if out is None else 'still running'}: extend needs a finished slot"
+                )
             held = np.concatenate([self._prompt[slot], out[: self._pos[slot]]])
             if not 0 <= start <= len(held) - 1:
                 raise ValueError(f"start position {start} for slot {slot}: expected 0..{len(held) - 1}")
@@ -151,8 +180,10 @@ class ForcedEngine:
     def extend(self, slots: Sequence[int], suffixes: Sequence, start_positions: Sequence[int], **kw) -> list[int]:
         slots = list(slots)
         outs = self.engine.read(slots)  # raises for a free slot
-        prompts = [np.concatenate([np.concatenate([self._prompts[s], o.tokens])[:start], np.asarray(x)])
-                   for s, o, start, x in zip(slots, outs, start_positions, suffixes)]
+        prompts = [
+            np.concatenate([np.concatenate([self._prompts[s], o.tokens])[:start], np.asarray(x)])
+            for s, o, start, x in zip(slots, outs, start_positions, suffixes)
+        ]
         forced = [self._forced(p) for p in prompts]
         slots = self.engine.extend(slots, suffixes, start_positions, forced=forced, **kw)
         self._prompts.update(zip(slots, prompts))

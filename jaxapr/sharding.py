@@ -24,17 +24,19 @@ The modern form of ``pjit`` is ``jax.jit(f, in_shardings=..., out_shardings=...)
 propagates shardings through the model, which carries no sharding constraints of its own);
 note that ``jax.make_mesh`` defaults to ``Explicit`` axes in this jax version.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxapr.model import ModelConfig, PRESETS, get_config, param_count
+from jaxapr.model import PRESETS, ModelConfig, get_config, param_count
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -76,17 +78,22 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: "
-                         "expected positive ints, at most one -1")
+        raise ValueError(
+            f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: expected positive ints, at most one -1"
+        )
     if -1 in sizes:
         known = -math.prod(sizes)
         if len(devices) % known:
-            raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: "
-                             f"{len(devices)} devices are not a multiple of {known}")
+            raise ValueError(
+                f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: "
+                f"{len(devices)} devices are not a multiple of {known}"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices: "
-                         f"expected {len(devices)} (the device count)")
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices: "
+            f"expected {len(devices)} (the device count)"
+        )
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
@@ -151,8 +158,9 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh, rules: R
     """NamedShardings with the structure of ``nnx.state(model, nnx.Param)`` (or of the given
     state), for ``jax.device_put`` and ``jax.jit(in_shardings=...)``."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return jax.tree.map(lambda v: _variable_sharding(v, mesh, rules), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: _variable_sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
@@ -236,8 +244,15 @@ def sharded_forward_cached(model: nnx.Module, mesh: Mesh, rules: Rules) -> Calla
         shape = cache["k"].shape
         if shape not in compiled:
             kv = {name: cache_sharding(mesh, rules, shape) for name in ("k", "v")}
-            compiled[shape] = (jax.jit(forward, in_shardings=(shardings, batch, batch, kv, batch),
-                                       out_shardings=(batch, kv), donate_argnums=(3,)), kv)
+            compiled[shape] = (
+                jax.jit(
+                    forward,
+                    in_shardings=(shardings, batch, batch, kv, batch),
+                    out_shardings=(batch, kv),
+                    donate_argnums=(3,),
+                ),
+                kv,
+            )
         jitted, kv = compiled[shape]
         return jitted(state, tokens, positions, jax.device_put(cache, kv), write_mask)
 

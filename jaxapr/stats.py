@@ -5,10 +5,11 @@ Every accuracy jaxapr reports carries a 95% Wilson score interval; every A-vs-B 
 paired bootstrap interval over problems (resampling problems, not rollouts, so the interval
 covers the problem sample's noise that both conditions share).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -69,8 +70,9 @@ def _resample_means(values: np.ndarray, num_resamples: int, seed: int) -> np.nda
     return out
 
 
-def bootstrap_mean(x: Sequence[float], *, confidence: float = 0.95, num_resamples: int = 10_000,
-                   seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_mean(
+    x: Sequence[float], *, confidence: float = 0.95, num_resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the percentile bootstrap interval of a per-problem mean (e.g. tokens
     or children per problem)."""
     confidence = _check_confidence(confidence)
@@ -80,8 +82,9 @@ def bootstrap_mean(x: Sequence[float], *, confidence: float = 0.95, num_resample
     return float(arr.mean()), float(lo), float(hi)
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95,
-                     num_resamples: int = 10_000, seed: int = 0) -> dict:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95, num_resamples: int = 10_000, seed: int = 0
+) -> dict:
     """The difference mean(a) - mean(b) of two conditions measured on the same problems
     (``a[i]`` and ``b[i]`` belong to problem i), with a percentile bootstrap interval that
     resamples problems: {"diff", "low", "high", "n", "p_a_better"} (the last is the share of
@@ -92,8 +95,13 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
         raise ValueError(f"a has {a.size} problems and b {b.size}: expected paired values on the same problems")
     diffs = _resample_means(a - b, num_resamples, seed)
     lo, hi = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return {"diff": float(a.mean() - b.mean()), "low": float(lo), "high": float(hi), "n": int(a.size),
-            "p_a_better": float((diffs > 0).mean())}
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "low": float(lo),
+        "high": float(hi),
+        "n": int(a.size),
+        "p_a_better": float((diffs > 0).mean()),
+    }
 
 
 def format_interval(value: float, low: float, high: float, percent: bool = True, digits: int = 1) -> str:

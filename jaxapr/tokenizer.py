@@ -20,12 +20,13 @@ EVERY Python ``str`` round-trips exactly, lone surrogates included:
 ``decode`` never raises on in-range ids: byte sequences that are not valid UTF-8 (only
 possible for ids that did not come from ``encode``) become U+FFFD.
 """
+
 from __future__ import annotations
 
 import codecs
 import itertools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -99,8 +100,11 @@ class CountdownTokenizer:
 
     def __init__(self) -> None:
         self.vocab: list[str] = (
-            list(SPECIAL_TOKENS) + list(DIGITS) + list(CHARS)
-            + [f"<0x{b:02X}>" for b in range(NUM_BYTES)] + list(PHRASES)
+            list(SPECIAL_TOKENS)
+            + list(DIGITS)
+            + list(CHARS)
+            + [f"<0x{b:02X}>" for b in range(NUM_BYTES)]
+            + list(PHRASES)
         )
         self.vocab_size: int = len(self.vocab)
         assert self.vocab_size < 2**16
@@ -116,8 +120,7 @@ class CountdownTokenizer:
         assert len(self._text_to_id) == len(texts), "duplicate token text"
         phrases = sorted(PHRASES, key=len, reverse=True)
         singles = "".join(DIGITS + CHARS)
-        self._pattern = re.compile(
-            "|".join(map(re.escape, phrases)) + f"|[{re.escape(singles)}]|.", re.DOTALL)
+        self._pattern = re.compile("|".join(map(re.escape, phrases)) + f"|[{re.escape(singles)}]|.", re.DOTALL)
         # id -> UTF-8 bytes (specials render as their names when skip_special=False).
         id_bytes = [t.encode("utf-8") for t in self.vocab]
         for b in range(NUM_BYTES):
@@ -142,8 +145,7 @@ class CountdownTokenizer:
         if text in SPECIAL_TOKENS:
             return SPECIAL_TOKENS.index(text)
         if text not in self._text_to_id:
-            raise ValueError(f"{text!r} is not a single token of CountdownTokenizer "
-                             f"(VOCAB_VERSION {VOCAB_VERSION})")
+            raise ValueError(f"{text!r} is not a single token of CountdownTokenizer (VOCAB_VERSION {VOCAB_VERSION})")
         return self._text_to_id[text]
 
     # ----------------------------------------------------------------------------- encode
@@ -173,9 +175,14 @@ class CountdownTokenizer:
             ids.append(self.eos_id)
         return np.asarray(ids, dtype=np.int32)
 
-    def encode_batch(self, texts: Sequence[str], max_len: int | None = None,
-                     add_bos: bool = False, add_eos: bool = False,
-                     dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        max_len: int | None = None,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        dtype=np.int32,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Encode many texts: (ids [B, L] right-padded with ``pad_id``, lengths int32[B]).
 
         ``L`` is ``max_len`` if given (a longer text raises ValueError), else the longest.
@@ -192,12 +199,12 @@ class CountdownTokenizer:
         if max_len is not None:
             if width > max_len:
                 i = int(np.argmax(lengths > max_len))
-                raise ValueError(f"text {i} has {int(lengths[i])} tokens, more than "
-                                 f"max_len={max_len}")
+                raise ValueError(f"text {i} has {int(lengths[i])} tokens, more than max_len={max_len}")
             width = int(max_len)
         out = np.full((len(rows), width), self.pad_id, dtype=dtype)
-        body = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype,
-                           count=int(lengths.sum()) - extra * len(rows))
+        body = np.fromiter(
+            itertools.chain.from_iterable(rows), dtype=dtype, count=int(lengths.sum()) - extra * len(rows)
+        )
         start = int(add_bos)
         cols = np.arange(width)
         mask = (cols >= start) & (cols < (lengths - int(add_eos))[:, None])
@@ -214,16 +221,14 @@ class CountdownTokenizer:
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is out of range "
-                             f"[0, {self.vocab_size})")
+            raise ValueError(f"token id {int(ids[bad][0])} is out of range [0, {self.vocab_size})")
 
     def decode(self, ids, skip_special: bool = True) -> str:
         """Text of a 1-D id sequence. pad/bos/eos are dropped unless ``skip_special=False``
         (then rendered as ``<pad>``, ``<bos>``, ``<eos>``)."""
         ids = np.asarray(ids)
         if ids.ndim > 1:
-            raise ValueError(f"decode expects a 1-D id sequence, got shape {ids.shape}; "
-                             "use decode_batch")
+            raise ValueError(f"decode expects a 1-D id sequence, got shape {ids.shape}; use decode_batch")
         ids = ids.reshape(-1)
         if ids.size == 0:
             return ""
@@ -242,6 +247,7 @@ class CountdownTokenizer:
             lengths = np.full(ids.shape[0], ids.shape[1])
         lengths = np.asarray(lengths).reshape(-1)
         if lengths.shape[0] != ids.shape[0] or (lengths < 0).any() or (lengths > ids.shape[1]).any():
-            raise ValueError(f"lengths must be {ids.shape[0]} values in [0, {ids.shape[1]}], "
-                             f"got {lengths.tolist()[:8]}")
+            raise ValueError(
+                f"lengths must be {ids.shape[0]} values in [0, {ids.shape[1]}], got {lengths.tolist()[:8]}"
+            )
         return [self.decode(row[:n], skip_special) for row, n in zip(ids, lengths.tolist())]

@@ -3,6 +3,7 @@ children indented under the call that spawned them) and ``write_html`` (nested b
 side by side, each call's full text with its prompt greyed). ``experiments.show_trace`` is the
 command line around them.
 """
+
 from __future__ import annotations
 
 import html
@@ -27,12 +28,15 @@ def _split_calls(result) -> dict:
 
 def _state(prompt: str) -> str:
     line = next((l for l in prompt.split("\n") if l.startswith("Current State: ")), "")
-    return line[len("Current State: "):].split(", Operations")[0]
+    return line[len("Current State: ") :].split(", Operations")[0]
 
 
 def _explored(text: str) -> list[str]:
-    return [l.split("Exploring Operation: ")[1].split(",")[0] for l in text.split("\n")
-            if l.startswith("Exploring Operation: ")]
+    return [
+        l.split("Exploring Operation: ")[1].split(",")[0]
+        for l in text.split("\n")
+        if l.startswith("Exploring Operation: ")
+    ]
 
 
 def _outcome(text: str) -> str:
@@ -48,9 +52,11 @@ def _outcome(text: str) -> str:
 def render_text(result, width: int = 100) -> str:
     """The rollout as an indented tree: one line per call, its children below it."""
     calls = _split_calls(result)
-    lines = [f"problem {result.nums} -> {result.target}: {'SOLVED' if result.success else 'not solved'} "
-             f"({result.reason}); {result.num_children} children, {result.total_tokens} tokens decoded, "
-             f"{result.sequential_tokens} on the critical path"]
+    lines = [
+        f"problem {result.nums} -> {result.target}: {'SOLVED' if result.success else 'not solved'} "
+        f"({result.reason}); {result.num_children} children, {result.total_tokens} tokens decoded, "
+        f"{result.sequential_tokens} on the critical path"
+    ]
 
     def walk(tree, depth, label):
         pad = "  " * depth
@@ -59,11 +65,14 @@ def render_text(result, width: int = 100) -> str:
             n = len(call.output_tokens) if call is not None else 0
             where = "after the join" if k else _state(text)
             moves = _explored(call.output if call is not None else text)
-            lines.append(f"{pad}{label} call {k + 1} [{where}] {_outcome(text)}: {n} tokens"
-                         + (f", explored {', '.join(moves[:6])}{' ...' if len(moves) > 6 else ''}" if moves else ""))
+            lines.append(
+                f"{pad}{label} call {k + 1} [{where}] {_outcome(text)}: {n} tokens"
+                + (f", explored {', '.join(moves[:6])}{' ...' if len(moves) > 6 else ''}" if moves else "")
+            )
             if k < len(tree["sub_calls"]):
                 for i, child in enumerate(tree["sub_calls"][k]):
                     walk(child, depth + 1, f"child {i}")
+
     walk(result.tree, 0, "root")
     return "\n".join(l if len(l) <= width else l[: width - 3] + "..." for l in lines)
 
@@ -86,20 +95,29 @@ def write_html(result, path: str) -> str:
             outcome = _outcome(text)
             cls = "ok" if outcome == "goal reached" else ("no" if outcome in ("no solution", "stopped") else "")
             n = len(call.output_tokens) if call is not None else 0
-            parts.append(f'<div class="call {cls}"><details><summary><b>{html.escape(label)}</b>, call {k + 1}: '
-                         f'{html.escape(_state(text) if k == 0 else "after the join")}: {outcome} ({n} tokens)</summary>'
-                         f'<pre><span class="prompt">{html.escape(prompt)}</span>{html.escape(output)}</pre></details>')
+            parts.append(
+                f'<div class="call {cls}"><details><summary><b>{html.escape(label)}</b>, call {k + 1}: '
+                f"{html.escape(_state(text) if k == 0 else 'after the join')}: {outcome} ({n} tokens)</summary>"
+                f'<pre><span class="prompt">{html.escape(prompt)}</span>{html.escape(output)}</pre></details>'
+            )
             if k < len(tree["sub_calls"]) and tree["sub_calls"][k]:
-                parts.append('<div class="kids">' + "".join(box(c, f"child {i}") for i, c in
-                                                          enumerate(tree["sub_calls"][k])) + "</div>")
+                parts.append(
+                    '<div class="kids">'
+                    + "".join(box(c, f"child {i}") for i, c in enumerate(tree["sub_calls"][k]))
+                    + "</div>"
+                )
             parts.append("</div>")
         return "".join(parts)
 
-    title = (f"{result.nums} -> {result.target}: {'solved' if result.success else 'not solved'}; "
-             f"{result.num_children} children, {result.total_tokens} tokens, {result.sequential_tokens} sequential")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>APR trace</title><style>{_CSS}</style></head>"
-            f"<body><h3>{html.escape(title)}</h3><p>Click a call to read its text (grey: the prompt the runtime "
-            f"wrote; black: what the policy wrote).</p>{box(result.tree, 'root')}</body></html>")
+    title = (
+        f"{result.nums} -> {result.target}: {'solved' if result.success else 'not solved'}; "
+        f"{result.num_children} children, {result.total_tokens} tokens, {result.sequential_tokens} sequential"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>APR trace</title><style>{_CSS}</style></head>"
+        f"<body><h3>{html.escape(title)}</h3><p>Click a call to read its text (grey: the prompt the runtime "
+        f"wrote; black: what the policy wrote).</p>{box(result.tree, 'root')}</body></html>"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

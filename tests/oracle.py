@@ -3,6 +3,7 @@
 Also the baseline for ``experiments/bench.py --suite=env`` (a Python env stepped one
 action at a time).
 """
+
 from __future__ import annotations
 
 INT32_MAX = 2**31 - 1

@@ -1,4 +1,5 @@
 """experiments.bench: a wrong flag is a one-line error before any suite runs."""
+
 import os
 import subprocess
 import sys
@@ -9,13 +10,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bad_grpo_flags_fail_fast(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     for args, message in (
-            (["--grpo_policy=" + str(tmp_path / "missing")], "does not exist: expected a run or an exported .npz"),
-            (["--grpo_policy=" + str(tmp_path)], "--grpo_data_dir=None: expected the policy's gen_data output"),
-            (["--grpo_group=0"], "--grpo_group=0: expected a positive int"),
-            (["--train_presets=tiny,huge"], "--train_presets: unknown preset 'huge'"),
-            (["--sampler_hf_batches=64,x"], "--sampler_hf_batches: 'x' is not a positive int")):
-        proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--suite=train", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        (["--grpo_policy=" + str(tmp_path / "missing")], "does not exist: expected a run or an exported .npz"),
+        (["--grpo_policy=" + str(tmp_path)], "--grpo_data_dir=None: expected the policy's gen_data output"),
+        (["--grpo_group=0"], "--grpo_group=0: expected a positive int"),
+        (["--train_presets=tiny,huge"], "--train_presets: unknown preset 'huge'"),
+        (["--sampler_hf_batches=64,x"], "--sampler_hf_batches: 'x' is not a positive int"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.bench", "--suite=train", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-500:]
         assert len(proc.stderr.strip().splitlines()) == 1 and "matmul peak" not in proc.stdout  # nothing ran
 
@@ -25,10 +33,14 @@ def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
 
     from experiments.bench_util import quickstart_stages
 
-    run = {"rows": [{"run": "sosp", "total_tokens": 800.0, "problems": 200},
-                    {"run": "apr", "total_tokens": 2000.0, "problems": 200},
-                    {"run": "scratch", "total_tokens": 1000.0, "problems": 200}],
-           "times": {"data": 20.0, "evaluate": 400.0, "total": 900.0}}
+    run = {
+        "rows": [
+            {"run": "sosp", "total_tokens": 800.0, "problems": 200},
+            {"run": "apr", "total_tokens": 2000.0, "problems": 200},
+            {"run": "scratch", "total_tokens": 1000.0, "problems": 200},
+        ],
+        "times": {"data": 20.0, "evaluate": 400.0, "total": 900.0},
+    }
     stages = quickstart_stages(run)
     assert stages["evaluate"] == {"seconds": 400.0, "tokens_per_s": (800 + 2000) * 200 / 400}
     assert stages["data"] == {"seconds": 20.0} and set(stages) == {"data", "evaluate", "total"}
@@ -39,9 +51,21 @@ def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
         with open(paths[-1], "w") as f:
             json.dump(out, f)
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--suite=quickstart",
-                           f"--quickstart_json={paths[0]}", f"--baseline_json={paths[1]}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench",
+            "--suite=quickstart",
+            f"--quickstart_json={paths[0]}",
+            f"--baseline_json={paths[1]}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-1000:]
     total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
     assert "2.00x" in total and "1.50x" in next(l for l in proc.stdout.splitlines() if l.startswith("evaluate"))

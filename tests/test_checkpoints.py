@@ -1,6 +1,7 @@
 """The shipped policies: each is an output of the documented command, listed in the manifest
 with its hash, budget and seeds; the compared methods had equal budgets; the splits they were
 trained and tested on ship beside them."""
+
 import json
 import os
 
@@ -12,8 +13,19 @@ from envs.countdown.problems import sha256_file
 
 CKPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "checkpoints")
 MANIFEST = os.path.join(CKPTS, "manifest.json")
-KEYS = {"method", "stage", "sft_steps", "sft_tokens", "rl_steps", "seed", "command", "config", "wall_s", "machine",
-        "sha256"}
+KEYS = {
+    "method",
+    "stage",
+    "sft_steps",
+    "sft_tokens",
+    "rl_steps",
+    "seed",
+    "command",
+    "config",
+    "wall_s",
+    "machine",
+    "sha256",
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +108,14 @@ def test_shipped_splits_are_the_configs_and_test_is_disjoint():
     assert got["test"][0].shape == (p.test, 4) and got["test"][1].shape == (p.test,) and p.test >= 1000
     keys = {s: set(countdown.problem_keys(*got[s])) for s in got}
     assert not keys["test"] & (keys["train"] | keys["val"]) and not keys["train"] & keys["val"]
-    again = countdown.make_splits(c.seed, {"train": p.train, "val": p.val, "test": p.test}, num_numbers=p.num_numbers,
-                                  min_target=p.min_target, max_target=p.max_target, max_number=p.max_number)
+    again = countdown.make_splits(
+        c.seed,
+        {"train": p.train, "val": p.val, "test": p.test},
+        num_numbers=p.num_numbers,
+        min_target=p.min_target,
+        max_target=p.max_target,
+        max_number=p.max_number,
+    )
     for s in got:
         np.testing.assert_array_equal(got[s][0], again[s][0])
         np.testing.assert_array_equal(got[s][1], again[s][1])

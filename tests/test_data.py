@@ -1,4 +1,5 @@
 """jaxapr.data: building tokenized SoS+/APR datasets and loading fixed-shape batches."""
+
 import collections
 import json
 
@@ -14,8 +15,9 @@ TOK = CountdownTokenizer()
 
 @pytest.fixture(scope="module")
 def splits():
-    return countdown.make_splits(0, {"train": 300, "val": 40}, num_numbers=3, min_target=1, max_target=30,
-                                 max_number=20).splits
+    return countdown.make_splits(
+        0, {"train": 300, "val": 40}, num_numbers=3, min_target=1, max_target=30, max_number=20
+    ).splits
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,12 @@ def built(tmp_path_factory, splits):
     out = {}
     for kind in data.KINDS:
         config = data.TraceConfig(kind=kind, max_depth=2 if kind == "apr" else 1)
-        out[kind] = (root / kind, data.build_dataset(str(root / kind), splits, config, seed=3, num_workers=0,
-                                                     problems_per_task=64, shard_examples=100))
+        out[kind] = (
+            root / kind,
+            data.build_dataset(
+                str(root / kind), splits, config, seed=3, num_workers=0, problems_per_task=64, shard_examples=100
+            ),
+        )
     return out
 
 
@@ -41,7 +47,9 @@ def test_examples_are_the_calls_with_their_prompts(built, splits):
             by_problem.setdefault(ex["problem"], []).append(ex)
         assert sorted(by_problem) == list(range(len(targets)))
         for p in (0, 7, 123):
-            calls, solved = data.problem_texts(numbers[p], targets[p], data.TraceConfig(kind=kind, max_depth=2 if kind == "apr" else 1), 3, p)
+            calls, solved = data.problem_texts(
+                numbers[p], targets[p], data.TraceConfig(kind=kind, max_depth=2 if kind == "apr" else 1), 3, p
+            )
             exs = by_problem[p]
             assert len(exs) == len(calls)
             for ex, (prompt, output, call_kind) in zip(exs, calls):
@@ -102,7 +110,7 @@ def test_build_is_deterministic_and_independent_of_workers(tmp_path, splits):
 
 
 def test_manifest_and_bad_input(tmp_path, built, splits):
-    path, manifest = built["sosp"]
+    path, _manifest = built["sosp"]
     on_disk = json.load(open(path / "manifest.json"))
     assert on_disk["vocab_version"] == 1 and on_disk["token_dtype"] == "uint16"
     assert on_disk["splits"]["val"]["problems"] == 40 and on_disk["config"]["kind"] == "sosp"
@@ -116,14 +124,20 @@ def test_manifest_and_bad_input(tmp_path, built, splits):
         data.build_dataset(str(tmp_path / "x"), splits, data.TraceConfig(kind="x"))
     with pytest.raises(ValueError, match="splits is empty"):
         data.build_dataset(str(tmp_path / "x"), {}, data.TraceConfig())
-    empty = data.build_dataset(str(tmp_path / "e"), {"train": (np.zeros((0, 3), np.int32), np.zeros(0, np.int32))},
-                               data.TraceConfig(), num_workers=0)
+    empty = data.build_dataset(
+        str(tmp_path / "e"),
+        {"train": (np.zeros((0, 3), np.int32), np.zeros(0, np.int32))},
+        data.TraceConfig(),
+        num_workers=0,
+    )
     assert empty["splits"]["train"]["examples"] == 0
     with pytest.raises(ValueError, match="has no examples"):
         data.TraceSource(str(tmp_path / "e"), "train")
     # Corruption is caught.
     corrupt = tmp_path / "corrupt"
-    data.build_dataset(str(corrupt), {"train": tuple(a[:5] for a in splits["train"])}, data.TraceConfig(), num_workers=0)
+    data.build_dataset(
+        str(corrupt), {"train": tuple(a[:5] for a in splits["train"])}, data.TraceConfig(), num_workers=0
+    )
     shard = next(p for p in (corrupt / "train").iterdir() if p.name.endswith("tokens.npy"))
     with open(shard, "ab") as f:
         f.write(b"\0\0")
@@ -175,8 +189,12 @@ def test_loader_shuffle_seed_epochs_and_host_shards(built):
     loader = data.make_loader(str(path), "train", batch_size=4, seq_len=1024, pack=False, seed=0, num_epochs=2)
     batches = [b["tokens"] for b in loader]
     assert len(batches) == 150 and not np.array_equal(batches[0], batches[75])
-    a = data.make_loader(str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, shard_index=0, num_shards=2)
-    b = data.make_loader(str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, shard_index=1, num_shards=2)
+    a = data.make_loader(
+        str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, shard_index=0, num_shards=2
+    )
+    b = data.make_loader(
+        str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, shard_index=1, num_shards=2
+    )
     rows_a = {x["tokens"].tobytes() for x in a}
     rows_b = {x["tokens"].tobytes() for x in b}
     assert len(rows_a) + len(rows_b) == 300 and not rows_a & rows_b
@@ -213,7 +231,7 @@ def test_loader_kind_repeats_oversample_and_drop_call_kinds(built):
 
     def epoch_counts(**kw):
         loader = data.make_loader(str(path), "train", batch_size=1, seq_len=1024, pack=False, num_epochs=1, **kw)
-        seen = [row["tokens"][0][:row["segment_ids"][0].sum()].tobytes() for row in loader]
+        seen = [row["tokens"][0][: row["segment_ids"][0].sum()].tobytes() for row in loader]
         counts = np.zeros(len(data.CALL_KINDS), np.int64)
         for t in seen:
             counts[kinds[t]] += 1
@@ -238,8 +256,7 @@ def test_mini_test_split_is_fresh():
     from experiments.configs import data as data_configs
 
     p = data_configs.get_config("mini").problems
-    ranges = dict(num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target,
-                  max_number=p.max_number)
+    ranges = dict(num_numbers=p.num_numbers, min_target=p.min_target, max_target=p.max_target, max_number=p.max_number)
     seed = data_configs.get_config("mini").seed
     now = countdown.make_splits(seed, {"train": p.train, "val": p.val, "test": p.test}, **ranges)
     before = countdown.make_splits(0, {"train": 8_000, "val": 200, "test": 200}, **ranges)
@@ -254,10 +271,12 @@ def test_mini_test_split_is_fresh():
 def test_sub_call_budget_share(share):
     """sub_call_budget is the share of APR problems whose root calls carry the budget prefix;
     N is the tree's number of children."""
-    cfg = data.TraceConfig(kind="apr", min_beam_size=2, max_beam_size=4, max_sub_call_beam_size=3,
-                           sub_call_budget=share).check()
-    numbers, targets = countdown.generate_problems(__import__("jax").random.PRNGKey(0), 60, num_numbers=4,
-                                                   max_number=10, min_target=5, max_target=25)
+    cfg = data.TraceConfig(
+        kind="apr", min_beam_size=2, max_beam_size=4, max_sub_call_beam_size=3, sub_call_budget=share
+    ).check()
+    numbers, targets = countdown.generate_problems(
+        __import__("jax").random.PRNGKey(0), 60, num_numbers=4, max_number=10, min_target=5, max_target=25
+    )
     flagged = 0
     for i, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist())):
         calls, _ = data.problem_texts(x, t, cfg, 0, i)

@@ -11,8 +11,11 @@ gloo collectives) against 1 process x 4 devices (this pytest process, the first 
 
 This file is also the worker the launcher runs: ``python tests/test_distributed.py <scenario> <out>``.
 """
+
 import dataclasses
+import functools
 import json
+import operator
 import os
 import re
 import subprocess
@@ -29,8 +32,16 @@ if __name__ == "__main__":  # run as a script by the launcher: the repo's packag
 SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
 SFT_STEPS, SAVE_AT, GLOBAL_BATCH, SEQ_LEN = 5, 3, 8, 256
 PROBLEMS = (np.array([[3, 5, 7], [2, 9, 4], [6, 1, 8], [5, 5, 2]], np.int32), np.array([15, 17, 13, 12], np.int32))
-GRPO = dict(num_problems=4, group_size=2, learning_rate=1e-3, num_minibatches=2, inner_epochs=2, beta=0.001,
-            length_penalty=0.01, pack_calls=True)  # rewards differ by length: non-zero advantages from a random policy
+GRPO = dict(
+    num_problems=4,
+    group_size=2,
+    learning_rate=1e-3,
+    num_minibatches=2,
+    inner_epochs=2,
+    beta=0.001,
+    length_penalty=0.01,
+    pack_calls=True,
+)  # rewards differ by length: non-zero advantages from a random policy
 GRPO_CONTEXT, GRPO_SLOTS = 64, 8
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -53,8 +64,9 @@ def sft_setup(devices):
 
     mesh = sharding.make_mesh(data=2, fsdp=2, devices=devices)
     tx, schedule = make_optimizer(3e-3, total_steps=10, warmup_steps=1, weight_decay=0.01)
-    graphdef, state, shardings = mesh_lib.init_state_on_mesh(make_policy(model_cfg(), 0), tx, mesh,
-                                                           sharding.RULES["fsdp_tp"])
+    graphdef, state, shardings = mesh_lib.init_state_on_mesh(
+        make_policy(model_cfg(), 0), tx, mesh, sharding.RULES["fsdp_tp"]
+    )
     step = sft.make_sft_step(graphdef, tx, 1, schedule, state_shardings=shardings)
     return mesh, state, step
 
@@ -68,7 +80,7 @@ def sft_batches(data_dir):
 
 def rows(batch, process, processes):
     n = len(batch["tokens"]) // processes
-    return {k: v[process * n:(process + 1) * n] for k, v in batch.items()}
+    return {k: v[process * n : (process + 1) * n] for k, v in batch.items()}
 
 
 def grpo_setup(devices):
@@ -84,12 +96,14 @@ def grpo_setup(devices):
     gcfg = grpo.GRPOConfig(**GRPO).check()
     mesh = sharding.make_mesh(data=-1, devices=devices)
     tx, schedule = make_optimizer(gcfg.learning_rate, total_steps=8, schedule="constant")
-    graphdef, state, shardings = mesh_lib.init_state_on_mesh(make_policy(model_cfg(), 0), tx, mesh,
-                                                           sharding.RULES["replicated"])
+    graphdef, state, shardings = mesh_lib.init_state_on_mesh(
+        make_policy(model_cfg(), 0), tx, mesh, sharding.RULES["replicated"]
+    )
     from jaxapr import distributed
 
-    engine = engine_lib.Engine(nnx.merge(graphdef, distributed.process_local(state.params)), num_slots=GRPO_SLOTS,
-                               max_len=GRPO_CONTEXT)
+    engine = engine_lib.Engine(
+        nnx.merge(graphdef, distributed.process_local(state.params)), num_slots=GRPO_SLOTS, max_len=GRPO_CONTEXT
+    )
     step = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
     return gcfg, mesh, state, engine, step
 
@@ -103,9 +117,17 @@ def grpo_rollouts(engine, params, gcfg, process, processes):
 
     k_roll = jax.random.fold_in(jax.random.key(0), 12)  # a key whose groups differ in length (see the test)
     mine = distributed.share(gcfg.num_problems, process, processes)
-    problems = (PROBLEMS[0][mine.start:mine.stop], PROBLEMS[1][mine.start:mine.stop])
-    return grpo.rollout_groups(engine, params, problems, gcfg, key=k_roll, problem_ids=np.arange(mine.start, mine.stop),
-                               mode="apr", max_context=GRPO_CONTEXT)
+    problems = (PROBLEMS[0][mine.start : mine.stop], PROBLEMS[1][mine.start : mine.stop])
+    return grpo.rollout_groups(
+        engine,
+        params,
+        problems,
+        gcfg,
+        key=k_roll,
+        problem_ids=np.arange(mine.start, mine.stop),
+        mode="apr",
+        max_context=GRPO_CONTEXT,
+    )
 
 
 def rows_of(results):
@@ -144,8 +166,12 @@ def worker_train(data_dir, out):
     from jaxapr.train.checkpoint import Checkpointer
 
     p, n = jax.process_index(), jax.process_count()
-    report = {"processes": n, "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-              "allgather_64bit": distributed.allgather(np.array([2**40 + p], np.int64)).tolist()}
+    report = {
+        "processes": n,
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "allgather_64bit": distributed.allgather(np.array([2**40 + p], np.int64)).tolist(),
+    }
     # SFT: each process feeds its rows of the same global batches.
     mesh, state, step = sft_setup(jax.devices())
     batches = sft_batches(data_dir)
@@ -220,9 +246,17 @@ def worker_main(argv):
 def launch(args, *, processes=2, devices=2, timeout=600, grace=10.0, pass_flags=False, check=True):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "experiments.launch", f"--num_processes={processes}",
-           f"--devices_per_process={devices}", f"--grace_seconds={grace}", "--kill_seconds=5",
-           "--pass_flags" if pass_flags else "--nopass_flags", "--"] + list(args)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.launch",
+        f"--num_processes={processes}",
+        f"--devices_per_process={devices}",
+        f"--grace_seconds={grace}",
+        "--kill_seconds=5",
+        "--pass_flags" if pass_flags else "--nopass_flags",
+        "--",
+    ] + list(args)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.monotonic() - t0
@@ -237,11 +271,13 @@ def data_dir(tmp_path_factory):
     from jaxapr import data
 
     root = tmp_path_factory.mktemp("dist_data")
-    splits = countdown.make_splits(0, {"train": 60, "val": 8}, num_numbers=3, min_target=1, max_target=30,
-                                   max_number=20)
+    splits = countdown.make_splits(
+        0, {"train": 60, "val": 8}, num_numbers=3, min_target=1, max_target=30, max_number=20
+    )
     splits.save(str(root / "problems"))
-    data.build_dataset(str(root / "apr"), splits.splits, data.TraceConfig(kind="apr", max_beam_size=2), seed=0,
-                       num_workers=0)
+    data.build_dataset(
+        str(root / "apr"), splits.splits, data.TraceConfig(kind="apr", max_beam_size=2), seed=0, num_workers=0
+    )
     return str(root)
 
 
@@ -314,7 +350,7 @@ def test_grpo_step_two_processes_equal_one_process(two_process_run):
     assert len(set(json.dumps(t) for t in report["grpo_tokens"])) == 2  # the processes' samples differ
     # keys come from the problems' global indices: the two parts are the step's rollouts in one piece
     whole = grpo_rollouts(engine, state.params, gcfg, 0, 1)
-    assert sum(report["grpo_tokens"], []) == tokens_of(whole)
+    assert functools.reduce(operator.iadd, report["grpo_tokens"], []) == tokens_of(whole)
     assert np.ptp(grpo.rewards(whole, gcfg).reshape(-1, gcfg.group_size), axis=1).max() > 0  # non-zero advantages
     num_rows = rl.rows_per_process(max(rows_of(r) for r in results), gcfg.num_minibatches, 4, 2)
     assert num_rows == report["grpo_rows_per_process"]
@@ -347,8 +383,13 @@ def test_rows_per_process_shares_and_single_process_initialize(monkeypatch):
     with pytest.raises(ValueError, match="--distributed=slurm: that cluster environment is not present"):
         distributed.initialize(method="slurm")
     # A detected cluster of one process (a 1-task SLURM job) stays single-process.
-    for k, v in {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-                 "SLURM_LOCALID": "0"}.items():
+    for k, v in {
+        "SLURM_JOB_ID": "1",
+        "SLURM_STEP_NODELIST": "n1",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }.items():
         monkeypatch.setenv(k, v)
     assert distributed.initialize() is False
     assert distributed.allgather(np.array([2**40])).tolist() == [[2**40]]
@@ -359,17 +400,25 @@ def test_gen_data_two_processes_writes_the_same_bytes(tmp_path):
     from experiments import gen_data
     from experiments.configs import data as data_configs
 
-    overrides = {"problems.train": 40, "problems.val": 8, "problems.test": 8, "num_workers": 0,
-                 "problems_per_task": 8}  # 5 training chunks: process 0 builds 0, 2, 4, process 1 1, 3
+    overrides = {
+        "problems.train": 40,
+        "problems.val": 8,
+        "problems.test": 8,
+        "num_workers": 0,
+        "problems_per_task": 8,
+    }  # 5 training chunks: process 0 builds 0, 2, 4, process 1 1, 3
     config = data_configs.get_config("tiny")
     config.problems.train, config.problems.val, config.problems.test = 40, 8, 8
     config.num_workers, config.problems_per_task = 0, 8
     one, two = tmp_path / "one", tmp_path / "two"
     gen_data.run(config, str(one), log=lambda *_: None)
-    proc = launch(["experiments.gen_data", "--config=experiments/configs/data.py:tiny", f"--out={two}"]
-                  + [f"--config.{k}={v}" for k, v in overrides.items()], pass_flags=True)
+    proc = launch(
+        ["experiments.gen_data", "--config=experiments/configs/data.py:tiny", f"--out={two}"]
+        + [f"--config.{k}={v}" for k, v in overrides.items()],
+        pass_flags=True,
+    )
     assert "wrote" in proc.stdout and proc.stdout.count("resolved config") == 1
-    files = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)  # noqa: E731
+    files = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
     assert files(one) == files(two) and not any(".parts" in f for f in files(two))
     for rel in files(one):
         a, b = (root / rel for root in (one, two))
@@ -383,8 +432,14 @@ def test_gen_data_two_processes_writes_the_same_bytes(tmp_path):
             assert a.read_bytes() == b.read_bytes(), rel
 
 
-SCRIPT_MODEL = {"model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 2,
-                "model.mlp_dim": 64, "model.max_len": 256}
+SCRIPT_MODEL = {
+    "model.num_layers": 1,
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 2,
+    "model.mlp_dim": 64,
+    "model.max_len": 256,
+}
 
 
 def _flags(values: dict) -> list:
@@ -401,22 +456,55 @@ def test_scripts_train_with_two_processes_and_resume_in_one(tmp_path, data_dir):
     from jaxapr.train import rl, sft
 
     sft_dir, rl_dir = str(tmp_path / "sft"), str(tmp_path / "rl")
-    sft_values = {"data_dir": data_dir, "kind": "apr", "num_steps": 4, "seq_len": 256, "batch_size": 8,
-                  "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "eval_problems": 4, "eval_max_context": 128,
-                  "eval_num_slots": 8, "eval_batches": 1, "progress": False, "optim.warmup_steps": 1, **SCRIPT_MODEL}
-    proc = launch(["experiments.train_sft", "--config=experiments/configs/sft.py:tiny", f"--workdir={sft_dir}"]
-                  + _flags(sft_values), pass_flags=True)
+    sft_values = {
+        "data_dir": data_dir,
+        "kind": "apr",
+        "num_steps": 4,
+        "seq_len": 256,
+        "batch_size": 8,
+        "log_every": 2,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "eval_problems": 4,
+        "eval_max_context": 128,
+        "eval_num_slots": 8,
+        "eval_batches": 1,
+        "progress": False,
+        "optim.warmup_steps": 1,
+        **SCRIPT_MODEL,
+    }
+    proc = launch(
+        ["experiments.train_sft", "--config=experiments/configs/sft.py:tiny", f"--workdir={sft_dir}"]
+        + _flags(sft_values),
+        pass_flags=True,
+    )
     assert proc.stdout.count("summary: step=4") == 1  # printed by process 0 only
     rows = [json.loads(line) for line in open(os.path.join(sft_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
     assert [r["step"] for r in rows if "val/loss" in r] == [2, 4]
     assert sorted(int(s) for s in os.listdir(os.path.join(sft_dir, "checkpoints")) if s.isdigit()) == [2, 4]
-    rl_values = {"data_dir": data_dir, "init_from": sft_dir, "init_which": "latest", "kind": "apr", "num_steps": 2,
-                 "max_context": 128, "num_slots": 8, "eval_every": 2, "checkpoint_every": 1, "eval_problems": 2,
-                 "eval_at_start": False, "progress": False, "grpo.num_problems": 2, "grpo.group_size": 2,
-                 "grpo.learning_rate": 1e-3, "optim.learning_rate": 1e-3}
-    proc = launch(["experiments.train_rl", "--config=experiments/configs/rl.py:tiny", f"--workdir={rl_dir}"]
-                  + _flags(rl_values), pass_flags=True)
+    rl_values = {
+        "data_dir": data_dir,
+        "init_from": sft_dir,
+        "init_which": "latest",
+        "kind": "apr",
+        "num_steps": 2,
+        "max_context": 128,
+        "num_slots": 8,
+        "eval_every": 2,
+        "checkpoint_every": 1,
+        "eval_problems": 2,
+        "eval_at_start": False,
+        "progress": False,
+        "grpo.num_problems": 2,
+        "grpo.group_size": 2,
+        "grpo.learning_rate": 1e-3,
+        "optim.learning_rate": 1e-3,
+    }
+    proc = launch(
+        ["experiments.train_rl", "--config=experiments/configs/rl.py:tiny", f"--workdir={rl_dir}"] + _flags(rl_values),
+        pass_flags=True,
+    )
     assert proc.stdout.count("summary: rl_step=2") == 1
     rl_rows = [json.loads(line) for line in open(os.path.join(rl_dir, "metrics.jsonl")) if "rl/reward" in line]
     assert [r["step"] for r in rl_rows] == [1, 2] and all(r["rl/calls"] >= 4 for r in rl_rows)  # 2 x 2 rollouts
@@ -438,14 +526,14 @@ def test_scripts_train_with_two_processes_and_resume_in_one(tmp_path, data_dir):
 
 
 def test_killed_process_stops_the_job_with_a_clear_error(tmp_path):
-    proc = launch(["tests/test_distributed.py", "die", str(tmp_path)], devices=1, grace=3.0, check=False,
-                  timeout=300)
+    proc = launch(["tests/test_distributed.py", "die", str(tmp_path)], devices=1, grace=3.0, check=False, timeout=300)
     assert proc.returncode == 128 + 9
     assert "process 1 dying now" in proc.stdout
     assert "unexpected" not in proc.stdout
     assert re.search(r"launch: process 1 failed with exit code -9 \(killed by SIGKILL\)", proc.stderr), proc.stderr
-    assert re.search(r"launch: exit codes: process 0: exit code (1|-9 \(killed by SIGKILL\)), process 1: exit code -9",
-                     proc.stderr), proc.stderr
+    assert re.search(
+        r"launch: exit codes: process 0: exit code (1|-9 \(killed by SIGKILL\)), process 1: exit code -9", proc.stderr
+    ), proc.stderr
     # On CPU the survivor's collective fails at once (gloo sees the closed connection) and it exits
     # by itself instead of waiting at JAX's shutdown barrier; otherwise the launcher kills it.
     if "exit code 1," in proc.stderr:

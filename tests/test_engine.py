@@ -1,4 +1,5 @@
 """The slot engine against a no-cache reference (full forward per token) on a random tiny model."""
+
 import functools
 
 import jax
@@ -9,8 +10,9 @@ from flax import nnx
 
 from jaxapr import engine, model
 
-CFG = model.ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64,
-                        tie_embeddings=False)  # untied: random weights give varied greedy tokens
+CFG = model.ModelConfig(
+    d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64, tie_embeddings=False
+)  # untied: random weights give varied greedy tokens
 NEW = 10
 
 
@@ -25,7 +27,7 @@ def prompts():
     return [rng.integers(3, CFG.vocab_size, size=n).astype(np.int32) for n in (1, 5, 9, 17, 3, 30)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(graphdef):
     """Jitted full forward of a fixed-length [1, max_len] row: logits at every position."""
     return jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
@@ -43,7 +45,7 @@ def greedy_reference(policy, prompt, steps):
     seq = list(prompt)
     for _ in range(steps):
         seq.append(int(np.argmax(full_logits(policy, seq)[-1])))
-    return np.array(seq[len(prompt):], np.int32)
+    return np.array(seq[len(prompt) :], np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,9 @@ def test_insert_while_others_decode(policy, prompts, reference):
     a = eng.insert(prompts[:2], max_new_tokens=NEW)
     eng.decode(4)
     assert eng.finished() == [] and eng.free_slots() == [2, 3]
-    b = eng.insert(prompts[2:4], max_new_tokens=NEW)          # mid-way, others at step 5
+    b = eng.insert(prompts[2:4], max_new_tokens=NEW)  # mid-way, others at step 5
     eng.decode(3)
-    eng.release([a[0]])                                         # cancel a running slot
+    eng.release([a[0]])  # cancel a running slot
     c = eng.insert(prompts[4:5], slots=[a[0]], max_new_tokens=NEW)
     eng.decode(100)
     assert sorted(eng.finished()) == [0, 1, 2, 3]
@@ -129,8 +131,9 @@ def test_stop_ids_empty_runs_to_max_new(policy, prompts):
 
 
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
-                                dict(temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)]
+)
 def test_seed_reproduces_and_slot_independent(policy, prompts, kw):
     key = jax.random.key(3)
     a = engine.generate(policy, prompts, max_new_tokens=NEW, key=key, **kw)
@@ -151,9 +154,9 @@ def test_top_p_keeps_the_right_set():
     probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
     logits = jnp.log(jnp.asarray(probs, jnp.float32))
     kept = lambda p, k=0: np.isfinite(np.asarray(engine.filter_logits(logits, 1.0, k, p))).nonzero()[0].tolist()
-    assert kept(0.3) == [1]             # 0.4 >= 0.3
-    assert kept(0.5) == [1, 3]          # 0.4 < 0.5 <= 0.7
-    assert kept(0.7) == [1, 3]          # exactly reached: no more
+    assert kept(0.3) == [1]  # 0.4 >= 0.3
+    assert kept(0.5) == [1, 3]  # 0.4 < 0.5 <= 0.7
+    assert kept(0.7) == [1, 3]  # exactly reached: no more
     assert kept(0.71) == [1, 3, 4]
     assert kept(0.96) == [0, 1, 2, 3, 4]
     assert kept(1.0) == [0, 1, 2, 3, 4]
@@ -161,8 +164,9 @@ def test_top_p_keeps_the_right_set():
     assert kept(0.9, k=3) == [1, 3, 4]
     # samples only ever come from the kept set
     keys = jax.random.key_data(jax.random.split(jax.random.key(0), 2000))
-    toks, _ = engine.sample_logits(jnp.tile(logits, (2000, 1)), keys, jnp.ones(2000), jnp.zeros(2000, jnp.int32),
-                                   jnp.full(2000, 0.5))
+    toks, _ = engine.sample_logits(
+        jnp.tile(logits, (2000, 1)), keys, jnp.ones(2000), jnp.zeros(2000, jnp.int32), jnp.full(2000, 0.5)
+    )
     assert set(np.asarray(toks).tolist()) == {1, 3}
     frac = float(np.mean(np.asarray(toks) == 1))
     assert abs(frac - 0.4 / 0.7) < 0.05  # renormalized within the set
@@ -173,7 +177,7 @@ def test_logprobs_match_full_forward(policy, prompts, kw):
     out = engine.generate(policy, prompts[:3], max_new_tokens=NEW, key=jax.random.key(7), **kw)
     for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
         logits = full_logits(policy, np.concatenate([p, toks]))
-        ref = log_softmax(logits[len(p) - 1: len(p) - 1 + NEW])[np.arange(NEW), toks]
+        ref = log_softmax(logits[len(p) - 1 : len(p) - 1 + NEW])[np.arange(NEW), toks]
         np.testing.assert_allclose(lps, ref, atol=2e-4)
 
 
@@ -185,9 +189,9 @@ def test_decode_reads_only_the_used_prefix(policy, prompts, reference):
     outs = {}
     for buckets in ((64,), (8, 16, 32, 64)):
         eng = engine.Engine(policy, num_slots=4, decode_buckets=buckets)
-        a = eng.insert(prompts[:2], max_new_tokens=NEW)          # lengths 1, 5: bucket 8
+        a = eng.insert(prompts[:2], max_new_tokens=NEW)  # lengths 1, 5: bucket 8
         eng.decode(2)
-        b = eng.insert(prompts[2:4], max_new_tokens=NEW)         # lengths 9, 17: bucket 32
+        b = eng.insert(prompts[2:4], max_new_tokens=NEW)  # lengths 9, 17: bucket 32
         eng.decode(3)
         eng.release([a[0]])
         c = eng.insert(prompts[5:6], slots=[a[0]], max_new_tokens=NEW)  # length 30: bucket 64
@@ -208,8 +212,13 @@ def test_no_retrace_beyond_buckets(policy):
     rng = np.random.default_rng(5)
     for _ in range(6):
         lens = rng.integers(1, 30, size=rng.integers(1, 5))
-        eng.insert([rng.integers(3, CFG.vocab_size, size=n) for n in lens], max_new_tokens=int(rng.integers(1, 20)),
-                   temperature=float(rng.choice([0.0, 1.0])), top_p=0.9, key=jax.random.key(1))
+        eng.insert(
+            [rng.integers(3, CFG.vocab_size, size=n) for n in lens],
+            max_new_tokens=int(rng.integers(1, 20)),
+            temperature=float(rng.choice([0.0, 1.0])),
+            top_p=0.9,
+            key=jax.random.key(1),
+        )
         eng.decode(int(rng.integers(1, 9)))
         eng.release(eng.finished())
         eng.release(eng.running())
@@ -269,8 +278,9 @@ def test_bad_input_one_line_errors_before_compile(policy):
     ok = np.arange(3, 8)
     _raises_before_compile(lambda: eng.insert([np.arange(40) % 300], max_new_tokens=2), "length 40")
     _raises_before_compile(lambda: eng.insert([np.arange(3, 35)], max_new_tokens=2), "room for at least one")
-    _raises_before_compile(lambda: eng.insert([np.array([3, CFG.vocab_size])], max_new_tokens=2),
-                           f"token id {CFG.vocab_size}")
+    _raises_before_compile(
+        lambda: eng.insert([np.array([3, CFG.vocab_size])], max_new_tokens=2), f"token id {CFG.vocab_size}"
+    )
     _raises_before_compile(lambda: eng.insert([np.array([-1])], max_new_tokens=2), "token id -1")
     _raises_before_compile(lambda: eng.insert([np.array([], np.int32)], max_new_tokens=2), "non-empty")
     _raises_before_compile(lambda: eng.insert([ok], max_new_tokens=2, temperature=1.0), "PRNG key")
@@ -314,7 +324,7 @@ def test_forced_decoding_tokens_logprobs_and_free_slots(policy, prompts, referen
     for p, o in zip(ps, out):  # log-probs: the full forward's, at the emitted (forced) tokens
         logits = full_logits(policy, np.concatenate([p, o.tokens]))
         n = len(o.tokens)
-        ref = log_softmax(logits[len(p) - 1: len(p) - 1 + n])[np.arange(n), o.tokens]
+        ref = log_softmax(logits[len(p) - 1 : len(p) - 1 + n])[np.arange(n), o.tokens]
         np.testing.assert_allclose(o.logprobs, ref, atol=2e-4)
     # a released forced slot reused by a free prompt samples freely again
     eng.release([0])
@@ -368,7 +378,13 @@ def test_extend_equals_full_insert(policy, prompts, reference):
     sampling = dict(max_new_tokens=NEW, temperature=[0.0, 1.0, 0.0, 0.0, 1.0], key=jax.random.key(5))
     eng.insert([prompts[4]], slots=[6], max_new_tokens=NEW)  # slot 6 keeps decoding meanwhile
     eng.decode(2)
-    assert eng.extend(range(5), [j[s:] for j, s in zip(joined, starts)], starts, forced=forced, **sampling) == [0, 1, 2, 3, 4]
+    assert eng.extend(range(5), [j[s:] for j, s in zip(joined, starts)], starts, forced=forced, **sampling) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     eng.decode(100)
     got = eng.read(range(5))
     ref = engine.Engine(policy, num_slots=8)
@@ -383,10 +399,10 @@ def test_extend_equals_full_insert(policy, prompts, reference):
     # the no-cache forward agrees on the greedy rows
     for k in (0, 3):
         logits = full_logits(policy, np.concatenate([joined[k], got[k].tokens]))
-        np.testing.assert_array_equal(got[k].tokens, np.argmax(logits[len(joined[k]) - 1: -1], -1))
+        np.testing.assert_array_equal(got[k].tokens, np.argmax(logits[len(joined[k]) - 1 : -1], -1))
     # an extended slot extends again (a chain of joins), here keeping all of its cache
     again = np.concatenate([joined[0], got[0].tokens, [7, 8, 9]]).astype(np.int32)
-    eng.extend([0], [again[len(again) - 4:]], [len(again) - 4], max_new_tokens=NEW)
+    eng.extend([0], [again[len(again) - 4 :]], [len(again) - 4], max_new_tokens=NEW)
     eng.decode(100)
     ref.release(range(8))
     ref.insert([again], max_new_tokens=NEW)
@@ -423,8 +439,16 @@ def test_extend_no_retrace(policy):
         starts = [int(rng.integers(0, cached[s] + 1)) for s in slots]
         suffixes = [rng.integers(3, CFG.vocab_size, size=int(rng.integers(1, 30))) for _ in slots]
         forced = [None if rng.random() < 0.5 else rng.integers(3, CFG.vocab_size, size=3) for _ in slots]
-        eng.extend(slots, suffixes, starts, max_new_tokens=int(rng.integers(1, 9)), forced=forced,
-                   temperature=float(rng.choice([0.0, 1.0])), top_k=3, key=jax.random.key(2))
+        eng.extend(
+            slots,
+            suffixes,
+            starts,
+            max_new_tokens=int(rng.integers(1, 9)),
+            forced=forced,
+            temperature=float(rng.choice([0.0, 1.0])),
+            top_k=3,
+            key=jax.random.key(2),
+        )
         eng.decode(int(rng.integers(1, 9)))
     delta = {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "extend", "decode", "release")}
     assert delta == {"prefill": 0, "extend": 0, "decode": 0, "release": 0}, delta
@@ -434,21 +458,27 @@ def test_extend_bad_input_one_line_errors_before_compile(policy):
     eng = engine.Engine(policy, num_slots=3, max_len=32)
     ok, suf = np.arange(3, 8), np.arange(3, 6)
     eng.insert([ok], slots=[0], max_new_tokens=2)
-    eng.decode(5)                                  # slot 0 finished: it caches 5 + 2 - 1 = 6 tokens
+    eng.decode(5)  # slot 0 finished: it caches 5 + 2 - 1 = 6 tokens
     eng.insert([ok], slots=[1], max_new_tokens=20)  # slot 1 running; slot 2 free
     ext = eng.extend
     _raises_before_compile(lambda: ext([2], [suf], [0], max_new_tokens=2), "slot 2 holds no sequence")
     _raises_before_compile(lambda: ext([1], [suf], [0], max_new_tokens=2), "slot 1 is still running")
     _raises_before_compile(lambda: ext([5], [suf], [0], max_new_tokens=2), "slot 5 is out of range")
     _raises_before_compile(lambda: ext([0, 0], [suf, suf], [0, 0], max_new_tokens=2), "duplicates")
-    _raises_before_compile(lambda: ext([0], [suf], [7], max_new_tokens=2),
-                           r"start_positions\[0\]=7 for slot 0: expected an int in 0\.\.6")
+    _raises_before_compile(
+        lambda: ext([0], [suf], [7], max_new_tokens=2), r"start_positions\[0\]=7 for slot 0: expected an int in 0\.\.6"
+    )
     _raises_before_compile(lambda: ext([0], [suf], [-1], max_new_tokens=2), r"start_positions\[0\]=-1")
-    _raises_before_compile(lambda: ext([0], [np.arange(3, 30)], [6], max_new_tokens=2), "ends at 33: expected < max_len=32")
-    _raises_before_compile(lambda: ext([0], [suf], [0, 1], max_new_tokens=2), "1 slots, 1 suffixes and 2 start_positions")
+    _raises_before_compile(
+        lambda: ext([0], [np.arange(3, 30)], [6], max_new_tokens=2), "ends at 33: expected < max_len=32"
+    )
+    _raises_before_compile(
+        lambda: ext([0], [suf], [0, 1], max_new_tokens=2), "1 slots, 1 suffixes and 2 start_positions"
+    )
     _raises_before_compile(lambda: ext([0], [np.array([], np.int32)], [0], max_new_tokens=2), "suffix 0 has shape")
-    _raises_before_compile(lambda: ext([0], [np.array([CFG.vocab_size])], [0], max_new_tokens=2),
-                           f"token id {CFG.vocab_size}")
+    _raises_before_compile(
+        lambda: ext([0], [np.array([CFG.vocab_size])], [0], max_new_tokens=2), f"token id {CFG.vocab_size}"
+    )
     _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=0), "max_new_tokens")
     _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=2, temperature=1.0), "PRNG key")
     _raises_before_compile(lambda: ext([0], [suf], [0], max_new_tokens=2, forced=[None, None]), "forced has 2 entries")

@@ -1,4 +1,5 @@
 """experiments.evaluate on two very small trained runs: every analysis, JSON and plots."""
+
 import json
 import os
 import subprocess
@@ -19,15 +20,27 @@ def workdir(tmp_path_factory):
     from tests.train.test_runs import sft_config
 
     root = tmp_path_factory.mktemp("eval")
-    splits = countdown.make_splits(0, {"train": 60, "test": 6}, num_numbers=3, min_target=1, max_target=30,
-                                   max_number=20)
+    splits = countdown.make_splits(
+        0, {"train": 60, "test": 6}, num_numbers=3, min_target=1, max_target=30, max_number=20
+    )
     splits.save(str(root / "data" / "problems"))
     for kind in ("sosp", "apr"):
-        data.build_dataset(str(root / "data" / kind), splits.splits,
-                           data.TraceConfig(kind=kind, max_beam_size=2, sub_call_budget=kind == "apr"), seed=0,
-                           num_workers=0)
-        c = sft_config(str(root / "data"), kind=kind, num_steps=2, eval_every=0, checkpoint_every=2,
-                       eval_problems=0, eval_batches=0)
+        data.build_dataset(
+            str(root / "data" / kind),
+            splits.splits,
+            data.TraceConfig(kind=kind, max_beam_size=2, sub_call_budget=kind == "apr"),
+            seed=0,
+            num_workers=0,
+        )
+        c = sft_config(
+            str(root / "data"),
+            kind=kind,
+            num_steps=2,
+            eval_every=0,
+            checkpoint_every=2,
+            eval_problems=0,
+            eval_batches=0,
+        )
         c.optim.warmup_steps = 1
         sft.train(c, str(root / f"sft_{kind}"), log=lambda *_: None)
     return str(root)
@@ -37,16 +50,40 @@ def workdir(tmp_path_factory):
 def test_evaluate_writes_every_analysis(workdir, tmp_path):
     out = str(tmp_path / "out")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", f"--out={out}",
-                           "--num_problems=3", "--contexts=64,128", "--n_max=2", "--budgets=1,2", "--num_slots=8"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"--workdir={workdir}",
+            f"--out={out}",
+            "--num_problems=3",
+            "--contexts=64,128",
+            "--n_max=2",
+            "--budgets=1,2",
+            "--num_slots=8",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.load(open(os.path.join(out, "evaluate.json")))
     conds = result["conditions"]
     assert {(c["run"], c["context"]) for c in conds if c["analysis"] == "context"} == {
-        ("sosp", 64), ("sosp", 128), ("apr", 64), ("apr", 128)}
+        ("sosp", 64),
+        ("sosp", 128),
+        ("apr", 64),
+        ("apr", 128),
+    }
     assert sorted(c["mode"] for c in conds if c["run"] == "sosp" and c["analysis"] == "tokens") == [
-        "cons@1", "cons@2", "pass@1", "pass@2"]
+        "cons@1",
+        "cons@2",
+        "pass@1",
+        "pass@2",
+    ]
     # pass@n / cons@n come from one rollout of n_max samples: each n judged on the first n
     sampled = {c["mode"]: c for c in conds if c["run"] == "sosp" and c["analysis"] == "tokens"}
     assert all(c["samples_drawn"] == 2 for c in sampled.values())
@@ -55,7 +92,10 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     assert sampled["pass@2"]["accuracy"] >= sampled["pass@1"]["accuracy"]
     # the budget sweep runs on the same problems as an unconditioned APR row of the tokens analysis
     assert sorted(c["prefix"] for c in conds if c["run"] == "apr" and c["analysis"] == "tokens") == [
-        "", "Sub Call Budget: 1 ", "Sub Call Budget: 2 "]
+        "",
+        "Sub Call Budget: 1 ",
+        "Sub Call Budget: 2 ",
+    ]
     for c in conds:
         assert 0.0 <= c["accuracy_low"] <= c["accuracy"] <= c["accuracy_high"] <= 1.0 and c["total_tokens"] > 0
         assert c["total_tokens_with_context"] > c["total_tokens"] and c["latency_steps"] < c["sequential_tokens"]
@@ -79,11 +119,19 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
 
 def test_evaluate_bad_input(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    for args, message in ((["--out=" + str(tmp_path)], "no runs found"),
-                          (["--workdir=" + str(tmp_path / "missing"), "--out=" + str(tmp_path)], "does not exist"),
-                          (["--workdir=" + str(tmp_path)], "--out is required")):
-        proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+    for args, message in (
+        (["--out=" + str(tmp_path)], "no runs found"),
+        (["--workdir=" + str(tmp_path / "missing"), "--out=" + str(tmp_path)], "does not exist"),
+        (["--workdir=" + str(tmp_path)], "--out is required"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.evaluate", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]  # a usage error
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
@@ -94,15 +142,29 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
     ckpts = os.path.join(ROOT, "experiments", "checkpoints")
     out = str(tmp_path / "out")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    args = [sys.executable, "-m", "experiments.evaluate", f"--sosp={ckpts}/tiny_sosp_sft.npz",
-            f"--apr={ckpts}/tiny_apr_sft.npz", f"--out={out}", "--num_problems=3", "--contexts=128", "--n_max=1",
-            "--num_slots=8", "--plots=False"]
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        f"--sosp={ckpts}/tiny_sosp_sft.npz",
+        f"--apr={ckpts}/tiny_apr_sft.npz",
+        f"--out={out}",
+        "--num_problems=3",
+        "--contexts=128",
+        "--n_max=1",
+        "--num_slots=8",
+        "--plots=False",
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "--data_dir is required with exported (.npz) policies" in proc.stderr
-    proc = subprocess.run(args + [f"--data_dir={workdir}/data"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        args + [f"--data_dir={workdir}/data"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.load(open(os.path.join(out, "evaluate.json")))
     assert {(c["run"], c["analysis"]) for c in result["conditions"]} == {
-        ("sosp", "context"), ("apr", "context"), ("sosp", "tokens")}
+        ("sosp", "context"),
+        ("apr", "context"),
+        ("sosp", "tokens"),
+    }
     assert result["runs"]["apr"].endswith("tiny_apr_sft.npz")

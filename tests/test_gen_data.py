@@ -1,6 +1,7 @@
 """experiments.gen_data's output directory: a recorded identity, --overwrite replaces the whole
 dataset (no stale kinds), and prepare() (the quickstart's and the pipeline's data step) reuses
 only a dataset of the same config."""
+
 import json
 import os
 
@@ -54,8 +55,11 @@ def test_prepare_reuses_the_same_config_and_refuses_another_preset(tmp_path):
     gen_data.prepare(again, out, log=lines.append)
     assert os.path.getmtime(os.path.join(out, "gen_data.json")) == built and "reusing" in lines[-1]
     # The quickstart's --preset=mini after a tiny run in the same work directory: one line.
-    with pytest.raises(ValueError, match=r"holds the dataset of another config: .*preset=\"tiny\" differs from this "
-                                         r"run's \"mini\"") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"holds the dataset of another config: .*preset=\"tiny\" differs from this "
+        r"run's \"mini\"",
+    ) as e:
         gen_data.prepare(small("mini"), out, log=quiet)
     assert "problems.num_numbers=3 differs from this run's 4" in str(e.value) and "\n" not in str(e.value)
     # An interrupted build of the same config is built again.

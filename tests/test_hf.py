@@ -2,6 +2,7 @@
 
 The round trips need only numpy and safetensors; the checks against ``transformers`` (same
 logits, same token ids) run where torch and transformers are installed (the ``hf`` extra)."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,18 @@ from jaxapr.tokenizer import CountdownTokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "checkpoints", "tiny_apr_sft.npz")
 # Grouped-query attention, untied output layer, head_dim not d_model / num_heads.
-SMALL = M.ModelConfig(d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96, max_len=256,
-                      rope_theta=500.0, norm_eps=1e-5, tie_embeddings=False)
+SMALL = M.ModelConfig(
+    d_model=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=96,
+    max_len=256,
+    rope_theta=500.0,
+    norm_eps=1e-5,
+    tie_embeddings=False,
+)
 
 
 def _params(policy) -> dict[str, np.ndarray]:
@@ -85,9 +96,11 @@ def test_a_changed_output_layer_loads_untied(tiny_dir, tmp_path):
 def test_bad_directories_are_one_line_errors(tiny_dir, tmp_path):
     config = json.loads(Path(tiny_dir, "config.json").read_text())
     weights = Path(tiny_dir, "model.safetensors").read_bytes()
-    for change, message in (({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "expected a Llama model"),
-                            ({"attention_bias": True}, "attention_bias=True is not supported"),
-                            ({"hidden_size": None}, "unusable config.json")):
+    for change, message in (
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "expected a Llama model"),
+        ({"attention_bias": True}, "attention_bias=True is not supported"),
+        ({"hidden_size": None}, "unusable config.json"),
+    ):
         bad = tmp_path / change.get("model_type", next(iter(change)))
         bad.mkdir()
         (bad / "config.json").write_text(json.dumps({**config, **change}))
@@ -142,17 +155,31 @@ def test_command_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "experiments.export_hf", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.export_hf", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     proc = run(f"--policy={TINY}", f"--out={tmp_path / 'hf'}")
     assert proc.returncode == 0, proc.stderr[-1500:]
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "special_tokens_map.json",
-                                                   "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path / "hf")) == [
+        "config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     (tmp_path / "file").write_text("")
-    for args, message in (([f"--policy={tmp_path / 'missing.npz'}", f"--out={tmp_path / 'x'}"], "no such file"),
-                          ([f"--policy={TINY}", f"--out={tmp_path / 'file'}"], "is not a directory"),
-                          ([f"--policy={TINY}"], "--out is required")):
+    for args, message in (
+        ([f"--policy={tmp_path / 'missing.npz'}", f"--out={tmp_path / 'x'}"], "no such file"),
+        ([f"--policy={TINY}", f"--out={tmp_path / 'file'}"], "is not a directory"),
+        ([f"--policy={TINY}"], "--out is required"),
+    ):
         proc = run(*args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1500:]
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

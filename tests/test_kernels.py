@@ -1,11 +1,13 @@
 """Tests for jaxapr.kernels: causal attention in both implementations against a float64 numpy
 oracle, the CPU kernels' hand-written backwards against autodiff of the plain ops, block sizes,
 jit vs eager, sharded batches, dtypes, one-line errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxapr import kernels as K
 
@@ -17,7 +19,7 @@ def _inputs(b=3, t=40, h=4, kv=2, d=8, seed=0):
     seg[0] = 1  # one example
     seg[1, :13], seg[1, 13:31] = 1, 2  # two examples, then padding (segment 0)
     for i, s in enumerate(range(0, t, 7)):  # short examples of 7
-        seg[2 % b, s:s + 7] = i + 1
+        seg[2 % b, s : s + 7] = i + 1
     return q, k, v, jnp.asarray(seg)
 
 
@@ -102,12 +104,16 @@ def test_cpu_sharded_batch_equals_unsharded():
 
 def test_bfloat16_inputs_keep_their_dtype():
     q, k, v, seg = _inputs(seed=4)
-    out = K.causal_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
-                             block=16, impl="cpu")
+    out = K.causal_attention(
+        q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg, block=16, impl="cpu"
+    )
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), _oracle(q, k, v, seg), atol=5e-2)
-    g = jax.grad(lambda q: jnp.sum(K.causal_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
-                                                      impl="cpu").astype(jnp.float32)))(q.astype(jnp.bfloat16))
+    g = jax.grad(
+        lambda q: jnp.sum(
+            K.causal_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg, impl="cpu").astype(jnp.float32)
+        )
+    )(q.astype(jnp.bfloat16))
     assert g.dtype == jnp.bfloat16
 
 
@@ -124,6 +130,7 @@ def test_auto_is_cpu_on_cpu_and_bad_impl_is_one_line():
 
 
 # --- dense ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k,n", [(8, 24), (24, 8)], ids=["narrow-x", "narrow-dy"])
 def test_dense_value_and_gradients_equal_plain_matmul(k, n):

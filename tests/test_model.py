@@ -1,5 +1,6 @@
 """Tests for jaxapr.model: shapes and dtypes, parameter and FLOP counts, packed sequences,
 the KV-cache forward against the full forward, GQA, untied embeddings, one-line errors."""
+
 import math
 
 import jax
@@ -42,6 +43,7 @@ def _num_params(tree, skip=()):
 
 # --- shapes and dtypes ------------------------------------------------------------------------
 
+
 def test_forward_shape_and_float32_logits():
     cfg = M.PRESETS["tiny"]
     model = _build(cfg)
@@ -78,6 +80,7 @@ def test_rotary_positions_are_relative():
 
 
 # --- parameter and FLOP counts ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["tiny", "mini"])
 def test_param_count_matches_real_model(name):
@@ -120,6 +123,7 @@ def test_flops_per_token(name):
 
 
 # --- packed sequences -------------------------------------------------------------------------
+
 
 def test_packed_sequences_equal_examples_run_alone():
     model = _build(SMALL)
@@ -169,8 +173,8 @@ def test_training_attention_impls_and_blocks_agree(monkeypatch):
 
 # --- KV cache ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(num_kv_heads=1, tie_embeddings=False)],
-                         ids=["gqa", "mqa-untied"])
+
+@pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(num_kv_heads=1, tie_embeddings=False)], ids=["gqa", "mqa-untied"])
 def test_forward_cached_matches_full_forward(cfg):
     """Two rows at different positions: prefill part of each prompt (row 1 shorter, masked),
     then decode token by token; every real token's logits equal the full forward's."""
@@ -208,6 +212,7 @@ def test_cache_entries_beyond_position_are_not_read():
 
 # --- GQA and untied embeddings ----------------------------------------------------------------
 
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """Query head h uses kv head h // (heads / kv_heads): a GQA model equals the MHA model whose
     k/v projections repeat each kv head."""
@@ -236,6 +241,7 @@ def test_untied_embeddings_use_unembed():
 
 
 # --- errors -----------------------------------------------------------------------------------
+
 
 def _one_line_error(fn, *match):
     with pytest.raises(ValueError) as info:

@@ -1,6 +1,7 @@
 """The package installs anywhere: every third-party import is declared in pyproject.toml, every
 console script resolves to a callable, and the scripts' default config paths and the shipped
 files do not depend on the working directory."""
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,15 @@ FIRST_PARTY = {"envs", "jaxapr", "experiments", "tests"}
 SOURCE_DIRS = ("envs", "jaxapr", "experiments", "tests")
 # Import names whose distribution has another name, for packages that may not be installed
 # here (installed ones are looked up in importlib.metadata).
-IMPORT_TO_DIST = {"absl": "absl-py", "orbax": "orbax-checkpoint", "torch": "torch", "transformers": "transformers",
-                  "wandb": "wandb", "IPython": "ipython", "yaml": "pyyaml"}
+IMPORT_TO_DIST = {
+    "absl": "absl-py",
+    "orbax": "orbax-checkpoint",
+    "torch": "torch",
+    "transformers": "transformers",
+    "wandb": "wandb",
+    "IPython": "ipython",
+    "yaml": "pyyaml",
+}
 
 
 def _pyproject() -> dict:
@@ -84,8 +92,9 @@ def test_import_scan_sees_third_party_imports(tmp_path):
     # relative and first-party imports are not third-party.
     pkg = tmp_path / "jaxapr"
     pkg.mkdir()
-    (pkg / "m.py").write_text("import os\nimport a.b\nfrom c.d import e\nfrom . import f\n"
-                              "import jaxapr\ndef g():\n    import h\n")
+    (pkg / "m.py").write_text(
+        "import os\nimport a.b\nfrom c.d import e\nfrom . import f\nimport jaxapr\ndef g():\n    import h\n"
+    )
     assert third_party(imported_modules(str(tmp_path))) == {"a", "c", "h"}
 
 
@@ -139,8 +148,10 @@ def test_package_data_covers_shipped_files():
     data = _pyproject()["tool"]["setuptools"]["package-data"]["experiments"]
     import fnmatch
 
-    for rel in ["colab_quickstart.ipynb", *(os.path.join("checkpoints", f)
-                                           for f in os.listdir(os.path.join(ROOT, "experiments", "checkpoints")))]:
+    for rel in [
+        "colab_quickstart.ipynb",
+        *(os.path.join("checkpoints", f) for f in os.listdir(os.path.join(ROOT, "experiments", "checkpoints"))),
+    ]:
         assert any(fnmatch.fnmatch(rel, pattern) for pattern in data), f"experiments/{rel} is not package data"
 
 
@@ -149,7 +160,8 @@ def test_console_module_help_from_another_directory(tmp_path):
     # when the flag is defined) must load, so --help succeeds and shows the absolute default.
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     code = "import sys; from experiments import console; sys.argv = ['jaxapr-train-sft', '--help']; console.train_sft()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.join(ROOT, "experiments", "configs", "sft.py") + ":tiny" in proc.stdout + proc.stderr

@@ -5,6 +5,7 @@ holds (token ids exactly, logits and log-probabilities within 1e-5).
 The reference was computed with this file's ``compute``; ``python -m tests.test_policy_numerics``
 rewrites it (only do that when a change of numerics is intended).
 """
+
 import os
 
 if __name__ == "__main__":
@@ -77,8 +78,9 @@ def compute() -> dict[str, np.ndarray]:
     problems = countdown.generate_problems(jax.random.PRNGKey(0), 2)
     for join in ("reprefill", "keep_slot"):
         res = runtime.rollout(policy, problems, "apr", max_context=512, num_slots=8, join=join)
-        out[f"rollout_{join}"] = np.array([[r.total_tokens, r.sequential_tokens, r.num_children, r.success]
-                                           for r in res], np.int64)
+        out[f"rollout_{join}"] = np.array(
+            [[r.total_tokens, r.sequential_tokens, r.num_children, r.success] for r in res], np.int64
+        )
     return out
 
 
@@ -91,15 +93,17 @@ def test_reference_is_small():
     assert os.path.getsize(REFERENCE) < 300_000
 
 
-@pytest.mark.parametrize("name", ["text_ids", "generate_tokens", "extend_tokens", "rollout_reprefill",
-                                  "rollout_keep_slot"])
+@pytest.mark.parametrize(
+    "name", ["text_ids", "generate_tokens", "extend_tokens", "rollout_reprefill", "rollout_keep_slot"]
+)
 def test_ids_are_exact(numbers, name):
     with np.load(REFERENCE) as ref:
         np.testing.assert_array_equal(numbers[name], ref[name])
 
 
-@pytest.mark.parametrize("name", ["train_logits", "cached_prefill_logits", "cached_step_logits",
-                                  "generate_logprobs", "extend_logprobs"])
+@pytest.mark.parametrize(
+    "name", ["train_logits", "cached_prefill_logits", "cached_step_logits", "generate_logprobs", "extend_logprobs"]
+)
 def test_values_within_tolerance(numbers, name):
     with np.load(REFERENCE) as ref:
         np.testing.assert_allclose(numbers[name], ref[name], rtol=0, atol=ATOL)

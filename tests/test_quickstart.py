@@ -1,6 +1,7 @@
 """The main job (experiments.quickstart) and its notebook at a seconds-long size: every stage,
 the table, the JSON and the plots; its verdict logic by hand; bad flags fail fast. The notebook:
 tests/test_notebook.py."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,17 @@ from experiments import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-SMALL = ["--problems=6", "--contexts=96,128", "--rl_steps=1", "--rl_problems=2", "--rl_group=2", "--rl_eval",
-         "--scratch_steps=2", "--num_slots=16", "--progress=False"]
+SMALL = [
+    "--problems=6",
+    "--contexts=96,128",
+    "--rl_steps=1",
+    "--rl_problems=2",
+    "--rl_group=2",
+    "--rl_eval",
+    "--scratch_steps=2",
+    "--num_slots=16",
+    "--progress=False",
+]
 
 
 def _check_output(out: dict, workdir: str, contexts, rl_eval: bool = True):
@@ -40,26 +50,51 @@ def _check_output(out: dict, workdir: str, contexts, rl_eval: bool = True):
 @pytest.mark.slow
 def test_quickstart_command_end_to_end(tmp_path):
     workdir = str(tmp_path / "qs")
-    proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", *SMALL],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", *SMALL],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.load(open(os.path.join(workdir, "quickstart.json")))
     _check_output(out, workdir, [96, 128])
-    assert out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.shipped_policies("mini")["sosp"]  # the default
+    assert (
+        out["preset"] == "mini" and out["policies"]["sosp"] == quickstart.shipped_policies("mini")["sosp"]
+    )  # the default
     for line in ("[5/5] results", "APR (", "APR + GRPO (demo)", "SoS+ from scratch", "Target (APR >= 10 points"):
         assert line in proc.stdout
 
 
 def _row(run, ctx, acc, n=200):
     solved = [1] * round(acc * n) + [0] * (n - round(acc * n))
-    return {"run": run, "label": quickstart.NAMES[run], "context": ctx, "accuracy": acc, "accuracy_low": acc - 0.05,
-            "accuracy_high": acc + 0.05, "solved": solved, "total_tokens": 1.0, "sequential_tokens": 1.0,
-            "children": 0.0, "seconds": 0.0}
+    return {
+        "run": run,
+        "label": quickstart.NAMES[run],
+        "context": ctx,
+        "accuracy": acc,
+        "accuracy_low": acc - 0.05,
+        "accuracy_high": acc + 0.05,
+        "solved": solved,
+        "total_tokens": 1.0,
+        "sequential_tokens": 1.0,
+        "children": 0.0,
+        "seconds": 0.0,
+    }
 
 
 def test_comparison_and_verdict_by_hand():
-    rows = [_row("sosp", 256, 0.10), _row("apr", 256, 0.15), _row("apr_rl", 256, 0.25),
-            _row("sosp", 512, 0.50), _row("apr", 512, 0.55), _row("apr_rl", 512, 0.45), _row("scratch", 512, 0.0)]
+    rows = [
+        _row("sosp", 256, 0.10),
+        _row("apr", 256, 0.15),
+        _row("apr_rl", 256, 0.25),
+        _row("sosp", 512, 0.50),
+        _row("apr", 512, 0.55),
+        _row("apr_rl", 512, 0.45),
+        _row("scratch", 512, 0.0),
+    ]
     comp = quickstart.comparison(rows)
     assert set(comp) == {"256", "512"}
     assert comp["256"]["apr_lead_points"] == pytest.approx(15.0)  # the better APR (after GRPO) vs SoS+
@@ -71,31 +106,44 @@ def test_comparison_and_verdict_by_hand():
     comp = quickstart.comparison([_row("sosp", 512, 0.35), _row("apr", 512, 0.46)])
     assert "Target (APR >= 10 points ahead, the better >= 40%): met" in quickstart.verdict(comp)
     # Equal leads: the context where the better policy solves more is reported.
-    comp = quickstart.comparison([_row("sosp", 768, 0.15), _row("apr", 768, 0.335),
-                                  _row("sosp", 1024, 0.205), _row("apr", 1024, 0.39)])
+    comp = quickstart.comparison(
+        [_row("sosp", 768, 0.15), _row("apr", 768, 0.335), _row("sosp", 1024, 0.205), _row("apr", 1024, 0.39)]
+    )
     assert "+18.5 at context 1024: at least 10; the better solves 39.0%" in quickstart.verdict(comp)
     # A context that meets both halves is found even where the lead is not the largest.
-    comp = quickstart.comparison([_row("sosp", 768, 0.10), _row("apr", 768, 0.35),
-                                  _row("sosp", 1024, 0.30), _row("apr", 1024, 0.42)])
+    comp = quickstart.comparison(
+        [_row("sosp", 768, 0.10), _row("apr", 768, 0.35), _row("sosp", 1024, 0.30), _row("apr", 1024, 0.42)]
+    )
     v = quickstart.verdict(comp)
     assert "40%): met (lead +12.0 at context 1024" in v
     table = quickstart.table(rows)
     assert "APR + GRPO" in table and "25.0%" in table and len(table.splitlines()) == len(rows) + 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--contexts=abc"], "--contexts=abc: expected comma-separated integers"),
-    (["--contexts=8"], "expected at least one window of >= 32 tokens"),
-    (["--rl_group=1"], "--rl_group=1: expected >= 2"),
-    (["--apr=/nonexistent/policy.npz"], "--apr='/nonexistent/policy.npz': expected an exported policy .npz"),
-    (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
-    (["--preset=huge"], "--preset=huge: value should be one of"),
-    (["--preset=mini", f"--apr={quickstart.shipped_policies('tiny')['apr']}"], "was trained on the 'tiny' distribution: the "
-                                                                      "quickstart evaluates on the 'mini' one"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--contexts=abc"], "--contexts=abc: expected comma-separated integers"),
+        (["--contexts=8"], "expected at least one window of >= 32 tokens"),
+        (["--rl_group=1"], "--rl_group=1: expected >= 2"),
+        (["--apr=/nonexistent/policy.npz"], "--apr='/nonexistent/policy.npz': expected an exported policy .npz"),
+        (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+        (["--preset=huge"], "--preset=huge: value should be one of"),
+        (
+            ["--preset=mini", f"--apr={quickstart.shipped_policies('tiny')['apr']}"],
+            "was trained on the 'tiny' distribution: the quickstart evaluates on the 'mini' one",
+        ),
+    ],
+)
 def test_quickstart_bad_flags_fail_fast(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path / 'w'}", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path / 'w'}", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "w")  # nothing was written

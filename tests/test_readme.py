@@ -1,6 +1,7 @@
 """README's code runs as written: every ```python block executes (in order, each in a fresh
 namespace, from the repository root) and every ``python -m experiments.<x>`` it shows names a
 module that exists, with flags that module defines."""
+
 import contextlib
 import io
 import os

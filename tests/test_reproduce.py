@@ -1,4 +1,5 @@
 """experiments.reproduce end to end at a very small size: every stage, the table, resuming."""
+
 import json
 import os
 import subprocess
@@ -7,19 +8,40 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--sft_config.model.num_layers=1", "--sft_config.model.d_model=32", "--sft_config.model.num_heads=2",
-         "--sft_config.model.num_kv_heads=2", "--sft_config.model.mlp_dim=64", "--sft_config.model.max_len=256",
-         "--sft_config.seq_len=256", "--sft_config.batch_size=4", "--sft_config.num_steps=3",
-         "--sft_config.optim.warmup_steps=1", "--sft_config.eval_every=0", "--sft_config.checkpoint_every=3",
-         "--sft_config.eval_problems=2", "--sft_config.eval_max_context=128", "--sft_config.eval_num_slots=8",
-         "--sft_config.eval_batches=1", "--sft_config.progress=False",
-         "--data_config.problems.train=40", "--data_config.problems.val=4", "--data_config.problems.test=4",
-         "--data_config.num_workers=0",
-         "--rl_config.num_steps=1", "--rl_config.grpo.num_problems=2", "--rl_config.grpo.group_size=2",
-         "--rl_config.max_context=128", "--rl_config.num_slots=8", "--rl_config.eval_problems=2",
-         "--rl_config.progress=False",
-         "--eval_config.problems=3", "--eval_config.n_max=2", "--eval_config.contexts=(64,128)",
-         "--eval_config.num_slots=8"]
+SMALL = [
+    "--sft_config.model.num_layers=1",
+    "--sft_config.model.d_model=32",
+    "--sft_config.model.num_heads=2",
+    "--sft_config.model.num_kv_heads=2",
+    "--sft_config.model.mlp_dim=64",
+    "--sft_config.model.max_len=256",
+    "--sft_config.seq_len=256",
+    "--sft_config.batch_size=4",
+    "--sft_config.num_steps=3",
+    "--sft_config.optim.warmup_steps=1",
+    "--sft_config.eval_every=0",
+    "--sft_config.checkpoint_every=3",
+    "--sft_config.eval_problems=2",
+    "--sft_config.eval_max_context=128",
+    "--sft_config.eval_num_slots=8",
+    "--sft_config.eval_batches=1",
+    "--sft_config.progress=False",
+    "--data_config.problems.train=40",
+    "--data_config.problems.val=4",
+    "--data_config.problems.test=4",
+    "--data_config.num_workers=0",
+    "--rl_config.num_steps=1",
+    "--rl_config.grpo.num_problems=2",
+    "--rl_config.grpo.group_size=2",
+    "--rl_config.max_context=128",
+    "--rl_config.num_slots=8",
+    "--rl_config.eval_problems=2",
+    "--rl_config.progress=False",
+    "--eval_config.problems=3",
+    "--eval_config.n_max=2",
+    "--eval_config.contexts=(64,128)",
+    "--eval_config.num_slots=8",
+]
 
 
 @pytest.mark.slow
@@ -29,8 +51,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "reproduce.json"))
-    assert [(r["context"], r["apr"] in ("apr", "apr_rl"), r["sosp"] in ("sosp", "sosp_rl")) for r in report["headline"]] == [
-        (64, True, True), (128, True, True)]
+    assert [
+        (r["context"], r["apr"] in ("apr", "apr_rl"), r["sosp"] in ("sosp", "sosp_rl")) for r in report["headline"]
+    ] == [(64, True, True), (128, True, True)]
     for row in report["headline"]:  # the lead is APR - SoS+ with a paired interval around it
         assert row["lead"] == row["apr_accuracy"] - row["sosp_accuracy"]
         assert row["lead_low"] <= row["lead"] <= row["lead_high"]

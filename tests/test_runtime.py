@@ -1,4 +1,5 @@
 """The APR runtime, driven by a scripted engine (exact replay) and by a random tiny policy."""
+
 import itertools
 
 import jax
@@ -42,15 +43,19 @@ def test_replay_rebuilds_every_fixture_tree(fixture_rows, num_slots):
 
 
 def test_replay_of_our_depth_2_and_3_trees():
-    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(5), 40, num_numbers=5, max_number=30,
-                                                   min_target=10, max_target=60)
-    trees = [traces.apr(x, t, beam_size=3, sub_call_beam_size=3, seed=k, max_depth=3, spawn_prob=1.0).to_dict()
-             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    numbers, targets = countdown.generate_problems(
+        jax.random.PRNGKey(5), 40, num_numbers=5, max_number=30, min_target=10, max_target=60
+    )
+    trees = [
+        traces.apr(x, t, beam_size=3, sub_call_beam_size=3, seed=k, max_depth=3, spawn_prob=1.0).to_dict()
+        for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))
+    ]
     deep = sum("at level 2>" in c for tree in trees for c in _all_texts(tree))
     assert deep > 0
     for slots in (3, 16):
-        results = runtime.rollout(None, (numbers, targets), "apr", engine=ScriptedEngine(responses_of(trees), slots, BIG),
-                                  max_depth=3)
+        results = runtime.rollout(
+            None, (numbers, targets), "apr", engine=ScriptedEngine(responses_of(trees), slots, BIG), max_depth=3
+        )
         for tree, res in zip(trees, results):
             assert res.tree == tree
     # With max_depth=1 a child's spawn ends the child: the trees differ exactly there.
@@ -91,15 +96,19 @@ def test_metrics_by_hand():
     eng = ScriptedEngine(responses_of([tree]), num_slots=4, max_len=BIG)
     (res,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr", engine=eng, decode_chunk=1)
     root_len = [len(TOK.encode(o)) + 1 for o in _outputs(tree)]  # + EOS
-    child_len = [len(TOK.encode(c["main_calls"][0][len(p):])) + 1
-                 for c, p in zip(tree["sub_calls"][0], traces.child_prompts(tree["main_calls"][0]))]
+    child_len = [
+        len(TOK.encode(c["main_calls"][0][len(p) :])) + 1
+        for c, p in zip(tree["sub_calls"][0], traces.child_prompts(tree["main_calls"][0]))
+    ]
     assert res.total_tokens == sum(root_len) + sum(child_len)
     assert res.sequential_tokens == sum(root_len) + max(child_len) == _seq(tree)
     assert res.num_children == 2 and res.num_spawns == 1 and res.num_calls == 4
     # Each call's first token comes with its prefill; decode_chunk=1 schedules step by step.
     assert res.latency_steps == (root_len[0] - 1) + (max(child_len) - 1) + (root_len[1] - 1)
     prompts = [c.prompt for c in res.calls]
-    assert prompts[0] == traces.root_prompt(nums, target) and prompts[1:3] == traces.child_prompts(tree["main_calls"][0])
+    assert prompts[0] == traces.root_prompt(nums, target) and prompts[1:3] == traces.child_prompts(
+        tree["main_calls"][0]
+    )
     assert res.prompt_tokens == sum(len(TOK.encode(p)) + 1 for p in prompts)
     assert all(len(c.logprobs) == len(c.output_tokens) for c in res.calls)
     assert res.success == traces.verify(tree["main_calls"][-1], nums, target).success
@@ -108,14 +117,24 @@ def test_metrics_by_hand():
 def test_latency_is_the_critical_path_whatever_the_slot_count():
     """Latency counts the critical path's decode steps with children in parallel: the same
     with 2 slots (children queue) as with 64 (all run at once); the pool's steps differ."""
-    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(5), 6, num_numbers=4, max_number=10,
-                                                   min_target=5, max_target=25)
-    trees = [traces.apr(x, t, beam_size=4, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
-             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    numbers, targets = countdown.generate_problems(
+        jax.random.PRNGKey(5), 6, num_numbers=4, max_number=10, min_target=5, max_target=25
+    )
+    trees = [
+        traces.apr(x, t, beam_size=4, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+        for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))
+    ]
     assert sum(len(t["sub_calls"][0]) for t in trees if t["sub_calls"]) >= 12
-    runs = {slots: runtime.rollout(None, (numbers, targets), "apr", decode_chunk=4,
-                                   engine=ScriptedEngine(responses_of(trees), num_slots=slots, max_len=BIG))
-            for slots in (2, 64)}
+    runs = {
+        slots: runtime.rollout(
+            None,
+            (numbers, targets),
+            "apr",
+            decode_chunk=4,
+            engine=ScriptedEngine(responses_of(trees), num_slots=slots, max_len=BIG),
+        )
+        for slots in (2, 64)
+    }
     for few, many, tree in zip(runs[2], runs[64], trees):
         assert few.latency_steps == many.latency_steps and few.sequential_tokens == many.sequential_tokens
         # One thread's calls in a row, the longest child per spawn: tokens minus one per call on that path.
@@ -174,10 +193,19 @@ def test_sampling_modes_vote_and_choose():
 
     for modes in ([], ["pass@2", "apr"]):  # refused before anything is rolled out
         with pytest.raises(ValueError, match="expected sampled modes 'pass@k', 'cons@k' or 'best-of-k'"):
-            evaluation.sampled_metrics(None, probs, modes=modes, max_context=BIG, num_slots=2, temperature=1.0, key=key,
-                                   engine=eng)
-    shared = evaluation.sampled_metrics(None, probs, modes=["pass@1", "pass@2", "cons@2"], max_context=BIG, num_slots=2,
-                                    temperature=1.0, key=key, engine=eng)
+            evaluation.sampled_metrics(
+                None, probs, modes=modes, max_context=BIG, num_slots=2, temperature=1.0, key=key, engine=eng
+            )
+    shared = evaluation.sampled_metrics(
+        None,
+        probs,
+        modes=["pass@1", "pass@2", "cons@2"],
+        max_context=BIG,
+        num_slots=2,
+        temperature=1.0,
+        key=key,
+        engine=eng,
+    )
     assert shared["pass@1"]["seconds"] == shared["cons@2"]["seconds"]  # one rollout answered every mode
     with pytest.raises(ValueError, match="mode='apr@3'"):
         runtime.rollout(None, probs, "apr@3", engine=eng)
@@ -191,17 +219,22 @@ def _spawning_root(nums, target, children):
             break
         lines.append(f"Exploring Operation: {m.text}, Resulting Numbers: {m.numbers}")
         lines.append(f"Generated Node #0,{k}: {target}:{m.numbers} Operation: {m.text}")
-    block = ["<Calling Sub Searches>"] + [f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}" for k in range(children)]
+    block = ["<Calling Sub Searches>"] + [
+        f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}" for k in range(children)
+    ]
     return "\n".join(lines + block + ["<End Calling Sub Searches>"]) + "\n"
 
 
-@pytest.mark.parametrize("output", [
-    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n",  # unclosed
-    "<Calling Sub Searches>\n<End Calling Sub Searches>\n",  # no children
-    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,9\n<End Calling Sub Searches>\n",  # unknown node
-    "\x00\x01 garbage \ud800 Goal Reached Goal Reached",
-    "",
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n",  # unclosed
+        "<Calling Sub Searches>\n<End Calling Sub Searches>\n",  # no children
+        "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,9\n<End Calling Sub Searches>\n",  # unknown node
+        "\x00\x01 garbage \ud800 Goal Reached Goal Reached",
+        "",
+    ],
+)
 def test_malformed_outputs_end_cleanly_not_solved(output):
     eng = ScriptedEngine(lambda prompt: output, num_slots=3, max_len=BIG)
     (res,) = runtime.rollout(None, (np.array([[2, 3, 4]]), np.array([9])), "apr", engine=eng)
@@ -213,19 +246,29 @@ def test_caps_on_children_tokens_and_context():
     root = _spawning_root(nums, target, 5)
     child = "No solution found.\n"
     answers = lambda p: "" if "<Sub Searches>" in p else (root if p.startswith("Moving to Node #0\n") else child)
-    (res,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
-                             engine=ScriptedEngine(answers, 2, BIG), max_children=3)
+    (res,) = runtime.rollout(
+        None, (np.array([nums]), np.array([target])), "apr", engine=ScriptedEngine(answers, 2, BIG), max_children=3
+    )
     assert res.num_children == 3 and res.num_spawns == 1
     assert res.tree["main_calls"][1].count("<No Solution in Sub Search") == 5  # capped ones join as no solution
     # A total-token cap stops the problem: no children run.
     root_tokens = len(TOK.encode(root)) + 1
-    (capped,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
-                                engine=ScriptedEngine(answers, 2, BIG), max_total_tokens=root_tokens)
+    (capped,) = runtime.rollout(
+        None,
+        (np.array([nums]), np.array([target])),
+        "apr",
+        engine=ScriptedEngine(answers, 2, BIG),
+        max_total_tokens=root_tokens,
+    )
     assert capped.total_tokens == root_tokens and capped.num_calls >= 1 and not capped.success
     # A per-call context window truncates a call at the window.
-    (short,) = runtime.rollout(None, (np.array([nums]), np.array([target])), "apr",
-                               engine=ScriptedEngine(answers, 2, BIG), max_context=40)
-    assert short.calls[0].stopped == "length" and len(short.calls[0].prompt_tokens) + len(short.calls[0].output_tokens) == 40
+    (short,) = runtime.rollout(
+        None, (np.array([nums]), np.array([target])), "apr", engine=ScriptedEngine(answers, 2, BIG), max_context=40
+    )
+    assert (
+        short.calls[0].stopped == "length"
+        and len(short.calls[0].prompt_tokens) + len(short.calls[0].output_tokens) == 40
+    )
     assert short.num_children == 0 and not short.success
 
 
@@ -245,6 +288,7 @@ def test_bad_arguments():
 
     class NoExtend:  # the engine interface without extend
         num_slots, max_len = 1, 64
+
     with pytest.raises(ValueError, match="join='keep_slot' needs an engine with an extend"):
         runtime.rollout(None, probs, engine=NoExtend(), join="keep_slot")
 
@@ -254,14 +298,16 @@ def test_random_tiny_policy_rollouts_finish_and_report():
 
     from jaxapr import engine, model
 
-    cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=128,
-                            tie_embeddings=False)
+    cfg = model.ModelConfig(
+        d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=128, tie_embeddings=False
+    )
     policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
     numbers, targets = countdown.generate_problems(jax.random.PRNGKey(0), 6, num_numbers=3)
     eng = engine.Engine(policy, num_slots=4, max_len=128)
     for mode in ("apr", "sosp", "pass@2"):
-        results = runtime.rollout(None, (numbers, targets), mode, engine=eng, temperature=1.0,
-                                  key=jax.random.key(1), decode_chunk=16)
+        results = runtime.rollout(
+            None, (numbers, targets), mode, engine=eng, temperature=1.0, key=jax.random.key(1), decode_chunk=16
+        )
         assert len(results) == 6 and not any(r.success for r in results)
         for r in results:
             assert r.reason and r.total_tokens > 0 and r.calls[0].stopped in ("eos", "length")
@@ -269,23 +315,36 @@ def test_random_tiny_policy_rollouts_finish_and_report():
                 assert len(c.logprobs) == len(c.output_tokens) and (c.logprobs <= 0).all()
                 assert len(c.prompt_tokens) + len(c.output_tokens) <= 128
     # Same key, same samples, whatever the slot count.
-    again = runtime.rollout(policy, (numbers, targets), "apr", temperature=1.0, key=jax.random.key(1), num_slots=2,
-                            max_context=128)
+    again = runtime.rollout(
+        policy, (numbers, targets), "apr", temperature=1.0, key=jax.random.key(1), num_slots=2, max_context=128
+    )
     first = runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1))
     assert [r.text for r in again] == [r.text for r in first]
     # Split over "processes" (every 2nd problem) with global problem_ids: the same samples.
     for mode in ("apr", "pass@2"):
         whole = runtime.rollout(None, (numbers, targets), mode, engine=eng, temperature=1.0, key=jax.random.key(1))
-        parts = [runtime.rollout(None, (numbers[p::2], targets[p::2]), mode, engine=eng, temperature=1.0,
-                                 key=jax.random.key(1), problem_ids=np.arange(6)[p::2]) for p in range(2)]
+        parts = [
+            runtime.rollout(
+                None,
+                (numbers[p::2], targets[p::2]),
+                mode,
+                engine=eng,
+                temperature=1.0,
+                key=jax.random.key(1),
+                problem_ids=np.arange(6)[p::2],
+            )
+            for p in range(2)
+        ]
         assert [r.text for r in parts[0]] == [r.text for r in whole[0::2]]
         assert [[s.text for s in r.samples] for r in parts[1]] == [[s.text for s in r.samples] for r in whole[1::2]]
-        unshifted = runtime.rollout(None, (numbers[1::2], targets[1::2]), mode, engine=eng, temperature=1.0,
-                                    key=jax.random.key(1))
+        unshifted = runtime.rollout(
+            None, (numbers[1::2], targets[1::2]), mode, engine=eng, temperature=1.0, key=jax.random.key(1)
+        )
         assert [r.text for r in unshifted] != [r.text for r in parts[1]]  # the ids do move the keys
     with pytest.raises(ValueError, match="problem_ids of shape \\(2,\\): expected 6 non-negative ints"):
-        runtime.rollout(None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1),
-                        problem_ids=[0, 1])
+        runtime.rollout(
+            None, (numbers, targets), "apr", engine=eng, temperature=1.0, key=jax.random.key(1), problem_ids=[0, 1]
+        )
 
 
 def test_forced_engine_rebuilds_scripted_trees():
@@ -294,20 +353,31 @@ def test_forced_engine_rebuilds_scripted_trees():
     from jaxapr import engine, model
 
     cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=512)
-    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(2), 4, num_numbers=3, max_number=25,
-                                                   min_target=10, max_target=50)
-    trees = [traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
-             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    numbers, targets = countdown.generate_problems(
+        jax.random.PRNGKey(2), 4, num_numbers=3, max_number=25, min_target=10, max_target=50
+    )
+    trees = [
+        traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+        for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))
+    ]
     assert any(tree["sub_calls"] for tree in trees)
     responses = responses_of(trees)
-    scripted = runtime.rollout(None, (numbers, targets), "apr", engine=ScriptedEngine(responses, 3, 512), decode_chunk=8)
-    forced_eng = ForcedEngine(engine.Engine(model.Transformer(cfg, rngs=nnx.Rngs(0)), num_slots=3, max_len=512),
-                              responses)
+    scripted = runtime.rollout(
+        None, (numbers, targets), "apr", engine=ScriptedEngine(responses, 3, 512), decode_chunk=8
+    )
+    forced_eng = ForcedEngine(
+        engine.Engine(model.Transformer(cfg, rngs=nnx.Rngs(0)), num_slots=3, max_len=512), responses
+    )
     forced = runtime.rollout(None, (numbers, targets), "apr", engine=forced_eng, decode_chunk=8)
     for tree, s, f in zip(trees, scripted, forced):
         assert f.tree == s.tree == tree
         assert (f.total_tokens, f.prompt_tokens, f.num_calls, f.success, f.latency_steps) == (
-            s.total_tokens, s.prompt_tokens, s.num_calls, s.success, s.latency_steps)
+            s.total_tokens,
+            s.prompt_tokens,
+            s.num_calls,
+            s.success,
+            s.latency_steps,
+        )
         for call in f.calls:  # real log-probs of the forced tokens
             assert len(call.logprobs) == len(call.output_tokens) and (call.logprobs < 0).all()
     sched = forced[0].schedule
@@ -337,7 +407,13 @@ def test_keep_slot_replays_fixture_trees_like_reprefill(fixture_rows, num_slots)
         for row, a, b in zip(rows, res["reprefill"], res["keep_slot"]):
             assert a.tree == b.tree == row["apr"]["tree"], row["id"]
             assert (a.text, a.success, a.reason, a.total_tokens, a.prompt_tokens, a.sequential_tokens) == (
-                b.text, b.success, b.reason, b.total_tokens, b.prompt_tokens, b.sequential_tokens)
+                b.text,
+                b.success,
+                b.reason,
+                b.total_tokens,
+                b.prompt_tokens,
+                b.sequential_tokens,
+            )
         re, keep = res["reprefill"][0].schedule, res["keep_slot"][0].schedule
         # every prompt token is either prefilled or reused from the kept cache
         assert keep["prefill_tokens"] + keep["reused_prefix_tokens"] == re["prefill_tokens"]
@@ -362,18 +438,25 @@ def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
 
     from jaxapr import engine, model
 
-    cfg = model.ModelConfig(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=256,
-                            tie_embeddings=False)
+    cfg = model.ModelConfig(
+        d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=256, tie_embeddings=False
+    )
     policy = model.Transformer(cfg, rngs=nnx.Rngs(3))
-    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(2), 6, num_numbers=3, max_number=25,
-                                                   min_target=10, max_target=50)
-    trees = [traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
-             for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))]
+    numbers, targets = countdown.generate_problems(
+        jax.random.PRNGKey(2), 6, num_numbers=3, max_number=25, min_target=10, max_target=50
+    )
+    trees = [
+        traces.apr(x, t, beam_size=2, sub_call_beam_size=2, seed=k, spawn_prob=1.0).to_dict()
+        for k, (x, t) in enumerate(zip(np.asarray(numbers).tolist(), np.asarray(targets).tolist()))
+    ]
     responses = responses_of(trees)
     script = lambda prompt: None if "<Sub Searches>" in prompt else responses.get(prompt, "")
     eng = engine.Engine(policy, num_slots=16, max_len=256, prefill_buckets=(64, 256), batch_buckets=(16,))
-    res = _by_join(lambda join: runtime.rollout(None, (numbers, targets), "apr", engine=ForcedEngine(eng, script),
-                                                decode_chunk=32, join=join))
+    res = _by_join(
+        lambda join: runtime.rollout(
+            None, (numbers, targets), "apr", engine=ForcedEngine(eng, script), decode_chunk=32, join=join
+        )
+    )
     for tree, a, b in zip(trees, res["reprefill"], res["keep_slot"]):
         assert a.tree["sub_calls"] == tree["sub_calls"] and len(a.calls) == len(b.calls) > 1
         assert (a.text, a.success, a.total_tokens) == (b.text, b.success, b.total_tokens)
@@ -394,19 +477,24 @@ def test_join_diagnostics_by_hand():
     from jaxapr import evaluation
 
     nums, target = [1, 4, 5], 20
-    root = ("Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
-            "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,1: 20:[1, 20] Operation: 5*4=20\n"
-            "Exploring Operation: 4+1=5, Resulting Numbers: [5, 5]\nGenerated Node #0,2: 20:[5, 5] Operation: 4+1=5\n"
-            "<Calling Sub Searches>\n" + "".join(f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}\n" for k in range(3))
-            + "<End Calling Sub Searches>\n")
+    root = (
+        "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
+        "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,1: 20:[1, 20] Operation: 5*4=20\n"
+        "Exploring Operation: 4+1=5, Resulting Numbers: [5, 5]\nGenerated Node #0,2: 20:[5, 5] Operation: 4+1=5\n"
+        "<Calling Sub Searches>\n"
+        + "".join(f"<Start Sub Search {k} at level 1> Moving to Node #0,{k}\n" for k in range(3))
+        + "<End Calling Sub Searches>\n"
+    )
     path = "Exploring Operation: 20*1=20, Resulting Numbers: [20]\n20,20 equal: Goal Reached\n"
 
     def solved_child(k):
         return path + f"Moving to Node #0,{k}\nCurrent State: 20:[1, 20], Operations: ['5*4=20']\n" + path
 
-    final = ("20,20 equal: Goal Reached\nMoving to Node #0\nCurrent State: 20:[1, 4, 5], Operations: []\n"
-             "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
-             + solved_child(0)[len(path):])
+    final = (
+        "20,20 equal: Goal Reached\nMoving to Node #0\nCurrent State: 20:[1, 4, 5], Operations: []\n"
+        "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
+        + solved_child(0)[len(path) :]
+    )
 
     def answers(join_output):
         def respond(p):
@@ -415,24 +503,40 @@ def test_join_diagnostics_by_hand():
             if p.startswith("Moving to Node #0\n"):
                 return root
             return solved_child(int(p[18])) if p[18] in "01" else "No solution found.\n"
+
         return respond
 
     probs = (np.array([nums]), np.array([target]))
     (won,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers(final), 2, BIG))
     assert won.success and won.num_children == 3
-    assert runtime.join_diagnostics(won) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
-                                             "join_overflow": 0, "lost_at_join": 0}
+    assert runtime.join_diagnostics(won) == {
+        "distinct_children": 2,
+        "solved_children": 2,
+        "child_solved": 1,
+        "join_overflow": 0,
+        "lost_at_join": 0,
+    }
     (lost,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers("No solution found.\n"), 2, BIG))
     assert not lost.success
-    assert runtime.join_diagnostics(lost) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
-                                              "join_overflow": 0, "lost_at_join": 1}
+    assert runtime.join_diagnostics(lost) == {
+        "distinct_children": 2,
+        "solved_children": 2,
+        "child_solved": 1,
+        "join_overflow": 0,
+        "lost_at_join": 1,
+    }
     # The join context leaves 3 tokens of the window: the root's last call is cut (the children fit).
     window = len(won.calls[4].prompt_tokens) + 3
-    assert won.calls[4].prompt == won.tree["main_calls"][1][:len(won.calls[4].prompt)]  # the root's join call
+    assert won.calls[4].prompt == won.tree["main_calls"][1][: len(won.calls[4].prompt)]  # the root's join call
     (cut,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers(final), 2, BIG), max_context=window)
     assert not cut.success and cut.calls[4].stopped == "length" and cut.calls[1].stopped == "eos"
-    assert runtime.join_diagnostics(cut) == {"distinct_children": 2, "solved_children": 2, "child_solved": 1,
-                                             "join_overflow": 1, "lost_at_join": 1}
+    assert runtime.join_diagnostics(cut) == {
+        "distinct_children": 2,
+        "solved_children": 2,
+        "child_solved": 1,
+        "join_overflow": 1,
+        "lost_at_join": 1,
+    }
     # Serial traces and roots that never spawn: all zero.
     (serial,) = runtime.rollout(None, probs, "sosp", engine=ScriptedEngine(lambda p: path + path, 1, BIG))
     assert set(runtime.join_diagnostics(serial).values()) == {0}
@@ -441,4 +545,6 @@ def test_join_diagnostics_by_hand():
     two = (np.array([nums, nums]), np.array([target, target]))
     m = evaluation.rollout_metrics(None, two, mode="apr", max_context=BIG, num_slots=2, engine=eng)
     assert m["lost_at_join"] == 1.0 and m["distinct_children"] == 2.0 and m["join_overflow"] == 0.0
-    assert "lost_at_join" not in evaluation.rollout_metrics(None, two, mode="sosp", max_context=BIG, num_slots=2, engine=eng)
+    assert "lost_at_join" not in evaluation.rollout_metrics(
+        None, two, mode="sosp", max_context=BIG, num_slots=2, engine=eng
+    )

@@ -1,5 +1,6 @@
 """Tests for jaxapr.sharding on 8 fake CPU devices (see conftest.py): meshes, rules, parameters
 really split, and sharded forwards equal to the unsharded model."""
+
 import math
 
 import jax
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jaxapr import model as M
 from jaxapr import sharding as S
@@ -15,8 +17,9 @@ from jaxapr import sharding as S
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 # Divides evenly by 2 everywhere except the Countdown vocabulary (335, odd).
-CFG = M.ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64,
-                    tie_embeddings=False)
+CFG = M.ModelConfig(
+    d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64, tie_embeddings=False
+)
 assert CFG.vocab_size % 2 == 1
 
 
@@ -42,6 +45,7 @@ def _params(model):
 
 # --- meshes -----------------------------------------------------------------------------------
 
+
 def test_make_mesh_shapes():
     one = S.make_mesh(devices=jax.devices()[:1])
     assert one.axis_names == ("data", "fsdp", "tensor") and one.devices.size == 1
@@ -53,14 +57,17 @@ def test_make_mesh_shapes():
     assert dict(S.make_mesh(tensor=-1, devices=jax.devices()[:4]).shape)["tensor"] == 4
 
 
-@pytest.mark.parametrize("sizes, match", [
-    ((3, 1, 1), "3 devices: expected 8"),
-    ((2, 2, 1), "4 devices: expected 8"),
-    ((-1, -1, 1), "at most one -1"),
-    ((3, -1, 1), "not a multiple of 3"),
-    ((0, 8, 1), "positive"),
-    (("2", 4, 1), "positive"),
-])
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        ((3, 1, 1), "3 devices: expected 8"),
+        ((2, 2, 1), "4 devices: expected 8"),
+        ((-1, -1, 1), "at most one -1"),
+        ((3, -1, 1), "not a multiple of 3"),
+        ((0, 8, 1), "positive"),
+        (("2", 4, 1), "positive"),
+    ],
+)
 def test_make_mesh_errors(sizes, match):
     with pytest.raises(ValueError, match=match) as info:
         S.make_mesh(*sizes)
@@ -68,6 +75,7 @@ def test_make_mesh_errors(sizes, match):
 
 
 # --- rules ------------------------------------------------------------------------------------
+
 
 def test_rules_for():
     assert S.rules_for("paper") == S.RULES["fsdp_tp"]
@@ -84,8 +92,9 @@ def test_rules_for():
 
 
 def test_rule_sets_cover_every_logical_name_of_the_model():
-    specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(nnx.eval_shape(
-        lambda: M.Transformer(CFG, rngs=nnx.Rngs(0))), nnx.Param)))
+    specs = jax.tree.leaves(
+        nnx.get_partition_spec(nnx.state(nnx.eval_shape(lambda: M.Transformer(CFG, rngs=nnx.Rngs(0))), nnx.Param))
+    )
     names = {n for spec in specs for n in spec}
     assert names == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"}
     for rules in S.RULES.values():
@@ -178,6 +187,7 @@ def test_divisible_vocab_is_split(mesh8):
 
 
 # --- sharded forwards equal the unsharded model -----------------------------------------------
+
 
 @pytest.mark.parametrize("rules", ["fsdp_tp", "replicated"])
 def test_sharded_forward_equals_unsharded(rules, mesh8, tokens, reference):

@@ -1,4 +1,5 @@
 """jaxapr.trace_view and experiments.show_trace: the tree of a real rollout in the terminal and as HTML."""
+
 import os
 import subprocess
 import sys
@@ -38,13 +39,34 @@ def test_text_and_html_show_every_call(tmp_path):
 def test_command_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     ckpt = os.path.join(ROOT, "experiments", "checkpoints", "tiny_apr_sft.npz")
-    proc = subprocess.run([sys.executable, "-m", "experiments.show_trace", f"--policy={ckpt}", "--numbers=4,9,2",
-                           "--target=11", f"--out={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.show_trace",
+            f"--policy={ckpt}",
+            "--numbers=4,9,2",
+            "--target=11",
+            f"--out={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "root call 1 [11:[4, 9, 2]]" in proc.stdout and os.path.getsize(tmp_path / "trace.html") > 500
-    for bad, message in ((["--numbers=4,x", "--target=11"], "expected comma-separated integers"),
-                         (["--numbers=4,9,2", "--target=-3"], "expected a non-negative int")):
-        proc = subprocess.run([sys.executable, "-m", "experiments.show_trace", f"--policy={ckpt}", *bad], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
+    for bad, message in (
+        (["--numbers=4,x", "--target=11"], "expected comma-separated integers"),
+        (["--numbers=4,9,2", "--target=-3"], "expected a non-negative int"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.show_trace", f"--policy={ckpt}", *bad],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """jaxapr.stats and jaxapr.evaluation's summaries, against independent references."""
+
 import math
 
 import numpy as np
@@ -35,8 +36,10 @@ def test_wilson_width_shrinks_with_n():
     assert w1000 < w200 / 2
 
 
-@pytest.mark.parametrize("bad", [dict(successes=3, n=0), dict(successes=5, n=4), dict(successes=-1, n=4),
-                                 dict(successes=1, n=4, confidence=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(successes=3, n=0), dict(successes=5, n=4), dict(successes=-1, n=4), dict(successes=1, n=4, confidence=1.5)],
+)
 def test_wilson_bad_input(bad):
     with pytest.raises(ValueError, match="expected"):
         stats.wilson_interval(**bad)
@@ -79,8 +82,14 @@ def test_bootstrap_mean_brackets_the_mean():
 
 
 def test_summarize_reports_wilson_and_means():
-    records = {"success": [1, 0, 1, 1], "total_tokens": [10, 20, 30, 40], "total_tokens_with_context": [15, 25, 35, 45],
-               "sequential_tokens": [5, 6, 7, 8], "latency_steps": [4, 5, 6, 7], "children": [0, 2, 4, 2]}
+    records = {
+        "success": [1, 0, 1, 1],
+        "total_tokens": [10, 20, 30, 40],
+        "total_tokens_with_context": [15, 25, 35, 45],
+        "sequential_tokens": [5, 6, 7, 8],
+        "latency_steps": [4, 5, 6, 7],
+        "children": [0, 2, 4, 2],
+    }
     m = evaluation.summarize(records, seconds=8.0)
     assert m["accuracy"] == 0.75 and (m["accuracy_low"], m["accuracy_high"]) == stats.wilson_interval(3, 4)
     assert m["total_tokens"] == 25.0 and m["children"] == 2.0 and m["problems"] == 4

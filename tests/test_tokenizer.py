@@ -1,11 +1,13 @@
 """Tests for jaxapr.tokenizer: exact round trip, phrase/digit tokens, batching, errors."""
+
 import gzip
 import json
 import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxapr import tokenizer as tk
 from jaxapr.tokenizer import CountdownTokenizer
@@ -59,8 +61,27 @@ def test_phrases_are_single_tokens():
         assert TOK.token_id(phrase) == ids[0]
     line = "Exploring Operation: 53-26=27, Resulting Numbers: [22, 31, 27]"
     assert [TOK.token_str(i) for i in TOK.encode(line)] == [
-        "Exploring Operation: ", "5", "3", "-", "2", "6", "=", "2", "7",
-        ", Resulting Numbers: ", "[", "2", "2", ", ", "3", "1", ", ", "2", "7", "]"]
+        "Exploring Operation: ",
+        "5",
+        "3",
+        "-",
+        "2",
+        "6",
+        "=",
+        "2",
+        "7",
+        ", Resulting Numbers: ",
+        "[",
+        "2",
+        "2",
+        ", ",
+        "3",
+        "1",
+        ", ",
+        "2",
+        "7",
+        "]",
+    ]
 
 
 def test_digits_and_chars_are_single_tokens():
@@ -96,8 +117,9 @@ def test_round_trip_with_surrogates_and_controls(text):
     assert TOK.decode(TOK.encode(text)) == text
 
 
-_PIECES = st.sampled_from(list(tk.PHRASES) + list(tk.DIGITS) + list(tk.CHARS)
-                          + ["No solution", "Goal", "é", "\ud800", "\x00", "😀"])
+_PIECES = st.sampled_from(
+    list(tk.PHRASES) + list(tk.DIGITS) + list(tk.CHARS) + ["No solution", "Goal", "é", "\ud800", "\x00", "😀"]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -110,7 +132,7 @@ def test_round_trip_language_pieces(pieces):
 
 
 def test_surrogate_pair_stays_two_code_points():
-    text = "\ud83d\ude00 and \U0001F600"
+    text = "\ud83d\ude00 and \U0001f600"
     assert TOK.decode(TOK.encode(text)) == text
 
 
@@ -173,6 +195,5 @@ def test_compression(fixture_texts):
     for name, texts, bound in (("SoS+ traces", sosp, 2.9), ("APR calls", apr, 2.6)):
         n_tok = sum(len(TOK.encode(t)) for t in texts)
         n_chr = sum(len(t) for t in texts)
-        print(f"{name}: {len(texts)} texts, {n_tok / len(texts):.1f} tokens/text, "
-              f"{n_chr / n_tok:.2f} chars/token")
+        print(f"{name}: {len(texts)} texts, {n_tok / len(texts):.1f} tokens/text, {n_chr / n_tok:.2f} chars/token")
         assert n_chr / n_tok >= bound

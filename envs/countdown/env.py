@@ -18,6 +18,7 @@ that step iff it is the target.
   distribution (targets uniform in [min_target, max_target], numbers uniform in
   [1, max_number], redrawn until solvable); pass your own bank with ``make_params``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -122,9 +123,11 @@ class Countdown(Environment[EnvState, EnvParams]):
         this holds under jit and vmap too)."""
         n = params.numbers.shape[-1]
         if n != self.num_numbers:
-            raise ValueError(f"params hold problems of {n} numbers: expected {self.num_numbers}-number problems "
-                             f"(the env's num_numbers; make the env with num_numbers={n}, or pass a bank of "
-                             f"{self.num_numbers}-number problems)")
+            raise ValueError(
+                f"params hold problems of {n} numbers: expected {self.num_numbers}-number problems "
+                f"(the env's num_numbers; make the env with num_numbers={n}, or pass a bank of "
+                f"{self.num_numbers}-number problems)"
+            )
 
     def reset_env(self, key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
         self.check_params(params)

@@ -8,6 +8,7 @@ accepted ones kept in order. The chunk size depends only on N, so the problems a
 function of the key alone: the first P problems of a larger request are the P problems of
 a smaller one, on any machine and any number of devices (random bits are partitionable).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,7 @@ class ProblemSplits:
         for name, (numbers, targets) in self.splits.items():
             path = os.path.join(directory, f"{name}.npz")
             np.savez(path, numbers=np.asarray(numbers, np.int32), targets=np.asarray(targets, np.int32))
-            entries[name] = {"file": f"{name}.npz", "size": int(len(targets)), "sha256": sha256_file(path)}
+            entries[name] = {"file": f"{name}.npz", "size": len(targets), "sha256": sha256_file(path)}
         manifest = {
             "format": SPLITS_FORMAT,
             "config": self.config,
@@ -172,11 +173,13 @@ class ProblemSplits:
         return manifest
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ProblemSplits":
+    def load(cls, directory: str | os.PathLike) -> ProblemSplits:
         """Reads what ``save`` wrote, checking format, sizes and checksums."""
         path = os.path.join(directory, "manifest.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no manifest.json in {os.fspath(directory)!r}: expected a directory written by ProblemSplits.save")
+            raise FileNotFoundError(
+                f"no manifest.json in {os.fspath(directory)!r}: expected a directory written by ProblemSplits.save"
+            )
         with open(path) as f:
             manifest = json.load(f)
         if manifest.get("format") != SPLITS_FORMAT:
@@ -188,7 +191,9 @@ class ProblemSplits:
                 raise FileNotFoundError(f"split file {file!r} listed in the manifest is missing")
             digest = sha256_file(file)
             if digest != entry["sha256"]:
-                raise ValueError(f"checksum of {file!r} is {digest[:12]}...: expected {entry['sha256'][:12]}... (file changed or corrupt)")
+                raise ValueError(
+                    f"checksum of {file!r} is {digest[:12]}...: expected {entry['sha256'][:12]}... (file changed or corrupt)"
+                )
             with np.load(file) as data:
                 numbers, targets = data["numbers"], data["targets"]
             if len(targets) != entry["size"]:
@@ -239,9 +244,11 @@ def make_splits(
         raise ValueError(f"heldout_splits={list(heldout_splits)} needs holdout_target_fraction > 0")
     key = jax.random.PRNGKey(seed)
     all_targets = np.arange(min_target, max_target + 1)
-    num_held = int(round(float(holdout_target_fraction) * len(all_targets)))
+    num_held = round(float(holdout_target_fraction) * len(all_targets))
     if holdout_target_fraction > 0 and num_held == 0:
-        raise ValueError(f"holdout_target_fraction={holdout_target_fraction} holds out no target of {len(all_targets)}: expected a larger fraction")
+        raise ValueError(
+            f"holdout_target_fraction={holdout_target_fraction} holds out no target of {len(all_targets)}: expected a larger fraction"
+        )
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0x7A46), len(all_targets)))
     held = np.sort(all_targets[perm[:num_held]])
     held_set = set(held.tolist())
@@ -277,8 +284,13 @@ def make_splits(
         name: (np.array(nums, np.int32).reshape(-1, n), np.array(tg, np.int32)) for name, (nums, tg) in out.items()
     }
     config = dict(
-        seed=seed, sizes=dict(sizes), num_numbers=n, min_target=min_target, max_target=max_target,
-        max_number=max_number, holdout_target_fraction=float(holdout_target_fraction),
+        seed=seed,
+        sizes=dict(sizes),
+        num_numbers=n,
+        min_target=min_target,
+        max_target=max_target,
+        max_number=max_number,
+        holdout_target_fraction=float(holdout_target_fraction),
         heldout_splits=list(heldout_splits),
     )
     return ProblemSplits(splits, config, held.tolist())

@@ -23,11 +23,13 @@ This module holds both forms of the rules: plain Python (for the trace solvers a
 verifier, one problem at a time) and ``jnp`` (vectorised, jittable). Tests check that the
 two agree with each other and with an independent oracle.
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +45,13 @@ MAX_VALUE = 2**31 - 1
 
 def check_num_numbers(num_numbers) -> int:
     """Returns ``num_numbers`` as an int, or raises a one-line ValueError."""
-    if isinstance(num_numbers, bool) or not isinstance(num_numbers, (int, np.integer)) or not (
-        MIN_NUMBERS <= int(num_numbers) <= MAX_NUMBERS
+    if (
+        isinstance(num_numbers, bool)
+        or not isinstance(num_numbers, (int, np.integer))
+        or not (MIN_NUMBERS <= int(num_numbers) <= MAX_NUMBERS)
     ):
         raise ValueError(
-            f"num_numbers={num_numbers!r} is out of range: expected an int from "
-            f"{MIN_NUMBERS} to {MAX_NUMBERS}"
+            f"num_numbers={num_numbers!r} is out of range: expected an int from {MIN_NUMBERS} to {MAX_NUMBERS}"
         )
     return int(num_numbers)
 
@@ -255,9 +258,9 @@ def step_numbers(numbers: jax.Array, count: jax.Array, action: jax.Array):
 @functools.cache
 def _rest_indices(k: int) -> np.ndarray:
     """int32[C(k,2), k-2]: for each pair, the positions that stay, in order."""
-    return np.array(
-        [[m for m in range(k) if m not in p] for p in pairs(k)], dtype=np.int32
-    ).reshape(len(pairs(k)), k - 2)
+    return np.array([[m for m in range(k) if m not in p] for p in pairs(k)], dtype=np.int32).reshape(
+        len(pairs(k)), k - 2
+    )
 
 
 def _final_hits(a: jax.Array, b: jax.Array, target: jax.Array, axis: int) -> jax.Array:
@@ -350,9 +353,7 @@ def solve(numbers: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     radices = _radices(n)
     strides = np.cumprod([1] + radices[::-1])[:-1][::-1]
     tables = _local_to_env_actions(n)
-    actions = jnp.stack(
-        [jnp.asarray(tables[lvl])[(leaf // int(strides[lvl])) % radices[lvl]] for lvl in range(n - 1)]
-    )
+    actions = jnp.stack([jnp.asarray(tables[lvl])[(leaf // int(strides[lvl])) % radices[lvl]] for lvl in range(n - 1)])
     return solvable, jnp.where(solvable, actions, -1)
 
 

@@ -5,6 +5,7 @@ targets 5..25, 8,000 training / 500 validation / 1,000 test problems; the recipe
 uses is chosen on validation, see below), ``paper`` (the APR paper: 4 numbers in 1..99, targets
 10..100, 500k training problems). Any field can be overridden: ``--config.problems.train=1000``.
 """
+
 from ml_collections import ConfigDict
 
 PRESETS = ("tiny", "mini", "paper")
@@ -27,7 +28,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         # them was in the project's earlier mini splits (the stream's first 8,400), which
         # steered earlier choices (tests/test_data.py checks it).
         "mini": dict(num_numbers=4, min_target=5, max_target=25, max_number=10, train=8_000, val=500, test=1_000),
-        "paper": dict(num_numbers=4, min_target=10, max_target=100, max_number=99, train=500_000, val=1_000, test=1_000),
+        "paper": dict(
+            num_numbers=4, min_target=10, max_target=100, max_number=99, train=500_000, val=1_000, test=1_000
+        ),
     }[preset]
     c.problems = ConfigDict(dict(problems, holdout_target_fraction=0.0, test_unseen=0))
     # Beam sizes as the original generation scripts draw them (uniform per problem).
@@ -35,8 +38,18 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     # False writes them best first (heuristic order).
     c.sosp = ConfigDict(dict(min_beam_size=1, max_beam_size=5, token_budget=False, only_solved=False, shuffle=True))
     # sub_call_budget: the share of problems whose root calls start with "Sub Call Budget: N ".
-    c.apr = ConfigDict(dict(min_beam_size=1, max_beam_size=6, max_sub_call_beam_size=10, spawn_prob=0.9,
-                            max_depth=1, sub_call_budget=0.0, only_solved=False, shuffle=True))
+    c.apr = ConfigDict(
+        dict(
+            min_beam_size=1,
+            max_beam_size=6,
+            max_sub_call_beam_size=10,
+            spawn_prob=0.9,
+            max_depth=1,
+            sub_call_budget=0.0,
+            only_solved=False,
+            shuffle=True,
+        )
+    )
     if preset == "mini":
         # Recipe choices, each made on validation problems (never on test), the same options open
         # to both methods (BUILD_NOTES.md, "The fair mini pipeline", has the figures):

@@ -8,6 +8,7 @@ the largest is the main one), ``n_max`` (SoS+ pass@n / cons@n, n = 1..n_max, sam
 ``num_slots`` (engine rows), ``seed`` (sampling), ``policies`` ("all": every exported policy;
 "best": each method's policy chosen on validation, SFT or GRPO).
 """
+
 from ml_collections import ConfigDict
 
 PRESETS = ("tiny", "mini", "paper")

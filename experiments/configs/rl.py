@@ -14,6 +14,7 @@ fail (a quarter to a half of the mini preset's) get no rows in the update, which
 batch's policy gradient unchanged (only their ~1e-4 KL term goes); the paper preset trains every
 rollout, as the paper did.
 """
+
 from ml_collections import ConfigDict
 
 PRESETS = ("tiny", "mini", "paper")
@@ -36,13 +37,38 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         "mini": (4, 8, 3e-5, 0.001, 2, 6, 1024, 64, 6, 200),
         "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
     }[preset]
-    c.grpo = ConfigDict(dict(num_problems=p, group_size=g, learning_rate=lr, clip_eps=0.2, beta=beta,
-                             inner_epochs=2, num_minibatches=mbs, temperature=1.0, adv_eps=1e-6,
-                             length_penalty=0.0, length_measure="total", thread_penalty=0.0,
-                             recompute_old_logprobs=False, micro_batch_tokens=65_536, pack_calls=True,
-                             skip_zero_advantage=preset != "paper"))
-    c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=0, schedule="constant", end_fraction=1.0,
-                              weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0))
+    c.grpo = ConfigDict(
+        dict(
+            num_problems=p,
+            group_size=g,
+            learning_rate=lr,
+            clip_eps=0.2,
+            beta=beta,
+            inner_epochs=2,
+            num_minibatches=mbs,
+            temperature=1.0,
+            adv_eps=1e-6,
+            length_penalty=0.0,
+            length_measure="total",
+            thread_penalty=0.0,
+            recompute_old_logprobs=False,
+            micro_batch_tokens=65_536,
+            pack_calls=True,
+            skip_zero_advantage=preset != "paper",
+        )
+    )
+    c.optim = ConfigDict(
+        dict(
+            learning_rate=lr,
+            warmup_steps=0,
+            schedule="constant",
+            end_fraction=1.0,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.99,
+            clip_norm=1.0,
+        )
+    )
     c.num_steps = steps
     c.max_context = ctx  # per-call context window of the rollouts
     c.max_depth = 1

@@ -5,6 +5,7 @@ Presets: ``tiny`` (minutes on 2 CPU cores; tests and the quickstart), ``mini`` (
 the command line, e.g. ``--config.kind=apr --config.num_steps=500 --config.model.d_model=192``.
 The model fields are ``jaxapr.model.PRESETS[preset]``'s (one source of truth).
 """
+
 import dataclasses
 import os
 
@@ -44,10 +45,31 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         "mini": (1024, 16, 1, 450, 1e-3, 50, 150, 150, 0, 1024, 64),
         "paper": (4096, 256, 1, 100_000, 1e-3, 2_000, 2_000, 2_000, 1_000, 4096, 256),
     }[preset]
-    (c.seq_len, c.batch_size, c.accum_steps, c.num_steps, lr, warmup, c.eval_every, c.checkpoint_every,
-     c.eval_problems, c.eval_max_context, c.eval_num_slots) = run
-    c.optim = ConfigDict(dict(learning_rate=lr, warmup_steps=warmup, schedule="cosine", end_fraction=0.1,
-                              weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
+    (
+        c.seq_len,
+        c.batch_size,
+        c.accum_steps,
+        c.num_steps,
+        lr,
+        warmup,
+        c.eval_every,
+        c.checkpoint_every,
+        c.eval_problems,
+        c.eval_max_context,
+        c.eval_num_slots,
+    ) = run
+    c.optim = ConfigDict(
+        dict(
+            learning_rate=lr,
+            warmup_steps=warmup,
+            schedule="cosine",
+            end_fraction=0.1,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.95,
+            clip_norm=1.0,
+        )
+    )
     # > 0: stop (evaluate, checkpoint) after this much training time. The presets are sized in
     # steps (0): a time cap would make the result depend on the machine.
     c.max_train_seconds = 0

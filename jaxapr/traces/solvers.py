@@ -38,6 +38,7 @@ traces are lists of line strings joined once; the cyclic GC is paused during a c
 ``generate_problems(PRNGKey(0), 2000)`` problems, beams as the original generators drew
 them: about 8,800 SoS+ traces/s and 1,750 APR trees/s.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -46,12 +47,11 @@ import gc
 import heapq
 import operator
 import random
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from envs.countdown import rules
 
-__all__ = ["sos", "sosp", "apr", "mult_heuristic", "sum_heuristic"]
-
+__all__ = ["apr", "mult_heuristic", "sos", "sosp", "sum_heuristic"]
 
 
 # --------------------------------------------------------------------------------------
@@ -112,7 +112,21 @@ class _Child:
     The rest (the list after the move, the text of its lines) is filled in lazily, since
     most children are pruned."""
 
-    __slots__ = ("h", "parent_nums", "i", "j", "opc", "r", "op", "numbers", "nums", "nums_str", "explore", "gen_tail", "end")
+    __slots__ = (
+        "end",
+        "explore",
+        "gen_tail",
+        "h",
+        "i",
+        "j",
+        "numbers",
+        "nums",
+        "nums_str",
+        "op",
+        "opc",
+        "parent_nums",
+        "r",
+    )
 
     def __init__(self, h, parent_nums, i, j, opc, r):
         self.h = h  # heuristic value of the resulting list
@@ -120,7 +134,7 @@ class _Child:
         self.i, self.j, self.opc, self.r = i, j, opc, r
         self.explore = None  # "Exploring Operation: ..., Resulting Numbers: [...]\n"
 
-    def fill(self, target: int) -> "_Child":
+    def fill(self, target: int) -> _Child:
         """Fills in op ("53-26=27", ``rules.op_text``), numbers (the list after the move,
         ``rules.apply_move``) and nums (the same as a tuple), and formats the lines:
         nums_str ("[22, 31, 27]"), explore, gen_tail (": T:[...] Operation: op\n", after
@@ -199,7 +213,7 @@ class _Node:
     heuristic only: two nodes are never "less" than each other, so ties keep heap order.
     """
 
-    __slots__ = ("idx", "nums", "nums_str", "ops_str", "h", "parent", "move")
+    __slots__ = ("h", "idx", "move", "nums", "nums_str", "ops_str", "parent")
 
     def __init__(self, idx, nums, nums_str, ops_str, h, parent, move):
         self.idx = idx
@@ -295,21 +309,23 @@ class _Search:
     probability ``p``, root node, whether expansions write their kept children in a random
     order (``shuffle``) or best first, and the per-call memo of expansions (``_children``)."""
 
-    __slots__ = ("target", "heuristic", "rng", "p", "root", "shuffle", "cache")
+    __slots__ = ("cache", "heuristic", "p", "rng", "root", "shuffle", "target")
 
     def __init__(self, target, heuristic, rng, p, root, shuffle=True):
         self.target, self.heuristic, self.rng, self.p, self.root = target, heuristic, rng, p, root
         self.shuffle = _check_shuffle(shuffle)
         self.cache = {}
 
-    def children(self, node: "_Node") -> list[_Child]:
+    def children(self, node: _Node) -> list[_Child]:
         return _children(self.cache, node.nums, self.target, self.heuristic)
 
 
 def _check_shuffle(shuffle) -> bool:
     if not isinstance(shuffle, bool):
-        raise ValueError(f"shuffle={shuffle!r}: expected True (kept children in a random order, as the original) "
-                         "or False (best first)")
+        raise ValueError(
+            f"shuffle={shuffle!r}: expected True (kept children in a random order, as the original) "
+            "or False (best first)"
+        )
     return shuffle
 
 
@@ -456,7 +472,7 @@ def sos(
 # --------------------------------------------------------------------------------------
 # SoS+: hybrid beam search with inline depth-first sub searches.
 # --------------------------------------------------------------------------------------
-def _sosp_search(s: _Search, start: _Node, beam_size: int, level: int, out: list) -> Optional[_Node]:
+def _sosp_search(s: _Search, start: _Node, beam_size: int, level: int, out: list) -> _Node | None:
     """One SoS+ (sub) search from ``start``.
 
     Beam search: pop the ``beam_size`` best open nodes; expand each (``_expand``); sort its
@@ -511,7 +527,7 @@ def sosp(
     seed=0,
     promising_threshold: float = 0.5,
     heuristic: str = "mult",
-    token_budget: Optional[int] = None,
+    token_budget: int | None = None,
     shuffle: bool = True,
 ) -> str:
     """An SoS+ trace: hybrid beam search with inline depth-first sub searches.
@@ -619,7 +635,7 @@ def apr(
     target: int,
     *,
     beam_size: int,
-    sub_call_beam_size: Optional[int] = None,
+    sub_call_beam_size: int | None = None,
     seed=0,
     max_depth: int = 1,
     spawn_prob: float = 0.9,

@@ -32,6 +32,7 @@ per child ``<No Solution in Sub Search i at level L at Node #id>`` or ``<Goal Re
 Search i at level L at Node #id>`` followed by the child's result, then
 ``<End Sub Searches>\\n``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,12 +82,16 @@ def _spawn_block(text: str) -> tuple[int, list[SubSearch]]:
             break
         m = _START_RE.fullmatch(line)
         if m is None:
-            raise ValueError(f"spawn block line {k + 1}: {line[:60]!r} is not '<Start Sub Search i at level L> Moving to Node #id'")
+            raise ValueError(
+                f"spawn block line {k + 1}: {line[:60]!r} is not '<Start Sub Search i at level L> Moving to Node #id'"
+            )
         sub = SubSearch(int(m.group(1)), int(m.group(2)), m.group(3))
         if sub.index != len(subs):
             raise ValueError(f"spawn block line {k + 1}: sub search index {sub.index}, expected {len(subs)}")
         if subs and sub.level != subs[0].level:
-            raise ValueError(f"spawn block line {k + 1}: level {sub.level}, expected {subs[0].level} like the first sub search")
+            raise ValueError(
+                f"spawn block line {k + 1}: level {sub.level}, expected {subs[0].level} like the first sub search"
+            )
         if any(s.node_id == sub.node_id for s in subs):
             raise ValueError(f"spawn block line {k + 1}: node #{sub.node_id} is spawned twice")
         subs.append(sub)
@@ -193,10 +198,10 @@ class CallTree:
     A finished thread has ``len(sub_calls) == len(main_calls) - 1`` (the fixtures' shape)."""
 
     main_calls: list[str]
-    sub_calls: list[list["CallTree"]] = dataclasses.field(default_factory=list)
+    sub_calls: list[list[CallTree]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CallTree":
+    def from_dict(cls, d: dict) -> CallTree:
         """From ``{"main_calls": [str, ...], "sub_calls": [[dict, ...], ...]}``."""
         if not isinstance(d, dict) or not isinstance(d.get("main_calls"), list):
             raise ValueError(f"call tree {str(d)[:60]!r}: expected a dict with a 'main_calls' list")
@@ -245,10 +250,14 @@ class CallTree:
                     raise ValueError(f"{child_where}: {type(child).__name__}, expected CallTree")
                 child.validate(level + 1, child_where)
                 if not child.main_calls[0].startswith(prompt):
-                    raise ValueError(f"{child_where}: first call does not start with its prompt {prompt.splitlines()[0]!r}")
+                    raise ValueError(
+                        f"{child_where}: first call does not start with its prompt {prompt.splitlines()[0]!r}"
+                    )
             joined = join(self.main_calls[k], [child.final_text for child in children])
             if not self.main_calls[k + 1].startswith(joined):
-                raise ValueError(f"{where} main_calls[{k + 1}]: does not start with the join of main_calls[{k}] and its children")
+                raise ValueError(
+                    f"{where} main_calls[{k + 1}]: does not start with the join of main_calls[{k}] and its children"
+                )
 
 
 def root_prompt(nums, target, mode: str = "apr", prefix: str = "") -> str:

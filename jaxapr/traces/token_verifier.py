@@ -15,6 +15,7 @@ in ``jaxapr/traces/verifier.py``; here it runs as two vectorised passes and one 
    lines) and, at each newline, replays the move on the multiset (int32 values; the rules'
    bound of 2**31 - 1 makes every valid path representable) or checks the final goal line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,12 +37,23 @@ def _ids() -> dict:
     t = tok.token_id
     spelled = [tok.byte_offset + b if ch != " " else t(" ") for ch, b in zip("Goal Reached", b"Goal Reached")]
     return dict(
-        nl=t("\n"), digit0=int(tok.digit_ids[0]), specials=(tok.pad_id, tok.bos_id, tok.eos_id),
-        eq_goal=t(" equal: Goal Reached"), sub_goal=t("<Goal Reached in Sub Search "), spelled=tuple(spelled),
+        nl=t("\n"),
+        digit0=int(tok.digit_ids[0]),
+        specials=(tok.pad_id, tok.bos_id, tok.eos_id),
+        eq_goal=t(" equal: Goal Reached"),
+        sub_goal=t("<Goal Reached in Sub Search "),
+        spelled=tuple(spelled),
         unchecked=(t("Current State: "), t("Generated Node #"), t("Moving to Node #")),
-        explore=t("Exploring Operation: "), resulting=t(", Resulting Numbers: "), exit=t("Exit Sub Search at level "),
-        ops=tuple(t(s) for s in rules.OP_SYMBOLS), eq=t("="), comma=t(","), sep=t(", "),
-        lbr=t("["), rbr=t("]"), empty_list=t("[]"),
+        explore=t("Exploring Operation: "),
+        resulting=t(", Resulting Numbers: "),
+        exit=t("Exit Sub Search at level "),
+        ops=tuple(t(s) for s in rules.OP_SYMBOLS),
+        eq=t("="),
+        comma=t(","),
+        sep=t(", "),
+        lbr=t("["),
+        rbr=t("]"),
+        empty_list=t("[]"),
     )
 
 
@@ -70,7 +82,7 @@ def _verify_one(tokens, length, nums, target):
     goal = (toks == ids["eq_goal"]) | (toks == ids["sub_goal"])
     spelled = jnp.ones((L,), bool)
     for k, t in enumerate(ids["spelled"]):
-        shifted = jnp.pad(toks, (0, k), constant_values=-1)[k:k + L]
+        shifted = jnp.pad(toks, (0, k), constant_values=-1)[k : k + L]
         spelled &= shifted == t
     goal |= spelled
     line_goal = jax.ops.segment_max(goal.astype(jnp.int32), line, num_segments=L) > 0
@@ -86,9 +98,17 @@ def _verify_one(tokens, length, nums, target):
 
     def line_reset(c):
         c = start_number(c)
-        return c | dict(kind=jnp.int32(_EMPTY), field=jnp.int32(0), x=jnp.int32(0), y=jnp.int32(0),
-                        z=jnp.int32(0), op=jnp.int32(0), nlist=jnp.int32(0),
-                        listed=jnp.full((n,), _BIG, jnp.int32), lover=jnp.bool_(False))
+        return c | dict(
+            kind=jnp.int32(_EMPTY),
+            field=jnp.int32(0),
+            x=jnp.int32(0),
+            y=jnp.int32(0),
+            z=jnp.int32(0),
+            op=jnp.int32(0),
+            nlist=jnp.int32(0),
+            listed=jnp.full((n,), _BIG, jnp.int32),
+            lover=jnp.bool_(False),
+        )
 
     def number_value(c):
         """(value, ok) of the number just read: non-empty, canonical, no overflow."""
@@ -100,29 +120,49 @@ def _verify_one(tokens, length, nums, target):
         d = t - d0
         # Accumulate digits (overflow-checked) whenever a number is being read.
         over = c["over"] | (c["val"] > (_BIG - d) // 10)
-        digit_state = dict(nd=c["nd"] + 1, val=jnp.where(over, 0, c["val"] * 10 + d),
-                           lead0=jnp.where(c["nd"] == 0, d == 0, c["lead0"]), over=over)
+        digit_state = dict(
+            nd=c["nd"] + 1,
+            val=jnp.where(over, 0, c["val"] * 10 + d),
+            lead0=jnp.where(c["nd"] == 0, d == 0, c["lead0"]),
+            over=over,
+        )
         kind, field = c["kind"], c["field"]
         new = dict(c)
         # First token of a line decides its kind.
         first = kind == _EMPTY
         is_unchecked = (t == ids["unchecked"][0]) | (t == ids["unchecked"][1]) | (t == ids["unchecked"][2])
         first_kind = jnp.select(
-            [is_unchecked, t == ids["explore"], is_digit, t == ids["exit"]],
-            [_UNCHECKED, _EXPLORE, _GOAL, _EXIT], _BAD)
+            [is_unchecked, t == ids["explore"], is_digit, t == ids["exit"]], [_UNCHECKED, _EXPLORE, _GOAL, _EXIT], _BAD
+        )
         val, good = number_value(c)
         is_op = jnp.any(t == ops)
         op_index = jnp.argmax(t == ops).astype(jnp.int32)
         # Exploring: field 0 x, 1 y, 2 z, 3 expect '[', 4 list numbers, 5 closed.
         ex_next = jnp.select(
-            [(field == 0) & is_op & good, (field == 1) & (t == ids["eq"]) & good,
-             (field == 2) & (t == ids["resulting"]) & good, (field == 3) & (t == ids["lbr"]),
-             (field == 3) & (t == ids["empty_list"]), (field == 4) & (t == ids["sep"]) & good,
-             (field == 4) & (t == ids["rbr"]) & good, (field < 3) & is_digit, (field == 4) & is_digit],
-            [1, 2, 3, 4, 5, 4, 5, field, field], -1)
+            [
+                (field == 0) & is_op & good,
+                (field == 1) & (t == ids["eq"]) & good,
+                (field == 2) & (t == ids["resulting"]) & good,
+                (field == 3) & (t == ids["lbr"]),
+                (field == 3) & (t == ids["empty_list"]),
+                (field == 4) & (t == ids["sep"]) & good,
+                (field == 4) & (t == ids["rbr"]) & good,
+                (field < 3) & is_digit,
+                (field == 4) & is_digit,
+            ],
+            [1, 2, 3, 4, 5, 4, 5, field, field],
+            -1,
+        )
         # Goal: field 0 a, 1 b, 2 closed.  Exit: field 0 digits.
-        goal_next = jnp.select([(field == 0) & (t == ids["comma"]) & good, (field == 1) & (t == ids["eq_goal"]) & good,
-                                (field < 2) & is_digit], [1, 2, field], -1)
+        goal_next = jnp.select(
+            [
+                (field == 0) & (t == ids["comma"]) & good,
+                (field == 1) & (t == ids["eq_goal"]) & good,
+                (field < 2) & is_digit,
+            ],
+            [1, 2, field],
+            -1,
+        )
         exit_next = jnp.where(is_digit & (field == 0), 0, -1)
         nxt = jnp.select([kind == _EXPLORE, kind == _GOAL, kind == _EXIT], [ex_next, goal_next, exit_next], field)
         kind = jnp.where(first, first_kind, jnp.where((nxt < 0) & (kind != _UNCHECKED), _BAD, kind))
@@ -131,7 +171,7 @@ def _verify_one(tokens, length, nums, target):
         finishing = ~first & ~is_digit & (nxt >= 0)
         ex, gl = c["kind"] == _EXPLORE, c["kind"] == _GOAL
         new["x"] = jnp.where(finishing & ((ex | gl) & (field == 0)), val, c["x"])
-        new["y"] = jnp.where(finishing & (((ex & (field == 1)) | (gl & (field == 1)))), val, c["y"])
+        new["y"] = jnp.where(finishing & ((ex & (field == 1)) | (gl & (field == 1))), val, c["y"])
         new["z"] = jnp.where(finishing & ex & (field == 2), val, c["z"])
         new["op"] = jnp.where(finishing & ex & (field == 0), op_index, c["op"])
         into_list = finishing & ex & (field == 4)
@@ -175,9 +215,12 @@ def _verify_one(tokens, length, nums, target):
         ok = c["ok"]
         ok &= ~in_path | jnp.select(
             [ell < g1, ell == g1],
-            [(kind == _EMPTY) | (kind == _UNCHECKED) | (explore_ok & move_ok & listed_ok),
-             goal_ok & (c["x"] == target) & (c["y"] == target) & (cnt == 1) & (s[0] == target)],
-            (kind == _EMPTY) | exit_ok)
+            [
+                (kind == _EMPTY) | (kind == _UNCHECKED) | (explore_ok & move_ok & listed_ok),
+                goal_ok & (c["x"] == target) & (c["y"] == target) & (cnt == 1) & (s[0] == target),
+            ],
+            (kind == _EMPTY) | exit_ok,
+        )
         state = jnp.where(apply, new_state, s)
         count_ = jnp.where(apply, new_count, cnt)
         return line_reset(c | dict(ok=ok, state=state, count=count_))

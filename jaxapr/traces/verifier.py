@@ -37,6 +37,7 @@ first operation's list has one number too few). Both are tested on the fixtures.
 ``"line 7: 31 used twice"``. Numbers too long for Python's int() (over ~4300 digits) are
 rejected as "too long"; other sizes are checked exactly.
 """
+
 from __future__ import annotations
 
 import operator
@@ -101,7 +102,9 @@ def _check_problem(nums, target) -> tuple[list[int], int]:
         target = operator.index(target)
         nums = [operator.index(x) for x in nums]
     except TypeError:
-        raise _Fail(f"bad problem: nums={nums!r:.60} target={target!r:.30}; expected a list of ints and an int") from None
+        raise _Fail(
+            f"bad problem: nums={nums!r:.60} target={target!r:.30}; expected a list of ints and an int"
+        ) from None
     return nums, target
 
 

@@ -41,13 +41,15 @@ instead (a warning names the bad ones). Nothing is deleted: corrupt steps newer 
 restored are moved aside to ``<dir>/corrupt/<step>`` by the next ``save`` (so the resumed run
 can reuse those step numbers), and kept there for inspection.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +98,10 @@ def json_data(value: Any, where: str = "value") -> Any:
         if bad is not None:
             raise ValueError(f"{where} has the key {bad!r}: expected string keys (JSON)")
         return {k: json_data(v, f"{where}[{k!r}]") for k, v in value.items()}
-    raise ValueError(f"{where} is a {type(value).__name__}: expected JSON data (dict with string keys, list, str, "
-                     "number, bool, None); arrays and PRNG keys belong in the saved state")
+    raise ValueError(
+        f"{where} is a {type(value).__name__}: expected JSON data (dict with string keys, list, str, "
+        "number, bool, None); arrays and PRNG keys belong in the saved state"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -158,8 +162,10 @@ def integrity(tree: Any) -> tuple[dict[str, str], list[str]]:
         return {}, []
     sums, finite = _integrity([x for _, x in flat])
     names = [path_name(p) for p, _ in flat]
-    return ({n: f"{_scalar(s):08x}" for n, s in zip(names, sums)},
-            [n for n, ok in zip(names, finite) if not _scalar(ok)])
+    return (
+        {n: f"{_scalar(s):08x}" for n, s in zip(names, sums)},
+        [n for n, ok in zip(names, finite) if not _scalar(ok)],
+    )
 
 
 def _quiet_closed_loop_noise() -> None:
@@ -223,8 +229,10 @@ def _abstract(target: Any) -> Any:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         if isinstance(x, (np.ndarray, np.generic)):
             return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=default)
-        raise ValueError(f"restore target leaf {path_name(path)} is a {type(x).__name__}: "
-                         "expected jax.ShapeDtypeStruct or an array (e.g. state.abstract_train_state(...))")
+        raise ValueError(
+            f"restore target leaf {path_name(path)} is a {type(x).__name__}: "
+            "expected jax.ShapeDtypeStruct or an array (e.g. state.abstract_train_state(...))"
+        )
 
     return jax.tree_util.tree_map_with_path(one, target)
 
@@ -252,9 +260,18 @@ class Checkpointer:
     worst). ``async_save``: write in a background thread.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, config: Any, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max", async_save: bool = True,
-                 compare_keys: Sequence[str] | None = ("model",), ignore_keys: Sequence[str] = ()):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        config: Any,
+        keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+        compare_keys: Sequence[str] | None = ("model",),
+        ignore_keys: Sequence[str] = (),
+    ):
         import orbax.checkpoint as ocp
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -269,8 +286,11 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"checkpoint directory '{self.directory}' is a file: expected a directory")
-        if not (isinstance(config, Mapping) or hasattr(config, "to_json") or
-                (hasattr(config, "__dataclass_fields__") and not isinstance(config, type))):
+        if not (
+            isinstance(config, Mapping)
+            or hasattr(config, "to_json")
+            or (hasattr(config, "__dataclass_fields__") and not isinstance(config, type))
+        ):
             raise ValueError(f"config is a {type(config).__name__}: expected a dict (or dataclass / ConfigDict)")
         self.config = json_data(run_config.to_dict(config), "config")
         self.compare_keys = None if compare_keys is None else tuple(compare_keys)
@@ -292,16 +312,22 @@ class Checkpointer:
                     return _worst
                 return _worst if math.isnan(value) else value
 
-            policies.append(pp.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                pp.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False)
+            )
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            best_fn=best_fn, best_mode=best_mode, create=True)
+            best_fn=best_fn,
+            best_mode=best_mode,
+            create=True,
+        )
         self._ocp = ocp
         self._mgr = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+        )
 
     # ---- queries -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -326,8 +352,15 @@ class Checkpointer:
         return self._read_meta(self._existing_step(step))
 
     # ---- save ----------------------------------------------------------------------------
-    def save(self, step: int, state: Any, *, extra: Mapping | None = None, metrics: Mapping | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        extra: Mapping | None = None,
+        metrics: Mapping | None = None,
+        force: bool = False,
+    ) -> bool:
         """Save ``state`` (a pytree of arrays) as checkpoint ``step`` with ``extra`` (JSON data,
         see the module docstring) and ``metrics`` (name -> number), and the fingerprint of
         every array. Returns False, saving nothing, when ``step`` is not newer than the latest
@@ -342,23 +375,35 @@ class Checkpointer:
         if extra is not None and not isinstance(extra, Mapping):
             raise ValueError(f"extra is a {type(extra).__name__}: expected a dict")
         metrics_json = self._metrics_json(metrics)
-        meta = {"format": FORMAT, "step": step, "config": self.config, "extra": json_data(dict(extra or {}), "extra"),
-                "metrics": metrics_json or {}}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "config": self.config,
+            "extra": json_data(dict(extra or {}), "extra"),
+            "metrics": metrics_json or {},
+        }
         self._set_aside_corrupt()
         steps = self.all_steps()
         if step in steps:
             if force:
-                raise ValueError(f"checkpoint step {step} already exists in '{self.directory}': expected a new step "
-                                 "(existing checkpoints are never overwritten)")
+                raise ValueError(
+                    f"checkpoint step {step} already exists in '{self.directory}': expected a new step "
+                    "(existing checkpoints are never overwritten)"
+                )
             logger.info("checkpoint step %d already exists in '%s'; save skipped", step, self.directory)
             return False
         if not force and steps and step < steps[-1]:
-            logger.warning("save(step=%d) skipped: '%s' already holds the newer step %d (pass force=True to save "
-                           "an older step)", step, self.directory, steps[-1])
+            logger.warning(
+                "save(step=%d) skipped: '%s' already holds the newer step %d (pass force=True to save an older step)",
+                step,
+                self.directory,
+                steps[-1],
+            )
             return False
         meta["checksums"], _ = integrity(state)
-        args = self._ocp.args.Composite(**{STATE: self._ocp.args.StandardSave(state),
-                                           META: self._ocp.args.JsonSave(meta)})
+        args = self._ocp.args.Composite(
+            **{STATE: self._ocp.args.StandardSave(state), META: self._ocp.args.JsonSave(meta)}
+        )
         track = metrics_json if self.best_metric is not None else None
         return bool(self._mgr.save(step, args=args, metrics=track, force=True))
 
@@ -381,8 +426,10 @@ class Checkpointer:
             except (TypeError, ValueError):
                 raise ValueError(f"metrics[{name!r}]={value!r}: expected a number") from None
         if self.best_metric is not None and self.best_metric not in out:
-            raise ValueError(f"metrics has no {self.best_metric!r} (the best_metric): expected it among "
-                             f"{sorted(out)} or metrics=None")
+            raise ValueError(
+                f"metrics has no {self.best_metric!r} (the best_metric): expected it among "
+                f"{sorted(out)} or metrics=None"
+            )
         return out
 
     # ---- restore -------------------------------------------------------------------------
@@ -408,15 +455,22 @@ class Checkpointer:
                 logger.warning("%s; trying an older checkpoint (nothing is deleted)", e)
                 continue
             if failures:
-                logger.warning("restored checkpoint step %d of '%s' after skipping corrupt step(s) %s", s,
-                               self.directory, sorted(self._corrupt))
+                logger.warning(
+                    "restored checkpoint step %d of '%s' after skipping corrupt step(s) %s",
+                    s,
+                    self.directory,
+                    sorted(self._corrupt),
+                )
             return result
-        raise CorruptCheckpointError(f"no checkpoint in '{self.directory}' restores: all of steps {steps} are corrupt "
-                                     f"(newest: {failures[0]})")
+        raise CorruptCheckpointError(
+            f"no checkpoint in '{self.directory}' restores: all of steps {steps} are corrupt (newest: {failures[0]})"
+        )
 
     def _no_checkpoint(self) -> str:
-        return (f"no checkpoint in '{self.directory}': expected step directories written by Checkpointer.save "
-                "(start a fresh run without restore)")
+        return (
+            f"no checkpoint in '{self.directory}': expected step directories written by Checkpointer.save "
+            "(start a fresh run without restore)"
+        )
 
     def _existing_step(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -436,7 +490,7 @@ class Checkpointer:
         _quiet_closed_loop_noise()
         try:
             meta = self._mgr.restore(step, args=self._ocp.args.Composite(**{META: self._ocp.args.JsonRestore()}))[META]
-        except Exception as e:  # noqa: BLE001 - any failure to read is corruption
+        except Exception as e:
             raise self._corrupt_error(step, "its meta JSON cannot be read", e) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
             raise self._corrupt_error(step, f"its meta JSON is not a {FORMAT!r} record")
@@ -449,16 +503,17 @@ class Checkpointer:
         if diffs:
             raise ConfigMismatchError(
                 f"checkpoint config {run_config.describe(diffs)}: expected the same values to resume step {step} of "
-                f"'{self.directory}' (a fresh run: a new directory, or --config.overwrite=True)", diffs)
+                f"'{self.directory}' (a fresh run: a new directory, or --config.overwrite=True)",
+                diffs,
+            )
 
     def _check_tree(self, step: int, abstract: Any) -> None:
         _quiet_closed_loop_noise()
         try:
             md = self._mgr.item_metadata(step)[STATE]
             tree = md.tree if hasattr(md, "tree") else md
-            saved = {path_name(p): tuple(leaf.shape)
-                     for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        except Exception as e:  # noqa: BLE001
+            saved = {path_name(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        except Exception as e:
             raise self._corrupt_error(step, "its array metadata cannot be read", e) from None
         if not saved:
             raise self._corrupt_error(step, "it holds no arrays")
@@ -466,16 +521,22 @@ class Checkpointer:
         where = f"checkpoint step {step} of '{self.directory}' does not match the restore target"
         missing = sorted(set(wanted) - set(saved))
         if missing:
-            raise ValueError(f"{where}: {missing[0]} is not in the checkpoint ({len(missing)} target arrays missing); "
-                             "expected the tree the checkpoint was saved from")
+            raise ValueError(
+                f"{where}: {missing[0]} is not in the checkpoint ({len(missing)} target arrays missing); "
+                "expected the tree the checkpoint was saved from"
+            )
         unexpected = sorted(set(saved) - set(wanted))
         if unexpected:
-            raise ValueError(f"{where}: the checkpoint has {unexpected[0]}, which the target lacks "
-                             f"({len(unexpected)} arrays); expected the tree the checkpoint was saved from")
+            raise ValueError(
+                f"{where}: the checkpoint has {unexpected[0]}, which the target lacks "
+                f"({len(unexpected)} arrays); expected the tree the checkpoint was saved from"
+            )
         for name in sorted(wanted):
             if wanted[name] != saved[name]:
-                raise ValueError(f"{where}: {name} has shape {saved[name]} in the checkpoint, {wanted[name]} in the "
-                                 "target; expected equal shapes")
+                raise ValueError(
+                    f"{where}: {name} has shape {saved[name]} in the checkpoint, {wanted[name]} in the "
+                    "target; expected equal shapes"
+                )
 
     def _restore_step(self, step: int, abstract: Any) -> tuple[Any, dict]:
         meta = self._read_meta(step)
@@ -483,8 +544,9 @@ class Checkpointer:
         self._check_tree(step, abstract)
         try:
             state = self._mgr.restore(
-                step, args=self._ocp.args.Composite(**{STATE: self._ocp.args.StandardRestore(abstract)}))[STATE]
-        except Exception as e:  # noqa: BLE001
+                step, args=self._ocp.args.Composite(**{STATE: self._ocp.args.StandardRestore(abstract)})
+            )[STATE]
+        except Exception as e:
             raise self._corrupt_error(step, "its arrays cannot be read", e) from None
         self._check_integrity(step, state, meta.get("checksums"))
         return state, meta.get("extra", {})
@@ -496,11 +558,13 @@ class Checkpointer:
         if saved is not None:
             bad = sorted(name for name, value in sums.items() if saved.get(name) != value)
             if bad:
-                raise self._corrupt_error(step, f"array {bad[0]} does not match its saved checksum "
-                                                f"({len(bad)} of {len(sums)} arrays differ)")
+                raise self._corrupt_error(
+                    step, f"array {bad[0]} does not match its saved checksum ({len(bad)} of {len(sums)} arrays differ)"
+                )
         if nonfinite:
-            raise self._corrupt_error(step, f"array {nonfinite[0]} holds NaN or infinite values "
-                                            f"({len(nonfinite)} arrays do)")
+            raise self._corrupt_error(
+                step, f"array {nonfinite[0]} holds NaN or infinite values ({len(nonfinite)} arrays do)"
+            )
 
     def _set_aside_corrupt(self) -> None:
         """Move corrupt steps found by restore to <dir>/corrupt/<step> (never delete them)."""
@@ -545,7 +609,7 @@ class Checkpointer:
             self._closed = True
             self._mgr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -63,11 +63,13 @@ updates applied), ``finite`` and ``lr`` (with ``schedule``).
 the new ``state.params`` (``rollout_groups`` does that before every rollout) and the
 reference must be a real copy (``reference_params``), never the initial state's own arrays.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +121,7 @@ class GRPOConfig:
     # The logged kl / clip_fraction are then means over the kept rollouts' tokens only.
     skip_zero_advantage: bool = False
 
-    def check(self) -> "GRPOConfig":
+    def check(self) -> GRPOConfig:
         for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -148,15 +150,16 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
         return self
 
-    def replace(self, **kw) -> "GRPOConfig":
+    def replace(self, **kw) -> GRPOConfig:
         return dataclasses.replace(self, **kw).check()
 
 
 # ----------------------------------------------------------------------------------------
 # host side: sampling, rewards, advantages, the batch
 # ----------------------------------------------------------------------------------------
-def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str = "apr", problem_ids=None,
-                   **rollout_kw) -> list:
+def rollout_groups(
+    engine, params, problems, cfg: GRPOConfig, *, key, mode: str = "apr", problem_ids=None, **rollout_kw
+) -> list:
     """Samples ``cfg.group_size`` rollouts of each problem with the trainer's current
     ``params`` (swapped into ``engine`` in place: ``engine.update_params(params)``).
 
@@ -172,19 +175,30 @@ def rollout_groups(engine, params, problems, cfg: GRPOConfig, *, key, mode: str 
     cfg.check()
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
     if numbers.ndim != 2 or targets.shape != (numbers.shape[0],):
-        raise ValueError(f"problems shapes {numbers.shape}, {targets.shape}: expected (numbers int[P, N], targets int[P])")
+        raise ValueError(
+            f"problems shapes {numbers.shape}, {targets.shape}: expected (numbers int[P, N], targets int[P])"
+        )
     for bad in ("temperature", "top_k", "top_p", "engine"):
         if bad in rollout_kw:
-            raise ValueError(f"rollout_groups: {bad} is set by GRPO (cfg.temperature, no top-k/top-p, the engine argument)")
+            raise ValueError(
+                f"rollout_groups: {bad} is set by GRPO (cfg.temperature, no top-k/top-p, the engine argument)"
+            )
     if params is not None:
         engine.update_params(params)
     g = cfg.group_size
     ids = np.arange(len(targets)) if problem_ids is None else np.asarray(problem_ids)
     if ids.shape != targets.shape:
         raise ValueError(f"problem_ids of shape {ids.shape}: expected one per problem ({len(targets)})")
-    return runtime.rollout(None, (np.repeat(numbers, g, axis=0), np.repeat(targets, g, axis=0)), mode, engine=engine,
-                           temperature=cfg.temperature, key=key, problem_ids=(np.repeat(ids, g) * g + np.tile(
-                               np.arange(g), len(ids))).astype(np.int64), **rollout_kw)
+    return runtime.rollout(
+        None,
+        (np.repeat(numbers, g, axis=0), np.repeat(targets, g, axis=0)),
+        mode,
+        engine=engine,
+        temperature=cfg.temperature,
+        key=key,
+        problem_ids=(np.repeat(ids, g) * g + np.tile(np.arange(g), len(ids))).astype(np.int64),
+        **rollout_kw,
+    )
 
 
 def rewards(results: Sequence, cfg: GRPOConfig) -> np.ndarray:
@@ -230,8 +244,16 @@ def bucket_rows(n: int, multiple_of: int = 1) -> int:
     return multiple_of * (-(-per // step) * step)
 
 
-def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | None = None,
-               multiple_of: int = 1, pack: bool = False, keep=None) -> dict:
+def make_batch(
+    results: Sequence,
+    advantages,
+    *,
+    seq_len: int,
+    num_rows: int | None = None,
+    multiple_of: int = 1,
+    pack: bool = False,
+    keep=None,
+) -> dict:
     """The training batch of ``results`` (see the module docstring), numpy arrays:
 
     - ``tokens`` int32[C, L]: prompt_tokens ++ output_tokens, then pad id 0;
@@ -295,7 +317,7 @@ def make_batch(results: Sequence, advantages, *, seq_len: int, num_rows: int | N
             batch["tokens"][row, at] = np.concatenate([c.prompt_tokens, c.output_tokens])
             batch["positions"][row, at] = np.arange(n + m)
             batch["segment_ids"][row, at] = seg
-            batch["loss_mask"][row, off + n:off + n + m] = 1
+            batch["loss_mask"][row, off + n : off + n + m] = 1
             trained = slice(off + n - 1, off + n - 1 + m)  # index t scores token t + 1
             batch["old_logprobs"][row, trained] = c.logprobs
             w = 1.0 / (k * n_roll)
@@ -315,8 +337,9 @@ def _row_layout(results: Sequence, seq_len: int, pack: bool, keep=None) -> tuple
     if keep is not None:
         keep = np.asarray(keep)
         if keep.shape != (len(results),) or keep.dtype != bool:
-            raise ValueError(f"keep of shape {keep.shape} and dtype {keep.dtype}: expected bool[{len(results)}], "
-                             "one per rollout")
+            raise ValueError(
+                f"keep of shape {keep.shape} and dtype {keep.dtype}: expected bool[{len(results)}], one per rollout"
+            )
         calls = [c for c in calls if keep[c[0]]]
     if not pack:
         return calls, [[j] for j in range(len(calls))]
@@ -339,8 +362,9 @@ def _trained_calls(results: Sequence, seq_len: int) -> list:
             if n < 1:
                 raise ValueError(f"rollout {i} call {k}: empty prompt (expected BOS + prompt)")
             if n + m > seq_len:
-                raise ValueError(f"rollout {i} call {k} has {n} prompt + {m} output = {n + m} tokens: "
-                                 f"expected <= seq_len={seq_len}")
+                raise ValueError(
+                    f"rollout {i} call {k} has {n} prompt + {m} output = {n + m} tokens: expected <= seq_len={seq_len}"
+                )
             out.append((i, c, len(calls)))
     return out
 
@@ -390,13 +414,24 @@ def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: i
     keep = rollout_mask(results, cfg)
     r = rewards(results, cfg).reshape(-1, cfg.group_size)
     adv = group_advantages(r, cfg.adv_eps)
-    batch = make_batch(results, adv, seq_len=seq_len, num_rows=num_rows, multiple_of=cfg.num_minibatches,
-                       pack=cfg.pack_calls, keep=keep)
-    stats = {"reward_mean": float(r.mean()), "success_rate": float(np.mean([x.success for x in results])),
-             "advantage_abs_mean": float(np.abs(adv).mean()), "zero_groups": float(np.mean(np.ptp(r, axis=1) == 0)),
-             "calls": sum(1 for x in results for c in x.calls if len(c.output_tokens)),
-             "trained_calls": sum(1 for x, k in zip(results, keep) if k for c in x.calls if len(c.output_tokens)),
-             "rows": int(batch["tokens"].shape[0])}
+    batch = make_batch(
+        results,
+        adv,
+        seq_len=seq_len,
+        num_rows=num_rows,
+        multiple_of=cfg.num_minibatches,
+        pack=cfg.pack_calls,
+        keep=keep,
+    )
+    stats = {
+        "reward_mean": float(r.mean()),
+        "success_rate": float(np.mean([x.success for x in results])),
+        "advantage_abs_mean": float(np.abs(adv).mean()),
+        "zero_groups": float(np.mean(np.ptp(r, axis=1) == 0)),
+        "calls": sum(1 for x in results for c in x.calls if len(c.output_tokens)),
+        "trained_calls": sum(1 for x, k in zip(results, keep) if k for c in x.calls if len(c.output_tokens)),
+        "rows": int(batch["tokens"].shape[0]),
+    }
     return batch, stats
 
 
@@ -442,9 +477,14 @@ def _loss_sums(graphdef, params, ref_params, batch: dict, clip_eps, beta):
     pg_loss = (w * pg).sum()
     kl_loss = (w * kl).sum()
     loss = pg_loss + beta * kl_loss
-    sums = {"pg_loss": pg_loss, "kl_loss": kl_loss, "kl_sum": (kl * mask).sum(),
-            "clipped": ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum(), "ratio_sum": (ratio * mask).sum(),
-            "tokens": mask.sum()}
+    sums = {
+        "pg_loss": pg_loss,
+        "kl_loss": kl_loss,
+        "kl_sum": (kl * mask).sum(),
+        "clipped": ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum(),
+        "ratio_sum": (ratio * mask).sum(),
+        "tokens": mask.sum(),
+    }
     return loss, sums
 
 
@@ -458,9 +498,14 @@ def token_weights(batch: dict, mask) -> jax.Array:
 
 def _metrics(loss, sums) -> dict:
     tokens = jnp.maximum(sums["tokens"], 1.0)
-    return {"loss": loss, "pg_loss": sums["pg_loss"], "kl": sums["kl_sum"] / tokens,
-            "clip_fraction": sums["clipped"] / tokens, "ratio_mean": sums["ratio_sum"] / tokens,
-            "tokens": sums["tokens"]}
+    return {
+        "loss": loss,
+        "pg_loss": sums["pg_loss"],
+        "kl": sums["kl_sum"] / tokens,
+        "clip_fraction": sums["clipped"] / tokens,
+        "ratio_mean": sums["ratio_sum"] / tokens,
+        "tokens": sums["tokens"],
+    }
 
 
 def grpo_loss(graphdef, params, ref_params, batch: dict, clip_eps: float, beta: float) -> tuple[jax.Array, dict]:
@@ -501,8 +546,16 @@ def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int) -> jax.A
     return out.reshape(k * size, -1)[:c]
 
 
-def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, state: TrainState, ref_params,
-                batch: dict, key, schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+def grpo_update(
+    graphdef,
+    tx: optax.GradientTransformation,
+    cfg: GRPOConfig,
+    state: TrainState,
+    ref_params,
+    batch: dict,
+    key,
+    schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict]:
     """The (unjitted) GRPO update: ``cfg.inner_epochs`` passes, each over the rows shuffled
     with ``fold``s of ``key`` and split into ``cfg.num_minibatches`` minibatches, one
     optimizer update per minibatch (``lax.scan``). An update whose loss or gradient is not
@@ -511,13 +564,17 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, sta
     rows = batch["tokens"].shape[0]
     m, epochs = cfg.num_minibatches, cfg.inner_epochs
     if rows % m:
-        raise ValueError(f"batch has {rows} rows: expected a multiple of num_minibatches={m} "
-                         "(make_batch(..., multiple_of=num_minibatches))")
+        raise ValueError(
+            f"batch has {rows} rows: expected a multiple of num_minibatches={m} "
+            "(make_batch(..., multiple_of=num_minibatches))"
+        )
     seq_len = batch["tokens"].shape[1]
     # One all-zero row appended (index ``rows``): the padding of micro-batches and forward
     # chunks; its loss mask and weight are 0, so it adds nothing to any loss, sum or gradient.
-    batch = {k: jnp.concatenate([jnp.asarray(v), jnp.zeros((1,) + np.shape(v)[1:], jnp.asarray(v).dtype)])
-             for k, v in batch.items()}
+    batch = {
+        k: jnp.concatenate([jnp.asarray(v), jnp.zeros((1,) + np.shape(v)[1:], jnp.asarray(v).dtype)])
+        for k, v in batch.items()
+    }
     fk, fsize = micro_chunks(rows, seq_len, cfg.micro_batch_tokens)
     if cfg.recompute_old_logprobs:
         old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize)
@@ -528,8 +585,7 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, sta
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)])
     k, size = micro_chunks(rows // m, seq_len, cfg.micro_batch_tokens)
     order = _padded(perms.reshape(epochs * m, rows // m).astype(jnp.int32), k * size, rows).reshape(epochs * m, k, size)
-    grad_fn = jax.value_and_grad(
-        lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta), has_aux=True)
 
     def micro_grad(params, idx):  # idx [size]: one micro-batch's rows
         mb = {n: v[idx] for n, v in batch.items()}
@@ -551,23 +607,37 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, sta
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         out = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads), finite=finite)
         return (keep(new_params, params), keep(new_opt, opt_state), step + finite.astype(jnp.int32)), out
 
     (params, opt_state, step), per = jax.lax.scan(body, (state.params, state.opt_state, state.step), order)
     tokens = jnp.maximum(per["tokens"].sum(), 1.0)
-    metrics = {"loss": per["loss"].mean(), "pg_loss": per["pg_loss"].mean(), "kl_loss": per["kl_loss"].mean(),
-               "kl": per["kl_sum"].sum() / tokens, "clip_fraction": per["clipped"].sum() / tokens,
-               "ratio_mean": per["ratio_sum"].sum() / tokens, "tokens": per["tokens"].sum() / epochs,
-               "grad_norm": per["grad_norm"].mean(), "updates": step - state.step, "finite": jnp.all(per["finite"])}
+    metrics = {
+        "loss": per["loss"].mean(),
+        "pg_loss": per["pg_loss"].mean(),
+        "kl_loss": per["kl_loss"].mean(),
+        "kl": per["kl_sum"].sum() / tokens,
+        "clip_fraction": per["clipped"].sum() / tokens,
+        "ratio_mean": per["ratio_sum"].sum() / tokens,
+        "tokens": per["tokens"].sum() / epochs,
+        "grad_norm": per["grad_norm"].mean(),
+        "updates": step - state.step,
+        "finite": jnp.all(per["finite"]),
+    }
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     return TrainState(step=step, params=params, opt_state=opt_state), metrics
 
 
-def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig,
-                   schedule: optax.Schedule | None = None, state_shardings=None, batch_sharding=None):
+def make_grpo_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    cfg: GRPOConfig,
+    schedule: optax.Schedule | None = None,
+    state_shardings=None,
+    batch_sharding=None,
+):
     """A jitted ``step(state, ref_params, batch, key) -> (state, metrics)`` (``grpo_update``;
     state donated). ``ref_params``: ``reference_params(initial params)``, or None when
     ``cfg.beta == 0``. ``state.step`` counts optimizer updates (``inner_epochs x

@@ -16,6 +16,7 @@ the holder's record, JSON ``{"pid", "host", "started"}``.
 With several processes (``jaxapr.distributed``) only process 0 takes the lock (the others
 share its file system and its outcome: :func:`hold` fails every process alike).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,11 @@ class LockedError(ValueError):
 
 
 def _record() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def _read(fd: int, wait_s: float = 1.0) -> dict:
@@ -65,25 +69,29 @@ class WorkdirLock:
         self.stale: dict | None = None  # the record of a dead holder whose lock this one took over
         self._fd: int | None = None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise ValueError(f"cannot create the lock file {self.path!r} ({e.strerror}): expected a writable "
-                                 "directory") from None
+                raise ValueError(
+                    f"cannot create the lock file {self.path!r} ({e.strerror}): expected a writable directory"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read(fd)
                 os.close(fd)
-                raise LockedError(f"{self.directory!r} is in use by another run (pid {holder.get('pid', '?')} on host "
-                                  f"{holder.get('host', '?')}, since {holder.get('started', '?')}): expected one "
-                                  "writer per directory; wait for it to finish or use another directory") from None
+                raise LockedError(
+                    f"{self.directory!r} is in use by another run (pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}): expected one "
+                    "writer per directory; wait for it to finish or use another directory"
+                ) from None
             except OSError as e:
                 os.close(fd)
-                raise ValueError(f"cannot lock {self.path!r} ({e.strerror}): expected a file system with file "
-                                 "locks") from None
+                raise ValueError(
+                    f"cannot lock {self.path!r} ({e.strerror}): expected a file system with file locks"
+                ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -112,7 +120,7 @@ class WorkdirLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -122,8 +130,10 @@ class WorkdirLock:
 def describe_stale(lock: WorkdirLock) -> str:
     """The line a run logs when it took over a dead holder's lock."""
     s = lock.stale or {}
-    return (f"took over the lock of {lock.directory!r} from pid {s.get('pid', '?')} on host {s.get('host', '?')} "
-            f"(since {s.get('started', '?')}), which stopped without releasing it")
+    return (
+        f"took over the lock of {lock.directory!r} from pid {s.get('pid', '?')} on host {s.get('host', '?')} "
+        f"(since {s.get('started', '?')}), which stopped without releasing it"
+    )
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@
 Every process runs the skeleton; process 0 writes the shared files. A :class:`Task` (``sft``,
 ``rl``) says only what differs: its config checks, data, state, step and evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,9 +87,11 @@ def check_finite(metrics: dict, step: int) -> None:
     """A :class:`TrainingError` when the step's loss (or its ``finite`` flag) is not finite."""
     loss = float(metrics.get("loss", 0.0))
     if not bool(metrics.get("finite", True)) or not np.isfinite(loss):
-        raise TrainingError(f"non-finite loss {loss} at step {step}: stopped (the update was not applied; the last "
-                            "good checkpoint is intact) - lower the learning rate (a fresh run: a new workdir or "
-                            "--config.overwrite=True) or check the data")
+        raise TrainingError(
+            f"non-finite loss {loss} at step {step}: stopped (the update was not applied; the last "
+            "good checkpoint is intact) - lower the learning rate (a fresh run: a new workdir or "
+            "--config.overwrite=True) or check the data"
+        )
 
 
 def prepare_workdir(workdir: str | None, what: str = "workdir") -> str:
@@ -152,10 +155,16 @@ class _Loop:
 
         self.task, self.config, self.log, self.workdir = task, task.config, task.log, workdir
         self.main = distributed.is_main()
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config=run_config.to_dict(self.config),
-                                 keep=self.config.keep, best_metric=task.best_metric, best_mode=task.best_mode,
-                                 async_save=self.config.async_checkpoint, compare_keys=None,
-                                 ignore_keys=run_config.RESUMABLE)
+        self.ckpt = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            config=run_config.to_dict(self.config),
+            keep=self.config.keep,
+            best_metric=task.best_metric,
+            best_mode=task.best_mode,
+            async_save=self.config.async_checkpoint,
+            compare_keys=None,
+            ignore_keys=run_config.RESUMABLE,
+        )
         self.train_seconds = 0.0
         self.writer = None
 
@@ -182,9 +191,15 @@ class _Loop:
         if self.main:  # after the checkpoint's identity check
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
-        self.writer = MetricWriter(self.workdir, total_steps=config.num_steps, enabled=self.main,
-                                   progress=config.progress, resume_step=step, wandb=config.get("wandb", False),
-                                   wandb_config=run_config.to_dict(config))
+        self.writer = MetricWriter(
+            self.workdir,
+            total_steps=config.num_steps,
+            enabled=self.main,
+            progress=config.progress,
+            resume_step=step,
+            wandb=config.get("wandb", False),
+            wandb_config=run_config.to_dict(config),
+        )
         if step == 0 and config.get("eval_at_start", False):
             self._evaluate(state, 0)
         last: dict = {}
@@ -202,8 +217,11 @@ class _Loop:
                 self.writer.progress(step, **postfix)
             save = step % config.checkpoint_every == 0 or step == config.num_steps
             ev = {}
-            if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps \
-                    or (save and task.best_metric is not None):
+            if (
+                (config.eval_every and step % config.eval_every == 0)
+                or step == config.num_steps
+                or (save and task.best_metric is not None)
+            ):
                 ev = self._evaluate(state, step)
             if save:
                 self._save(state, step, ev, force=step == config.num_steps)

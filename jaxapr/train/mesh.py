@@ -1,5 +1,6 @@
 """A training run on its devices: the mesh and partition rules of a run config, the train
 state placed on the mesh, batches placed on it, and results brought back to the host."""
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,10 @@ def check_batch_fits(batch_size: int, accum_steps: int, mesh) -> None:
     """Each micro-batch splits evenly over the data-parallel devices (data x fsdp)."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % accum_steps or (batch_size // accum_steps) % ways:
-        raise ValueError(f"batch_size={batch_size} with accum_steps={accum_steps}: each micro-batch "
-                         f"({batch_size / accum_steps:g} rows) must be divisible by data x fsdp = {ways}")
+        raise ValueError(
+            f"batch_size={batch_size} with accum_steps={accum_steps}: each micro-batch "
+            f"({batch_size / accum_steps:g} rows) must be divisible by data x fsdp = {ways}"
+        )
 
 
 def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
@@ -57,8 +60,10 @@ def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
 
     graphdef, params = nnx.split(policy)
     param_sh = sharding.param_shardings(policy, mesh, rules)
-    by_path = {tuple(path): (sh, leaf.shape) for (path, sh), leaf in zip(
-        jax.tree_util.tree_flatten_with_path(param_sh)[0], jax.tree.leaves(params))}
+    by_path = {
+        tuple(path): (sh, leaf.shape)
+        for (path, sh), leaf in zip(jax.tree_util.tree_flatten_with_path(param_sh)[0], jax.tree.leaves(params))
+    }
     rep = sharding.replicated(mesh)
 
     def like_param(path, leaf):  # optimizer moments mirror their parameter's path (as a suffix)
@@ -68,7 +73,7 @@ def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
                 return hit[0]
         return rep
 
-    make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))  # noqa: E731
+    make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
     shardings = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(make, params))
     state = jax.jit(make, out_shardings=shardings)(distributed.put_global(params, param_sh))
     return graphdef, state, shardings
@@ -85,5 +90,6 @@ def batch_to_device(batch: dict, mesh) -> dict:
 
 def host(tree) -> Any:
     """``tree`` on the host: scalars as Python numbers, other arrays as numpy."""
-    return jax.tree.map(lambda x: x.item() if hasattr(x, "item") and np.ndim(x) == 0 else np.asarray(x),
-                        jax.device_get(tree))
+    return jax.tree.map(
+        lambda x: x.item() if hasattr(x, "item") and np.ndim(x) == 0 else np.asarray(x), jax.device_get(tree)
+    )

@@ -24,6 +24,7 @@ there (the JSONL file and TensorBoard have the resumed ones).
 In a multi-host run only one process writes: pass ``enabled=(jax.process_index() == 0)``;
 a disabled writer does nothing at all.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ def _scalar(name: str, value: Any) -> int | float | bool | str:
                 import jax.numpy as jnp
 
                 arr = arr.astype(np.float64) if jnp.issubdtype(arr.dtype, jnp.floating) else None
-        except Exception:  # noqa: BLE001
+        except Exception:
             arr = None
     if arr is None or arr.size != 1:
         shape = f" of shape {arr.shape}" if arr is not None else ""
@@ -93,8 +95,9 @@ def _read_lines(path: str) -> tuple[list[dict], bool]:
             if number == len(lines) and not ends_clean:
                 torn = True  # a crash in the middle of the last write
                 continue
-            raise ValueError(f"{path}:{number} is not a metrics line: expected a JSON object with an int 'step' "
-                             f"(got {line[:80]!r})") from None
+            raise ValueError(
+                f"{path}:{number} is not a metrics line: expected a JSON object with an int 'step' (got {line[:80]!r})"
+            ) from None
         rows.append(row)
     return rows, torn
 
@@ -117,8 +120,9 @@ def _start_wandb(workdir: str, config: Mapping[str, Any] | None):
     try:
         import wandb
     except ImportError:
-        raise ValueError("wandb=True needs the wandb package: pip install 'jaxapr[wandb]' "
-                         "(or set --config.wandb=False)") from None
+        raise ValueError(
+            "wandb=True needs the wandb package: pip install 'jaxapr[wandb]' (or set --config.wandb=False)"
+        ) from None
     id_path = os.path.join(workdir, WANDB_ID)
     if os.path.isfile(id_path):
         with open(id_path, encoding="utf-8") as f:
@@ -127,8 +131,14 @@ def _start_wandb(workdir: str, config: Mapping[str, Any] | None):
         run_id = wandb.util.generate_id()
         with open(id_path, "w", encoding="utf-8") as f:
             f.write(run_id + "\n")
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "jaxapr"), name=os.path.basename(os.path.abspath(workdir)),
-                      id=run_id, resume="allow", dir=workdir, config=dict(config or {}))
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "jaxapr"),
+        name=os.path.basename(os.path.abspath(workdir)),
+        id=run_id,
+        resume="allow",
+        dir=workdir,
+        config=dict(config or {}),
+    )
 
 
 class MetricWriter:
@@ -140,9 +150,18 @@ class MetricWriter:
     also log to Weights & Biases, with ``wandb_config`` as the run's config.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, total_steps: int | None = None, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True, resume_step: int | None = None,
-                 wandb: bool = False, wandb_config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int | None = None,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        resume_step: int | None = None,
+        wandb: bool = False,
+        wandb_config: Mapping[str, Any] | None = None,
+    ):
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
             raise ValueError(f"total_steps={total_steps!r}: expected a non-negative int or None")
         if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
@@ -173,14 +192,22 @@ class MetricWriter:
             # tensorboardX names event files by the second; the nanosecond suffix keeps a writer
             # opened within the same second as the last one from overwriting its file, and
             # still sorts after it (TensorBoard reads files in name order).
-            self._tb = SummaryWriter(os.path.join(self.workdir, TB_DIR),
-                                     purge_step=None if resume_step is None else resume_step + 1,
-                                     filename_suffix=f".{time.time_ns()}")
+            self._tb = SummaryWriter(
+                os.path.join(self.workdir, TB_DIR),
+                purge_step=None if resume_step is None else resume_step + 1,
+                filename_suffix=f".{time.time_ns()}",
+            )
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=resume_step or 0, file=sys.stderr, unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=resume_step or 0,
+                file=sys.stderr,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
 
     def _truncate_after(self, step: int) -> None:
         rows, torn = _read_lines(self.path)
@@ -199,8 +226,12 @@ class MetricWriter:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
-        logger.info("resuming at step %d: dropped %d metric line(s) after it from %s", step,
-                    len(rows) - len(kept) + torn, self.path)
+        logger.info(
+            "resuming at step %d: dropped %d metric line(s) after it from %s",
+            step,
+            len(rows) - len(kept) + torn,
+            self.path,
+        )
 
     def _check_open(self):
         if self._closed:
@@ -233,8 +264,9 @@ class MetricWriter:
                     self._tb.add_scalar(key, float(_NONFINITE[value] if isinstance(value, str) else value), step, now)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({k: _NONFINITE[v] if isinstance(v, str) else v for k, v in row.items() if k != "step"},
-                            step=step)
+            self._wandb.log(
+                {k: _NONFINITE[v] if isinstance(v, str) else v for k, v in row.items() if k != "step"}, step=step
+            )
 
     def progress(self, step: int, *, tokens: int | None = None, **postfix: Any) -> None:
         """Move the bar to ``step`` and show ``postfix`` (numbers shortened). ``tokens``: the
@@ -278,7 +310,7 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.finish()
 
-    def __enter__(self) -> "MetricWriter":
+    def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,6 +23,7 @@ process pads its rows to the same bucket (``rows_per_process``, from the most ro
 process needs) and the update runs on the global batch of all processes' rows
 (``process_batch``). Logged metrics are over all processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,11 +87,15 @@ class GRPOTask(loop.Task):
         from jaxapr.train import machine
 
         config = self.config
-        run_config.check_counts(config, positive=("num_steps", "num_slots", "decode_chunk", "checkpoint_every", "keep",
-                                                  "max_depth"),
-                                non_negative=("eval_every", "eval_problems", "max_train_seconds"))
+        run_config.check_counts(
+            config,
+            positive=("num_steps", "num_slots", "decode_chunk", "checkpoint_every", "keep", "max_depth"),
+            non_negative=("eval_every", "eval_problems", "max_train_seconds"),
+        )
         if not config.init_from:
-            raise ValueError("config.init_from is required: expected the workdir of a train_sft run or an exported .npz")
+            raise ValueError(
+                "config.init_from is required: expected the workdir of a train_sft run or an exported .npz"
+            )
         if config.kind not in ("apr", "sosp"):
             raise ValueError(f"config.kind={config.kind!r}: expected 'apr' or 'sosp'")
         if not config.data_dir:
@@ -99,21 +104,27 @@ class GRPOTask(loop.Task):
         with config.unlocked():
             config.model = init_config.model  # the policy is the checkpoint's
         if not 2 <= config.max_context <= self.cfg.max_len:
-            raise ValueError(f"config.max_context={config.max_context}: expected a per-call context window of 2.."
-                             f"{self.cfg.max_len} tokens (the model's max_len)")
+            raise ValueError(
+                f"config.max_context={config.max_context}: expected a per-call context window of 2.."
+                f"{self.cfg.max_len} tokens (the model's max_len)"
+            )
         self.gcfg = grpo_config(config)
         self.processes = jax.process_count()
         if self.gcfg.num_problems % self.processes:  # whole groups per process: advantages never straddle processes
-            raise ValueError(f"grpo.num_problems={self.gcfg.num_problems}: expected a multiple of the "
-                             f"{self.processes} processes")
+            raise ValueError(
+                f"grpo.num_problems={self.gcfg.num_problems}: expected a multiple of the {self.processes} processes"
+            )
         rows_guess = self.gcfg.num_problems * self.gcfg.group_size * 2
-        micro_rows = grpo.micro_chunks(-(-rows_guess // self.gcfg.num_minibatches), config.max_context,
-                                       self.gcfg.micro_batch_tokens)[1]
+        micro_rows = grpo.micro_chunks(
+            -(-rows_guess // self.gcfg.num_minibatches), config.max_context, self.gcfg.micro_batch_tokens
+        )[1]
         machine.check_memory(self.cfg, micro_rows, config.max_context, 1, what="GRPO")
         if config.optim.learning_rate != self.gcfg.learning_rate:
-            raise ValueError(f"config.optim.learning_rate={config.optim.learning_rate} differs from "
-                             f"config.grpo.learning_rate={self.gcfg.learning_rate}: set both (the GRPO rate is the "
-                             "optimizer's)")
+            raise ValueError(
+                f"config.optim.learning_rate={config.optim.learning_rate} differs from "
+                f"config.grpo.learning_rate={self.gcfg.learning_rate}: set both (the GRPO rate is the "
+                "optimizer's)"
+            )
         self.best_metric = "val/accuracy" if config.eval_problems else None
 
     def build(self, resuming: bool):
@@ -128,7 +139,7 @@ class GRPOTask(loop.Task):
         self.eval_problems = None
         if config.eval_problems:
             n, t = splits[config.eval_split]
-            self.eval_problems = (n[:config.eval_problems], t[:config.eval_problems])
+            self.eval_problems = (n[: config.eval_problems], t[: config.eval_problems])
         self.mesh = mesh_lib.make_run_mesh(config)
         rules = mesh_lib.run_rules(config, self.cfg)
         self.ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows of every minibatch split over them
@@ -140,8 +151,11 @@ class GRPOTask(loop.Task):
         self.ref_params = grpo.reference_params(state.params) if gcfg.beta else None
         self.step_fn = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
         # One engine per process, on its local devices, decoding with a process-local copy of the params.
-        self.engine = engine_lib.Engine(nnx.merge(graphdef, distributed.process_local(state.params)),
-                                        num_slots=config.num_slots, max_len=config.max_context)
+        self.engine = engine_lib.Engine(
+            nnx.merge(graphdef, distributed.process_local(state.params)),
+            num_slots=config.num_slots,
+            max_len=config.max_context,
+        )
         self.base_key = jax.random.key(config.seed)
         return state
 
@@ -152,34 +166,66 @@ class GRPOTask(loop.Task):
         k_roll, k_upd = jax.random.split(jax.random.fold_in(self.base_key, step))
         t0 = time.perf_counter()
         numbers, targets = step_problems(self.train_problems, gcfg.num_problems, config.seed, step)
-        problems = (numbers[mine.start:mine.stop], targets[mine.start:mine.stop])  # this process's groups
-        results = grpo.rollout_groups(self.engine, distributed.process_local(state.params), problems, gcfg,
-                                      key=k_roll, problem_ids=np.arange(mine.start, mine.stop), mode=config.kind,
-                                      max_context=config.max_context, max_depth=config.max_depth,
-                                      decode_chunk=config.decode_chunk)
+        problems = (numbers[mine.start : mine.stop], targets[mine.start : mine.stop])  # this process's groups
+        results = grpo.rollout_groups(
+            self.engine,
+            distributed.process_local(state.params),
+            problems,
+            gcfg,
+            key=k_roll,
+            problem_ids=np.arange(mine.start, mine.stop),
+            mode=config.kind,
+            max_context=config.max_context,
+            max_depth=config.max_depth,
+            decode_chunk=config.decode_chunk,
+        )
         t1 = time.perf_counter()
         needed = grpo.rows_needed(results, config.max_context, gcfg.pack_calls, keep=grpo.rollout_mask(results, gcfg))
         max_rows = int(distributed.allgather(needed).max())  # every process's part has the same rows
-        batch, stats = process_batch(results, gcfg, seq_len=config.max_context, processes=self.processes,
-                                     num_rows=rows_per_process(max_rows, gcfg.num_minibatches, self.ways,
-                                                               self.processes))
+        batch, stats = process_batch(
+            results,
+            gcfg,
+            seq_len=config.max_context,
+            processes=self.processes,
+            num_rows=rows_per_process(max_rows, gcfg.num_minibatches, self.ways, self.processes),
+        )
         state, m = self.step_fn(state, self.ref_params, mesh_lib.batch_to_device(batch, self.mesh), k_upd)
         m = mesh_lib.host(m)
         loop.check_finite(m, step + 1)
         t2 = time.perf_counter()
         r = grpo.rewards(results, gcfg)
-        local = [r.sum(), sum(x.success for x in results), stats["zero_groups"] * len(results) / gcfg.group_size,
-                 stats["calls"], stats["trained_calls"], sum(x.num_children for x in results),
-                 sum(x.total_tokens for x in results), sum(x.sequential_tokens for x in results), len(results)]
+        local = [
+            r.sum(),
+            sum(x.success for x in results),
+            stats["zero_groups"] * len(results) / gcfg.group_size,
+            stats["calls"],
+            stats["trained_calls"],
+            sum(x.num_children for x in results),
+            sum(x.total_tokens for x in results),
+            sum(x.sequential_tokens for x in results),
+            len(results),
+        ]
         (reward, success, zero, calls, trained_calls, children, gen, seq, n), rollout_seconds = (
-            distributed.allgather(np.array(local, np.float64)).sum(axis=0), distributed.max_across(t1 - t0))
+            distributed.allgather(np.array(local, np.float64)).sum(axis=0),
+            distributed.max_across(t1 - t0),
+        )
         metrics = {
-            "reward": reward / n, "success": success / n, "zero_groups": zero / (n / gcfg.group_size),
-            "children_per_problem": children / n, "total_tokens": gen / n, "sequential_tokens": seq / n,
-            "calls": int(calls), "trained_calls": int(trained_calls), "kl": m["kl"],
-            "clip_fraction": m["clip_fraction"], "loss": m["loss"],
-            "grad_norm": m["grad_norm"], "lr": m.get("lr", gcfg.learning_rate), "rollout_seconds": rollout_seconds,
-            "update_seconds": t2 - t1, "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
+            "reward": reward / n,
+            "success": success / n,
+            "zero_groups": zero / (n / gcfg.group_size),
+            "children_per_problem": children / n,
+            "total_tokens": gen / n,
+            "sequential_tokens": seq / n,
+            "calls": int(calls),
+            "trained_calls": int(trained_calls),
+            "kl": m["kl"],
+            "clip_fraction": m["clip_fraction"],
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "lr": m.get("lr", gcfg.learning_rate),
+            "rollout_seconds": rollout_seconds,
+            "update_seconds": t2 - t1,
+            "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
         }
         return state, metrics, {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics['kl']:.2e}"}
 
@@ -187,9 +233,14 @@ class GRPOTask(loop.Task):
         if self.eval_problems is None:
             return {}
         self.engine.update_params(distributed.process_local(state.params))
-        r = evaluation.rollout_metrics(None, self.eval_problems, mode=self.config.kind,
-                                       max_context=self.config.max_context, num_slots=self.config.num_slots,
-                                       engine=self.engine)
+        r = evaluation.rollout_metrics(
+            None,
+            self.eval_problems,
+            mode=self.config.kind,
+            max_context=self.config.max_context,
+            num_slots=self.config.num_slots,
+            engine=self.engine,
+        )
         return {f"val/{k}": v for k, v in r.items()}
 
 

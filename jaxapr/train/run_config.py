@@ -12,18 +12,37 @@ which may change between a run and its continuation without changing what is tra
 :func:`differences` lists the fields where two configs disagree; the checkpointer and
 ``experiments.gen_data`` both report a mismatch with :func:`describe`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from jaxapr import model as model_lib
 
 # Fields that a continuation may change (dotted prefixes of the flattened config).
-RESUMABLE = ("num_steps", "max_train_seconds", "eval_every", "eval_problems", "eval_batches", "eval_num_slots",
-             "eval_max_context", "eval_split", "eval_at_start", "checkpoint_every", "log_every", "keep",
-             "async_checkpoint", "progress", "wandb", "mesh", "rules", "overwrite")
+RESUMABLE = (
+    "num_steps",
+    "max_train_seconds",
+    "eval_every",
+    "eval_problems",
+    "eval_batches",
+    "eval_num_slots",
+    "eval_max_context",
+    "eval_split",
+    "eval_at_start",
+    "checkpoint_every",
+    "log_every",
+    "keep",
+    "async_checkpoint",
+    "progress",
+    "wandb",
+    "mesh",
+    "rules",
+    "overwrite",
+)
 
 
 def to_dict(config) -> dict:
@@ -63,8 +82,17 @@ def make_optimizer(config):
     o = config.optim
     if o.warmup_steps > config.num_steps:
         raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} is more than config.num_steps={config.num_steps}")
-    return make(o.learning_rate, total_steps=config.num_steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-                end_fraction=o.end_fraction, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
+    return make(
+        o.learning_rate,
+        total_steps=config.num_steps,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        end_fraction=o.end_fraction,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        clip_norm=o.clip_norm,
+    )
 
 
 def optimizer_config(config):
@@ -103,21 +131,22 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def differences(old: Mapping, new: Mapping, *, compare: Iterable[str] | None = None,
-                ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+def differences(
+    old: Mapping, new: Mapping, *, compare: Iterable[str] | None = None, ignore: Iterable[str] = ()
+) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for each dotted key where the configs differ (a key
     missing on one side is :data:`ABSENT` there), sorted by key. ``compare``: only keys under
     these prefixes (None: all); ``ignore``: never keys under these."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
     ignore = tuple(ignore)
-    keys = sorted(k for k in set(a) | set(b)
-                  if (compare is None or _under(k, compare)) and not _under(k, ignore))
+    keys = sorted(k for k in set(a) | set(b) if (compare is None or _under(k, compare)) and not _under(k, ignore))
     return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in keys if a.get(k, ABSENT) != b.get(k, ABSENT)]
 
 
 def describe(diffs: list[tuple[str, Any, Any]]) -> str:
     """Every difference on one line: ``kind="sosp" differs from this run's "apr", seed=0
     differs from this run's 7``."""
+
     def show(v):
         return v if v == ABSENT else json.dumps(v)
 

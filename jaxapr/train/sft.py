@@ -11,6 +11,7 @@ batch and the same examples unpacked give the same loss and gradients.
 into ``accum_steps`` micro-batches (``lax.scan``), sums their gradients and applies the
 optimizer once; the state is donated.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -81,8 +82,14 @@ def sft_grads(graphdef, params, batch: dict, accum_steps: int = 1):
     return total / denom, jax.tree.map(lambda g: g / denom, grads), count
 
 
-def make_sft_step(graphdef, tx: optax.GradientTransformation, accum_steps: int = 1,
-                  schedule: optax.Schedule | None = None, state_shardings=None, batch_sharding=None):
+def make_sft_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    accum_steps: int = 1,
+    schedule: optax.Schedule | None = None,
+    state_shardings=None,
+    batch_sharding=None,
+):
     """A jitted ``step(state, batch) -> (state, metrics)`` (state donated). Metrics: loss,
     grad_norm, tokens (trained tokens), lr (when ``schedule`` is given), finite."""
     if not isinstance(accum_steps, int) or accum_steps < 1:
@@ -94,9 +101,12 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, accum_steps: int =
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves the state unchanged (the caller stops the run).
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count, "finite": finite}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
@@ -124,10 +134,14 @@ def init_params(init_from: str, which: str, cfg):
 
     init_cfg, params, _ = policy_io.load_params(init_from, which=which)
     if init_cfg != cfg:
-        diff = [f"{k}={getattr(init_cfg, k)!r} (run: {getattr(cfg, k)!r})" for k in cfg.__dataclass_fields__
-                if getattr(init_cfg, k) != getattr(cfg, k)]
-        raise ValueError(f"config.init_from={init_from!r} is a different model: {', '.join(diff)}; "
-                         "expected the run's config.model")
+        diff = [
+            f"{k}={getattr(init_cfg, k)!r} (run: {getattr(cfg, k)!r})"
+            for k in cfg.__dataclass_fields__
+            if getattr(init_cfg, k) != getattr(cfg, k)
+        ]
+        raise ValueError(
+            f"config.init_from={init_from!r} is a different model: {', '.join(diff)}; expected the run's config.model"
+        )
     return params
 
 
@@ -141,9 +155,11 @@ class SFTTask(loop.Task):
         from jaxapr.train import machine
 
         config = self.config
-        run_config.check_counts(config, positive=("num_steps", "batch_size", "accum_steps", "log_every",
-                                                  "checkpoint_every", "keep"),
-                                non_negative=("eval_every", "eval_problems", "eval_batches", "max_train_seconds"))
+        run_config.check_counts(
+            config,
+            positive=("num_steps", "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep"),
+            non_negative=("eval_every", "eval_problems", "eval_batches", "max_train_seconds"),
+        )
         self.cfg = run_config.model_config(config)
         if config.kind not in data_lib.KINDS:
             raise ValueError(f"config.kind={config.kind!r}: expected one of {data_lib.KINDS}")
@@ -152,8 +168,9 @@ class SFTTask(loop.Task):
         self.data_dir = os.path.join(config.data_dir, config.kind)
         data_lib.load_manifest(self.data_dir)  # one-line errors for a missing / stale dataset
         if config.seq_len > self.cfg.max_len:
-            raise ValueError(f"config.seq_len={config.seq_len}: longer than the model's context "
-                             f"max_len={self.cfg.max_len}")
+            raise ValueError(
+                f"config.seq_len={config.seq_len}: longer than the model's context max_len={self.cfg.max_len}"
+            )
         self.processes = jax.process_count()
         if config.batch_size % self.processes:
             raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {self.processes} processes")
@@ -165,33 +182,53 @@ class SFTTask(loop.Task):
         from envs import countdown
         from jaxapr import data as data_lib
         from jaxapr import distributed, policy_io
-        from jaxapr.train import machine, mesh as mesh_lib
+        from jaxapr.train import machine
+        from jaxapr.train import mesh as mesh_lib
 
         config, cfg, log = self.config, self.cfg, self.log
         self.mesh = mesh_lib.make_run_mesh(config)
         rules = mesh_lib.run_rules(config, cfg)
         mesh_lib.check_batch_fits(config.batch_size, config.accum_steps, self.mesh)
         process, local_batch = jax.process_index(), config.batch_size // self.processes
-        loader = data_lib.make_loader(self.data_dir, "train", batch_size=local_batch, seq_len=config.seq_len,
-                                      seed=config.seed, shard_index=process, num_shards=self.processes,
-                                      train_on_prompt=config.train_on_prompt,
-                                      kind_repeats=dict(config.get("kind_repeats", None) or {}))
+        loader = data_lib.make_loader(
+            self.data_dir,
+            "train",
+            batch_size=local_batch,
+            seq_len=config.seq_len,
+            seed=config.seed,
+            shard_index=process,
+            num_shards=self.processes,
+            train_on_prompt=config.train_on_prompt,
+            kind_repeats=dict(config.get("kind_repeats", None) or {}),
+        )
         if loader.num_dropped:  # a serial policy with this window could not produce them either; say so once
-            log(f"{loader.num_dropped} training examples are longer than seq_len={config.seq_len} tokens and are "
-                f"left out ({loader.num_examples} examples per epoch remain)")
+            log(
+                f"{loader.num_dropped} training examples are longer than seq_len={config.seq_len} tokens and are "
+                f"left out ({loader.num_examples} examples per epoch remain)"
+            )
         self.it = iter(loader)
         self.val_batches = []
         if config.eval_batches:
-            val = data_lib.make_loader(self.data_dir, "val", batch_size=local_batch, seq_len=config.seq_len, seed=0,
-                                       num_epochs=1, shard_index=process, num_shards=self.processes,
-                                       train_on_prompt=config.train_on_prompt)
+            val = data_lib.make_loader(
+                self.data_dir,
+                "val",
+                batch_size=local_batch,
+                seq_len=config.seq_len,
+                seed=0,
+                num_epochs=1,
+                shard_index=process,
+                num_shards=self.processes,
+                train_on_prompt=config.train_on_prompt,
+            )
             self.val_batches = list(itertools.islice(iter(val), config.eval_batches))
             if self.processes > 1:  # every process must run the same number of global eval steps
-                self.val_batches = self.val_batches[:int(distributed.allgather(len(self.val_batches)).min())]
+                self.val_batches = self.val_batches[: int(distributed.allgather(len(self.val_batches)).min())]
         self.eval_problems = None
         if config.eval_problems:
-            numbers, targets = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))[config.eval_split]
-            self.eval_problems = (numbers[:config.eval_problems], targets[:config.eval_problems])
+            numbers, targets = countdown.ProblemSplits.load(os.path.join(config.data_dir, "problems"))[
+                config.eval_split
+            ]
+            self.eval_problems = (numbers[: config.eval_problems], targets[: config.eval_problems])
 
         tx, schedule = run_config.make_optimizer(config)
         policy = policy_io.make_policy(cfg, config.seed)
@@ -212,8 +249,10 @@ class SFTTask(loop.Task):
         if saved == self.processes:
             self.it.set_state(extra["data_by_process"][jax.process_index()] if self.processes > 1 else extra["data"])
         else:  # each process reads 1/P of the data: positions do not carry over to another P
-            self.log(f"warning: the checkpoint was written by {saved} processes, this run has {self.processes}: "
-                     "parameters and optimizer state are restored, the data loaders start a new pass")
+            self.log(
+                f"warning: the checkpoint was written by {saved} processes, this run has {self.processes}: "
+                "parameters and optimizer state are restored, the data loaders start a new pass"
+            )
         return super().resume(state, extra)
 
     def checkpoint_extra(self) -> dict:  # every process's loader position (the meta JSON is process 0's)
@@ -242,8 +281,14 @@ class SFTTask(loop.Task):
             tokens = distributed.sum_across({"tokens": tokens})["tokens"]
         tps = tokens / max(elapsed, 1e-9)
         self.window_t, self.window_tokens = time.perf_counter(), 0.0
-        metrics = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "trained_tokens": m["tokens"],
-                   "tokens_per_s": tps, "peak_fraction": tps * self.flops_per_token / self.peak}
+        metrics = {
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "lr": m["lr"],
+            "trained_tokens": m["tokens"],
+            "tokens_per_s": tps,
+            "peak_fraction": tps * self.flops_per_token / self.peak,
+        }
         return state, metrics, {"loss": f"{m['loss']:.3f}", "tok_s": f"{tps:,.0f}"}
 
     def evaluate(self, state, step: int) -> dict:
@@ -259,12 +304,20 @@ class SFTTask(loop.Task):
         if self.eval_problems is not None:
             params = distributed.process_local(state.params)  # the engine is per process
             if self.engine is None:
-                self.engine = engine_lib.Engine(nnx.merge(self.graphdef, params), num_slots=self.config.eval_num_slots,
-                                                max_len=self.config.eval_max_context or self.cfg.max_len)
+                self.engine = engine_lib.Engine(
+                    nnx.merge(self.graphdef, params),
+                    num_slots=self.config.eval_num_slots,
+                    max_len=self.config.eval_max_context or self.cfg.max_len,
+                )
             self.engine.update_params(params)
-            r = evaluation.rollout_metrics(None, self.eval_problems, mode=self.config.kind,
-                                           max_context=self.engine.max_len, num_slots=self.config.eval_num_slots,
-                                           engine=self.engine)
+            r = evaluation.rollout_metrics(
+                None,
+                self.eval_problems,
+                mode=self.config.kind,
+                max_context=self.engine.max_len,
+                num_slots=self.config.eval_num_slots,
+                engine=self.engine,
+            )
             out.update({f"val/{k}": v for k, v in r.items()})
         return out
 

@@ -5,6 +5,7 @@ so that the checks below are the same for both APIs: shapes and dtypes stable ac
 auto-reset, observations inside their spaces, masks non-empty while not done, jit == eager,
 vmap == a loop, no re-tracing, determinism, and auto-reset to ``reset(split(key)[1])``.
 """
+
 import functools
 
 import chex
@@ -18,8 +19,9 @@ import envs
 # Small, fast settings per id; an id not listed here is built with its defaults.
 KWARGS = {
     "Countdown-v0": dict(num_numbers=3, min_target=1, max_target=20, max_number=9, bank_size=64),
-    "ParallelSearch-v0": dict(num_threads=3, num_numbers=3, min_target=1, max_target=20, max_number=9,
-                              bank_size=64, max_ticks=12),
+    "ParallelSearch-v0": dict(
+        num_threads=3, num_numbers=3, min_target=1, max_target=20, max_number=9, bank_size=64, max_ticks=12
+    ),
 }
 ENV_IDS = envs.registered_envs()
 
@@ -74,7 +76,7 @@ def rollout(env, params, key, num_steps):
         obs, state = carry
         ka, ks = jax.random.split(key)
         mask = masks(env, state, params)
-        obs2, state2, reward, done, info = step(env, ks, state, sample(env, ka, mask), params)
+        obs2, state2, reward, done, _info = step(env, ks, state, sample(env, ka, mask), params)
         return (obs2, state2), dict(obs=obs, mask=mask, reward=reward, done=done, next_obs=obs2, state=state, key=ks)
 
     _, traj = jax.lax.scan(body, (obs, state), jax.random.split(k1, num_steps))
@@ -104,7 +106,9 @@ def test_rollout_shapes_dtypes_masks_and_spaces(env_id):
     for o, o0 in zip(jax.tree.leaves(traj["next_obs"]), jax.tree.leaves(obs0)):
         assert o.shape == (8, 48) + o0.shape and o.dtype == o0.dtype
     spaces_ = obs_spaces(env, params)
-    for o, sp in zip(jax.tree.leaves(traj["next_obs"]), jax.tree.leaves(spaces_, is_leaf=lambda x: hasattr(x, "contains"))):
+    for o, sp in zip(
+        jax.tree.leaves(traj["next_obs"]), jax.tree.leaves(spaces_, is_leaf=lambda x: hasattr(x, "contains"))
+    ):
         flat = o.reshape((-1,) + sp.shape)
         assert bool(jnp.all(jax.vmap(sp.contains)(flat)))
     assert traj["reward"].dtype == jnp.float32 and traj["done"].dtype == jnp.bool_
@@ -145,16 +149,14 @@ def test_jit_equals_eager_and_is_deterministic(env_id):
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_equal(jitted, run(jitted_step, key))
     other = run(jitted_step, jax.random.PRNGKey(4))
-    assert not all(
-        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jitted[1]), jax.tree.leaves(other[1]))
-    )
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jitted[1]), jax.tree.leaves(other[1])))
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_vmap_matches_a_loop(env_id):
     env, params = make(env_id)
     keys = jax.random.split(jax.random.PRNGKey(5), 4)
-    obs, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    _obs, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
     actions = jax.vmap(lambda k, s: sample(env, k, masks(env, s, params)))(keys, states)
     batched = jax.vmap(lambda k, s, a: step(env, k, s, a, params))(keys, states, actions)
     single_step = jax.jit(lambda k, s, a: step(env, k, s, a, params))
@@ -173,10 +175,10 @@ def test_no_retracing(env_id):
         return step(env, key, state, action, params)
 
     chex.clear_trace_counter()
-    obs, state = env.reset(jax.random.PRNGKey(6), params)
+    _obs, state = env.reset(jax.random.PRNGKey(6), params)
     for t in range(5):
         key = jax.random.PRNGKey(t)
-        obs, state, *_ = jitted(key, state, sample(env, key, masks(env, state, params)), params)
+        _obs, state, *_ = jitted(key, state, sample(env, key, masks(env, state, params)), params)
     jax.block_until_ready(state)
 
 
@@ -195,11 +197,11 @@ def test_info_has_terminated_and_truncated(env_id):
     # gymnax 1.0: info["terminated"] | info["truncated"] is the step's done, never both at once.
     env, params = make(env_id)
     key = jax.random.PRNGKey(3)
-    obs, state = env.reset(key, params)
+    _obs, state = env.reset(key, params)
     ended = 0
     for i in range(40):
         ka, ks = jax.random.split(jax.random.fold_in(key, i))
-        obs, state, _, done, info = step(env, ks, state, sample(env, ka, masks(env, state, params)), params)
+        _obs, state, _, done, info = step(env, ks, state, sample(env, ka, masks(env, state, params)), params)
         assert info["terminated"].dtype == jnp.bool_ and info["truncated"].dtype == jnp.bool_
         assert bool(info["terminated"] | info["truncated"]) == bool(done)
         assert not bool(info["terminated"] & info["truncated"])

@@ -4,6 +4,9 @@ A PureJaxRL-style PPO loop on ``to_gymnax(Countdown-v0)`` under gymnax's LogWrap
 FlattenObservationWrapper, and an IPPO-style loop (shared parameters, batchify over agents)
 on ``to_jaxmarl(ParallelSearch-v0)`` under JaxMARL's LogWrapper.
 """
+
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 gymnax = pytest.importorskip("gymnax")
 jaxmarl = pytest.importorskip("jaxmarl")
 optax = pytest.importorskip("optax")
+
 from gymnax.wrappers.purerl import FlattenObservationWrapper, LogWrapper  # noqa: E402
 from jaxmarl.wrappers.baselines import LogWrapper as MARLLogWrapper  # noqa: E402
 
@@ -22,7 +26,7 @@ from envs import compat  # noqa: E402
 # ------------------------------------------------------------------------------ a tiny actor-critic
 def mlp_init(key, sizes):
     params = []
-    for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+    for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes)):
         params.append((jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), jnp.zeros(b)))
     return params
 
@@ -107,8 +111,14 @@ def make_ppo(env, env_params, num_envs=64, num_steps=8, num_updates=150, lr=3e-3
                 obs2, state2, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
                     jax.random.split(ks, num_envs), state, action, env_params
                 )
-                t = dict(obs=obs, action=action, logp=logp, value=value, reward=reward,
-                         done=(term | trunc).astype(jnp.float32))
+                t = dict(
+                    obs=obs,
+                    action=action,
+                    logp=logp,
+                    value=value,
+                    reward=reward,
+                    done=(term | trunc).astype(jnp.float32),
+                )
                 log = (info["returned_episode_returns"], term | trunc)
                 return (obs2, state2), (t, log)
 
@@ -154,9 +164,17 @@ def unbatchify(x, agents, num_envs):
 
 
 def test_ippo_on_to_jaxmarl_parallel_search_compiles_and_runs():
-    base, params = envs.make(
-        "ParallelSearch-v0", num_threads=3, num_numbers=3, min_target=1, max_target=20, max_number=9,
-        bank_size=500, max_ticks=30, tick_cost=0.01, step_cost=0.005,
+    base, _params = envs.make(
+        "ParallelSearch-v0",
+        num_threads=3,
+        num_numbers=3,
+        min_target=1,
+        max_target=20,
+        max_number=9,
+        bank_size=500,
+        max_ticks=30,
+        tick_cost=0.01,
+        step_cost=0.005,
     )
     menv = compat.to_jaxmarl(base)
     assert isinstance(menv, jaxmarl.environments.multi_agent_env.MultiAgentEnv)
@@ -187,17 +205,25 @@ def test_ippo_on_to_jaxmarl_parallel_search_compiles_and_runs():
                 env_act = {a: v[:, 0] for a, v in unbatchify(action, agents, num_envs).items()}
                 obs2, state2, reward, done, info = jax.vmap(env.step)(jax.random.split(ks, num_envs), state, env_act)
                 info = jax.tree.map(lambda x: x.reshape((num_actors,)), info)
-                t = dict(obs=obs_b, mask=mask, action=action, logp=logp, value=value,
-                         reward=batchify(reward, agents, num_actors)[:, 0],
-                         done=batchify(done, agents, num_actors)[:, 0].astype(jnp.float32))
+                t = dict(
+                    obs=obs_b,
+                    mask=mask,
+                    action=action,
+                    logp=logp,
+                    value=value,
+                    reward=batchify(reward, agents, num_actors)[:, 0],
+                    done=batchify(done, agents, num_actors)[:, 0].astype(jnp.float32),
+                )
                 return (obs2, state2), (t, info)
 
             (obs, state), (traj, info) = jax.lax.scan(env_step, (obs, state), jax.random.split(key, num_steps))
             _, last_value = apply_ac(ac, batchify(obs, agents, num_actors))
             ac, opt_state = ppo_update(ac, opt_state, tx, traj, last_value)
             ended = info["returned_episode"]
-            stats = {k: (info[k] * ended).sum() / jnp.maximum(ended.sum(), 1)
-                     for k in ("returned_episode_returns", "success", "ticks", "illegal_actions")}
+            stats = {
+                k: (info[k] * ended).sum() / jnp.maximum(ended.sum(), 1)
+                for k in ("returned_episode_returns", "success", "ticks", "illegal_actions")
+            }
             return (ac, opt_state, obs, state), stats
 
         _, stats = jax.lax.scan(update, (ac, opt_state, obs, state), jax.random.split(k_run, num_updates))
@@ -208,8 +234,10 @@ def test_ippo_on_to_jaxmarl_parallel_search_compiles_and_runs():
         assert np.isfinite(v).all()
     assert (stats["illegal_actions"] == 0).all()  # masked policy
     assert stats["ticks"].max() > 0
-    print(f"IPPO on ParallelSearch-v0: return {stats['returned_episode_returns'][:5].mean():.3f} -> "
-          f"{stats['returned_episode_returns'][-5:].mean():.3f}, success {stats['success'][-5:].mean():.2f}")
+    print(
+        f"IPPO on ParallelSearch-v0: return {stats['returned_episode_returns'][:5].mean():.3f} -> "
+        f"{stats['returned_episode_returns'][-5:].mean():.3f}, success {stats['success'][-5:].mean():.2f}"
+    )
 
 
 def test_adapters_reject_the_wrong_kind_of_env():

@@ -1,4 +1,5 @@
 """Countdown-v0 against the plain-Python oracle, and its JAX properties."""
+
 import functools
 
 import chex
@@ -44,9 +45,18 @@ def make_rollout(env, num_envs, num_steps):
             k_act, k_step = jax.random.split(key)
             action = jax.vmap(policy, in_axes=(0, 0, None))(jax.random.split(k_act, num_envs), mask, env.num_actions)
             obs2, state2, reward, term, trunc, info = step(jax.random.split(k_step, num_envs), state, action, params)
-            out = dict(obs=obs, action=action, next_obs=obs2, reward=reward, terminated=term, truncated=trunc,
-                       illegal=info["illegal_action"], final_obs=info["final_observation"], mask=info["action_mask"],
-                       solved=info["solved"])
+            out = dict(
+                obs=obs,
+                action=action,
+                next_obs=obs2,
+                reward=reward,
+                terminated=term,
+                truncated=trunc,
+                illegal=info["illegal_action"],
+                final_obs=info["final_observation"],
+                mask=info["action_mask"],
+                solved=info["solved"],
+            )
             return (obs2, state2, info["action_mask"]), out
 
         _, traj = jax.lax.scan(body, (obs, state, mask), jax.random.split(k_run, num_steps))
@@ -56,8 +66,8 @@ def make_rollout(env, num_envs, num_steps):
 
 
 def oracle_reset_from_obs(py, obs, n):
-    count = int(sum(obs[1 + n:]))
-    return py.reset([int(x) for x in obs[1:1 + count]], int(obs[0]))
+    count = int(sum(obs[1 + n :]))
+    return py.reset([int(x) for x in obs[1 : 1 + count]], int(obs[0]))
 
 
 @pytest.mark.parametrize("n", [3, 4, 5])
@@ -108,12 +118,12 @@ def test_reset_draws_from_the_bank_and_obs_layout():
 
 def test_solver_actions_solve_in_the_env():
     env, params = envs.make("Countdown-v0", num_numbers=4)
-    obs, state = env.reset(jax.random.PRNGKey(3), params)
+    _obs, state = env.reset(jax.random.PRNGKey(3), params)
     solvable, actions = countdown.solve(state.numbers, state.target)
     assert bool(solvable)  # bank problems are all solvable
     key = jax.random.PRNGKey(4)
-    for k, a in enumerate(np.asarray(actions)):
-        obs, state, reward, term, trunc, info = env.step(key, state, int(a), params)
+    for _k, a in enumerate(np.asarray(actions)):
+        _obs, state, reward, term, _trunc, info = env.step(key, state, int(a), params)
     assert float(reward) == 1.0 and bool(term) and bool(info["solved"])
 
 
@@ -127,7 +137,7 @@ def test_jit_equals_eager_and_determinism():
         for t in range(12):
             mask = env.action_mask(state, params)
             a = policy(jax.random.fold_in(key, t), mask, env.num_actions)
-            obs, state, r, te, tr, info = step_fn(jax.random.fold_in(key, 100 + t), state, a, params)
+            obs, state, r, te, _tr, info = step_fn(jax.random.fold_in(key, 100 + t), state, a, params)
             out.append((obs, r, te, info["action_mask"], info["final_observation"]))
         return jax.tree.map(np.asarray, out)
 
@@ -141,7 +151,7 @@ def test_jit_equals_eager_and_determinism():
 def test_vmap_equals_per_env_loop():
     env, params = small_env(3)
     keys = jax.random.split(jax.random.PRNGKey(1), 8)
-    obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    _obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
     actions = jnp.arange(8, dtype=jnp.int32) % env.num_actions
     out = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys, state, actions, params)
     for e in range(8):
@@ -175,7 +185,7 @@ def test_no_retracing_and_stable_shapes_across_auto_reset():
 
 def test_bad_input_gives_one_line_errors():
     env, params = envs.make("Countdown-v0", num_numbers=3)
-    obs, state = env.reset(jax.random.PRNGKey(0), params)
+    _obs, state = env.reset(jax.random.PRNGKey(0), params)
     for bad in (12, -1, 100):
         with pytest.raises(ValueError, match=f"action={bad} is out of range: expected 0 <= action < 12"):
             env.step(jax.random.PRNGKey(0), state, bad, params)
@@ -214,18 +224,24 @@ def test_sharded_batch_and_pmap_equal_one_device():
     step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
     keys = jax.device_put(jax.random.split(jax.random.PRNGKey(9), 64), shard)
     params_r = jax.device_put(params, repl)
-    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)), out_shardings=shard)(keys, params_r)
+    _obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)), out_shardings=shard)(keys, params_r)
     actions = jax.device_put(jnp.arange(64, dtype=jnp.int32) % 24, shard)
     sharded = jax.jit(step)(keys, state, actions, params_r)
     assert sharded[0].sharding.is_equivalent_to(shard, 2)
     assert len(sharded[0].sharding.device_set) == 8
-    unsharded = step(jax.device_put(keys, devices[0]), jax.device_put(state, devices[0]), jnp.arange(64, dtype=jnp.int32) % 24, params)
+    unsharded = step(
+        jax.device_put(keys, devices[0]),
+        jax.device_put(state, devices[0]),
+        jnp.arange(64, dtype=jnp.int32) % 24,
+        params,
+    )
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, sharded), jax.tree.map(np.asarray, unsharded))
 
     # A whole rollout (lax.scan of steps with auto-resets) per env, envs sharded.
     def rollout_from_keys(keys, params):
         def one(key):
             return make_rollout(env, 1, 20)(key, params)
+
         return jax.vmap(one)(keys)
 
     keys64 = jax.random.split(jax.random.PRNGKey(11), 64)

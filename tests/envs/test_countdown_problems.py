@@ -1,4 +1,5 @@
 """generate_problems and the train/val/test splits."""
+
 import json
 
 import jax
@@ -57,8 +58,9 @@ def test_same_problems_on_one_and_eight_devices():
 
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_other_sizes(n):
-    numbers, targets = countdown.generate_problems(jax.random.PRNGKey(n), 50, num_numbers=n, min_target=1,
-                                                   max_target=30, max_number=12)
+    numbers, targets = countdown.generate_problems(
+        jax.random.PRNGKey(n), 50, num_numbers=n, min_target=1, max_target=30, max_number=12
+    )
     assert numbers.shape == (50, n)
     counts = jax.vmap(countdown.count_solutions)(numbers, targets)
     assert bool((counts > 0).all())
@@ -86,8 +88,10 @@ def test_bad_ranges_fail_with_one_line_errors():
 
 def test_splits_are_disjoint_and_hold_out_targets(tmp_path):
     splits = countdown.make_splits(
-        3, {"train": 4000, "val": 300, "test": 300, "test_unseen": 200},
-        holdout_target_fraction=0.1, heldout_splits=["test_unseen"],
+        3,
+        {"train": 4000, "val": 300, "test": 300, "test_unseen": 200},
+        holdout_target_fraction=0.1,
+        heldout_splits=["test_unseen"],
     )
     held = set(splits.heldout_targets)
     assert len(held) == 9  # round(0.1 * 91)
@@ -106,8 +110,10 @@ def test_splits_are_disjoint_and_hold_out_targets(tmp_path):
                 assert not keys[a] & keys[b], (a, b)
     # Same seed, same splits.
     again = countdown.make_splits(
-        3, {"train": 4000, "val": 300, "test": 300, "test_unseen": 200},
-        holdout_target_fraction=0.1, heldout_splits=["test_unseen"],
+        3,
+        {"train": 4000, "val": 300, "test": 300, "test_unseen": 200},
+        holdout_target_fraction=0.1,
+        heldout_splits=["test_unseen"],
     )
     for name in names:
         np.testing.assert_array_equal(again[name][0], splits[name][0])

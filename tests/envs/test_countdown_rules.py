@@ -1,4 +1,5 @@
 """The Countdown rules (jnp and Python forms), count_solutions and solve, against the oracle."""
+
 import itertools
 
 import jax
@@ -75,7 +76,7 @@ def test_encode_decode_roundtrip_and_errors():
             i, j, op = countdown.decode_action(a, n)
             assert countdown.encode_action(i, j, op, n) == a
             assert (i, j) == list(itertools.combinations(range(n), 2))[a // 4]
-        ii, jj, ops = countdown.decode_action(jnp.arange(rules.num_actions(n)), n)
+        ii, _jj, _ops = countdown.decode_action(jnp.arange(rules.num_actions(n)), n)
         assert np.asarray(ii).tolist() == [countdown.decode_action(a, n)[0] for a in range(rules.num_actions(n))]
     assert rules.num_actions(4) == 24
     with pytest.raises(ValueError, match="action=24"):
@@ -113,7 +114,7 @@ def _first_solution(nums, target):
     n = len(nums)
     if n == 1:
         return [] if nums[0] == target else None
-    for p, (i, j) in enumerate(oracle.pair_list(n)):
+    for _p, (i, j) in enumerate(oracle.pair_list(n)):
         for op in range(4):
             value = oracle.combine(nums[i], nums[j], op)
             if value is None:

@@ -1,4 +1,5 @@
 """ParallelSearch-v0: the game's rules, budgets, joins, rewards, and the scripted policies."""
+
 import functools
 
 import jax
@@ -190,7 +191,7 @@ def test_child_budget_forces_return():
     assert list(np.asarray(state.budget_left)) == [2, 3, 3]
     for _ in range(3):  # children search until their budget is spent
         av = env.get_avail_actions(state)
-        obs, state, _, dones, _ = step(state, {a: int(scripted._dfs_action(av[a])) for a in env.agents})
+        obs, state, _, _dones, _ = step(state, {a: int(scripted._dfs_action(av[a])) for a in env.agents})
     assert list(np.asarray(state.budget_left))[1:] == [0, 0]
     av = env.get_avail_actions(state)
     for a in ("thread_1", "thread_2"):
@@ -208,7 +209,7 @@ def test_join_waits_for_all_children_and_nested_spawns():
     obs, state = env.reset_to(int(np.flatnonzero(~solvable)[0]), params)  # no accidental success
     step = jax.jit(lambda s, a: env.step_env(jax.random.PRNGKey(0), s, a, params))
     noop = {a: env.NOOP for a in env.agents}
-    status = lambda: list(np.asarray(state.status))  # noqa: E731
+    status = lambda: list(np.asarray(state.status))
     root_moves = np.flatnonzero(np.asarray(env.get_avail_actions(state)["thread_0"])[: env.num_moves])
 
     def first(agent):
@@ -227,8 +228,16 @@ def test_join_waits_for_all_children_and_nested_spawns():
     assert not av["thread_1"][env.SPAWN]  # nobody idle
     assert list(np.flatnonzero(av["thread_0"])) == [env.NOOP]
 
-    obs, state, *_ = step(state, {**noop, "thread_1": env.RETURN, "thread_2": env.RETURN,
-                                  "thread_3": first("thread_3"), "thread_4": first("thread_4")})
+    obs, state, *_ = step(
+        state,
+        {
+            **noop,
+            "thread_1": env.RETURN,
+            "thread_2": env.RETURN,
+            "thread_3": first("thread_3"),
+            "thread_4": first("thread_4"),
+        },
+    )
     assert status() == [WAITING, IDLE, IDLE, RUNNING, RUNNING] and int(state.pending[0]) == 2
     obs, state, *_ = step(state, {**noop, "thread_3": env.BACKTRACK, "thread_4": env.RETURN})
     assert status() == [WAITING, IDLE, IDLE, RUNNING, IDLE] and int(state.pending[0]) == 1
@@ -239,7 +248,9 @@ def test_join_waits_for_all_children_and_nested_spawns():
     assert list(np.asarray(state.pending)) == [1, 0, 0, 3, 0]
     assert list(np.asarray(state.depth)) == [0, 2, 2, 1, 2] and list(np.asarray(state.root_depth)) == [0, 2, 2, 1, 2]
     assert int(info["children"]) == 7
-    obs, state, *_ = step(state, {**noop, "thread_1": env.RETURN, "thread_2": first("thread_2"), "thread_4": env.RETURN})
+    obs, state, *_ = step(
+        state, {**noop, "thread_1": env.RETURN, "thread_2": first("thread_2"), "thread_4": env.RETURN}
+    )
     assert status() == [WAITING, IDLE, RUNNING, WAITING, IDLE]  # thread_3 still waits for thread_2
     obs, state, *_ = step(state, {**noop, "thread_2": env.RETURN})
     assert status() == [WAITING, IDLE, IDLE, RUNNING, IDLE]  # thread_3 joined, resumes at depth 1
@@ -256,10 +267,10 @@ def test_join_waits_for_all_children_and_nested_spawns():
 
 def test_unmasked_illegal_actions_are_flagged_no_ops():
     env, params = make_env(3, 4)
-    obs, state = env.reset_to(0, params)
+    _obs, state = env.reset_to(0, params)
     step = jax.jit(lambda s, a: env.step_env(jax.random.PRNGKey(0), s, a, params))
     bad = {"thread_0": env.RETURN, "thread_1": 0, "thread_2": 999}
-    obs2, state2, rewards, dones, info = step(state, bad)
+    _obs2, state2, _rewards, dones, info = step(state, bad)
     assert int(info["illegal_actions"]) == 3 and not bool(dones["__all__"])
     assert (np.asarray(state2.numbers) == np.asarray(state.numbers)).all()
     assert list(np.asarray(state2.status)) == list(np.asarray(state.status))

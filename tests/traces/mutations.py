@@ -25,6 +25,7 @@ containing ``Goal Reached``; the prefix = the lines before it):
 - anything after the final goal line other than empty/Exit lines -> False.
 - edits of a trace with no ``Goal`` in it that cannot create one -> False.
 """
+
 from __future__ import annotations
 
 import functools
@@ -305,8 +306,19 @@ def m_noncanonical(rng, text, nums, target, ok):
     k = rng.choice(_path_explores(lines, goals) + [goals[-1]])
     sp = rng.choice(_canonical_numbers(lines[k]))
     v = sp.group()
-    form = rng.choice(["0" + v, "+" + v, "00" + v, v + ".0", " " + v, v + " ", "-" + v if v == "0" else "0" + v,
-                       "".join(chr(0x660 + int(c)) for c in v), "".join(chr(0xFF10 + int(c)) for c in v)])
+    form = rng.choice(
+        [
+            "0" + v,
+            "+" + v,
+            "00" + v,
+            v + ".0",
+            " " + v,
+            v + " ",
+            "-" + v if v == "0" else "0" + v,
+            "".join(chr(0x660 + int(c)) for c in v),
+            "".join(chr(0xFF10 + int(c)) for c in v),
+        ]
+    )
     lines[k] = lines[k][: sp.start()] + form + lines[k][sp.end() :]
     return _join(lines), nums, target, False
 
@@ -364,13 +376,24 @@ def m_exit_in_path(rng, text, nums, target, ok):
 
 
 def m_after_goal_allowed(rng, text, nums, target, ok):
-    extra = rng.choice(["\n", "Exit Sub Search at level 1\n", "Exit Sub Search at level 3\n\n", "\n\nExit Sub Search at level 12\n"])
+    extra = rng.choice(
+        ["\n", "Exit Sub Search at level 1\n", "Exit Sub Search at level 3\n\n", "\n\nExit Sub Search at level 12\n"]
+    )
     return text + extra, nums, target, ok
 
 
 def m_after_goal_junk(rng, text, nums, target, ok):
-    extra = rng.choice(["No solution found.\n", "Exit Sub Search at level 01\n", "Exit Sub Search at level 1 \n",
-                        "Moving to Node #0\n", "x", "<End Sub Searches>\n", "Exploring Operation: 1+1=2, Resulting Numbers: [2]\n"])
+    extra = rng.choice(
+        [
+            "No solution found.\n",
+            "Exit Sub Search at level 01\n",
+            "Exit Sub Search at level 1 \n",
+            "Moving to Node #0\n",
+            "x",
+            "<End Sub Searches>\n",
+            "Exploring Operation: 1+1=2, Resulting Numbers: [2]\n",
+        ]
+    )
     return text + extra, nums, target, False
 
 
@@ -408,7 +431,9 @@ def m_failed_edit(rng, text, nums, target, ok):
         lines[k] = re.sub(r"\d+", lambda m: str(_other_value(rng, int(m.group()))), lines[k])
     else:
         pos = rng.randrange(len(lines[k]) + 1)
-        lines[k] = lines[k][:pos] + "".join(rng.choice(_GARBAGE_ALPHABET) for _ in range(rng.randint(1, 20))) + lines[k][pos:]
+        lines[k] = (
+            lines[k][:pos] + "".join(rng.choice(_GARBAGE_ALPHABET) for _ in range(rng.randint(1, 20))) + lines[k][pos:]
+        )
     return _join(lines), nums, target, False
 
 
@@ -418,11 +443,32 @@ def m_random_garbage(rng, text, nums, target, ok):
 
 
 ON_SOLVED = [
-    m_wrong_result, m_wrong_list_value, m_drop_list_value, m_reorder_list, m_reuse_number, m_reuse_consumed, m_reuse_last,
-    m_missing_operand, m_delete_operation, m_swap_operations, m_shuffle_path, m_truncate_path,
-    m_garbage_in_path, m_garbage_line_in_path, m_huge_number, m_noncanonical, m_spacing, m_wrong_target,
-    m_wrong_nums, m_extra_num, m_blank_lines_in_path, m_edit_unchecked_in_path, m_exit_in_path,
-    m_after_goal_allowed, m_after_goal_junk, m_prefix_edit,
+    m_wrong_result,
+    m_wrong_list_value,
+    m_drop_list_value,
+    m_reorder_list,
+    m_reuse_number,
+    m_reuse_consumed,
+    m_reuse_last,
+    m_missing_operand,
+    m_delete_operation,
+    m_swap_operations,
+    m_shuffle_path,
+    m_truncate_path,
+    m_garbage_in_path,
+    m_garbage_line_in_path,
+    m_huge_number,
+    m_noncanonical,
+    m_spacing,
+    m_wrong_target,
+    m_wrong_nums,
+    m_extra_num,
+    m_blank_lines_in_path,
+    m_edit_unchecked_in_path,
+    m_exit_in_path,
+    m_after_goal_allowed,
+    m_after_goal_junk,
+    m_prefix_edit,
 ]
 ON_ANY = [m_permute_nums, m_failed_edit, m_random_garbage]
 KINDS = {f.__name__[2:]: f for f in ON_SOLVED + ON_ANY}

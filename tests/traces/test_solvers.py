@@ -7,6 +7,7 @@ which each expansion explored its kept children, and whether it dived / spawned 
 given those, the solvers must reproduce every fixture text exactly (all 200 SoS+ traces and
 all 200 APR trees), which pins down everything deterministic about the algorithms.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,7 @@ def _restated_ops(text: str) -> list[str]:
     ops = []
     for line in path:
         if line.startswith("Exploring Operation: "):
-            op, listed = line[len("Exploring Operation: ") :].split(", Resulting Numbers: ")
+            op, _listed = line[len("Exploring Operation: ") :].split(", Resulting Numbers: ")
             ops.append(op)
     return ops
 
@@ -130,7 +131,8 @@ def _events(text: str, dive_prefix: str):
         if lines[i].startswith("Current State:"):
             explored, i = [], i + 1
             while i < len(lines) and (
-                lines[i].startswith(("Exploring Operation:", "Generated Node")) or lines[i].endswith("unequal: No Solution")
+                lines[i].startswith(("Exploring Operation:", "Generated Node"))
+                or lines[i].endswith("unequal: No Solution")
             ):
                 if lines[i].startswith("Exploring"):
                     explored.append(lines[i])
@@ -156,7 +158,12 @@ def test_fixture_sosp_traces_reproduced_exactly(fixture_rows):
     same = 0
     for r in fixture_rows:
         ref = r["sosp"]["trace"]
-        text = sosp(r["nums"], r["target"], beam_size=r["sosp"]["beam_size"], seed=ScriptedRandom(_events(ref, "Start Sub Search")))
+        text = sosp(
+            r["nums"],
+            r["target"],
+            beam_size=r["sosp"]["beam_size"],
+            seed=ScriptedRandom(_events(ref, "Start Sub Search")),
+        )
         same += text == ref
     assert same == len(fixture_rows) == 200
 
@@ -166,7 +173,10 @@ def test_fixture_apr_trees_reproduced_exactly(fixture_rows):
     for r in fixture_rows:
         a = r["apr"]
         tree = apr(
-            r["nums"], r["target"], beam_size=a["beam_size"], sub_call_beam_size=a["sub_call_beam_size"],
+            r["nums"],
+            r["target"],
+            beam_size=a["beam_size"],
+            sub_call_beam_size=a["sub_call_beam_size"],
             seed=ScriptedRandom(_apr_events(a["tree"])),
         )
         same += tree.to_dict() == a["tree"]
@@ -175,11 +185,11 @@ def test_fixture_apr_trees_reproduced_exactly(fixture_rows):
 
 def test_fixture_short_traces_reproduced_by_some_seed(fixture_rows):
     """Where a trace makes few random draws, a plain integer seed reproduces it too."""
-    short = [r for r in fixture_rows if r["sosp"]["beam_size"] == 1 and "Start Sub Search" not in r["sosp"]["trace"]][:5]
+    short = [r for r in fixture_rows if r["sosp"]["beam_size"] == 1 and "Start Sub Search" not in r["sosp"]["trace"]][
+        :5
+    ]
     for r in short:
-        assert any(
-            sosp(r["nums"], r["target"], beam_size=1, seed=s) == r["sosp"]["trace"] for s in range(200)
-        ), r["id"]
+        assert any(sosp(r["nums"], r["target"], beam_size=1, seed=s) == r["sosp"]["trace"] for s in range(200)), r["id"]
 
 
 # --------------------------------------------------------------------------------------
@@ -359,8 +369,11 @@ def _apr_expansions(tree) -> list:
     """``_expansions`` of every call's own text (a continuation's output, not its join context)."""
     from jaxapr.data import CALL_KINDS, tree_calls
 
-    return [e for prompt, output, kind in tree_calls(tree, is_root=True)
-            for e in _expansions(output if kind == CALL_KINDS["continuation"] else prompt + output)]
+    return [
+        e
+        for prompt, output, kind in tree_calls(tree, is_root=True)
+        for e in _expansions(output if kind == CALL_KINDS["continuation"] else prompt + output)
+    ]
 
 
 def test_best_first_expansions(problems):
@@ -369,23 +382,32 @@ def test_best_first_expansions(problems):
     for k, (nums, target) in enumerate(problems[:80]):
         for beam in (2, 4):
             pairs = [
-                (_expansions(sosp(nums, target, beam_size=beam, seed=k)),
-                 _expansions(sosp(nums, target, beam_size=beam, seed=k, shuffle=False))),
-                (_apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k)),
-                 _apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k, shuffle=False))),
+                (
+                    _expansions(sosp(nums, target, beam_size=beam, seed=k)),
+                    _expansions(sosp(nums, target, beam_size=beam, seed=k, shuffle=False)),
+                ),
+                (
+                    _apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k)),
+                    _apr_expansions(apr(nums, target, beam_size=beam, sub_call_beam_size=3, seed=k, shuffle=False)),
+                ),
             ]
             for a, b in pairs:
                 assert a[0][0] == b[0][0] == list(nums)
                 # A root of more than two numbers has no terminal child: its whole kept set is written.
-                assert sorted(a[0][1]) == sorted(b[0][1]) and len(b[0][1]) == min(beam, len(list(rules.moves(list(nums)))))
+                assert sorted(a[0][1]) == sorted(b[0][1]) and len(b[0][1]) == min(
+                    beam, len(list(rules.moves(list(nums))))
+                )
                 for state, ys in b:
                     h = solvers.mult_heuristic
-                    best = [f"Exploring Operation: {m.text}" for m in
-                            sorted(rules.moves(state), key=lambda m: h(m.numbers, target))]  # stable, as _children
-                    assert [y.split(",")[0] for y in ys] == best[:len(ys)], (nums, target, state)
+                    best = [
+                        f"Exploring Operation: {m.text}"
+                        for m in sorted(rules.moves(state), key=lambda m: h(m.numbers, target))
+                    ]  # stable, as _children
+                    assert [y.split(",")[0] for y in ys] == best[: len(ys)], (nums, target, state)
     n, t = problems[0]
     assert sosp(n, t, beam_size=3, seed=1, shuffle=False, promising_threshold=1.0) == sosp(
-        n, t, beam_size=3, seed=2, shuffle=False, promising_threshold=1.0)
+        n, t, beam_size=3, seed=2, shuffle=False, promising_threshold=1.0
+    )
     with pytest.raises(ValueError, match="shuffle='no'"):
         apr(n, t, beam_size=2, shuffle="no")
 

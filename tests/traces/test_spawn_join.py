@@ -1,10 +1,12 @@
 """spawn/join text ops and CallTree: fixture conformance, nesting, malformed input."""
+
 import copy
 
 import pytest
 
 from jaxapr.traces import CallTree, child_prompts, child_result, join, parse_spawn_block, verify
 from tests.traces import mutations
+
 
 def threads(tree):
     """Every thread (dict) of a fixture tree, root first."""
@@ -88,12 +90,19 @@ def test_validate_catches_inconsistent_trees(fixture_rows):
 
     cases = {
         "does not start with its prompt": lambda d: d["sub_calls"][0][1]["main_calls"].__setitem__(
-            0, d["sub_calls"][0][1]["main_calls"][0].replace("Operations: [", "Operations: ['1+1=2', ", 1)),
-        "does not start with the join": lambda d: d["main_calls"].__setitem__(1, d["main_calls"][1].replace("<No Solution", "<Goal Reached", 1)),
+            0, d["sub_calls"][0][1]["main_calls"][0].replace("Operations: [", "Operations: ['1+1=2', ", 1)
+        ),
+        "does not start with the join": lambda d: d["main_calls"].__setitem__(
+            1, d["main_calls"][1].replace("<No Solution", "<Goal Reached", 1)
+        ),
         "children recorded": lambda d: d["sub_calls"][0].pop(),
         "sub_calls entries": lambda d: d["sub_calls"].pop(),
-        "no spawn block": lambda d: d["main_calls"].__setitem__(0, d["main_calls"][0].replace("<Calling Sub Searches>\n", "")),
-        "expected 1": lambda d: d["main_calls"].__setitem__(0, d["main_calls"][0].replace("at level 1>", "at level 2>")),
+        "no spawn block": lambda d: d["main_calls"].__setitem__(
+            0, d["main_calls"][0].replace("<Calling Sub Searches>\n", "")
+        ),
+        "expected 1": lambda d: d["main_calls"].__setitem__(
+            0, d["main_calls"][0].replace("at level 1>", "at level 2>")
+        ),
         "non-empty list of str": lambda d: d["main_calls"].clear(),
     }
     for message, edit in cases.items():
@@ -103,7 +112,13 @@ def test_validate_catches_inconsistent_trees(fixture_rows):
 
 
 def test_from_dict_rejects_bad_shapes():
-    for bad in (None, {}, {"main_calls": "x"}, {"main_calls": ["x"], "sub_calls": "y"}, {"main_calls": ["x"], "sub_calls": [1]}):
+    for bad in (
+        None,
+        {},
+        {"main_calls": "x"},
+        {"main_calls": ["x"], "sub_calls": "y"},
+        {"main_calls": ["x"], "sub_calls": [1]},
+    ):
         with pytest.raises(ValueError):
             CallTree.from_dict(bad)
 
@@ -132,8 +147,10 @@ def nested_tree(grandchild_level=2):
         f"<Start Sub Search 1 at level {grandchild_level}> Moving to Node #0,0,1\n"
         "<End Calling Sub Searches>\n"
     )
-    gc_path = (f"Moving to Node #0,0,0\n{state}[3, 12], Operations: ['1+2=3', '3*4=12']\n"
-               "Exploring Operation: 3*12=36, Resulting Numbers: [36]\n36,36 equal: Goal Reached\n")
+    gc_path = (
+        f"Moving to Node #0,0,0\n{state}[3, 12], Operations: ['1+2=3', '3*4=12']\n"
+        "Exploring Operation: 3*12=36, Resulting Numbers: [36]\n36,36 equal: Goal Reached\n"
+    )
     grandchild0 = gc_path + gc_path
     grandchild1 = (
         f"Moving to Node #0,0,1\n{state}[3, 7], Operations: ['1+2=3', '3+4=7']\n"
@@ -191,13 +208,18 @@ PARENT = (
     "Exploring Operation: 53-22=31, Resulting Numbers: [26, 31, 31]\n"
     "Generated Node #0,1: 27:[26, 31, 31] Operation: 53-22=31\n"
 )
-BLOCK = ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
-         "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>\n")
+BLOCK = (
+    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
+    "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>\n"
+)
 
 
 def test_spawn_join_on_the_format_example():
     assert parse_spawn_block(PARENT + BLOCK) == [(0, 1, "0,0"), (1, 1, "0,1")]
-    assert child_prompts(PARENT + BLOCK)[1] == "Moving to Node #0,1\nCurrent State: 27:[26, 31, 31], Operations: ['53-22=31']\n"
+    assert (
+        child_prompts(PARENT + BLOCK)[1]
+        == "Moving to Node #0,1\nCurrent State: 27:[26, 31, 31], Operations: ['53-22=31']\n"
+    )
     assert child_prompts("Sub Call Budget: 2 " + PARENT + BLOCK) == child_prompts(PARENT + BLOCK)  # conditioning prefix
     child1 = (
         "Moving to Node #0,1\nCurrent State: 27:[26, 31, 31], Operations: ['53-22=31']\n"
@@ -225,7 +247,10 @@ def test_spawn_join_on_the_format_example():
         (PARENT + BLOCK.replace("Search 1 at", "Search 2 at"), "index 2, expected 1"),
         (PARENT + BLOCK.replace("Search 0 at", "Search 1 at"), "index 1, expected 0"),
         (PARENT + BLOCK.replace("Search 1 at level 1", "Search 1 at level 2"), "level 2, expected 1"),
-        (PARENT + BLOCK.replace("<End Calling", "Exploring Operation: 1+1=2\n<End Calling"), "is not '<Start Sub Search"),
+        (
+            PARENT + BLOCK.replace("<End Calling", "Exploring Operation: 1+1=2\n<End Calling"),
+            "is not '<Start Sub Search",
+        ),
         (PARENT + BLOCK.replace("#0,1\n", "#0,01\n"), "is not '<Start Sub Search"),
         (PARENT + BLOCK.replace("level 1>", "level 0>"), "is not '<Start Sub Search"),
         (PARENT + BLOCK.replace("#0,1\n", "#0,0\n"), "spawned twice"),

@@ -1,4 +1,5 @@
 """verify_tokens (jittable, on token ids) agrees with verify (text) everywhere."""
+
 import chex
 import jax
 import numpy as np
@@ -21,13 +22,13 @@ def _batches(cases):
         groups.setdefault((len(nums), bucket), []).append((ids, nums, target, text))
     for (n, width), items in sorted(groups.items()):
         for i in range(0, len(items), BATCH):
-            chunk = items[i:i + BATCH]
+            chunk = items[i : i + BATCH]
             ids = np.zeros((BATCH, width), np.int32)
             lens = np.zeros(BATCH, np.int32)
             nums = np.ones((BATCH, n), np.int32)
             targets = np.zeros(BATCH, np.int32)
             for k, (row, nm, t, _) in enumerate(chunk):
-                ids[k, :len(row)] = row
+                ids[k, : len(row)] = row
                 lens[k] = len(row)
                 nums[k] = nm
                 targets[k] = t
@@ -80,18 +81,53 @@ def test_agrees_with_verify_on_5000_mutations():
 
 HAND = [
     # (text, nums, target, solved)
-    ("5,5 equal: Goal Reached\nExploring Operation: 2+3=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached", [2, 3], 5, True),
-    ("x Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\n\nExit Sub Search at level 12\n", [2, 3], 5, True),
+    (
+        "5,5 equal: Goal Reached\nExploring Operation: 2+3=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached",
+        [2, 3],
+        5,
+        True,
+    ),
+    (
+        "x Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\n\nExit Sub Search at level 12\n",
+        [2, 3],
+        5,
+        True,
+    ),
     ("Goal Reached\nExploring Operation: 2-3=1, Resulting Numbers: [1]\n1,1 equal: Goal Reached", [2, 3], 1, False),
     ("Goal Reached\nExploring Operation: 3-2=1, Resulting Numbers: [1]\n1,1 equal: Goal Reached", [2, 3], 1, True),
     ("Goal Reached\nExploring Operation: 3+3=6, Resulting Numbers: [6]\n6,6 equal: Goal Reached", [3, 1], 6, False),
     ("Goal Reached\nExploring Operation: 6/4=1, Resulting Numbers: [1]\n1,1 equal: Goal Reached", [6, 4], 1, False),
     ("Goal Reached\nExploring Operation: 03+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached", [3, 2], 5, False),
-    ("Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\nmore", [3, 2], 5, False),
-    ("Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\nExit Sub Search at level 01", [3, 2], 5, False),
-    ("Goal Reached\nCurrent State: whatever Goal\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached", [3, 2], 5, True),
-    ("Goal Reached\nExploring Operation: 99999999999+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached", [3, 2], 5, False),
-    ("Goal Reached\nExploring Operation: 65536*65536=0, Resulting Numbers: [0]\n0,0 equal: Goal Reached", [65536, 65536], 0, False),
+    (
+        "Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\nmore",
+        [3, 2],
+        5,
+        False,
+    ),
+    (
+        "Goal Reached\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached\nExit Sub Search at level 01",
+        [3, 2],
+        5,
+        False,
+    ),
+    (
+        "Goal Reached\nCurrent State: whatever Goal\nExploring Operation: 3+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached",
+        [3, 2],
+        5,
+        True,
+    ),
+    (
+        "Goal Reached\nExploring Operation: 99999999999+2=5, Resulting Numbers: [5]\n5,5 equal: Goal Reached",
+        [3, 2],
+        5,
+        False,
+    ),
+    (
+        "Goal Reached\nExploring Operation: 65536*65536=0, Resulting Numbers: [0]\n0,0 equal: Goal Reached",
+        [65536, 65536],
+        0,
+        False,
+    ),
     ("Goal Reached\nExploring Operation: 7*0=0, Resulting Numbers: [0]\n0,0 equal: Goal Reached", [7, 0], 0, True),
     ("Goal Reached Goal Reached\n", [1], 1, False),
     ("", [1, 2], 3, False),

@@ -1,4 +1,5 @@
 """traces.verify: fixture conformance, >= 5,000 mutated traces, hand-written rule cases, fuzzing."""
+
 import collections
 import re
 
@@ -7,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from envs.countdown.rules import OP_SYMBOLS, apply_op
 from jaxapr import traces
 from jaxapr.traces import Verdict, verify
-from envs.countdown.rules import OP_SYMBOLS, apply_op
 from tests.traces import mutations
+
 
 def _child_state(text):
     m = re.match(r"Moving to Node #\S+\nCurrent State: (\d+):\[([^\]]*)\]", text)
@@ -103,7 +105,7 @@ def test_mutation_suite_catches_a_checker_that_ignores_reuse(fixture_rows):
 
     cases = [c for c in mutations.mutated_traces_with_kinds(seed=1, count=3000) if c[0] == "reuse_last"]
     assert len(cases) > 50
-    for kind, text, nums, target, expected in cases:
+    for _kind, text, nums, target, expected in cases:
         assert lax(text, nums, target) and not expected
         v = verify(text, nums, target)
         assert not v.success and ("used twice" in v.reason or "is not available" in v.reason), v.reason
@@ -120,9 +122,12 @@ def path(*ops, target):
 
 
 def test_a_valid_path_passes():
-    text = path("Exploring Operation: 53-26=27, Resulting Numbers: [22, 31, 27]",
-                "Exploring Operation: 31-22=9, Resulting Numbers: [27, 9]",
-                "Exploring Operation: 27/9=3, Resulting Numbers: [3]", target=3)
+    text = path(
+        "Exploring Operation: 53-26=27, Resulting Numbers: [22, 31, 27]",
+        "Exploring Operation: 31-22=9, Resulting Numbers: [27, 9]",
+        "Exploring Operation: 27/9=3, Resulting Numbers: [3]",
+        target=3,
+    )
     assert verify(text, [22, 26, 31, 53], 3) == (True, "solved")
     assert verify(text, np.array([53, 31, 26, 22]), np.int32(3)).success  # numpy ints, any order
 
@@ -132,8 +137,15 @@ def test_a_valid_path_passes():
     [
         (["Exploring Operation: 4+4=8, Resulting Numbers: [8]"], [4, 7], 8, "4 used twice"),
         (["Exploring Operation: 4+4=8, Resulting Numbers: [7, 8]"], [4, 7], 8, "4 used twice"),
-        (["Exploring Operation: 2+3=5, Resulting Numbers: [5, 5]", "Exploring Operation: 5*2=10, Resulting Numbers: [5, 10]"],
-         [2, 3, 5], 10, "2 is not available"),
+        (
+            [
+                "Exploring Operation: 2+3=5, Resulting Numbers: [5, 5]",
+                "Exploring Operation: 5*2=10, Resulting Numbers: [5, 10]",
+            ],
+            [2, 3, 5],
+            10,
+            "2 is not available",
+        ),
         (["Exploring Operation: 9+1=10, Resulting Numbers: [10]"], [2, 9], 10, "1 is not available"),
         (["Exploring Operation: 3-5=2, Resulting Numbers: [2]"], [3, 5], 2, "needs x >= y"),
         (["Exploring Operation: 3/6=2, Resulting Numbers: [2]"], [3, 6], 2, "needs x >= y"),
@@ -141,14 +153,24 @@ def test_a_valid_path_passes():
         (["Exploring Operation: 7/0=0, Resulting Numbers: [0]"], [0, 7], 0, "not an exact division"),
         (["Exploring Operation: 7+2=10, Resulting Numbers: [10]"], [2, 7], 10, "7+2 is 9, not 10"),
         (["Exploring Operation: 7+2=9, Resulting Numbers: [8]"], [2, 7], 9, "resulting numbers should be [9]"),
-        (["Exploring Operation: 7+2=9, Resulting Numbers: [1, 9]"], [1, 2, 7], 9, "goal claimed with numbers [1, 9] left"),
+        (
+            ["Exploring Operation: 7+2=9, Resulting Numbers: [1, 9]"],
+            [1, 2, 7],
+            9,
+            "goal claimed with numbers [1, 9] left",
+        ),
         (["Exploring Operation: 07+2=9, Resulting Numbers: [9]"], [2, 7], 9, "malformed operation"),
         (["Exploring Operation: 7+2=9, Resulting Numbers: [+9]"], [2, 7], 9, "malformed operation"),
         (["Exploring Operation: 7+2=9, Resulting Numbers: [9 ]"], [2, 7], 9, "malformed operation"),
         (["Exploring Operation: 7+2=9,  Resulting Numbers: [9]"], [2, 7], 9, "malformed operation"),
         (["Exploring Operation: 7+2=\u0669, Resulting Numbers: [9]"], [2, 7], 9, "malformed operation"),
         (["7+2=9"], [2, 7], 9, "unexpected line in the path"),
-        (["Exit Sub Search at level 1", "Exploring Operation: 7+2=9, Resulting Numbers: [9]"], [2, 7], 9, "unexpected line"),
+        (
+            ["Exit Sub Search at level 1", "Exploring Operation: 7+2=9, Resulting Numbers: [9]"],
+            [2, 7],
+            9,
+            "unexpected line",
+        ),
         (["Exploring Operation: 7+2=9, Resulting Numbers: [9]", " "], [2, 7], 9, "unexpected line"),  # blank = empty
     ],
 )
@@ -168,26 +190,47 @@ def test_goal_line_must_name_the_target():
 def test_either_order_for_add_and_mul_and_zero():
     assert verify(path("Exploring Operation: 2+7=9, Resulting Numbers: [9]", target=9), [7, 2], 9).success
     assert verify(path("Exploring Operation: 2*7=14, Resulting Numbers: [14]", target=14), [7, 2], 14).success
-    assert verify(path("Exploring Operation: 7-7=0, Resulting Numbers: [5, 0]",
-                       "Exploring Operation: 5*0=0, Resulting Numbers: [0]", target=0), [7, 7, 5], 0).success
-    assert verify(path("Exploring Operation: 0/7=0, Resulting Numbers: [0]", target=0), [0, 7], 0).reason.endswith("needs x >= y")
+    assert verify(
+        path(
+            "Exploring Operation: 7-7=0, Resulting Numbers: [5, 0]",
+            "Exploring Operation: 5*0=0, Resulting Numbers: [0]",
+            target=0,
+        ),
+        [7, 7, 5],
+        0,
+    ).success
+    assert verify(path("Exploring Operation: 0/7=0, Resulting Numbers: [0]", target=0), [0, 7], 0).reason.endswith(
+        "needs x >= y"
+    )
 
 
 def test_unchecked_lines_blank_lines_and_exits():
-    text = (HEAD + "Moving to Node #anything\nCurrent State: whatever\n\nGenerated Node #0: x\n"
-            "Exploring Operation: 7+2=9, Resulting Numbers: [9]\n\n9,9 equal: Goal Reached\n\nExit Sub Search at level 2\nExit Sub Search at level 1")
+    text = (
+        HEAD + "Moving to Node #anything\nCurrent State: whatever\n\nGenerated Node #0: x\n"
+        "Exploring Operation: 7+2=9, Resulting Numbers: [9]\n\n9,9 equal: Goal Reached\n\nExit Sub Search at level 2\nExit Sub Search at level 1"
+    )
     assert verify(text, [2, 7], 9).success
     assert not verify(text + "\nNo solution found.", [2, 7], 9).success
     assert not verify(text.replace("level 1", "level 01"), [2, 7], 9).success
-    assert verify(text.replace("Goal Reached\n", "<Goal Reached in Sub Search 0 at level 1 at Node #0>\n", 1), [2, 7], 9).success
+    assert verify(
+        text.replace("Goal Reached\n", "<Goal Reached in Sub Search 0 at level 1 at Node #0>\n", 1), [2, 7], 9
+    ).success
 
 
-@pytest.mark.parametrize("line, ok", [
-    ("Generated Node #0,0: garbage", True), ("Generated Node #", True), ("Current State: ???", True),
-    ("Moving to Node #", True),
-    ("Generated Node 0,0: 9:[9] Operation: 7+2=9", False), ("Generated Nod #0", False),
-    ("Current State 9:[9]", False), ("Moving to Node 0,1", False), ("generated node #0", False),
-])
+@pytest.mark.parametrize(
+    "line, ok",
+    [
+        ("Generated Node #0,0: garbage", True),
+        ("Generated Node #", True),
+        ("Current State: ???", True),
+        ("Moving to Node #", True),
+        ("Generated Node 0,0: 9:[9] Operation: 7+2=9", False),
+        ("Generated Nod #0", False),
+        ("Current State 9:[9]", False),
+        ("Moving to Node 0,1", False),
+        ("generated node #0", False),
+    ],
+)
 def test_unchecked_prefixes_exactly_as_the_spec_says(line, ok):
     """docs/trace_format.md: only the exact prefixes are unchecked; a garbled prefix fails, in
     both verifiers."""
@@ -227,10 +270,16 @@ def test_huge_numbers_follow_the_rules_bound_and_never_crash():
 @pytest.mark.parametrize(
     "text, nums, target",
     [
-        ("", [1, 2], 3), (None, [1, 2], 3), (b"Goal Reached\nGoal Reached", [1], 1), (5, [1], 1),
-        ("Goal Reached\n3,3 equal: Goal Reached", None, 3), ("Goal Reached\n3,3 equal: Goal Reached", [1, "a"], 3),
-        ("Goal Reached\n3,3 equal: Goal Reached", [1.5], 3), ("Goal Reached\n3,3 equal: Goal Reached", [3], "3"),
-        ("Goal Reached", [1], 1), ("\n\n\n", [], 0),
+        ("", [1, 2], 3),
+        (None, [1, 2], 3),
+        (b"Goal Reached\nGoal Reached", [1], 1),
+        (5, [1], 1),
+        ("Goal Reached\n3,3 equal: Goal Reached", None, 3),
+        ("Goal Reached\n3,3 equal: Goal Reached", [1, "a"], 3),
+        ("Goal Reached\n3,3 equal: Goal Reached", [1.5], 3),
+        ("Goal Reached\n3,3 equal: Goal Reached", [3], "3"),
+        ("Goal Reached", [1], 1),
+        ("\n\n\n", [], 0),
     ],
 )
 def test_bad_input_is_not_solved_and_never_raises(text, nums, target):
@@ -239,8 +288,16 @@ def test_bad_input_is_not_solved_and_never_raises(text, nums, target):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("0123456789 ,:[]+-*/=\nGoal Reached Exploring Operation Resulting Numbers\x00\u0669")), max_size=300),
-       st.lists(st.integers(0, 10**30), max_size=5), st.integers(-5, 10**30))
+@given(
+    st.text(
+        alphabet=st.sampled_from(
+            list("0123456789 ,:[]+-*/=\nGoal Reached Exploring Operation Resulting Numbers\x00\u0669")
+        ),
+        max_size=300,
+    ),
+    st.lists(st.integers(0, 10**30), max_size=5),
+    st.integers(-5, 10**30),
+)
 def test_fuzz_never_raises(text, nums, target):
     v = verify(text, nums, target)
     assert isinstance(v, Verdict) and isinstance(v.success, bool) and v.reason
@@ -250,7 +307,7 @@ def test_fuzz_never_raises(text, nums, target):
 @given(st.data())
 def test_fuzz_cut_and_spliced_fixture_traces(data):
     bases = mutations.base_traces()
-    text, nums, target, ok = bases[data.draw(st.integers(0, len(bases) - 1))]
+    text, nums, target, _ok = bases[data.draw(st.integers(0, len(bases) - 1))]
     i = data.draw(st.integers(0, len(text)))
     j = data.draw(st.integers(i, len(text)))
     junk = data.draw(st.text(max_size=20))

@@ -1,6 +1,7 @@
 """jaxapr.train.checkpoint: exact round trips, retention (last k + best), restore across meshes,
 config/tree checks, corrupt (unreadable, flipped, non-finite) and half-written checkpoints on
 disk, and an exact resume."""
+
 import glob
 import json
 import logging
@@ -31,8 +32,14 @@ def setup():
     tx, _ = st.make_optimizer(1e-3, total_steps=100)
     graphdef, state = st.init_train_state(policy, tx)
     # Distinct, non-initial values everywhere (step, params, both Adam moments, counters).
-    state = jax.tree.map(lambda x: x + jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape), x.dtype)
-                         if jnp.issubdtype(x.dtype, jnp.floating) else x + 7, state)
+    state = jax.tree.map(
+        lambda x: (
+            x + jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape), x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else x + 7
+        ),
+        state,
+    )
     abstract = st.abstract_train_state(tx, state.params)
     return graphdef, tx, state, abstract
 
@@ -57,16 +64,23 @@ def bumped(state, k):
 def test_round_trip_is_exact_with_extra(tmp_path, setup):
     _, _, state, abstract = setup
     key = jax.random.split(jax.random.key(5), 3)
-    extra = {"data": {"parent": {"next_index": 7}, "next_row": 0, "counter": 6}, "pair": (1, "a"),
-             "loss": float("nan"), "n": np.int64(4)}
+    extra = {
+        "data": {"parent": {"next_index": 7}, "next_row": 0, "counter": 6},
+        "pair": (1, "a"),
+        "loss": float("nan"),
+        "n": np.int64(4),
+    }
     tree = {"state": state, "rng": key, "raw_key": jax.random.PRNGKey(2)}  # PRNG keys travel with the arrays
     with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
         assert ck.latest_step() is None and ck.all_steps() == [] and ck.best_step() is None
         assert ck.save(10, tree, extra=extra) is True
         ck.wait()
         assert ck.latest_step() == 10
-        target = {"state": abstract, "rng": jax.eval_shape(lambda: key),
-                  "raw_key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        target = {
+            "state": abstract,
+            "rng": jax.eval_shape(lambda: key),
+            "raw_key": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        }
         restored, got = ck.restore(target)
     assert type(restored["state"]) is st.TrainState
     assert_same(restored["state"], state)
@@ -85,19 +99,31 @@ def test_round_trip_is_exact_with_extra(tmp_path, setup):
 
 def test_extra_is_json_data_and_objects_are_one_line_errors(tmp_path, setup):
     _, _, state, abstract = setup
-    value = {"a": [1, 2.5, None, True], "b": {"c": "xy"}, "t": (1, (2, 3)), "n": np.int64(4),
-             "f": np.float32(0.5), "inf": -float("inf"), "weird": {"__bytes__": "not bytes"}}
+    value = {
+        "a": [1, 2.5, None, True],
+        "b": {"c": "xy"},
+        "t": (1, (2, 3)),
+        "n": np.int64(4),
+        "f": np.float32(0.5),
+        "inf": -float("inf"),
+        "weird": {"__bytes__": "not bytes"},
+    }
     with Checkpointer(tmp_path / "ck", config=CONFIG) as ck:
         ck.save(1, state, extra=value)
         _, back = ck.restore(abstract)
         assert back["a"] == [1, 2.5, None, True] and back["b"] == {"c": "xy"} and back["t"] == [1, [2, 3]]
         assert back["n"] == 4 and back["f"] == 0.5 and back["inf"] == -float("inf")
         assert back["weird"] == {"__bytes__": "not bytes"}  # no tags: plain JSON means what it says
-        for bad, message in (({"obj": object()}, r"^extra\['obj'\] is a object: expected JSON data"),
-                             ({"blob": b"xy"}, r"extra\['blob'\] is a bytes: expected JSON data"),
-                             ({"arr": np.arange(3)}, r"extra\['arr'\] is a ndarray: .* arrays and PRNG keys belong "
-                                                     r"in the saved state"),
-                             ({3: "int key"}, r"extra has the key 3: expected string keys")):
+        for bad, message in (
+            ({"obj": object()}, r"^extra\['obj'\] is a object: expected JSON data"),
+            ({"blob": b"xy"}, r"extra\['blob'\] is a bytes: expected JSON data"),
+            (
+                {"arr": np.arange(3)},
+                r"extra\['arr'\] is a ndarray: .* arrays and PRNG keys belong "
+                r"in the saved state",
+            ),
+            ({3: "int key"}, r"extra has the key 3: expected string keys"),
+        ):
             with pytest.raises(ValueError, match=message) as e:
                 ck.save(2, state, extra=bad)
             assert "\n" not in str(e.value)
@@ -137,8 +163,9 @@ def test_keeps_last_k_and_the_best(tmp_path, setup):
         ck.wait()
         assert ck.all_steps() == [7, 8] and ck.best_step() == 8
     # min mode keeps the lowest; without best_metric only the last k survive.
-    with Checkpointer(tmp_path / "min", config=CONFIG, keep=1, best_metric="loss", best_mode="min",
-                      async_save=False) as ck:
+    with Checkpointer(
+        tmp_path / "min", config=CONFIG, keep=1, best_metric="loss", best_mode="min", async_save=False
+    ) as ck:
         for step, loss in enumerate([3.0, 1.0, 2.0, 4.0], start=1):
             ck.save(step, state, metrics={"loss": loss})
         assert ck.all_steps() == [2, 4] and ck.best_step() == 2
@@ -195,8 +222,11 @@ def test_config_mismatch_is_one_line_naming_the_key(tmp_path, setup):
     # A run's identity: every key but the ignored ones, all differences in one line.
     run = {"model": {**TINY, "d_model": 64}, "train": {"lr": 3e-4, "batch_size": 4}}
     with Checkpointer(tmp_path / "ck", config=run, compare_keys=None, ignore_keys=("train.batch_size",)) as ck:
-        with pytest.raises(ConfigMismatchError, match=r"^checkpoint config model\.d_model=32 differs from this run's "
-                                                      r"64, train\.lr=0\.001 differs from this run's 0\.0003: ") as e:
+        with pytest.raises(
+            ConfigMismatchError,
+            match=r"^checkpoint config model\.d_model=32 differs from this run's "
+            r"64, train\.lr=0\.001 differs from this run's 0\.0003: ",
+        ) as e:
             ck.restore(abstract)
         assert [k for k, _, _ in e.value.differences] == ["model.d_model", "train.lr"]
     same = {"model": TINY, "train": {"lr": 1e-3, "batch_size": 4}}
@@ -246,12 +276,15 @@ def test_target_that_does_not_match(tmp_path, setup):
     with Checkpointer(tmp_path / "ck", config=CONFIG, compare_keys=()) as ck:
         ck.save(1, state)
         wide = model.Transformer(model.get_config("tiny", **{**TINY, "mlp_dim": 96}), rngs=nnx.Rngs(0))
-        g2, s2 = st.init_train_state(wide, tx)
-        with pytest.raises(ValueError, match=r"does not match the restore target: .*mlp\.w_down\.value has shape "
-                                             r"\(64, 32\) in the checkpoint, \(96, 32\) in the target"):
+        _g2, s2 = st.init_train_state(wide, tx)
+        with pytest.raises(
+            ValueError,
+            match=r"does not match the restore target: .*mlp\.w_down\.value has shape "
+            r"\(64, 32\) in the checkpoint, \(96, 32\) in the target",
+        ):
             ck.restore(st.abstract_train_state(tx, s2.params))
         deeper = model.Transformer(model.get_config("tiny", **{**TINY, "num_layers": 2}), rngs=nnx.Rngs(0))
-        g3, s3 = st.init_train_state(deeper, tx)
+        _g3, s3 = st.init_train_state(deeper, tx)
         with pytest.raises(ValueError, match=r"blocks\.1\..* is not in the checkpoint"):
             ck.restore(st.abstract_train_state(tx, s3.params))
         with pytest.raises(ValueError, match=r"the checkpoint has opt_state\..*, which the target lacks"):
@@ -289,8 +322,11 @@ def _delete_tree_metadata(step_dir):
 def _flip_bytes(step_dir):
     """Bit rot in the middle of every array data file: orbax reads such files without
     complaint (the values are wrong), so only the checksums can tell."""
-    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-             if os.path.getsize(p) > 4096]
+    files = [
+        p
+        for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+        if os.path.getsize(p) > 4096
+    ]
     assert files
     for path in files:
         with open(path, "r+b") as f:
@@ -300,8 +336,9 @@ def _flip_bytes(step_dir):
             f.write(bytes(b ^ 0x5A for b in chunk))
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_arrays, _delete_arrays, _garbage_meta, _delete_tree_metadata,
-                                     _flip_bytes])
+@pytest.mark.parametrize(
+    "corrupt", [_truncate_arrays, _delete_arrays, _garbage_meta, _delete_tree_metadata, _flip_bytes]
+)
 def test_corrupt_latest_falls_back_and_is_kept(tmp_path, setup, corrupt, caplog):
     _, _, state, abstract = setup
     d = tmp_path / "ck"
@@ -340,8 +377,11 @@ def test_all_corrupt_is_a_clear_error(tmp_path, setup):
     _delete_tree_metadata(str(d / "1"))
     _garbage_meta(str(d / "2"))
     with Checkpointer(d, config=CONFIG) as ck:
-        with pytest.raises(CorruptCheckpointError, match=r"no checkpoint in '.*ck' restores: all of steps \[1, 2\] "
-                                                         r"are corrupt \(newest: checkpoint step 2"):
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=r"no checkpoint in '.*ck' restores: all of steps \[1, 2\] "
+            r"are corrupt \(newest: checkpoint step 2",
+        ):
             ck.restore(abstract)
     assert sorted(os.listdir(d)) == ["1", "2"]
 
@@ -354,8 +394,11 @@ def test_flipped_bytes_are_caught_by_the_checksums(tmp_path, setup):
         ck.save(2, bumped(state, 2))
     _flip_bytes(str(d / "2"))
     with Checkpointer(d, config=CONFIG) as ck:
-        with pytest.raises(CorruptCheckpointError, match=r"^checkpoint step 2 in .* is corrupt: array \S+ does not "
-                                                         r"match its saved checksum \(\d+ of \d+ arrays differ\)$"):
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=r"^checkpoint step 2 in .* is corrupt: array \S+ does not "
+            r"match its saved checksum \(\d+ of \d+ arrays differ\)$",
+        ):
             ck.restore(abstract, step=2)
         restored, _ = ck.restore(abstract)
     assert_same(restored, state)
@@ -369,8 +412,11 @@ def test_non_finite_state_counts_as_corrupt(tmp_path, setup):
     with Checkpointer(d, config=CONFIG, async_save=False) as ck:
         ck.save(1, state)
         ck.save(2, nan_moment)  # saved as it is: its checksums match, its values are not usable
-        with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 2 in .* is corrupt: array "
-                                                         r"opt_state\.1\.0\.mu\.embed\.value holds NaN or infinite"):
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=r"checkpoint step 2 in .* is corrupt: array "
+            r"opt_state\.1\.0\.mu\.embed\.value holds NaN or infinite",
+        ):
             ck.restore(abstract, step=2)
         restored, _ = ck.restore(abstract)
         assert_same(restored, state)
@@ -428,8 +474,11 @@ def test_process_killed_during_async_save(tmp_path):
 # A resumed run continues exactly: state + data iterator + PRNG key through a checkpoint.
 # --------------------------------------------------------------------------------------
 def _loader():
-    ds = grain.MapDataset.range(64).shuffle(seed=1).map(
-        lambda i: np.random.default_rng(int(i)).integers(1, 300, size=8).astype(np.int32))
+    ds = (
+        grain.MapDataset.range(64)
+        .shuffle(seed=1)
+        .map(lambda i: np.random.default_rng(int(i)).integers(1, 300, size=8).astype(np.int32))
+    )
     return ds.batch(2).to_iter_dataset()
 
 
@@ -448,8 +497,9 @@ def test_resumed_run_continues_exactly(tmp_path, setup):
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return st.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), loss
+        return st.TrainState(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        ), loss
 
     def run(state, it, key, steps):
         losses = []

@@ -1,6 +1,7 @@
 """GRPO: rewards, group advantages, the call batch, the clipped + k3 loss against hand
 computations; the jitted step (jit = eager, no re-trace, non-finite guard); engine log-probs =
 training log-probs; a few steps on a tiny policy raise the log-probs of rewarded outputs."""
+
 import dataclasses
 import math
 
@@ -32,16 +33,29 @@ def make_call(prompt_len, out_len, rng, eos=True, logprobs=None):
     if eos and out_len:
         out[-1] = TOK.eos_id
     lp = -rng.uniform(0.1, 3.0, out_len).astype(np.float32) if logprobs is None else np.asarray(logprobs, np.float32)
-    return runtime.Call(prompt="", prompt_tokens=prompt, output_tokens=out, logprobs=lp,
-                        stopped="eos" if out_len else "")
+    return runtime.Call(
+        prompt="", prompt_tokens=prompt, output_tokens=out, logprobs=lp, stopped="eos" if out_len else ""
+    )
 
 
 def make_result(success, calls, children=0, sequential=None):
     total = sum(len(c.output_tokens) for c in calls)
     return runtime.RolloutResult(
-        nums=[1, 2, 3], target=6, success=success, reason="", text="", tree={}, calls=calls, total_tokens=total,
-        prompt_tokens=sum(len(c.prompt_tokens) for c in calls), sequential_tokens=total if sequential is None else sequential,
-        num_children=children, num_spawns=int(children > 0), latency_steps=0, wall_s=0.0)
+        nums=[1, 2, 3],
+        target=6,
+        success=success,
+        reason="",
+        text="",
+        tree={},
+        calls=calls,
+        total_tokens=total,
+        prompt_tokens=sum(len(c.prompt_tokens) for c in calls),
+        sequential_tokens=total if sequential is None else sequential,
+        num_children=children,
+        num_spawns=int(children > 0),
+        latency_steps=0,
+        wall_s=0.0,
+    )
 
 
 def hand_results(seed=0):
@@ -69,12 +83,24 @@ def tiny():
 # ----------------------------------------------------------------------------------------
 def test_config_defaults_and_checks():
     cfg = grpo.GRPOConfig().check()
-    assert (cfg.num_problems, cfg.group_size, cfg.learning_rate, cfg.clip_eps, cfg.beta, cfg.inner_epochs,
-            cfg.temperature) == (64, 5, 1e-5, 0.2, 0.001, 2, 1.0)
+    assert (
+        cfg.num_problems,
+        cfg.group_size,
+        cfg.learning_rate,
+        cfg.clip_eps,
+        cfg.beta,
+        cfg.inner_epochs,
+        cfg.temperature,
+    ) == (64, 5, 1e-5, 0.2, 0.001, 2, 1.0)
     assert cfg.length_penalty == 0 and cfg.thread_penalty == 0
-    for bad, match in ((dict(group_size=0), "group_size=0"), (dict(clip_eps=1.5), "clip_eps=1.5"),
-                       (dict(beta=-1.0), "beta=-1.0"), (dict(num_minibatches=2.5), "num_minibatches=2.5"),
-                       (dict(temperature=0.0), "temperature=0.0"), (dict(length_measure="wall"), "length_measure")):
+    for bad, match in (
+        (dict(group_size=0), "group_size=0"),
+        (dict(clip_eps=1.5), "clip_eps=1.5"),
+        (dict(beta=-1.0), "beta=-1.0"),
+        (dict(num_minibatches=2.5), "num_minibatches=2.5"),
+        (dict(temperature=0.0), "temperature=0.0"),
+        (dict(length_measure="wall"), "length_measure"),
+    ):
         with pytest.raises(ValueError, match=match) as err:
             cfg.replace(**bad)
         assert "\n" not in str(err.value)
@@ -97,8 +123,7 @@ def test_rewards_and_group_advantages_by_hand():
         std = math.sqrt(sum((x - mean) ** 2 for x in r[p]) / 5)
         want = [0.0] * 5 if std == 0 else [(x - mean) / (std + 1e-6) for x in r[p]]
         np.testing.assert_allclose(adv[p], want, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(adv[0], [0.8164966, -1.2247449, -1.2247449, 0.8164966, 0.8164966],
-                               rtol=1e-5)
+    np.testing.assert_allclose(adv[0], [0.8164966, -1.2247449, -1.2247449, 0.8164966, 0.8164966], rtol=1e-5)
     assert (adv[1:3] == 0).all()
     with pytest.raises(ValueError, match="expected \\[num_problems, group_size\\]"):
         grpo.group_advantages(np.zeros(5))
@@ -118,14 +143,14 @@ def test_make_batch_by_hand():
     calls = [c for r in results for c in r.calls if len(c.output_tokens)]
     for row, c in enumerate(calls):
         n, m = len(c.prompt_tokens), len(c.output_tokens)
-        np.testing.assert_array_equal(b["tokens"][row, :n + m], np.concatenate([c.prompt_tokens, c.output_tokens]))
-        assert (b["tokens"][row, n + m:] == 0).all()
-        np.testing.assert_array_equal(b["positions"][row, :n + m], np.arange(n + m))
+        np.testing.assert_array_equal(b["tokens"][row, : n + m], np.concatenate([c.prompt_tokens, c.output_tokens]))
+        assert (b["tokens"][row, n + m :] == 0).all()
+        np.testing.assert_array_equal(b["positions"][row, : n + m], np.arange(n + m))
         np.testing.assert_array_equal(b["segment_ids"][row], [1] * (n + m) + [0] * (SEQ - n - m))
         np.testing.assert_array_equal(b["loss_mask"][row], [0] * n + [1] * m + [0] * (SEQ - n - m))
         # old_logprobs[t] scores token t + 1: the first output token is predicted at index n - 1
         want = np.zeros(SEQ - 1, np.float32)
-        want[n - 1:n - 1 + m] = c.logprobs
+        want[n - 1 : n - 1 + m] = c.logprobs
         np.testing.assert_array_equal(b["old_logprobs"][row], want)
     assert not b["segment_ids"][7].any() and not b["loss_mask"][7].any()
     assert grpo.make_batch(results, adv, seq_len=SEQ, num_rows=12)["tokens"].shape == (12, SEQ)
@@ -136,7 +161,9 @@ def test_make_batch_by_hand():
     for n in range(1, 600):
         b = grpo.bucket_rows(n, 2)
         assert b % 2 == 0 and b >= n and (b - n <= 3 or (b - n) / b < 0.25), (n, b)
-    with pytest.raises(ValueError, match="rollout 3 call 2 has 8 prompt \\+ 7 output = 15 tokens: expected <= seq_len=14"):
+    with pytest.raises(
+        ValueError, match="rollout 3 call 2 has 8 prompt \\+ 7 output = 15 tokens: expected <= seq_len=14"
+    ):
         grpo.make_batch(results, adv, seq_len=14)
     with pytest.raises(ValueError, match="num_rows=6"):
         grpo.make_batch(results, adv, seq_len=SEQ, num_rows=6)
@@ -177,15 +204,17 @@ def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
         for seg, j in enumerate(members, 1):
             i, c = calls[j]
             n, m = len(c.prompt_tokens), len(c.output_tokens)
-            np.testing.assert_array_equal(packed["tokens"][row, off:off + n + m],
-                                          np.concatenate([c.prompt_tokens, c.output_tokens]))
-            np.testing.assert_array_equal(packed["positions"][row, off:off + n + m], np.arange(n + m))
-            assert (packed["segment_ids"][row, off:off + n + m] == seg).all()
-            np.testing.assert_array_equal(packed["loss_mask"][row, off:off + n + m], [0] * n + [1] * m)
-            np.testing.assert_array_equal(packed["old_logprobs"][row, off + n - 1:off + n - 1 + m], c.logprobs)
-            np.testing.assert_allclose(packed["token_weights"][row, off + n - 1:off + n - 1 + m], weights[i] / m,
-                                       rtol=1e-6)
-            assert (packed["token_advantages"][row, off + n - 1:off + n - 1 + m] == adv[i]).all()
+            np.testing.assert_array_equal(
+                packed["tokens"][row, off : off + n + m], np.concatenate([c.prompt_tokens, c.output_tokens])
+            )
+            np.testing.assert_array_equal(packed["positions"][row, off : off + n + m], np.arange(n + m))
+            assert (packed["segment_ids"][row, off : off + n + m] == seg).all()
+            np.testing.assert_array_equal(packed["loss_mask"][row, off : off + n + m], [0] * n + [1] * m)
+            np.testing.assert_array_equal(packed["old_logprobs"][row, off + n - 1 : off + n - 1 + m], c.logprobs)
+            np.testing.assert_allclose(
+                packed["token_weights"][row, off + n - 1 : off + n - 1 + m], weights[i] / m, rtol=1e-6
+            )
+            assert (packed["token_advantages"][row, off + n - 1 : off + n - 1 + m] == adv[i]).all()
             off += n + m
         assert not packed["segment_ids"][row, off:].any()
     np.testing.assert_allclose(packed["token_weights"].sum(), 1.0, rtol=1e-6)
@@ -195,6 +224,7 @@ def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
         logp = np.asarray(token_logprobs(graphdef, params, b["tokens"], b["positions"], b["segment_ids"]))
         shift = np.where(b["positions"][:, 1:] % 3 == 0, 0.4, -0.3).astype(np.float32)  # by place in the call
         b["old_logprobs"] = np.where(b["loss_mask"][:, 1:] > 0, logp + shift, 0.0).astype(np.float32)
+
     def vg(b):
         return jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, b, 0.2, 0.05), has_aux=True)(params)
 
@@ -244,8 +274,9 @@ def test_skip_zero_advantage_drops_rows_not_the_policy_gradient(tiny, pack):
     results = hand_results()  # group 0 (rollouts 0, 1): rewards 1, 0; group 1 (2, 3): 0, 0
     cfg = grpo.GRPOConfig(group_size=2, num_minibatches=1, pack_calls=pack)
     np.testing.assert_array_equal(grpo.rollout_mask(results, cfg), [True, True, True, True])
-    np.testing.assert_array_equal(grpo.rollout_mask(results, cfg.replace(skip_zero_advantage=True)),
-                                  [True, True, False, False])
+    np.testing.assert_array_equal(
+        grpo.rollout_mask(results, cfg.replace(skip_zero_advantage=True)), [True, True, False, False]
+    )
     full, s_full = grpo.build_batch(results, cfg, seq_len=SEQ)
     skip, s_skip = grpo.build_batch(results, cfg.replace(skip_zero_advantage=True), seq_len=SEQ)
     keep = grpo.rollout_mask(results, cfg.replace(skip_zero_advantage=True))
@@ -347,7 +378,7 @@ def test_grpo_loss_matches_hand_computation(tiny):
 def test_on_policy_gradient_is_reinforce(tiny):
     _, graphdef, params, _ = tiny
     b = grpo.make_batch(hand_results(), np.array([1.0, -0.5, 0.7, -1.2], np.float32), seq_len=SEQ)
-    lp = lambda p: token_logprobs(graphdef, p, b["tokens"], b["positions"], b["segment_ids"])  # noqa: E731
+    lp = lambda p: token_logprobs(graphdef, p, b["tokens"], b["positions"], b["segment_ids"])
     b["old_logprobs"] = np.asarray(jax.jit(lp)(params))
     g = jax.jit(jax.grad(lambda p: grpo.grpo_loss(graphdef, p, None, b, 0.2, 0.0)[0]))(params)
 
@@ -396,7 +427,9 @@ def test_step_matches_plain_loop_does_not_retrace_and_guards(tiny):
     ref = grpo.reference_params(state.params)
     b1, _ = grpo.build_batch(hand_results(0), cfg, seq_len=SEQ)
     other_results = hand_results(1)
-    assert grpo.bucket_rows(6, cfg.num_minibatches) != grpo.bucket_rows(7, cfg.num_minibatches)  # 6 calls: another bucket
+    assert grpo.bucket_rows(6, cfg.num_minibatches) != grpo.bucket_rows(
+        7, cfg.num_minibatches
+    )  # 6 calls: another bucket
     b2, _ = grpo.build_batch(other_results, cfg, seq_len=SEQ)
     b2["advantages"] = b2["advantages"] + 0.25
     step = grpo.make_grpo_step(graphdef, tx, cfg)
@@ -442,8 +475,7 @@ def sampled():
     graphdef, state = init_train_state(policy, tx)
     eng = engine_lib.Engine(policy, num_slots=8, max_len=64)
     problems = (np.array([[2, 3, 4], [5, 7, 9]]), np.array([10, 21]))
-    results = grpo.rollout_groups(eng, state.params, problems, cfg, key=jax.random.key(0), mode="sosp",
-                                  max_context=64)
+    results = grpo.rollout_groups(eng, state.params, problems, cfg, key=jax.random.key(0), mode="sosp", max_context=64)
     return cfg, tx, graphdef, state, results
 
 

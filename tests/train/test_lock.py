@@ -1,5 +1,6 @@
 """One writer per work directory (jaxapr.train.lock): a second writer fails at once naming the
 holder; the lock of a process killed with SIGKILL is taken over; real train_sft processes."""
+
 import json
 import os
 import signal
@@ -22,8 +23,11 @@ def test_second_writer_fails_naming_the_holder_and_release_frees_it(tmp_path):
         assert held.stale is None
         record = json.loads((tmp_path / LOCK_NAME).read_text())
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        with pytest.raises(LockedError, match=rf"^'{tmp_path}' is in use by another run \(pid {os.getpid()} on host "
-                                              rf"{socket.gethostname()}, since .*\): expected one writer") as e:
+        with pytest.raises(
+            LockedError,
+            match=rf"^'{tmp_path}' is in use by another run \(pid {os.getpid()} on host "
+            rf"{socket.gethostname()}, since .*\): expected one writer",
+        ) as e:
             WorkdirLock(str(tmp_path)).acquire()
         assert "\n" not in str(e.value)
     assert not (tmp_path / LOCK_NAME).exists()  # a clean release leaves nothing behind
@@ -82,12 +86,29 @@ def data_dir(tmp_path_factory):
 
 
 def _train_sft(data_dir, workdir, *flags):
-    small = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
-             "--config.model.num_kv_heads=2", "--config.model.mlp_dim=64", "--config.model.max_len=256",
-             "--config.seq_len=256", "--config.batch_size=4", "--config.optim.warmup_steps=1",
-             "--config.eval_problems=0", "--config.eval_batches=1", "--config.progress=False"]
-    return [sys.executable, "-m", "experiments.train_sft", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
-            *small, *flags]
+    small = [
+        "--config.model.num_layers=1",
+        "--config.model.d_model=32",
+        "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=2",
+        "--config.model.mlp_dim=64",
+        "--config.model.max_len=256",
+        "--config.seq_len=256",
+        "--config.batch_size=4",
+        "--config.optim.warmup_steps=1",
+        "--config.eval_problems=0",
+        "--config.eval_batches=1",
+        "--config.progress=False",
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train_sft",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        *small,
+        *flags,
+    ]
 
 
 @pytest.mark.slow
@@ -95,16 +116,33 @@ def test_two_train_sft_processes_on_one_workdir(tmp_path, data_dir):
     """The second run (another seed) fails at once naming the first; the first is untouched;
     after the first is killed, a new run takes its lock over."""
     workdir = tmp_path / "run"
-    first = subprocess.Popen(_train_sft(data_dir, workdir, "--config.num_steps=100000", "--config.checkpoint_every=50",
-                                        "--config.eval_every=0", "--config.log_every=50"),
-                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _train_sft(
+            data_dir,
+            workdir,
+            "--config.num_steps=100000",
+            "--config.checkpoint_every=50",
+            "--config.eval_every=0",
+            "--config.log_every=50",
+        ),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not (workdir / LOCK_NAME).exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.1)
         assert first.poll() is None and (workdir / LOCK_NAME).exists()
-        second = subprocess.run(_train_sft(data_dir, workdir, "--config.num_steps=3", "--config.seed=1"),
-                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            _train_sft(data_dir, workdir, "--config.num_steps=3", "--config.seed=1"),
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in second.stderr
@@ -118,8 +156,14 @@ def test_two_train_sft_processes_on_one_workdir(tmp_path, data_dir):
         first.wait()
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if line.endswith("\n")]
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)  # one run's rows, not two interleaved
-    third = subprocess.run(_train_sft(data_dir, workdir, "--config.num_steps=2", "--config.overwrite=True"),
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    third = subprocess.run(
+        _train_sft(data_dir, workdir, "--config.num_steps=2", "--config.overwrite=True"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"took over the lock of '{workdir}' from pid {first.pid}" in third.stdout
     assert "summary: step=2" in third.stdout and not (workdir / LOCK_NAME).exists()

@@ -1,4 +1,5 @@
 """jaxapr.train.metrics: JSONL rows, TensorBoard events read back, resume truncation, progress."""
+
 import glob
 import json
 import math
@@ -20,15 +21,30 @@ def tb_scalars(workdir):
 
 def test_jsonl_rows_and_types(tmp_path):
     with MetricWriter(tmp_path, tensorboard=False, progress=False) as w:
-        w.write(1, {"loss": jnp.float32(2.5), "acc": np.float64(0.25), "tokens": np.int64(128), "ok": True,
-                    "lr": jnp.asarray(1e-3, jnp.bfloat16)})
+        w.write(
+            1,
+            {
+                "loss": jnp.float32(2.5),
+                "acc": np.float64(0.25),
+                "tokens": np.int64(128),
+                "ok": True,
+                "lr": jnp.asarray(1e-3, jnp.bfloat16),
+            },
+        )
         w.write(2, {"loss": float("nan"), "grad_norm": float("inf"), "neg": -math.inf})
         w.write(2, {"accuracy": 0.5}, prefix="eval/")
         # Each line is on disk as soon as write returns.
         lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 3
     raw = [json.loads(line) for line in lines]
-    assert raw[0] == {"step": 1, "loss": 2.5, "acc": 0.25, "tokens": 128, "ok": True, "lr": float(jnp.asarray(1e-3, jnp.bfloat16))}
+    assert raw[0] == {
+        "step": 1,
+        "loss": 2.5,
+        "acc": 0.25,
+        "tokens": 128,
+        "ok": True,
+        "lr": float(jnp.asarray(1e-3, jnp.bfloat16)),
+    }
     assert type(raw[0]["tokens"]) is int and type(raw[0]["loss"]) is float
     assert raw[1] == {"step": 2, "loss": "nan", "grad_norm": "inf", "neg": "-inf"}
     assert raw[2] == {"step": 2, "eval/accuracy": 0.5}
@@ -156,8 +172,9 @@ def test_wandb_logs_every_row_and_resumes_the_same_run(tmp_path, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "proj")
-    with MetricWriter(tmp_path / "run", progress=False, tensorboard=False, wandb=True,
-                      wandb_config={"kind": "apr"}) as w:
+    with MetricWriter(
+        tmp_path / "run", progress=False, tensorboard=False, wandb=True, wandb_config={"kind": "apr"}
+    ) as w:
         w.write(1, {"loss": 2.0, "tokens": 10})
         w.write(2, {"loss": float("nan")}, prefix="eval/")
     assert fake.finished == 1

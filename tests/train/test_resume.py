@@ -1,5 +1,6 @@
 """Kill-and-resume: a real SFT process killed with SIGKILL mid-run, then restarted on the same
 workdir, ends with the same parameters and metrics as an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -20,22 +21,50 @@ TIMING = ("tokens_per_s", "peak_fraction", "train_seconds", "seconds", "seconds_
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_data")
-    splits = countdown.make_splits(0, {"train": 200, "val": 20}, num_numbers=3, min_target=1, max_target=30,
-                                   max_number=20)
+    splits = countdown.make_splits(
+        0, {"train": 200, "val": 20}, num_numbers=3, min_target=1, max_target=30, max_number=20
+    )
     splits.save(str(root / "problems"))
-    data.build_dataset(str(root / "sosp"), splits.splits, data.TraceConfig(kind="sosp", max_beam_size=2), seed=0,
-                       num_workers=0)
+    data.build_dataset(
+        str(root / "sosp"), splits.splits, data.TraceConfig(kind="sosp", max_beam_size=2), seed=0, num_workers=0
+    )
     return str(root)
 
 
 def _command(data_dir, workdir):
-    flags = dict(data_dir=data_dir, num_steps=40, log_every=1, eval_every=10, checkpoint_every=10, eval_problems=4,
-                 eval_max_context=64, eval_num_slots=4, batch_size=8, seq_len=512, eval_batches=1, progress=False,
-                 keep=2)
-    flags.update({"model.num_layers": 1, "model.d_model": 64, "model.num_heads": 2, "model.num_kv_heads": 2,
-                  "model.mlp_dim": 128, "model.max_len": 512, "optim.warmup_steps": 5})
-    return [sys.executable, "-m", "experiments.train_sft", "--config=experiments/configs/sft.py:tiny",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+    flags = dict(
+        data_dir=data_dir,
+        num_steps=40,
+        log_every=1,
+        eval_every=10,
+        checkpoint_every=10,
+        eval_problems=4,
+        eval_max_context=64,
+        eval_num_slots=4,
+        batch_size=8,
+        seq_len=512,
+        eval_batches=1,
+        progress=False,
+        keep=2,
+    )
+    flags.update(
+        {
+            "model.num_layers": 1,
+            "model.d_model": 64,
+            "model.num_heads": 2,
+            "model.num_kv_heads": 2,
+            "model.mlp_dim": 128,
+            "model.max_len": 512,
+            "optim.warmup_steps": 5,
+        }
+    )
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train_sft",
+        "--config=experiments/configs/sft.py:tiny",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
 def _env():
@@ -48,7 +77,7 @@ def _env():
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if not k.split("/")[-1] in TIMING} for r in rows]
+    return [{k: v for k, v in r.items() if k.split("/")[-1] not in TIMING} for r in rows]
 
 
 def _final_params(workdir):
@@ -61,8 +90,9 @@ def _final_params(workdir):
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run(_command(data_dir, straight), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_command(data_dir, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(data_dir, killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = os.path.join(killed, "metrics.jsonl")
     deadline = time.time() + 600
     step = 0

@@ -1,6 +1,7 @@
 """The SFT and GRPO runs end to end (in-process, a very small policy): outputs, resume,
 and bad input (missing data, NaN loss, a config that does not match the checkpoint, another
 run's work directory, a corrupt latest checkpoint)."""
+
 import glob
 import json
 import os
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 
 from envs import countdown
-from jaxapr import data
-from jaxapr import policy_io
+from jaxapr import data, policy_io
 from jaxapr.train import loop, machine, rl, sft
 
 SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
@@ -21,12 +21,14 @@ SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs_data")
-    splits = countdown.make_splits(0, {"train": 120, "val": 16}, num_numbers=3, min_target=1, max_target=30,
-                                   max_number=20)
+    splits = countdown.make_splits(
+        0, {"train": 120, "val": 16}, num_numbers=3, min_target=1, max_target=30, max_number=20
+    )
     splits.save(str(root / "problems"))
     for kind in ("sosp", "apr"):
-        data.build_dataset(str(root / kind), splits.splits, data.TraceConfig(kind=kind, max_beam_size=2), seed=0,
-                           num_workers=0)
+        data.build_dataset(
+            str(root / kind), splits.splits, data.TraceConfig(kind=kind, max_beam_size=2), seed=0, num_workers=0
+        )
     return str(root)
 
 
@@ -35,9 +37,24 @@ def sft_config(data_dir, **kw):
 
     c = sft_configs.get_config("tiny")
     c.model.update(SMALL)
-    c.update(dict(data_dir=data_dir, kind="apr", num_steps=6, seq_len=256, batch_size=8, log_every=2, eval_every=3,
-                  checkpoint_every=3, eval_problems=4, eval_max_context=128, eval_num_slots=8, eval_batches=1,
-                  progress=False, async_checkpoint=False))
+    c.update(
+        dict(
+            data_dir=data_dir,
+            kind="apr",
+            num_steps=6,
+            seq_len=256,
+            batch_size=8,
+            log_every=2,
+            eval_every=3,
+            checkpoint_every=3,
+            eval_problems=4,
+            eval_max_context=128,
+            eval_num_slots=8,
+            eval_batches=1,
+            progress=False,
+            async_checkpoint=False,
+        )
+    )
     c.optim.warmup_steps = 2
     for k, v in kw.items():
         c[k] = v
@@ -48,9 +65,22 @@ def rl_config(data_dir, init_from, **kw):
     from experiments.configs import rl as rl_configs
 
     c = rl_configs.get_config("tiny")
-    c.update(dict(data_dir=data_dir, init_from=init_from, kind="apr", num_steps=3, max_context=128, num_slots=16,
-                  eval_every=2, checkpoint_every=1, eval_problems=4, eval_at_start=False, progress=False,
-                  async_checkpoint=False))
+    c.update(
+        dict(
+            data_dir=data_dir,
+            init_from=init_from,
+            kind="apr",
+            num_steps=3,
+            max_context=128,
+            num_slots=16,
+            eval_every=2,
+            checkpoint_every=1,
+            eval_problems=4,
+            eval_at_start=False,
+            progress=False,
+            async_checkpoint=False,
+        )
+    )
     # rewards differ by length, so a random policy's groups have advantages (with every
     # rollout failing, skip_zero_advantage would leave nothing to train)
     c.grpo.update(dict(num_problems=2, group_size=2, learning_rate=1e-3, length_penalty=0.01))
@@ -81,8 +111,7 @@ def test_sft_run_writes_metrics_checkpoints_and_summary(sft_run):
     policy = policy_io.load_policy(workdir, which="latest")
     assert policy.cfg.d_model == SMALL["d_model"]
     # Running again on a finished workdir resumes at the end and trains nothing more.
-    again = sft.train(sft_config(sft_run_data(workdir)),
-                      workdir, log=lambda *_: None)
+    again = sft.train(sft_config(sft_run_data(workdir)), workdir, log=lambda *_: None)
     assert again["step"] == 6
 
 
@@ -117,17 +146,23 @@ def test_sft_says_how_many_examples_are_too_long(tmp_path, data_dir):
     lengths = data.TraceSource(os.path.join(data_dir, "apr"), "train", False).lengths
     seq_len = int(np.median(lengths))  # about half of the examples do not fit
     lines = []
-    sft.train(sft_config(data_dir, num_steps=2, seq_len=seq_len, eval_every=0, checkpoint_every=2), str(tmp_path / "r"),
-              log=lines.append)
+    sft.train(
+        sft_config(data_dir, num_steps=2, seq_len=seq_len, eval_every=0, checkpoint_every=2),
+        str(tmp_path / "r"),
+        log=lines.append,
+    )
     dropped = int((lengths > seq_len).sum())
     assert dropped > 0
-    assert any(line.startswith(f"{dropped} training examples are longer than seq_len={seq_len} tokens") for line in lines)
+    assert any(
+        line.startswith(f"{dropped} training examples are longer than seq_len={seq_len} tokens") for line in lines
+    )
 
 
 def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, sft_run):
     workdir, _ = sft_run
-    source = policy_io.export_policy(policy_io.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"),
-                                  dtype="float32")
+    source = policy_io.export_policy(
+        policy_io.load_policy(workdir, which="latest"), str(tmp_path / "p_apr.npz"), dtype="float32"
+    )
     # "{kind}" in init_from is the run's kind; with a negligible learning rate the run keeps them exactly.
     c = sft_config(data_dir, num_steps=2, eval_every=0, checkpoint_every=2, init_from=str(tmp_path / "p_{kind}.npz"))
     c.optim.update(learning_rate=1e-30, warmup_steps=1)  # updates below every float32 ulp
@@ -144,8 +179,9 @@ def test_sft_init_from_starts_from_another_runs_parameters(tmp_path, data_dir, s
     fresh.optim.update(learning_rate=1e-30, warmup_steps=1)
     sft.train(fresh, str(tmp_path / "fresh"), log=lambda *_: None)
     other = policy_io.load_params(str(tmp_path / "fresh"), which="latest")[1]
-    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(other), jax.tree.leaves(want)))
+    assert any(
+        not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(other), jax.tree.leaves(want))
+    )
     bigger = sft_config(data_dir, init_from=workdir, init_which="latest")
     bigger.model.d_model = 64
     with pytest.raises(ValueError, match=r"is a different model: d_model=32 \(run: 64\)"):
@@ -174,19 +210,23 @@ def test_another_runs_workdir_is_refused_listing_the_fields(tmp_path, data_dir, 
 
     workdir = str(tmp_path / "run")
     shutil.copytree(sft_run[0], workdir)
-    before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True)
-              if os.path.isfile(p)}
+    before = {
+        p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True) if os.path.isfile(p)
+    }
     other = sft_config(data_dir, kind="sosp", seed=7)
     other.optim.learning_rate = 0.05
     with pytest.raises(ConfigMismatchError) as e:
         sft.train(other, workdir, log=lambda *_: None)
     message = str(e.value)
-    assert "\n" not in message and message.startswith("checkpoint config kind=\"apr\" differs from this run's \"sosp\", "
-                                                      "optim.learning_rate=0.002 differs from this run's 0.05, "
-                                                      "seed=0 differs from this run's 7: expected the same values")
+    assert "\n" not in message and message.startswith(
+        'checkpoint config kind="apr" differs from this run\'s "sosp", '
+        "optim.learning_rate=0.002 differs from this run's 0.05, "
+        "seed=0 differs from this run's 7: expected the same values"
+    )
     assert "--config.overwrite=True" in message
-    after = {p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True)
-             if os.path.isfile(p)}
+    after = {
+        p: open(p, "rb").read() for p in glob.glob(os.path.join(workdir, "**"), recursive=True) if os.path.isfile(p)
+    }
     assert after == before
     # How long to train and how often to evaluate may change: the run continues 6 -> 8.
     longer = sft_config(data_dir, num_steps=8, eval_every=4, checkpoint_every=4, log_every=4, eval_batches=2)
@@ -200,7 +240,9 @@ def test_another_runs_workdir_is_refused_listing_the_fields(tmp_path, data_dir, 
     assert any(line.startswith("config.overwrite: deleted the previous run's checkpoints") for line in lines)
     assert not any("resumed" in line for line in lines)
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [2]
-    assert [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "train/loss" in r] == [2]
+    assert [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "train/loss" in r] == [
+        2
+    ]
     assert json.load(open(os.path.join(workdir, "config.json")))["kind"] == "sosp"
 
 
@@ -208,8 +250,11 @@ def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before(tmp_p
     workdir = str(tmp_path / "flip")
     c = sft_config(data_dir, num_steps=6, eval_every=0, eval_problems=0)
     sft.train(c, workdir, log=lambda *_: None)
-    files = [p for p in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "d", "*"), recursive=True)
-             if os.path.getsize(p) > 4096]  # the array data (orbax reads it without complaint: wrong values)
+    files = [
+        p
+        for p in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "d", "*"), recursive=True)
+        if os.path.getsize(p) > 4096
+    ]  # the array data (orbax reads it without complaint: wrong values)
     for path in files:
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
@@ -233,8 +278,14 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     rows = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
     rl_rows = [r for r in rows if "rl/reward" in r]
     assert [r["step"] for r in rl_rows] == [1, 2, 3]
-    assert {"rl/kl", "rl/clip_fraction", "rl/children_per_problem", "rl/sequential_tokens",
-            "rl/rollout_seconds", "rl/update_seconds"} <= set(rl_rows[0])
+    assert {
+        "rl/kl",
+        "rl/clip_fraction",
+        "rl/children_per_problem",
+        "rl/sequential_tokens",
+        "rl/rollout_seconds",
+        "rl/update_seconds",
+    } <= set(rl_rows[0])
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
     rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
     a = policy_io.load_params(straight, which="latest")[1]
@@ -242,8 +293,10 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     init_params = policy_io.load_params(init, which="latest")[1]
-    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init_params)))
+    assert any(
+        not np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init_params))
+    )
 
 
 def test_export_round_trip(tmp_path, sft_run):

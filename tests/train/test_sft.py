@@ -1,4 +1,5 @@
 """jaxapr.train.sft: the masked next-token loss, packing invariance, accumulation, overfitting."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,9 +45,9 @@ def _packed(examples, L, rows):
         r = i % rows
         s, n = fill[r], len(t)
         assert s + n <= L
-        b["tokens"][r, s:s + n], b["loss_mask"][r, s:s + n] = t, m
-        b["segment_ids"][r, s:s + n] = 1 + i // rows
-        b["positions"][r, s:s + n] = np.arange(n)
+        b["tokens"][r, s : s + n], b["loss_mask"][r, s : s + n] = t, m
+        b["segment_ids"][r, s : s + n] = 1 + i // rows
+        b["positions"][r, s : s + n] = np.arange(n)
         fill[r] += n
     return b
 
@@ -88,7 +89,7 @@ def test_masked_positions_contribute_nothing():
     assert free.sum() > 10 and (batch["segment_ids"] == 3).any()
     perturbed = {k: v.copy() for k, v in batch.items()}
     perturbed["tokens"][free] = rng.integers(3, 300, free.sum())
-    loss = lambda p, b: sft.sft_loss(graphdef, p, b)  # noqa: E731
+    loss = lambda p, b: sft.sft_loss(graphdef, p, b)
     base, grads = jax.value_and_grad(loss)(params, batch)
     pert, pgrads = jax.value_and_grad(loss)(params, perturbed)
     assert float(pert) == pytest.approx(float(base), rel=1e-6)
@@ -124,8 +125,13 @@ def test_accumulation_equals_one_big_batch():
     # a rounding difference in a near-zero gradient into at most ~1e-6 of a parameter)
     for a, b in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(outs[1][0].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
-    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(nnx.split(_policy())[1]))) > 5e-4
+    assert (
+        max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(nnx.split(_policy())[1]))
+        )
+        > 5e-4
+    )
     with pytest.raises(ValueError, match="accum_steps=3"):
         sft.make_sft_step(graphdef, tx, 3)(outs[0][0], batch)
     del policy
@@ -139,7 +145,7 @@ def test_overfits_a_fixed_batch_without_retracing():
     step = sft.make_sft_step(graphdef, tx, 2, sched)
     fn = step
     first = None
-    for i in range(200):
+    for _i in range(200):
         state, m = fn(state, batch)
         first = float(m["loss"]) if first is None else first
     assert first > 4.0 and float(m["loss"]) < 0.05, (first, float(m["loss"]))
@@ -153,8 +159,9 @@ def test_non_finite_loss_leaves_state_unchanged():
     graphdef, state = init_train_state(_policy(), tx)
     before = jax.tree.map(np.asarray, state.params)
     state = jax.tree.map(lambda x: x, state)
-    bad = jax.tree.map(lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 and p.shape[0] == CFG.vocab_size else p,
-                       state.params)
+    bad = jax.tree.map(
+        lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 and p.shape[0] == CFG.vocab_size else p, state.params
+    )
     state = state.replace(params=bad)
     bad_np = jax.tree.map(np.asarray, bad)
     batch = _unpacked(_examples(np.random.default_rng(5), 2), 16)

@@ -65,6 +65,12 @@ flags.DEFINE_integer("grpo_group", 4, "train: GRPO rollouts per problem.")
 flags.DEFINE_string("quickstart_json", None, "quickstart: an existing quickstart.json to report (default: run it).")
 flags.DEFINE_string("baseline_json", None, "quickstart: another run's quickstart.json, reported side by side.")
 flags.DEFINE_string("quickstart_workdir", "/tmp/jaxapr_bench_quickstart", "quickstart: where the run goes.")
+flags.DEFINE_string(
+    "baseline_commit",
+    None,
+    "Also run the same suite and flags on this git revision (a temporary worktree of this "
+    "repository, e.g. HEAD~1 or main) first, then print every figure side by side with new/old.",
+)
 flags.DEFINE_integer("grpo_context", None, "train: GRPO per-call context (default: the policy's; random: 512).")
 
 
@@ -624,7 +630,7 @@ def suite_runtime(quick: bool, repeats: int) -> dict:
         assert (a.text, a.total_tokens, a.prompt_tokens) == (b.text, b.total_tokens, b.prompt_tokens)
         for ca, cb in zip(a.calls, b.calls):
             np.testing.assert_allclose(ca.logprobs, cb.logprobs, atol=1e-3)
-    counted = ("prefill", "extend", "decode", "release")
+    counted = ("prefill", "decode", "release")
     traces_before = dict(engine.TRACE_COUNTS)
     times = interleaved_medians({name: (lambda name=name: run(name)) for name in runs}, repeats)
     recompiles = {k: engine.TRACE_COUNTS[k] - traces_before.get(k, 0) for k in counted}
@@ -926,6 +932,67 @@ def _check_flags() -> None:
             raise ValueError(f"--{name}={value}: expected a positive int")
 
 
+def _run_at_commit(rev: str) -> dict:
+    """This invocation's suite and flags at git revision ``rev`` (in a temporary worktree, in a
+    subprocess) -> its results JSON."""
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sha = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=root, capture_output=True, text=True)
+    if sha.returncode:
+        raise ValueError(f"--baseline_commit={rev!r}: not a commit of this repository ({sha.stderr.strip()})")
+    sha = sha.stdout.strip()
+    tmp = tempfile.mkdtemp(prefix="jaxapr_bench_base_")
+    tree, out = os.path.join(tmp, "tree"), os.path.join(tmp, "results.json")
+    subprocess.run(["git", "worktree", "add", "--detach", tree, sha], cwd=root, check=True, capture_output=True)
+    try:
+        skip = ("--baseline_commit", "--out")
+        argv = [a for a in sys.argv[1:] if not a.startswith(skip)] + [f"--out={out}"]
+        print(f"baseline: {rev} = {sha[:10]}: python -m experiments.bench {' '.join(argv)}", flush=True)
+        env = dict(os.environ, PYTHONPATH=tree)
+        proc = subprocess.run([sys.executable, "-m", "experiments.bench", *argv], cwd=tree, env=env)
+        if proc.returncode or not os.path.isfile(out):
+            raise RuntimeError(f"the baseline run at {rev} failed (exit {proc.returncode})")
+        with open(out) as f:
+            base = json.load(f)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=root, capture_output=True)
+    base["commit"] = sha
+    return base
+
+
+def _figures(tree, path: str = "") -> dict:
+    """Every number in a results tree by a readable path; a list of row dicts is keyed by each
+    row's text fields and its batch / slot / problem counts."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_figures(v, f"{path}.{k}" if path else str(k)))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            label = str(i)
+            if isinstance(v, dict):
+                ids = [
+                    f"{k}={x}" for k, x in v.items() if isinstance(x, str) or k in ("batch", "num_slots", "problems")
+                ]
+                label = ",".join(ids) or label
+            out.update(_figures(v, f"{path}[{label}]"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[path] = float(tree)
+    return out
+
+
+def compare(base: dict, new: dict) -> list[dict]:
+    """Rows (figure, baseline, new, new / baseline) for the figures both results hold."""
+    old, now = _figures(base), _figures(new)
+    return [
+        {"figure": k, "baseline": old[k], "new": now[k], "new / baseline": now[k] / old[k] if old[k] else None}
+        for k in now
+        if k in old
+    ]
+
+
 def main(argv):
     del argv
     try:
@@ -935,8 +1002,20 @@ def main(argv):
         sys.exit(1)
     t0 = time.time()
     results = {"suite": FLAGS.suite, "quick": FLAGS.quick, "machine": machine()}
+    base = None
+    if FLAGS.baseline_commit:
+        try:
+            base = _run_at_commit(FLAGS.baseline_commit)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     results["results"] = SUITES[FLAGS.suite](FLAGS.quick, FLAGS.repeats if not FLAGS.quick else 1)
     results["wall_s"] = time.time() - t0
+    if base is not None:
+        rows = compare(base["results"], results["results"])
+        results["baseline"] = {"commit": base["commit"], "results": base["results"], "comparison": rows}
+        print(f"\nthis tree vs {FLAGS.baseline_commit} ({base['commit'][:10]}), run one after the other:")
+        print_table(rows, ["figure", "baseline", "new", "new / baseline"])
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:

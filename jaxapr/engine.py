@@ -1,19 +1,17 @@
 """A static-shape slot engine: batched prefill into free slots, k-step jitted decode chunks.
 
 Threads are rows. The engine holds a fixed pool of ``num_slots`` slots; each slot is one row
-of a KV cache (per layer ``[num_slots, kv_heads, max_len, head_dim]``, see
-``init_engine_cache``) plus a row of slot state (generated tokens, their log-probabilities,
-position, per-slot limit, stop ids, sampling parameters and key). Every slot can hold a
-sequence of a different length at a different step: the cache is written and read at per-row
-positions. Prefill runs ``Transformer.forward_cached``; decode runs ``decode_forward``, the
-same computation for one token per slot on the engine's heads-major cache layout; ``extend``
-runs ``extend_forward``, the same for new tokens appended to occupied rows. All three are the
-policy's one pass over its layers, ``Transformer.forward``, each with its own attention
-callback that writes the layer's keys/values into its cache and attends over it.
+of the policy's KV cache (``Transformer.init_cache``, the one cache layout) plus a row of slot
+state (generated tokens, their log-probabilities, position, per-slot limit, stop ids, sampling
+parameters and key). Every slot can hold a sequence of a different length at a different
+step: the cache is written and read at per-row positions. Everything the engine runs on the
+model is ``Transformer.forward_cached``: a prefill writes prompts into chosen rows, an
+extension appends tokens to rows that hold a context (the same jitted kernel, ``_prefill``,
+with a start position), and a decode step feeds one token per slot.
 
 The interface the APR runtime drives (all host-side calls; the work is in three jitted
-functions, ``_prefill``, ``_extend`` and ``_decode``, which take the parameters explicitly and
-donate the cache and the slot state)::
+functions, ``_prefill``, ``_decode`` and ``_release``, which take the parameters explicitly
+and donate the cache and the slot state)::
 
     eng = Engine(policy, num_slots=64)
     slots = eng.insert(prompts, max_new_tokens=256, stop_ids=(eos,), temperature=1.0, key=key)
@@ -35,8 +33,8 @@ is compiled or launched.
 
 Compiles are bounded: ``_decode`` compiles once per engine shape (the step count is a traced
 argument), ``_prefill`` once per (prompt-batch bucket, prompt-length bucket) pair actually used,
-``_extend`` per (batch bucket, suffix-length bucket, context bucket) -- its attention reads
-only the smallest prefill bucket of cache entries that covers start + suffix.
+per (batch bucket, suffix-length bucket, context bucket) for ``extend``: attention reads only
+the smallest prefill bucket of cache entries that covers start + suffix.
 The jitted functions live at module level with the graphdef as a static argument, so two
 engines over the same architecture (e.g. successive ``generate`` calls) share compiles.
 
@@ -76,7 +74,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxapr import model as model_lib
 
@@ -199,65 +196,12 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------
-# the engine's KV cache and its one-token forward
-# ----------------------------------------------------------------------------------------
-def init_engine_cache(policy, num_slots: int, max_len: int, dtype=None) -> dict:
-    """The engine's KV cache: {"k", "v"}: tuples of one array per layer, each
-    [slots, kv_heads, max_len, head_dim] (heads before positions, so that a decode step's
-    attention is a plain batched mat-vec: about 17x faster on CPU than the
-    [slots, max_len, kv_heads, head_dim] layout of ``Transformer.init_cache``; one array per
-    layer, so a step updates each layer in place)."""
-    cfg = policy.cfg
-    shape = (num_slots, cfg.num_kv_heads, max_len, cfg.dims_per_head)
-    dtype = dtype or policy.dtype
-    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name in ("k", "v")}
-
-
-def _attend_one(q, k, v, mask):
-    """q [B, H, D] against cache k/v [B, KV, S, D] where mask [B, S] -> [B, H, D] (grouped-query
-    heads h = kv * G + g, as ``jax.nn.dot_product_attention`` groups them)."""
-    b, h, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, h // kv, d)
-    # XLA:CPU is ~10x faster with scores [B, KV, G, S] when G == 1 and [B, KV, S, G] when G > 1
-    s_axis, spec = (3, "bkgs") if h == kv else (2, "bksg")
-    scores = jnp.einsum(f"bksd,bkgd->{spec}", k, qg, preferred_element_type=jnp.float32) * d**-0.5
-    mask = mask[:, None, None, :] if s_axis == 3 else mask[:, None, :, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=s_axis).astype(v.dtype)
-    return jnp.einsum(f"{spec},bksd->bkgd", weights, v).reshape(b, h, d)
-
-
-def decode_forward(policy, tokens, positions, cache: dict, write):
-    """One token per slot: tokens/positions int32[S], write bool[S] -> (logits f32[S, V], cache).
-
-    The same computation as ``policy.forward_cached`` with T = 1, on the engine's cache layout
-    (see ``init_engine_cache``): the key/value of slot s is written at ``positions[s]`` where
-    ``write[s]``, and it attends to cache entries ``<= positions[s]`` (``_attend_one``: a
-    mat-vec over the heads-major layout instead of ``model.masked_attention``).
-    """
-    num_slots = tokens.shape[0]
-    max_len = cache["k"][0].shape[2]
-    rows = jnp.arange(num_slots)
-    where = jnp.where(write, positions, max_len)  # out of range: dropped
-    mask = jnp.arange(max_len)[None, :] <= positions[:, None]
-
-    def attention(layer, q, k, v):  # q [S, 1, H, D], k/v [S, 1, KV, D]
-        ck = cache["k"][layer].at[rows, :, where].set(k[:, 0].astype(cache["k"][layer].dtype), mode="drop")
-        cv = cache["v"][layer].at[rows, :, where].set(v[:, 0].astype(cache["v"][layer].dtype), mode="drop")
-        return _attend_one(q[:, 0], ck.astype(q.dtype), cv.astype(q.dtype), mask)[:, None], (ck, cv)
-
-    x, layer_caches = policy.forward(tokens[:, None], positions[:, None], attention)
-    new_k, new_v = zip(*layer_caches)
-    return policy.logits(x)[:, 0], {"k": new_k, "v": new_v}
-
-
-# ----------------------------------------------------------------------------------------
 # jitted kernels
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Static shardings (None = let the compiler choose, single device)."""
+    """Static shardings (None = let the compiler choose, single device): ``cache`` as ((name,
+    sharding), ...) pairs for the cache arrays "k" and "v", ``slots`` for the slot state."""
 
     cache: Any = None
     slots: Any = None
@@ -268,7 +212,8 @@ class _Layout:
         return cache, self.constrain_slots(slots)
 
     def cache_shardings(self, cache):
-        return jax.tree.map(lambda _: self.cache, cache)
+        by_name = dict(self.cache)  # (name, sharding) pairs: a static argument must hash
+        return {name: tuple(by_name[name] for _ in arrays) for name, arrays in cache.items()}
 
     def constrain_slots(self, slots):
         if self.slots is None:
@@ -322,91 +267,6 @@ def _start_rows(
 def _prefill(
     graphdef,
     layout,
-    params,
-    cache,
-    slots: SlotState,
-    prompts,
-    lengths,
-    slot_ids,
-    limit,
-    stop_ids,
-    temperature,
-    top_k,
-    top_p,
-    keys,
-    forced,
-    num_forced,
-):
-    """Prefill ``prompts`` int32[n, T] (right-padded, true ``lengths``) into rows ``slot_ids``
-    (index num_slots = padding row, dropped), sample each first token, set the slot state.
-    ``forced`` int32[n, L] / ``num_forced`` int32[n]: forced tokens per prompt (0 = free)."""
-    TRACE_COUNTS["prefill"] += 1
-    policy = nnx.merge(graphdef, params)
-    n, t = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    small = policy.init_cache(n, t, dtype=cache["k"][0].dtype)
-    logits, small = policy.forward_cached(prompts, positions, small, jnp.ones((n, t), bool))
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first, logp = sample_logits(
-        last,
-        _step_keys(keys, jnp.zeros((n,), jnp.int32)),
-        temperature,
-        top_k,
-        top_p,
-        jnp.where(num_forced > 0, forced[:, 0], -1),
-    )
-    cache = {
-        name: tuple(
-            c.at[slot_ids, :, :t].set(small[name][layer].transpose(0, 2, 1, 3), mode="drop")
-            for layer, c in enumerate(cache[name])
-        )
-        for name in ("k", "v")
-    }
-    slots = _start_rows(
-        slots, slot_ids, first, logp, lengths, limit, stop_ids, temperature, top_k, top_p, keys, forced, num_forced
-    )
-    return layout.constrain(cache, slots)
-
-
-def extend_forward(policy, tokens, starts, lengths, slot_ids, cache: dict, window: int | None = None):
-    """Forward of new tokens appended to occupied cache rows -> (logits f32[n, V] of each
-    row's last new token, cache).
-
-    tokens int32[n, T] (right-padded, true ``lengths``) go to engine rows ``slot_ids`` (index
-    num_slots = padding row: nothing written) at cache indices ``starts[i] .. starts[i] +
-    lengths[i] - 1``; each attends to the row's entries ``<=`` its own index, i.e. to the
-    entries below ``starts[i]`` that the row already holds. The same computation as
-    ``policy.forward_cached`` over the row (same attention, ``model.masked_attention``), on
-    the engine's layout.
-    ``window`` (static, default max_len): attention reads only cache indices below it, which
-    must cover every ``starts[i] + lengths[i]`` (a short context need not pay for the whole row).
-    """
-    n, t = tokens.shape
-    num_slots, _, max_len, _ = cache["k"][0].shape
-    window = max_len if window is None else window
-    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    write = jnp.arange(t)[None, :] < lengths[:, None]
-    rows = jnp.broadcast_to(slot_ids[:, None], (n, t))
-    where = jnp.where(write, positions, max_len)  # out of range: dropped
-    gather = jnp.minimum(slot_ids, num_slots - 1)  # a padding row reads some row; its result is unused
-    mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [n, T, window]
-
-    def attention(layer, q, k, v):
-        ck = cache["k"][layer].at[rows, :, where].set(k.astype(cache["k"][layer].dtype), mode="drop")
-        cv = cache["v"][layer].at[rows, :, where].set(v.astype(cache["v"][layer].dtype), mode="drop")
-        kr = ck[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)  # [n, window, kv_heads, head_dim]
-        vr = cv[gather, :, :window].transpose(0, 2, 1, 3).astype(q.dtype)
-        return model_lib.masked_attention(q, kr, vr, mask), (ck, cv)
-
-    x, layer_caches = policy.forward(tokens, positions, attention)
-    new_k, new_v = zip(*layer_caches)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    return policy.logits(last)[:, 0], {"k": new_k, "v": new_v}
-
-
-def _extend(
-    graphdef,
-    layout,
     window,
     params,
     cache,
@@ -424,14 +284,19 @@ def _extend(
     forced,
     num_forced,
 ):
-    """Prefill ``suffixes`` int32[n, T] (right-padded, true ``lengths``) into occupied rows
-    ``slot_ids`` from cache index ``starts`` on, attending within the first ``window`` cache
-    entries (see ``extend_forward``), sample each first token and start a new call in the
-    row, as ``_prefill`` does for a whole prompt."""
-    TRACE_COUNTS["extend"] += 1
+    """Prefill ``suffixes`` int32[n, T] (right-padded, true ``lengths``) into rows ``slot_ids``
+    (index num_slots = padding row, dropped) at cache indices ``starts`` on, attending within
+    the first ``window`` cache entries (``Transformer.forward_cached``), sample each first
+    token and start a new call in each row. ``insert`` is the case ``starts == 0`` (a whole
+    prompt into a free row); ``extend`` appends to the context a finished row holds.
+    ``forced`` int32[n, L] / ``num_forced`` int32[n]: forced tokens per prompt (0 = free)."""
+    TRACE_COUNTS["prefill"] += 1
     policy = nnx.merge(graphdef, params)
-    n = suffixes.shape[0]
-    last, cache = extend_forward(policy, suffixes, starts, lengths, slot_ids, cache, window)
+    n, t = suffixes.shape
+    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    write = jnp.arange(t)[None, :] < lengths[:, None]
+    logits, cache = policy.forward_cached(suffixes, positions, cache, write, rows=slot_ids, window=window)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     first, logp = sample_logits(
         last,
         _step_keys(keys, jnp.zeros((n,), jnp.int32)),
@@ -463,9 +328,10 @@ def _decode_step(policy, cache, slots: SlotState):
     ``cache`` may be the first entries of the engine's (see ``_decode``): running slots'
     positions are below its length."""
     run = slots.running
-    max_len = cache["k"][0].shape[2]
+    max_len = cache["v"][0].shape[2]
     pos = jnp.clip(slots.next_pos, 0, max_len - 1)
-    logits, cache = decode_forward(policy, slots.last_token, pos, cache, run)
+    logits, cache = policy.forward_cached(slots.last_token[:, None], pos[:, None], cache, run[:, None])
+    logits = logits[:, 0]
     rows = jnp.arange(run.shape[0])
     max_cols = slots.tokens.shape[1]
     forced = jnp.where(
@@ -493,7 +359,7 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
     entries (static; the host's bound on every running slot's position, see ``Engine.decode``)."""
     TRACE_COUNTS["decode"] += 1
     policy = nnx.merge(graphdef, params)
-    max_len = cache["k"][0].shape[2]
+    max_len = cache["v"][0].shape[2]
     span = min(int(attend_len), max_len)
 
     def cond(carry):
@@ -509,16 +375,21 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
     # The loop runs on the first ``span`` cache entries, copied out once per call and written
     # back once at its end: slicing inside the step would copy them every step (XLA:CPU's dot
     # reads whole buffers), and a decode step is bound by reading its cache.
-    window = cache if span == max_len else jax.tree.map(lambda c: c[:, :, :span], cache)
+    axis = model_lib.CACHE_SEQ_AXIS
+    window = cache
+    if span < max_len:
+        window = {n: tuple(jax.lax.slice_in_dim(c, 0, span, axis=axis[n]) for c in cs) for n, cs in cache.items()}
     steps, window, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), window, slots))
     if span < max_len:
-        window = jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, 0, axis=2), cache, window)
+        window = {
+            n: tuple(jax.lax.dynamic_update_slice_in_dim(c, w, 0, axis=axis[n]) for c, w in zip(cache[n], window[n]))
+            for n in cache
+        }
     cache, slots = layout.constrain(window, slots)
     return cache, slots, steps
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3, 4))
-_extend_jit = jax.jit(_extend, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
 
 
@@ -631,7 +502,7 @@ class Engine:
             decode_buckets or _step_buckets(max_len, max(128, max_len // 8)), max_len, "decode_buckets"
         )
         self.mesh, self._layout, self._param_shardings = mesh, _Layout(), None
-        cache = init_engine_cache(policy, num_slots, max_len, dtype=cache_dtype)
+        cache = policy.init_cache(num_slots, max_len, dtype=cache_dtype)
         slots = init_slots(num_slots, max_len, max_stop_ids)
         if mesh is not None:
             cache, slots = self._setup_mesh(policy, mesh, rules, cache, slots)
@@ -658,9 +529,8 @@ class Engine:
         if self.num_slots % ways:
             raise ValueError(f"num_slots={self.num_slots} is not divisible by data x fsdp = {ways} on this mesh")
         self._param_shardings = sharding.param_shardings(policy, mesh, rules)
-        spec = sharding.logical_to_mesh(("batch", "kv_heads", None, "head_dim"), rules)
         self._layout = _Layout(
-            cache=NamedSharding(mesh, sharding.fit_spec(spec, cache["k"][0].shape, mesh)),
+            cache=tuple((name, sharding.cache_sharding(mesh, rules, name, cache[name][0].shape)) for name in cache),
             slots=sharding.data_sharding(mesh),
         )
         cache = jax.device_put(cache, self._layout.cache_shardings(cache))
@@ -724,7 +594,7 @@ class Engine:
         slots = self._choose_slots(n, slots)
         sampling = self._check_sampling(n, max_new_tokens, temperature, top_k, top_p, key, stop_ids)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        self._launch(_prefill_jit, prompts, lengths, None, slots, forced, sampling)
+        self._launch(prompts, lengths, np.zeros((n,), np.int32), slots, forced, sampling)
         return list(slots)
 
     def extend(
@@ -773,14 +643,15 @@ class Engine:
         starts = self._check_starts(slots, starts, suffixes)
         sampling = self._check_sampling(n, max_new_tokens, temperature, top_k, top_p, key, stop_ids)
         lengths = np.array([len(p) for p in suffixes], np.int32)
-        self._launch(_extend_jit, suffixes, lengths, starts, slots, forced, sampling)
+        self._launch(suffixes, lengths, np.asarray(starts, np.int32), slots, forced, sampling)
         return list(slots)
 
-    def _launch(self, kernel, prompts, lengths, starts, slots, forced, sampling) -> None:
-        """Pad to the buckets and run ``_prefill_jit`` (starts None) or ``_extend_jit``."""
+    def _launch(self, prompts, lengths, starts, slots, forced, sampling) -> None:
+        """Pad to the buckets and run ``_prefill_jit``: attention reads the smallest bucket of
+        cache entries that covers every row's ``start + length``."""
         limit, temp, tk, tp, keys, stops = sampling
         n = len(prompts)
-        end = lengths if starts is None else starts + lengths
+        end = starts + lengths
         limit = np.minimum(limit, self.max_len - end).astype(np.int32)
         nb = _bucket(n, self.batch_buckets, "number of prompts")
         tb = _bucket(int(lengths.max()), self.prefill_buckets, "prompt length")
@@ -794,20 +665,17 @@ class Engine:
                 num_forced[i] = min(f.size, self.max_len)
                 forced_rows[i, : num_forced[i]] = f[: num_forced[i]]
         pad = lambda a, fill: np.concatenate([a, np.full((nb - n,) + a.shape[1:], fill, a.dtype)])
-        if starts is None:
-            static, head = (), (pad(lengths, 1),)
-        else:  # extend: attention reads the smallest bucket of cache entries that covers every row
-            static = (_bucket(int(end.max()), self.prefill_buckets, "context"),)
-            head = (pad(lengths, 1), pad(np.asarray(starts, np.int32), 0))
-        self.cache, self.slots = kernel(
+        window = _bucket(int(end.max()), self.prefill_buckets, "context")
+        self.cache, self.slots = _prefill_jit(
             self.graphdef,
             self._layout,
-            *static,
+            window,
             self.params,
             self.cache,
             self.slots,
             tokens,
-            *head,
+            pad(lengths, 1),
+            pad(starts, 0),
             pad(np.asarray(slots, np.int32), self.num_slots),
             pad(limit, 1),
             np.repeat(stops[None], nb, 0),

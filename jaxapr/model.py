@@ -2,7 +2,7 @@
 
 RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (``num_kv_heads`` <
 ``num_heads``), tied or untied embeddings. Decoding attends through
-``jax.nn.dot_product_attention`` (a fused kernel on GPUs); the training forward through
+``cached_attention`` (two einsums over the cache layout below); the training forward through
 ``jaxapr.kernels.causal_attention`` (block-causal) and every dense layer through
 ``jaxapr.kernels.dense``: on a CPU both have hand-written backwards (1.45-1.86x faster
 SFT steps), elsewhere they are the plain fused ops. Parameters are float32 by default; ``dtype`` is
@@ -11,19 +11,28 @@ the compute dtype (float32 on CPU, bfloat16 on GPU/TPU); logits are always float
 One pass over the layers, ``model.forward(tokens, positions, attention) -> (hidden,
 layer_caches)``, serves every forward: each layer computes its queries, keys and values and
 hands them to ``attention``, a callback that says where keys and values are kept and which of
-them each query sees (``model.logits(hidden)`` then gives the logits). Two forwards here are
-built on it, and the engine's decode and extend (``jaxapr.engine``) on the same pass:
+them each query sees (``model.logits(hidden)`` then gives the logits). Two forwards are built
+on it, and the decoding engine (``jaxapr.engine``) uses only the second:
 
 - ``model(tokens, positions=None, segment_ids=None) -> logits`` for training: causal within a
   row, and tokens of different segments (packed examples; 0 = padding) never attend to each
   other.
-- ``model.forward_cached(tokens, positions, cache, write_mask) -> (logits, cache)`` for
-  decoding with a KV cache of a fixed number of rows (slots): the keys/values of token
-  ``(b, t)`` are written at cache index ``positions[b, t]`` where ``write_mask[b, t]``, and
-  each query attends to the cache entries at indices ``<= positions[b, t]``. So every row can
-  be at a different position: a prefill writes a prompt at 0..n-1, a decode step writes one
-  token per row at that row's own position. Entries beyond a row's position are never read,
-  so a released slot needs no clearing.
+- ``model.forward_cached(tokens, positions, cache, write_mask, rows, window) -> (logits,
+  cache)`` for decoding with a KV cache of a fixed number of rows (slots): the keys/values of
+  token ``(b, t)`` are written into cache row ``rows[b]`` (default ``b``) at index
+  ``positions[b, t]`` where ``write_mask[b, t]``, and each query attends to that row's entries
+  at indices ``<= positions[b, t]`` (among the first ``window``). So every row can be at a
+  different position: a prefill writes a prompt at 0..n-1, a decode step writes one token per
+  row at that row's own position, an extension appends tokens to rows that hold a context.
+  Entries beyond a row's position are never read, so a released slot needs no clearing.
+
+**The KV cache** (``init_cache``) is one layout everywhere: per layer, keys
+``[rows, kv_heads, head_dim, max_len]`` and values ``[rows, kv_heads, max_len, head_dim]``.
+Keys are stored transposed so that a decode step's scores are a matrix product along
+contiguous cache entries and its values' weighted sum streams rows of ``v``: on a CPU the
+step is bound by reading the cache, and this layout reads it at close to memory bandwidth
+(BUILD_NOTES.md records the measurements). One array per layer lets a step update each layer
+in place. ``CACHE_SEQ_AXIS`` names the cache-position axis of each.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``norm``) that ``jaxapr.sharding`` maps to mesh axes.
@@ -48,6 +57,9 @@ ATTENTION_BLOCK = 128  # query block of the training forward's causal attention
 # A forward's attention in one layer: (layer, q, k, v) -> (heads out, the layer's new cache);
 # see ``Transformer.forward``.
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+# The cache-position axis of each cache array (see the module docstring).
+CACHE_SEQ_AXIS = {"k": 3, "v": 2}
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -272,35 +284,68 @@ class Transformer(nnx.Module):
         return self.logits(x)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> dict:
-        """A zero KV cache: {"k", "v"}: [layers, batch, max_len, kv_heads, head_dim]."""
-        max_len = max_len or self.cfg.max_len
-        shape = (self.cfg.num_layers, batch_size, max_len, self.cfg.num_kv_heads, self.cfg.dims_per_head)
+        """A zero KV cache (layout in the module docstring): {"k": per layer [B, kv_heads,
+        head_dim, max_len], "v": per layer [B, kv_heads, max_len, head_dim]}, tuples of arrays."""
+        cfg = self.cfg
+        max_len = max_len or cfg.max_len
         dtype = dtype or self.dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        shapes = {
+            "k": (batch_size, cfg.num_kv_heads, cfg.dims_per_head, max_len),
+            "v": (batch_size, cfg.num_kv_heads, max_len, cfg.dims_per_head),
+        }
+        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name, shape in shapes.items()}
 
-    def forward_cached(self, tokens, positions, cache: dict, write_mask=None):
-        """Forward with a KV cache (see the module docstring) -> (logits f32[B, T, V], cache)."""
+    def forward_cached(self, tokens, positions, cache: dict, write_mask=None, rows=None, window: int | None = None):
+        """Forward with a KV cache -> (logits f32[B, T, V], cache); see the module docstring.
+
+        tokens, positions int32[B, T]; ``write_mask`` bool[B, T] (default all): which tokens'
+        keys/values are written. ``rows`` int32[B] (default ``arange(B)``, the cache's own
+        rows): the cache row of each batch row; a row index >= the cache's row count writes
+        nothing (padding) and its outputs are meaningless. ``window`` (static, default the
+        cache length): attention reads only cache indices below it, which must cover every
+        position (a short context need not read the whole row).
+        """
         b, t = tokens.shape
-        s = cache["k"].shape[2]
+        num_rows, s = cache["v"][0].shape[0], cache["v"][0].shape[2]
+        window = s if window is None else window
         if write_mask is None:
             write_mask = jnp.ones((b, t), bool)
         where = jnp.where(write_mask, positions, s)  # index s = out of range: dropped
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        if rows is None:
+            if b != num_rows:
+                raise ValueError(f"forward_cached: {b} token rows for a cache of {num_rows} rows: pass rows=")
+            rows, gather = jnp.arange(b), None
+        else:
+            gather = jnp.minimum(rows, num_rows - 1)  # a padding row reads some row; its result is unused
+        at = jnp.broadcast_to(rows[:, None], (b, t))
+        mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
 
-        def attention(layer, q, k, v):
-            ck = cache["k"][layer].at[rows, where].set(k.astype(cache["k"].dtype), mode="drop")
-            cv = cache["v"][layer].at[rows, where].set(v.astype(cache["v"].dtype), mode="drop")
-            return masked_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
+        def attention(layer, q, k, v):  # k, v [B, T, kv_heads, head_dim]
+            ck, cv = cache["k"][layer], cache["v"][layer]
+            ck = ck.at[at, :, :, where].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[at, :, where].set(v.astype(cv.dtype), mode="drop")
+            kt, vs = ck[..., :window], cv[:, :, :window]
+            if gather is not None:
+                kt, vs = kt[gather], vs[gather]
+            return cached_attention(q, kt, vs, mask), (ck, cv)
 
         x, layer_caches = self.forward(tokens, positions, attention)
         new_k, new_v = zip(*layer_caches)
-        return self.logits(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return self.logits(x), {"k": tuple(new_k), "v": tuple(new_v)}
 
 
-def masked_attention(q, k, v, mask):
-    """q [B, T, H, D] against k, v [B, S, KV, D] where mask bool[B, T, S] -> [B, T, H, D]."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # mask [B, 1, T, S]
+def cached_attention(q, kt, v, mask):
+    """q [B, T, H, D] against cached keys kt [B, KV, D, S] and values v [B, KV, S, D] where
+    mask bool[B, T, S] -> [B, T, H, D]. Grouped-query heads h = kv * G + g (as
+    ``jax.nn.dot_product_attention`` groups them); scores and softmax in float32."""
+    b, t, h, d = q.shape
+    kv = kt.shape[1]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bkds->bkgts", qg, kt.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", weights, v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def cache_bytes_per_slot(cfg: ModelConfig, max_len: int | None = None, dtype=None) -> int:

@@ -180,10 +180,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def cache_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
-    """The sharding of a KV cache array [layers, batch, max_len, kv_heads, head_dim]: slots
+# Logical axes of the KV cache arrays (``Transformer.init_cache``): keys [rows, kv_heads,
+# head_dim, max_len], values [rows, kv_heads, max_len, head_dim].
+CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", None), "v": ("batch", "kv_heads", None, "head_dim")}
+
+
+def cache_sharding(mesh: Mesh, rules: Rules, name: str, shape: Sequence[int]) -> NamedSharding:
+    """The sharding of one layer's KV cache array ``name`` ("k" or "v") of ``shape``: slots
     split like a batch, heads like ``kv_heads``."""
-    spec = logical_to_mesh((None, "batch", None, "kv_heads", "head_dim"), rules)
+    spec = logical_to_mesh(CACHE_AXES[name], rules)
     return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
 
@@ -241,9 +246,9 @@ def sharded_forward_cached(model: nnx.Module, mesh: Mesh, rules: Rules) -> Calla
         _check_batch(tokens.shape[0], mesh)
         if write_mask is None:
             write_mask = jnp.ones(tokens.shape, bool)
-        shape = cache["k"].shape
+        shape = (cache["k"][0].shape, len(cache["k"]))
         if shape not in compiled:
-            kv = {name: cache_sharding(mesh, rules, shape) for name in ("k", "v")}
+            kv = {name: tuple(cache_sharding(mesh, rules, name, c.shape) for c in cache[name]) for name in cache}
             compiled[shape] = (
                 jax.jit(
                     forward,

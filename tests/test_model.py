@@ -196,7 +196,9 @@ def test_forward_cached_matches_full_forward(cfg):
         logits, cache = _cached(model, tok, pos, cache)
         for row in range(2):
             np.testing.assert_allclose(logits[row, 0], full[row, int(pos[row, 0])], atol=1e-5)
-    assert cache["k"].shape == (cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.dims_per_head)
+    assert len(cache["k"]) == len(cache["v"]) == cfg.num_layers
+    assert cache["k"][0].shape == (2, cfg.num_kv_heads, cfg.dims_per_head, 32)
+    assert cache["v"][0].shape == (2, cfg.num_kv_heads, 32, cfg.dims_per_head)
 
 
 def test_cache_entries_beyond_position_are_not_read():
@@ -204,7 +206,12 @@ def test_cache_entries_beyond_position_are_not_read():
     seqs = _tokens((1, 4), SMALL, seed=6)
     pos = jnp.arange(4, dtype=jnp.int32)[None]
     clean = model.init_cache(1, max_len=16)
-    dirty = jax.tree.map(lambda c: c.at[:, :, 4:].set(7.0), clean)
+
+    def garbage_from_4(c, axis):  # cache entries 4.. hold 7.0
+        return jnp.where(jax.lax.broadcasted_iota(jnp.int32, c.shape, axis) >= 4, 7.0, c)
+
+    dirty = {n: tuple(garbage_from_4(c, M.CACHE_SEQ_AXIS[n]) for c in cs) for n, cs in clean.items()}
+    assert float(dirty["k"][0].sum()) > 0 and float(dirty["v"][1].sum()) > 0
     a, _ = _cached(model, seqs, pos, clean)
     b, _ = _cached(model, seqs, pos, dirty)
     np.testing.assert_array_equal(a, b)

@@ -220,8 +220,10 @@ def test_data_and_replicated_shardings(mesh8):
     assert S.replicated(mesh8).spec == P()
     x = jax.device_put(jnp.zeros((8, 3)), S.data_sharding(mesh8))
     assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
-    cache = S.cache_sharding(mesh8, S.RULES["fsdp_tp"], (2, 4, 16, 2, 16))
-    assert cache.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    keys = S.cache_sharding(mesh8, S.RULES["fsdp_tp"], "k", (4, 2, 16, 32))  # [rows, kv_heads, head_dim, len]
+    assert keys.spec == P(("data", "fsdp"), "tensor", None, None)
+    values = S.cache_sharding(mesh8, S.RULES["fsdp_tp"], "v", (4, 2, 32, 16))  # [rows, kv_heads, len, head_dim]
+    assert values.spec == P(("data", "fsdp"), "tensor", None, None)
 
 
 def test_sharded_forward_cached_equals_unsharded(mesh8, tokens):
@@ -236,12 +238,14 @@ def test_sharded_forward_cached_equals_unsharded(mesh8, tokens):
     got, sharded_cache = step(tokens[:, :prefill], positions, sharded_cache, write)
     want, plain_cache = plain(model, tokens[:, :prefill], positions, plain_cache, write)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    expected = S.cache_sharding(mesh8, S.RULES[rules], sharded_cache["k"].shape)
-    assert sharded_cache["k"].sharding.spec == expected.spec
+    for name in ("k", "v"):
+        expected = S.cache_sharding(mesh8, S.RULES[rules], name, sharded_cache[name][0].shape)
+        assert all(c.sharding.spec == expected.spec for c in sharded_cache[name])
     pos = jnp.array([[6], [4], [5], [2]], jnp.int32)
     for i in range(3):
         tok = jnp.take_along_axis(tokens, pos + i, axis=1)
         got, sharded_cache = step(tok, pos + i, sharded_cache)
         want, plain_cache = plain(model, tok, pos + i, plain_cache, jnp.ones_like(tok, bool))
         np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_allclose(sharded_cache["k"], plain_cache["k"], atol=1e-5)
+    for got_c, want_c in zip(jax.tree.leaves(sharded_cache), jax.tree.leaves(plain_cache)):
+        np.testing.assert_allclose(got_c, want_c, atol=1e-5)

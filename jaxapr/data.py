@@ -1,5 +1,8 @@
 """Datasets of tokenized search traces: build (in parallel), store as shards, load as batches.
 
+One module (over 500 lines) because building, storing and loading share one shard layout,
+defined here once.
+
 An **example** is one call: ``[bos] prompt output [eos]``, tokenized with
 ``CountdownTokenizer``, with ``prompt_len`` = the number of leading tokens that are context
 and never trained (bos + prompt). For SoS+ a problem gives one example whose prompt is the

@@ -1,5 +1,9 @@
 """Many hosts: ``jax.distributed`` set-up and the few multi-process helpers the scripts share.
 
+One module (over 500 lines) because every multi-process concern of the scripts (set-up,
+barriers, values and arrays across processes) sits behind one import, with one rule: a
+collective is called by every process.
+
 Every experiment script calls :func:`initialize_from_flags` first thing in ``main`` (before
 any JAX computation) and then builds its mesh over ``jax.devices()``, all global devices.
 Where the settings come from, first match wins:
@@ -8,10 +12,18 @@ Where the settings come from, first match wins:
    :func:`define_flags`);
 2. environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
    ``JAX_PROCESS_ID`` (what ``experiments.launch`` sets);
-3. a detected cluster (``--distributed=auto``, the default): JAX's own detection of SLURM,
-   Open MPI, Cloud TPU pod slices (GCE/GKE) and Kubernetes, used only when it finds more than
-   one process; ``--distributed=slurm`` (or ``gcetpu``, ``gketpu``, ``ompi``, ``mpi4py``)
-   names one; ``--distributed=off`` never initializes.
+3. a cluster seen in the environment (``--distributed=auto``, the default): SLURM, Open MPI
+   or a GKE TPU slice (:data:`CLUSTER_SIGNALS`), used only when it holds more than one
+   process; ``--distributed=slurm`` (or ``ompi``, ``gketpu``, ``mpi4py``, ``gcetpu``) names
+   one; ``--distributed=off`` never initializes. JAX then reads the cluster's address, size
+   and this process's index (``cluster_detection_method``).
+
+Presence and size are read from environment variables, not asked of JAX, because
+``jax.distributed.initialize`` refuses to run after any JAX computation: the decision to call
+it must be made without touching JAX. Two clusters are not visible that way and are used only
+when named: ``mpi4py`` (any MPI launcher; opt-in in JAX too) and ``gcetpu`` (a Cloud TPU VM
+slice, which JAX recognizes by asking the GCE metadata server). JAX's Kubernetes detection has
+no name to select it by and needs the Kubernetes API; on Kubernetes, set the three settings.
 
 With none of these (or ``--num_processes=1``) nothing happens: a plain single-process run.
 ``--distributed_heartbeat_timeout`` (seconds; env ``JAXAPR_HEARTBEAT_TIMEOUT``) bounds how
@@ -20,21 +32,25 @@ long the others wait for a process that died before JAX's coordination service s
 ``JAXAPR_INIT_TIMEOUT``, ``JAXAPR_SHUTDOWN_TIMEOUT``). On CPU (``JAX_PLATFORMS=cpu``)
 cross-process collectives use gloo (``jax_cpu_collectives_implementation``).
 
-Helpers: :func:`is_main`, :func:`barrier` (the coordination service's barrier, no device
-work), :func:`log` (process 0 only) and :func:`log_all` (every process, prefixed),
-:func:`allgather` / :func:`allgather_json` / :func:`sum_across` (small host values across
-processes), :func:`process_local` (a process-local, fully replicated copy of a global array
-tree, for the per-process rollout engine), :func:`put_global` (host data that is the same on
-every process onto a global sharding) and :func:`fail` (exit now without waiting for the
-others at JAX's shutdown barrier).
+Helpers: :func:`is_main`, :func:`barrier` (every process waits for the others), :func:`log`
+(process 0 only) and :func:`log_all` (every process, prefixed), :func:`allgather` /
+:func:`allgather_json` / :func:`sum_across` (small host values across processes),
+:func:`process_local` (a process-local, fully replicated copy of a global array tree, for the
+per-process rollout engine), :func:`put_global` (host data that is the same on every process
+onto a global sharding) and :func:`fail` (exit now without waiting for the others at JAX's
+shutdown barrier). Only JAX's public API is used (``jax.distributed``,
+``jax.experimental.multihost_utils``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import itertools
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -119,7 +135,10 @@ def initialize_or_exit(flag_values=None) -> bool:
 
 
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
+    return _parse_int(name, os.environ.get(name))
+
+
+def _parse_int(name: str, value: str | None) -> int | None:
     if value in (None, ""):
         return None
     try:
@@ -128,28 +147,100 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def _detect(method: str):
-    """The JAX cluster environment to use (None: none detected / off)."""
-    from jax._src import clusters
+@dataclasses.dataclass(frozen=True)
+class ClusterSignal:
+    """How one of JAX's cluster environments shows itself in the environment variables."""
 
-    envs = clusters.ClusterEnv._cluster_types
+    name: str  # JAX's name for it: the cluster_detection_method passed on
+    auto: bool  # looked for by --distributed=auto (else only when named)
+    present: Callable[[Mapping[str, str]], bool]
+    count: Callable[[Mapping[str, str]], int | None]  # processes in the job; None: not shown
+    signal: str  # what is looked at, for the documentation
+
+
+def _all_set(*names: str) -> Callable[[Mapping[str, str]], bool]:
+    return lambda env: all(name in env for name in names)
+
+
+def _count_var(name: str) -> Callable[[Mapping[str, str]], int | None]:
+    return lambda env: _parse_int(name, env.get(name))
+
+
+def _tpu_hosts(env: Mapping[str, str]) -> str | None:
+    return env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES"))  # JAX's precedence
+
+
+def _tpu_count(env: Mapping[str, str]) -> int | None:
+    hosts = [h for h in (_tpu_hosts(env) or "").split(",") if h.strip()]
+    slices = _parse_int("MEGASCALE_NUM_SLICES", env.get("MEGASCALE_NUM_SLICES")) or 1
+    return len(hosts) * slices if hosts else None
+
+
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+CLUSTER_SIGNALS = (
+    ClusterSignal(
+        name="ompi",
+        auto=True,
+        present=_all_set("OMPI_MCA_orte_hnp_uri"),
+        count=_count_var("OMPI_COMM_WORLD_SIZE"),
+        signal="OMPI_MCA_orte_hnp_uri set (mpirun / mpiexec); processes: OMPI_COMM_WORLD_SIZE",
+    ),
+    ClusterSignal(
+        name="slurm",
+        auto=True,
+        present=_all_set(*_SLURM),
+        count=_count_var("SLURM_NTASKS"),
+        signal=f"{', '.join(_SLURM)} all set (an srun step); processes: SLURM_NTASKS",
+    ),
+    ClusterSignal(
+        name="gketpu",
+        auto=True,
+        present=lambda env: _tpu_hosts(env) is not None,
+        count=_tpu_count,
+        signal="TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES set; processes: its comma-separated hosts "
+        "x MEGASCALE_NUM_SLICES (default 1)",
+    ),
+    ClusterSignal(
+        name="mpi4py",
+        auto=False,
+        present=lambda env: importlib.util.find_spec("mpi4py") is not None,
+        count=lambda env: None,
+        signal="named only; mpi4py importable; processes: MPI's, read by JAX",
+    ),
+    ClusterSignal(
+        name="gcetpu",
+        auto=False,
+        present=lambda env: True,
+        count=lambda env: None,
+        signal="named only: JAX asks the GCE metadata server, which is not visible here",
+    ),
+)
+"""What ``--distributed`` looks for, in the order ``auto`` tries them (JAX's order). ``auto``
+initializes only when the first present one shows more than one process; a named one that is
+present is used unless it shows at most one (a one-task job stays single-process)."""
+
+
+def detect_cluster(method: str = "auto", env: Mapping[str, str] | None = None) -> tuple[str, int | None] | None:
+    """``(name, processes or None where the environment does not show them)`` for the cluster
+    ``method`` names, or the first that ``auto`` sees in ``env`` (default ``os.environ``); None
+    for ``off`` or when ``auto`` sees none. A named cluster that is not present raises."""
+    env = os.environ if env is None else env
     if method == "off":
         return None
     if method == "auto":
-        for env in envs:
-            try:
-                if not env.opt_in_only_method and env.is_env_present():
-                    return env
-            except Exception:
-                continue
+        for cluster in CLUSTER_SIGNALS:
+            if cluster.auto and cluster.present(env):
+                return cluster.name, cluster.count(env)
         return None
-    env = next((e for e in envs if e.name == method), None)
-    if env is None or not env.is_env_present():
+    cluster = next((c for c in CLUSTER_SIGNALS if c.name == method), None)
+    if cluster is None or not cluster.present(env):
+        what = f"{cluster.name}: {cluster.signal}; " if cluster else ""
         raise ValueError(
             f"--distributed={method}: that cluster environment is not present here "
-            f"(known: {sorted(e.name for e in envs if e.name)})"
+            f"({what}known: {[c.name for c in CLUSTER_SIGNALS]})"
         )
-    return env
+    return cluster.name, cluster.count(env)
 
 
 def initialize(
@@ -186,10 +277,9 @@ def initialize(
         if count == 1 and pid not in (None, 0):
             raise ValueError(f"process_id={pid} with num_processes=1: expected process_id 0")
         return False
-    detection = None
     if address is None or count is None or pid is None:
-        env = _detect(method)
-        if env is None:
+        found = detect_cluster(method)
+        if found is None:
             given = {
                 k: v
                 for k, v in (("coordinator_address", address), ("num_processes", count), ("process_id", pid))
@@ -203,13 +293,9 @@ def initialize(
                     f"{ENV_ADDRESS}/{ENV_COUNT}/{ENV_ID})"
                 )
             return False  # a plain single-process run
-        try:
-            single = count is None and env.get_process_count() <= 1
-        except Exception:
-            single = False
-        if single:
-            return False
-        detection = None if method == "auto" else method
+        detection, seen = found
+        if count is None and seen is not None and seen <= 1:
+            return False  # a one-process cluster job: nothing to coordinate
     else:
         if count < 1 or not 0 <= pid < count:
             raise ValueError(f"process_id={pid}, num_processes={count}: expected 0 <= process_id < num_processes")
@@ -281,29 +367,26 @@ def is_main() -> bool:
     return process_index() == 0
 
 
-def barrier(name: str, timeout_s: float = 3600.0) -> None:
+def barrier(name: str) -> None:
     """Wait until every process reaches the barrier ``name`` (a no-op with one process). Every
-    process must call the same barriers in the same order. Raises after ``timeout_s``."""
+    process must call the same barriers in the same order; names that differ raise.
+
+    ``multihost_utils.sync_global_devices``: a small all-gather of the name's hash over every
+    device, so it is also a point where no device work is left in flight. No public API bounds
+    the wait; a process that died is caught by JAX's coordination service once it misses
+    heartbeats for ``--distributed_heartbeat_timeout`` seconds (the other processes then stop),
+    and on CPU gloo fails the collective as soon as the dead process's connection closes."""
     import jax
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed
-
-    barrier_id = f"jaxapr:{name}:{next(_barrier_counter)}"
-    client = jax_distributed.global_state.client
-    if client is not None:
-        try:
-            client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
-        except Exception as e:
-            raise RuntimeError(
-                f"barrier {name!r} failed on process {jax.process_index()}: another process "
-                f"died or did not arrive within {timeout_s:g} s ({str(e).splitlines()[0]})"
-            ) from None
-        return
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(barrier_id)
+    barrier_id = f"jaxapr:{name}:{next(_barrier_counter)}"
+    try:
+        multihost_utils.sync_global_devices(barrier_id)
+    except AssertionError as e:  # the processes called different barriers
+        raise RuntimeError(f"barrier {name!r} on process {jax.process_index()}: {e}") from None
 
 
 def _prefix() -> str:
@@ -481,11 +564,14 @@ def share(n: int, index: int | None = None, count: int | None = None) -> range:
 
 
 __all__ = [
+    "CLUSTER_SIGNALS",
     "METHODS",
+    "ClusterSignal",
     "allgather",
     "allgather_json",
     "barrier",
     "define_flags",
+    "detect_cluster",
     "fail",
     "initialize",
     "initialize_from_flags",

@@ -365,6 +365,15 @@ def test_grpo_step_two_processes_equal_one_process(two_process_run):
     _assert_trees_close(dict(np.load(os.path.join(out, "grpo_params.npz"))), flat(state.params))
 
 
+SLURM_ONE_TASK = {
+    "SLURM_JOB_ID": "1",
+    "SLURM_STEP_NODELIST": "n1",
+    "SLURM_NTASKS": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+}
+
+
 def test_rows_per_process_shares_and_single_process_initialize(monkeypatch):
     from jaxapr import distributed
     from jaxapr.train import grpo, rl
@@ -383,17 +392,83 @@ def test_rows_per_process_shares_and_single_process_initialize(monkeypatch):
     with pytest.raises(ValueError, match="--distributed=slurm: that cluster environment is not present"):
         distributed.initialize(method="slurm")
     # A detected cluster of one process (a 1-task SLURM job) stays single-process.
-    for k, v in {
-        "SLURM_JOB_ID": "1",
-        "SLURM_STEP_NODELIST": "n1",
-        "SLURM_NTASKS": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-    }.items():
+    for k, v in SLURM_ONE_TASK.items():
         monkeypatch.setenv(k, v)
     assert distributed.initialize() is False
     assert distributed.allgather(np.array([2**40])).tolist() == [[2**40]]
     assert distributed.allgather_json({"a": 1}) == [{"a": 1}]
+
+
+def test_cluster_signals_read_presence_and_size_from_the_environment():
+    from jaxapr import distributed
+
+    detect = distributed.detect_cluster
+    assert detect("auto", {}) is None and detect("off", {**SLURM_ONE_TASK, "SLURM_NTASKS": "4"}) is None
+    assert detect("auto", SLURM_ONE_TASK) == ("slurm", 1)
+    assert detect("auto", {**SLURM_ONE_TASK, "SLURM_NTASKS": "4"}) == ("slurm", 4)
+    assert detect("slurm", {**SLURM_ONE_TASK, "SLURM_NTASKS": "4"}) == ("slurm", 4)
+    partial = {k: v for k, v in SLURM_ONE_TASK.items() if k != "SLURM_STEP_NODELIST"}  # salloc, no srun step
+    assert detect("auto", partial) is None
+    with pytest.raises(ValueError, match="--distributed=slurm: that cluster environment is not present here"):
+        detect("slurm", partial)
+    ompi = {"OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:4000", "OMPI_COMM_WORLD_SIZE": "3"}
+    assert detect("auto", ompi) == ("ompi", 3)
+    assert detect("auto", {**ompi, **SLURM_ONE_TASK}) == ("ompi", 3)  # JAX's order: Open MPI first
+    assert detect("auto", {"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == ("gketpu", 4)
+    tpu = {"TPU_PROCESS_ADDRESSES": "a:1,b:1", "TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3", "MEGASCALE_NUM_SLICES": "2"}
+    assert detect("auto", tpu) == ("gketpu", 4)  # TPU_PROCESS_ADDRESSES wins; 2 hosts x 2 slices
+    assert detect("gcetpu", {}) == ("gcetpu", None)  # not visible in the environment: trusted when named
+    assert detect("auto", {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "OMPI_COMM_WORLD_SIZE": "2"}) is None
+    with pytest.raises(ValueError, match="SLURM_NTASKS='two': expected an integer"):
+        detect("auto", {**SLURM_ONE_TASK, "SLURM_NTASKS": "two"})
+    with pytest.raises(ValueError, match="not present"):
+        detect("k8s", {})
+    assert [c.name for c in distributed.CLUSTER_SIGNALS if not c.auto] == ["mpi4py", "gcetpu"]
+    assert set(c.name for c in distributed.CLUSTER_SIGNALS) == set(distributed.METHODS) - {"auto", "off"}
+
+
+def test_a_seen_cluster_of_several_processes_initializes_with_its_name(monkeypatch):
+    """The decision is made from the environment alone; JAX is then told which cluster to read
+    (a stand-in for jax.distributed.initialize records the call)."""
+    import jax
+
+    from jaxapr import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kw: calls.append((args, kw)))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize installs its own
+    monkeypatch.setenv("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")  # leaves this process's config alone
+    for k in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID, distributed.ENV_METHOD):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**SLURM_ONE_TASK, "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.initialize(heartbeat_timeout=7) is True
+    ((args, kw),) = calls
+    assert args == (None, None, None)  # JAX reads the address, size and index from SLURM
+    assert kw["cluster_detection_method"] == "slurm" and kw["heartbeat_timeout_seconds"] == 7
+    assert distributed.initialize(method="off") is False and len(calls) == 1
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.initialize(method="slurm") is False and len(calls) == 1  # one task: single-process
+    assert distributed.initialize(num_processes=2, method="slurm") is True  # an explicit size wins
+    assert calls[-1] == ((None, 2, None), calls[-1][1]) and calls[-1][1]["cluster_detection_method"] == "slurm"
+    assert distributed.initialize("h:1", 2, 0) is True and calls[-1][1]["cluster_detection_method"] == "deactivate"
+
+
+def test_distributed_uses_only_public_jax_api():
+    import ast
+    import inspect
+
+    from jaxapr import distributed
+
+    modules = set()
+    for node in ast.walk(ast.parse(inspect.getsource(distributed))):
+        if isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module or "")
+    assert "jax.experimental" in modules  # the walk sees the imports inside functions
+    assert not [m for m in modules if m.startswith("jax._src")], modules
 
 
 def test_gen_data_two_processes_writes_the_same_bytes(tmp_path):

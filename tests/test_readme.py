@@ -54,3 +54,28 @@ def test_commands_name_real_modules_and_flags():
                 continue
             defined = re.search(rf"DEFINE_\w+\(\s*\"{flag}\"", source) or f'"{flag}"' in source
             assert defined or flag in ("coordinator_address", "num_processes", "process_id"), (module, flag)
+
+
+def test_links_and_cited_docs_resolve():
+    """Every relative link in README.md, BUILD_NOTES.md and docs/*.md, and every ``docs/...``
+    path a source file cites, names a file of the repository."""
+    docs = ["README.md", "BUILD_NOTES.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]
+    missing, links = [], 0
+    for md in (d for d in docs if d.endswith(".md")):
+        text = open(os.path.join(ROOT, md), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            links += 1
+            if not os.path.exists(os.path.join(ROOT, os.path.dirname(md), target.split("#")[0])):
+                missing.append(f"{md} -> {target}")
+    cited = 0
+    for top in ("jaxapr", "envs", "experiments", "tests"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in (f for f in files if f.endswith((".py", ".md"))):
+                path = os.path.join(d, f)
+                for target in re.findall(r"\bdocs/[\w./-]*\w", open(path, encoding="utf-8").read()):
+                    cited += 1
+                    if not os.path.exists(os.path.join(ROOT, target)):
+                        missing.append(f"{os.path.relpath(path, ROOT)} -> {target}")
+    assert links >= 4 and cited >= 5 and not missing, missing

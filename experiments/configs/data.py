@@ -24,9 +24,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     problems = {
         "tiny": dict(num_numbers=3, min_target=1, max_target=30, max_number=20, train=4_000, val=200, test=200),
         # The mini space holds 11,864 solvable problems. Splits fill from one seed-0 stream in
-        # the order train, val, test, so test is problems 8,501-9,500 of the stream: none of
-        # them was in the project's earlier mini splits (the stream's first 8,400), which
-        # steered earlier choices (tests/test_data.py checks it).
+        # the order train, val, test, so test is problems 8,501-9,500 of the stream, none of
+        # them among its first 8,400: the problems the method's settings were chosen on are
+        # kept out of the test split (tests/test_data.py checks it).
         "mini": dict(num_numbers=4, min_target=5, max_target=25, max_number=10, train=8_000, val=500, test=1_000),
         "paper": dict(
             num_numbers=4, min_target=10, max_target=100, max_number=99, train=500_000, val=1_000, test=1_000
@@ -52,10 +52,10 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     )
     if preset == "mini":
         # Recipe choices, each made on validation problems (never on test), the same options open
-        # to both methods (BUILD_NOTES.md, "The fair mini pipeline", has the figures):
+        # to both methods (BUILD_NOTES.md, "The fair comparison"):
         # - Order: best first (shuffle=False) for both. Small policies imitating the original's
         #   random order repeat kept moves; best first raised validation accuracy for SoS+ and
-        #   APR alike (measured on problems of today's val split).
+        #   APR alike (measured on val-split problems).
         # - Beams: the demonstrators' ceiling on val (the share of val problems whose trace solves
         #   with every call within the 1,024-token window). SoS+: fixed beam 3 (35.2%; 1..5: 30.6%,
         #   2..4: 33.2%, 4: 32.2%). APR: root beams drawn from 2..6, child beams up to 5 (57.8%,

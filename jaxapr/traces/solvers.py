@@ -1,5 +1,8 @@
 """Symbolic Countdown solvers that write search traces (docs/trace_format.md), seeded and deterministic.
 
+One module (over 500 lines) because the three families share one search core (nodes, expansion,
+beam pops) and one order of random draws, which a seed pins.
+
 Three families, each a best-first search over the Countdown move tree (moves from
 ``envs.countdown.rules``, the single definition of the rules):
 

@@ -1,5 +1,8 @@
 """Checkpoints with orbax: the train state's arrays, plus a JSON record of the run.
 
+One module (over 500 lines) because the ``Checkpointer`` and the integrity record it writes and
+verifies are one on-disk format.
+
 A checkpoint is one step directory ``<dir>/<step>/`` written by an
 ``orbax.checkpoint.CheckpointManager`` with two items:
 

@@ -1,5 +1,8 @@
 """GRPO: group-relative policy optimisation on spawn/join rollouts (the APR paper's RL stage).
 
+One module (over 500 lines) because the batch layout (rows, packing, per-token advantages and
+weights) and the loss that reads it are one contract, changed together.
+
 One GRPO step:
 
 1. **Sample.** P problems, each repeated G times (``rollout_groups``: ``runtime.rollout`` at

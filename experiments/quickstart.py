@@ -3,7 +3,7 @@ r"""The main job: APR vs serial search on a laptop, in minutes.
     python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--preset=mini|tiny] [--from_scratch]
 
 With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
-Countdown, 0.9M parameters; for each method the policy that validation chose among the SFT and
+Countdown, 4.8M parameters; for each method the policy that validation chose among the SFT and
 GRPO outputs of ``experiments.reproduce --preset=mini``, as ``manifest.json`` records):
 
 1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the
@@ -14,8 +14,11 @@ GRPO outputs of ``experiments.reproduce --preset=mini``, as ``manifest.json`` re
    with its paired interval;
 3. **GRPO**: ``--rl_steps`` GRPO steps on the APR policy (``experiments/configs/rl.py:<preset>``)
    and their reward and children per problem (``--rl_eval`` also evaluates the result);
-4. **from scratch**: a ``--scratch_steps``-step SFT run of a fresh SoS+ policy on the same
-   data (the first minutes of the path that made the shipped policies), evaluated likewise;
+4. **from scratch** (``--scratch_steps=N``; default tiny 200 steps, mini off): an N-step SFT
+   run of a fresh SoS+ policy on the same data (the first minutes of the path that made the
+   shipped policies), evaluated likewise. Off for mini by default: a 4-number policy after a
+   few dozen steps solves nothing and decodes every call to the window, which costs the main
+   job minutes and shows only that training starts;
 5. **results**: a table (accuracy, total and sequential tokens, children per problem, wall
    time), one solved APR search drawn as a tree (terminal and ``trace.html``),
    ``quickstart.json`` (with each stage's wall time) and PNG plots in ``--workdir``.
@@ -46,7 +49,7 @@ CHECKPOINTS = os.path.join(HERE, "checkpoints")
 # Per preset: the comparison's contexts, GRPO steps and the from-scratch demo's SFT steps.
 PRESET_INFO = {
     "tiny": dict(contexts=(256, 384, 512), rl_steps=4, scratch_steps=200),
-    "mini": dict(contexts=(1024,), rl_steps=2, scratch_steps=40),
+    "mini": dict(contexts=(1024,), rl_steps=2, scratch_steps=0),
 }
 NAMES = {"sosp": "SoS+", "apr": "APR", "apr_rl": "APR + GRPO (demo)", "scratch": "SoS+ from scratch"}
 MODES = {"sosp": "sosp", "apr": "apr", "apr_rl": "apr", "scratch": "sosp"}
@@ -106,7 +109,9 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("rl_group", 8, "GRPO rollouts per problem.")
 flags.DEFINE_integer(
-    "scratch_steps", None, "SFT steps of the from-scratch demo (0: skip it; default: tiny 200, mini 40)."
+    "scratch_steps",
+    None,
+    "SFT steps of the from-scratch demo (0: skip it; default: tiny 200, mini 0; mini 40 shows the first steps).",
 )
 flags.DEFINE_string(
     "sosp", None, "SoS+ policy: an exported .npz or a train_sft workdir (default: the preset's shipped one)."
@@ -440,7 +445,9 @@ def run(
         ]
         log("\n[4/5] from scratch: every policy above was trained in this run")
     else:
-        log("\n[4/5] from scratch: skipped (--scratch_steps=0)")
+        log(
+            "\n[4/5] from scratch: skipped (--scratch_steps=0; e.g. --scratch_steps=40 trains and evaluates a fresh policy)"
+        )
 
     out.update(rows=rows, curves=curves, comparison=comparison(rows))
     log("\n[5/5] results")

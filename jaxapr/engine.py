@@ -466,8 +466,8 @@ class Engine:
       decode_buckets: how many cache entries a decode call's attention reads (default:
         multiples of max(128, max_len / 8) up to max_len, at most 8): the smallest that covers
         every occupied slot's position after the call; one compile per bucket used (finer
-        buckets read less cache but compile more: multiples of 64 decode ~7% faster at batch 64
-        and 512 tokens, but a short evaluation spends that on compiles).
+        buckets read less cache but compile more; a short evaluation spends the difference on
+        compiles: BUILD_NOTES.md, sampler suite).
       max_stop_ids: most stop ids per slot.
       mesh: optional ``jaxapr.sharding.make_mesh(...)`` mesh: parameters placed by ``rules``
         (default ``sharding.rules_for(cfg)``), slots split over ("data", "fsdp"), KV heads

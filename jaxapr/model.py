@@ -4,8 +4,8 @@ RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (``num_kv_heads``
 ``num_heads``), tied or untied embeddings. Decoding attends through
 ``cached_attention`` (two einsums over the cache layout below); the training forward through
 ``jaxapr.kernels.causal_attention`` (block-causal) and every dense layer through
-``jaxapr.kernels.dense``: on a CPU both have hand-written backwards (1.45-1.86x faster
-SFT steps), elsewhere they are the plain fused ops. Parameters are float32 by default; ``dtype`` is
+``jaxapr.kernels.dense``: on a CPU both have hand-written backwards (faster SFT
+steps there: BUILD_NOTES.md, train suite), elsewhere they are the plain fused ops. Parameters are float32 by default; ``dtype`` is
 the compute dtype (float32 on CPU, bfloat16 on GPU/TPU); logits are always float32.
 
 One pass over the layers, ``model.forward(tokens, positions, attention) -> (hidden,
@@ -106,9 +106,9 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # ~1M parameters: tests and the quickstart on a 2-core CPU.
+    # ~0.9M parameters: the tests and the 3-number quickstart (--preset=tiny).
     "tiny": ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=1024),
-    # a few M parameters: a 2-core CPU in <= 2 hours.
+    # ~4.8M parameters: the mini pipeline (experiments.reproduce --preset=mini) on a CPU.
     "mini": ModelConfig(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=768, max_len=1024),
     # the APR paper: 18 layers, d 1024, 16 heads, MLP 2752, 4096 context (228M non-embedding).
     "paper": ModelConfig(
@@ -337,15 +337,18 @@ class Transformer(nnx.Module):
 def cached_attention(q, kt, v, mask):
     """q [B, T, H, D] against cached keys kt [B, KV, D, S] and values v [B, KV, S, D] where
     mask bool[B, T, S] -> [B, T, H, D]. Grouped-query heads h = kv * G + g (as
-    ``jax.nn.dot_product_attention`` groups them); scores and softmax in float32."""
+    ``jax.nn.dot_product_attention`` groups them); scores and softmax in float32. The T x G
+    queries of a KV head are one matrix against its cache (batch dims lead in every operand,
+    so XLA copies no cache entry)."""
     b, t, h, d = q.shape
     kv = kt.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bkds->bkgts", qg, kt.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights, v)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    g = h // kv
+    qg = (q * d**-0.5).reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+    scores = jnp.einsum("bkqd,bkds->bkqs", qg, kt.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv, t, g, -1), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, t * g, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 def cache_bytes_per_slot(cfg: ModelConfig, max_len: int | None = None, dtype=None) -> int:

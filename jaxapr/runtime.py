@@ -32,13 +32,12 @@ calls are queued than slots are free, the most recently suspended waiting parent
 slots, as many as are missing (their joins are re-prefilled later). A held slot thus never
 keeps a queued call out: decode steps and latencies equal reprefill's, and the results are
 the same (at temperature 0 the same tokens; log-probs equal up to float rounding). Evicting
-only at a deadlock was tried and rejected: held slots sat idle while children queued (up to
-3.8x the decode steps on the fixture trees). Reprefill stays the default: on dev-cpu
-keep_slot saves about 43% of the prefill tokens only while the pool has spare slots (under
-load every parent is evicted), a join's extend costs 0.65-0.7x of re-prefilling it, and
-re-prefilling the joins is only 0.5-2.3% of device time, so wall time did not change
-measurably (BUILD_NOTES.md, runtime suite); reprefill also needs no ``extend`` from the
-engine. keep_slot is for setups where prefill weighs more (long join contexts, spare slots).
+only at a deadlock would leave held slots idle while children queue. Reprefill is the
+default: keep_slot saves prefill tokens only while the pool has spare slots (under load every
+parent is evicted), and re-prefilling the joins is a small share of device time on Countdown
+(BUILD_NOTES.md, runtime suite), so wall time barely moves; reprefill also needs no
+``extend`` from the engine. keep_slot is for setups where prefill weighs more (long join
+contexts, spare slots).
 
 Metrics per problem (``jaxapr.evaluation`` defines the reported ones from these): generated
 tokens (``total_tokens``), prompt tokens (``prompt_tokens``: every call's whole prompt, join

@@ -2,8 +2,9 @@
 
 Remat and the fused attention change memory and speed, never values: the loss and gradients
 equal the plain forward's. The planner's compiled figures are the compiled train step's own
-(on 4 fake CPU devices, nothing allocated), its analytic estimate bounds them within 2x, and
-remat cuts the step's peak per device by at least 2x where activations dominate."""
+(on 4 fake CPU devices, nothing allocated), its analytic estimate bounds them within 2x on a
+small config, and remat cuts the step's peak per device by at least 2x where activations
+dominate."""
 
 import dataclasses
 import json

@@ -14,9 +14,10 @@ hands them to ``attention``, a callback that says where keys and values are kept
 them each query sees (``model.logits(hidden)`` then gives the logits). Two forwards here are
 built on it, and the engine's decode and extend (``jaxapr.engine``) on the same pass:
 
-- ``model(tokens, positions=None, segment_ids=None) -> logits`` for training: causal within a
-  row, and tokens of different segments (packed examples; 0 = padding) never attend to each
-  other.
+- ``model(tokens, positions=None, segment_ids=None, remat=..., attention=...) -> logits`` for
+  training: causal within a row, and tokens of different segments (packed examples; 0 =
+  padding) never attend to each other. ``remat`` (``REMATS``) and ``attention``
+  (``ATTENTIONS``) trade memory and speed, never values.
 - ``model.forward_cached(tokens, positions, cache, write_mask) -> (logits, cache)`` for
   decoding with a KV cache of a fixed number of rows (slots): the keys/values of token
   ``(b, t)`` are written at cache index ``positions[b, t]`` where ``write_mask[b, t]``, and

@@ -88,6 +88,7 @@ def mesh4():
     return sharding.make_mesh(data=4, devices=jax.devices()[:4])
 
 
+@pytest.mark.slow
 def test_compiled_plan_is_the_compiled_steps_memory_and_remat_halves_it():
     mesh = mesh4()
     config = small_sft_config(num_layers=6, mlp_dim=128, max_len=256)

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# One short accelerator session, in order of importance, each step under a time limit and the
-# whole under BUDGET seconds (a step that would not fit is skipped, so the figures gathered so
-# far always come back):
-#   1. the sampler suite at the paper preset (bfloat16), batch 64: slot engine vs no-cache
-#      full forward vs Hugging Face generate (torch on the same GPU), and prefill's fraction of a
-#      bfloat16 matmul peak measured in the same run;
-#   2. the SFT step at the paper preset (tokens/s, fraction of the bfloat16 peak);
-#   3. the sampler at batch 1 and 256 (HF at 256);
-#   4. the engine's tests on the accelerator (float32 matmuls at full precision).
+# One short accelerator session (<= 8 minutes on one GPU), in order of importance, each step
+# under a time limit and the whole under BUDGET seconds (a step that would not fit is skipped,
+# so the figures gathered so far always come back):
+#   1. paper-preset SFT steps (bfloat16, 4 x 4,096 packed rows) with and without remat="block"
+#      and with the blocked and the fused (cuDNN) attention: tokens/s, fraction of a bfloat16
+#      matmul peak measured in the same run, the compiled step's peak memory
+#      (experiments/bench_scale.py);
+#   2. a few paper-preset GRPO steps end to end (rollouts with the engine, batch, remat update;
+#      random weights, 8 problems x 5 APR rollouts at context 1,024);
+#   3. decode: the sampler suite at the paper preset, batch 64 (slot engine vs no-cache full
+#      forward vs Hugging Face generate, prefill's fraction of the peak);
+#   4. the memory planner on this GPU for the paper SFT step at 4 rows (compiled here), to set
+#      beside step 1's figure.
 #
-#   OUT=/tmp/gpu_bench BUDGET=420 bash experiments/gpu_bench.sh
+#   OUT=/tmp/gpu_bench BUDGET=470 bash experiments/gpu_bench.sh
 #
-# Logs and JSON go to $OUT (all.log, sampler_b64.json, train_paper.json, sampler_b1_256.json).
-# PRESET=tiny runs the same steps at the tiny preset (a CPU dry run of this script).
+# Logs and JSON go to $OUT (all.log, scale_sft.json, scale_grpo.json, sampler_b64.json; the plan in all.log).
+# PRESET=tiny runs the same steps at the tiny preset (a CPU smoke run of this script);
+# DRY_RUN=1 prints each step's command instead of running it (tests/test_bench_flags.py).
 set -u
 OUT=${OUT:-/tmp/gpu_bench}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-470}
 PRESET=${PRESET:-paper}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -30,6 +35,7 @@ step() {  # step NAME LIMIT_S CMD...
   left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt 40 ]; then echo "== $name: skipped ($left s of the budget left)" | tee -a "$LOG"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
+  if [ -n "${DRY_RUN:-}" ]; then echo "== $name: $*"; return; fi
   echo "== $name (limit ${limit} s, at $(($(date +%s) - START)) s)" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
@@ -37,21 +43,22 @@ step() {  # step NAME LIMIT_S CMD...
   echo "== $name: rc $rc, at $(($(date +%s) - START)) s" | tee -a "$LOG"
 }
 
-{
-  echo "== environment"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | head -3
-  $PY -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee -a "$LOG"
+if [ -z "${DRY_RUN:-}" ]; then
+  {
+    echo "== environment"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | head -3
+    $PY -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  } 2>&1 | tee -a "$LOG"
+fi
 
-BENCH=($PY -m experiments.bench --repeats=2)
-step sampler_b64 240 "${BENCH[@]}" --suite=sampler --sampler_presets="$PRESET" --sampler_batches=64 \
-  --out="$OUT/sampler_b64.json"
-step train_paper 120 "${BENCH[@]}" --suite=train --train_presets="$PRESET" --notrain_grpo --repeats=3 \
-  --out="$OUT/train_paper.json"
-step sampler_b1_256 200 "${BENCH[@]}" --suite=sampler --sampler_presets="$PRESET" --sampler_batches=1,256 \
-  --sampler_hf_batches=256 --out="$OUT/sampler_b1_256.json"
-# conftest makes CPU the default platform (8 fake devices); here the tests run on the GPU,
-# where the 8-device sharding test does not apply.
-step engine_tests 150 env JAX_PLATFORMS="${TEST_PLATFORM:-cuda}" JAX_DEFAULT_MATMUL_PRECISION=highest \
-  $PY -m pytest -q -p no:cacheprovider tests/test_engine.py -k "not sharded"
+SEQ=4096 CTX=1024
+[ "$PRESET" = paper ] || { SEQ=256; CTX=128; }
+step scale_sft 200 $PY -m experiments.bench_scale --preset="$PRESET" --what=sft --sft_batch=4 --sft_seq=$SEQ \
+  --variants=none/blocked,block/blocked,none/fused,block/fused --repeats=3 --out="$OUT/scale_sft.json"
+step scale_grpo 120 $PY -m experiments.bench_scale --preset="$PRESET" --what=grpo --grpo_steps=3 \
+  --grpo_problems=8 --grpo_group=5 --grpo_context=$CTX --grpo_slots=64 --grpo_remat=block --out="$OUT/scale_grpo.json"
+step sampler_b64 150 $PY -m experiments.bench --repeats=2 --suite=sampler --sampler_presets="$PRESET" \
+  --sampler_batches=64 --out="$OUT/sampler_b64.json"
+step plan_sft 90 $PY -m experiments.plan --config=experiments/configs/sft.py:"$PRESET" --config.batch_size=4 \
+  --config.seq_len=$SEQ --config.remat=block
 echo "== done at $(($(date +%s) - START)) s" | tee -a "$LOG"

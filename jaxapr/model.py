@@ -14,9 +14,10 @@ hands them to ``attention``, a callback that says where keys and values are kept
 them each query sees (``model.logits(hidden)`` then gives the logits). Two forwards are built
 on it, and the decoding engine (``jaxapr.engine``) uses only the second:
 
-- ``model(tokens, positions=None, segment_ids=None) -> logits`` for training: causal within a
-  row, and tokens of different segments (packed examples; 0 = padding) never attend to each
-  other.
+- ``model(tokens, positions=None, segment_ids=None, remat=..., attention=...) -> logits`` for
+  training: causal within a row, and tokens of different segments (packed examples; 0 =
+  padding) never attend to each other. ``remat`` (``REMATS``) and ``attention``
+  (``ATTENTIONS``) trade memory and speed, never values.
 - ``model.forward_cached(tokens, positions, cache, write_mask, rows, window) -> (logits,
   cache)`` for decoding with a KV cache of a fixed number of rows (slots): the keys/values of
   token ``(b, t)`` are written into cache row ``rows[b]`` (default ``b``) at index
@@ -29,10 +30,10 @@ on it, and the decoding engine (``jaxapr.engine``) uses only the second:
 **The KV cache** (``init_cache``) is one layout everywhere: per layer, keys
 ``[rows, kv_heads, head_dim, max_len]`` and values ``[rows, kv_heads, max_len, head_dim]``.
 Keys are stored transposed so that a decode step's scores are a matrix product along
-contiguous cache entries and its values' weighted sum streams rows of ``v``: on a CPU the
-step is bound by reading the cache, and this layout reads it at close to memory bandwidth
-(BUILD_NOTES.md records the measurements). One array per layer lets a step update each layer
-in place. ``CACHE_SEQ_AXIS`` names the cache-position axis of each.
+contiguous cache entries and its values' weighted sum streams rows of ``v``: on a CPU a decode
+step's attention is bound by reading the cache, and this layout reads it faster than a
+heads-major one (BUILD_NOTES.md). One array per layer lets a step update each layer in place.
+``CACHE_SEQ_AXIS`` names the cache-position axis of each.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``norm``) that ``jaxapr.sharding`` maps to mesh axes.
@@ -41,6 +42,7 @@ Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``k
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +55,18 @@ from jaxapr import kernels
 from jaxapr.tokenizer import CountdownTokenizer
 
 ATTENTION_BLOCK = 128  # query block of the training forward's causal attention
+
+# Activation rematerialisation of the training forward, per block: "none" keeps every
+# intermediate for the backward; "block" keeps only each block's input and recomputes the block
+# in the backward (the least memory, about one more forward of compute); "dots" keeps the
+# outputs of the matrix products without a batch dimension (the dense layers) and recomputes
+# the rest (norms, rotary, activations, attention).
+REMATS = ("none", "block", "dots")
+# The training forward's attention: "blocked" is ``kernels.causal_attention`` (on a CPU the
+# row-looped kernel, elsewhere one ``jax.nn.dot_product_attention`` per query block); "fused" is
+# one ``jax.nn.dot_product_attention`` call over the whole row with the causal and segment
+# mask, through cuDNN's fused kernel on a GPU (XLA's elsewhere, which materialises the scores).
+ATTENTIONS = ("blocked", "fused")
 
 # A forward's attention in one layer: (layer, q, k, v) -> (heads out, the layer's new cache);
 # see ``Transformer.forward``.
@@ -246,7 +260,7 @@ class Transformer(nnx.Module):
             w = self.unembed[...].astype(x.dtype)
         return kernels.dense(x, w).astype(jnp.float32)
 
-    def forward(self, tokens, positions, attention: Attend) -> tuple[jax.Array, list]:
+    def forward(self, tokens, positions, attention: Attend, remat: str = "none") -> tuple[jax.Array, list]:
         """The pass over the layers that every forward runs -> (hidden [B, T, d_model] before
         the final norm, [what ``attention`` returned as each layer's cache]).
 
@@ -257,19 +271,23 @@ class Transformer(nnx.Module):
         values come from (these tokens only, or a cache they are first written into) is the
         callback's. ``layer_cache`` is anything (None when there is no cache): returning it
         keeps the callback a pure function, so the whole pass jits.
+
+        ``remat`` (one of ``REMATS``) wraps each block in ``jax.checkpoint``: what its backward
+        keeps and what it recomputes (training; a decode keeps "none").
         """
+        run = _remat_block(remat)
         x = self._embed(tokens)
         layer_caches = []
         for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.qkv(block.attn_norm(x), positions)
-            out, layer_cache = attention(layer, q, k, v)
-            x = x + block.attn.project(out)
-            x = x + block.mlp(block.mlp_norm(x))
+            x, layer_cache = run(block, x, positions, functools.partial(attention, layer))
             layer_caches.append(layer_cache)
         return x, layer_caches
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
-        """Training forward: logits float32[B, T, V] for tokens int32[B, T]."""
+    def __call__(self, tokens, positions=None, segment_ids=None, *, remat: str = "none", attention: str = "blocked"):
+        """Training forward: logits float32[B, T, V] for tokens int32[B, T]; ``remat`` one of
+        ``REMATS``, ``attention`` one of ``ATTENTIONS`` (same values, different memory and
+        speed)."""
+        check_train_options(remat, attention)
         b, t = tokens.shape
         idx = jnp.arange(t, dtype=jnp.int32)
         if positions is None:
@@ -277,10 +295,13 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
 
-        def attention(layer, q, k, v):
+        def blocked(layer, q, k, v):
             return kernels.causal_attention(q, k, v, segment_ids, block=ATTENTION_BLOCK), None
 
-        x, _ = self.forward(tokens, positions, attention)
+        def fused(layer, q, k, v):
+            return fused_causal_attention(q, k, v, segment_ids), None
+
+        x, _ = self.forward(tokens, positions, fused if attention == "fused" else blocked, remat=remat)
         return self.logits(x)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> dict:
@@ -349,6 +370,82 @@ def cached_attention(q, kt, v, mask):
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, t * g, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+def _block_step(block: Block, x, positions, attend):
+    """One block of ``Transformer.forward``: (new residual stream, the layer's cache)."""
+    q, k, v = block.attn.qkv(block.attn_norm(x), positions)
+    out, layer_cache = attend(q, k, v)
+    x = x + block.attn.project(out)
+    return x + block.mlp(block.mlp_norm(x)), layer_cache
+
+
+def _remat_block(remat: str):
+    """``_block_step`` as ``remat`` says: itself, or ``_checkpointed`` with the block's
+    parameters passed in (so their gradients flow) and the policy of ``remat``."""
+    if remat == "none":
+        return _block_step
+    if remat not in REMATS:
+        raise ValueError(f"remat={remat!r}: expected one of {REMATS}")
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+
+    def run(block, x, positions, attend):
+        graphdef, state = nnx.split(block)
+        caches = []
+
+        def step(state, x):
+            y, layer_cache = _block_step(nnx.merge(graphdef, state), x, positions, attend)
+            caches.append(layer_cache)
+            return y
+
+        y = _checkpointed(step, policy)(state, x)
+        if any(c is not None for c in caches):
+            raise ValueError(f"remat={remat!r} applies to the training forward only (an attention without a cache)")
+        return y, None
+
+    return run
+
+
+def _checkpointed(f, policy):
+    """``jax.checkpoint(f, policy=policy)`` whose backward recomputes only once the cotangent
+    has arrived: the saved residuals are tied to it (``+ 0 * dy[0]``). Without the tie XLA's
+    CPU compiler drops checkpoint's optimisation barriers and merges the recomputation back into
+    the forward, so nothing is saved (tests/train/test_plan.py measures the compiled peak)."""
+    remat_f = jax.checkpoint(f, policy=policy)
+
+    @jax.custom_vjp
+    def g(*args):
+        return f(*args)
+
+    def fwd(*args):
+        return jax.vjp(remat_f, *args)  # (output, the pullback: its leaves are the residuals)
+
+    def bwd(pullback, dy):
+        zero = jnp.zeros((), jnp.float32) * jax.tree.leaves(dy)[0].reshape(-1)[0].astype(jnp.float32)
+        tie = lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r
+        return jax.tree.map(tie, pullback)(dy)
+
+    g.defvjp(fwd, bwd)
+    return g
+
+
+def check_train_options(remat: str, attention: str) -> None:
+    """One-line errors for the training forward's ``remat`` and ``attention`` options."""
+    if remat not in REMATS:
+        raise ValueError(f"remat={remat!r}: expected one of {REMATS}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTIONS}")
+
+
+def fused_causal_attention(q, k, v, segment_ids):
+    """``kernels.causal_attention``'s values (causal within a row, no attention across
+    segments) in one ``jax.nn.dot_product_attention`` call: cuDNN's fused kernel on a GPU in a
+    16-bit compute dtype (it keeps no [T, S] scores for the backward), XLA's elsewhere."""
+    seg = segment_ids.astype(jnp.int32)
+    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, T, S]; causal via is_causal
+    cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    impl = "cudnn" if cudnn else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
 
 
 def cache_bytes_per_slot(cfg: ModelConfig, max_len: int | None = None, dtype=None) -> int:

@@ -69,3 +69,45 @@ def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-1000:]
     total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
     assert "2.00x" in total and "1.50x" in next(l for l in proc.stdout.splitlines() if l.startswith("evaluate"))
+
+
+def test_gpu_bench_commands_parse_on_a_cpu(tmp_path):
+    """gpu_bench.sh's steps (printed by DRY_RUN=1) name real modules and flags, and
+    bench_scale's arguments parse into the planned run (--dry_run computes nothing)."""
+    import json
+    import re
+
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", DRY_RUN="1", OUT=str(tmp_path), PY=sys.executable)
+    out = subprocess.run(
+        ["bash", "experiments/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    steps = dict(re.findall(r"^== (\w+): (.*)$", out.stdout, flags=re.M))
+    assert {"scale_sft", "scale_grpo", "sampler_b64", "plan_sft"} <= set(steps), out.stdout
+    for name, command in steps.items():
+        module = re.search(r"-m (experiments\.\w+)", command).group(1)
+        source = open(os.path.join(ROOT, *module.split(".")) + ".py", encoding="utf-8").read()
+        for flag in re.findall(r"--(\w+)", command):
+            assert flag == "config" or re.search(rf"DEFINE_\w+\(\s*\"{flag}\"", source), (name, flag)
+    sft = steps["scale_sft"].split(" -m ", 1)[1].split()[1:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_scale", *sft, "--dry_run"],
+        cwd=ROOT,
+        env=dict(env, DRY_RUN=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plan["preset"] == "paper" and plan["sft"]["seq_len"] == 4096
+    assert plan["sft"]["variants"] == ["none/blocked", "block/blocked", "none/fused", "block/fused"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_scale", "--dry_run", "--variants=block/flash"],
+        cwd=ROOT,
+        env=dict(env, DRY_RUN=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--variants entry 'block/flash'" in bad.stderr.strip().splitlines()[-1]

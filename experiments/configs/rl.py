@@ -2,10 +2,10 @@
 
 ``init_from`` is an SFT workdir (its best checkpoint; the model config comes from it). The
 ``grpo`` fields are ``jaxapr.train.grpo.GRPOConfig``'s; the paper preset uses the APR paper's
-values (64 problems x 5 rollouts, lr 1e-5, clip 0.2, beta 0.001, 2 inner epochs); the CPU
-presets sample fewer problems per step (tiny 16 x 8; mini 4 x 8 for 6 steps: a 4-number APR step
-of 32 rollouts is ~150-300 calls of up to 1,024 tokens; step times are in BUILD_NOTES.md) and use
-lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success
+values (150 steps of 64 problems x 5 rollouts, lr 1e-5, clip 0.2, beta 0.001, 2 inner
+epochs); the CPU presets sample fewer problems per step (tiny 16 x 8; mini 4 x 8 for 6
+steps: a 4-number APR step of 32 rollouts is ~150-300 calls of up to 1,024 tokens; step times
+are in BUILD_NOTES.md) and use lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success
 steadily: BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
 (a larger minibatch is split and its gradients summed), so memory does not grow with the calls;
 ``grpo.pack_calls`` packs several calls per row (the same loss; APR children are short).
@@ -35,7 +35,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     p, g, lr, beta, mbs, steps, ctx, slots, ev, evp = {
         "tiny": (16, 8, 3e-5, 0.001, 2, 100, 512, 64, 10, 100),
         "mini": (4, 8, 3e-5, 0.001, 2, 6, 1024, 64, 6, 200),
-        "paper": (64, 5, 1e-5, 0.001, 4, 1_000, 4096, 256, 50, 1_000),
+        # paper: the APR paper's GRPO, 150 steps of 64 problems x 5 rollouts, lr 1e-5, KL
+        # weight (beta) 0.001; num_minibatches, slots and the evaluation cadence are ours.
+        "paper": (64, 5, 1e-5, 0.001, 4, 150, 4096, 256, 25, 1_000),
     }[preset]
     c.grpo = ConfigDict(
         dict(
@@ -73,6 +75,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.max_context = ctx  # per-call context window of the rollouts
     c.max_depth = 1
     c.num_slots = slots
+    # paper: the engine's slots (and KV cache: 256 x 4,096 tokens of the paper model is ~77 GB)
+    # split over the data devices; the CPU presets keep them on one device.
+    c.shard_slots = preset == "paper"
+    # The training forward (jaxapr.model.REMATS / ATTENTIONS), as in configs/sft.py; paper:
+    # "block" remat (ours), so the update's activations leave room for the KV cache.
+    c.remat = "block" if preset == "paper" else "none"
+    c.attention = "blocked"
     c.decode_chunk = 16
     c.eval_every = ev
     c.eval_problems = evp

@@ -11,7 +11,10 @@
   cosine, clipping).
 - ``run_config``: a run config's model, optimizer and identity (``RESUMABLE`` fields).
 - ``mesh``: the mesh and rules of a run config, state and batches placed on it.
-- ``machine``: the memory check before a run, the matmul peak of this machine.
+- ``plan``: a run's memory per device before it starts (the compiled step's ``memory_analysis``
+  or an analytic estimate; the engine's KV cache and the reference for GRPO) and
+  ``check_run``, the check before the first step.
+- ``machine``: the memory a device may use, the matmul peak of this machine.
 - ``checkpoint``: ``Checkpointer`` (orbax; last k and the best; checksums; restore onto any mesh).
 - ``lock``: one writer per work directory.
 - ``metrics``: ``MetricWriter`` (JSONL, TensorBoard via tensorboardX, a progress bar).

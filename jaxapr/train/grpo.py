@@ -458,21 +458,21 @@ def k3_kl(logp, ref_logp):
     return jnp.exp(d) - d - 1.0
 
 
-def _logprobs(graphdef, params, batch):
-    return token_logprobs(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+def _logprobs(graphdef, params, batch, forward=None):
+    return token_logprobs(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"], forward)
 
 
-def _loss_sums(graphdef, params, ref_params, batch: dict, clip_eps, beta):
+def _loss_sums(graphdef, params, ref_params, batch: dict, clip_eps, beta, forward=None):
     """(loss, sums) for ``batch``; ``batch["ref_logprobs"]`` (if present) replaces the
     reference forward."""
-    logp = _logprobs(graphdef, params, batch)
+    logp = _logprobs(graphdef, params, batch, forward)
     mask = target_mask(batch)
     on = mask > 0
     ratio = jnp.exp(jnp.where(on, logp - batch["old_logprobs"], 0.0))
     adv = batch["token_advantages"] if "token_advantages" in batch else batch["advantages"][:, None]
     pg = clipped_pg(ratio, adv, clip_eps)
     if beta:
-        ref = batch["ref_logprobs"] if "ref_logprobs" in batch else _logprobs(graphdef, ref_params, batch)
+        ref = batch["ref_logprobs"] if "ref_logprobs" in batch else _logprobs(graphdef, ref_params, batch, forward)
         kl = jnp.where(on, k3_kl(logp, jax.lax.stop_gradient(ref)), 0.0)
     else:
         kl = jnp.zeros_like(logp)
@@ -539,13 +539,13 @@ def _padded(index, size: int, fill: int):
     return jnp.concatenate([index, jnp.full(index.shape[:-1] + (pad,), fill, index.dtype)], axis=-1)
 
 
-def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int) -> jax.Array:
+def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int, forward=None) -> jax.Array:
     """token log-probs f32[C, L-1] of the C real rows of ``batch`` (whose last row is the
     all-zero padding row), k blocks of ``size`` rows at a time (lax.map)."""
     c = batch["tokens"].shape[0] - 1
     idx = _padded(jnp.arange(c, dtype=jnp.int32), k * size, c).reshape(k, size)
     rows = {n: jnp.asarray(batch[n]) for n in ("tokens", "positions", "segment_ids")}
-    out = jax.lax.map(lambda i: _logprobs(graphdef, params, {n: v[i] for n, v in rows.items()}), idx)
+    out = jax.lax.map(lambda i: _logprobs(graphdef, params, {n: v[i] for n, v in rows.items()}, forward), idx)
     return out.reshape(k * size, -1)[:c]
 
 
@@ -558,11 +558,13 @@ def grpo_update(
     batch: dict,
     key,
     schedule: optax.Schedule | None = None,
+    forward=None,
 ) -> tuple[TrainState, dict]:
     """The (unjitted) GRPO update: ``cfg.inner_epochs`` passes, each over the rows shuffled
     with ``fold``s of ``key`` and split into ``cfg.num_minibatches`` minibatches, one
     optimizer update per minibatch (``lax.scan``). An update whose loss or gradient is not
-    finite is skipped (params and optimizer state kept) and ``finite`` reports False."""
+    finite is skipped (params and optimizer state kept) and ``finite`` reports False.
+    ``forward``: the training forward's options (``sft.token_logprobs``)."""
     TRACE_COUNTS["grpo_update"] += 1
     rows = batch["tokens"].shape[0]
     m, epochs = cfg.num_minibatches, cfg.inner_epochs
@@ -580,15 +582,17 @@ def grpo_update(
     }
     fk, fsize = micro_chunks(rows, seq_len, cfg.micro_batch_tokens)
     if cfg.recompute_old_logprobs:
-        old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize)
+        old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize, forward)
         batch["old_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([old, batch["old_logprobs"][-1:]]))
     if cfg.beta:  # the reference is fixed during the step: one forward per row, not one per epoch
-        ref = _chunked_logprobs(graphdef, ref_params, batch, fk, fsize)
+        ref = _chunked_logprobs(graphdef, ref_params, batch, fk, fsize, forward)
         batch["ref_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([ref, jnp.zeros_like(ref[:1])]))
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)])
     k, size = micro_chunks(rows // m, seq_len, cfg.micro_batch_tokens)
     order = _padded(perms.reshape(epochs * m, rows // m).astype(jnp.int32), k * size, rows).reshape(epochs * m, k, size)
-    grad_fn = jax.value_and_grad(lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: _loss_sums(graphdef, p, None, mb, cfg.clip_eps, cfg.beta, forward), has_aux=True
+    )
 
     def micro_grad(params, idx):  # idx [size]: one micro-batch's rows
         mb = {n: v[idx] for n, v in batch.items()}
@@ -640,15 +644,22 @@ def make_grpo_step(
     schedule: optax.Schedule | None = None,
     state_shardings=None,
     batch_sharding=None,
+    remat: str = "none",
+    attention: str = "blocked",
 ):
     """A jitted ``step(state, ref_params, batch, key) -> (state, metrics)`` (``grpo_update``;
     state donated). ``ref_params``: ``reference_params(initial params)``, or None when
     ``cfg.beta == 0``. ``state.step`` counts optimizer updates (``inner_epochs x
-    num_minibatches`` per call when all are finite)."""
+    num_minibatches`` per call when all are finite). ``remat``, ``attention``: the training
+    forward's options (``model.REMATS``, ``model.ATTENTIONS``)."""
+    from jaxapr import model as model_lib
+
     cfg.check()
+    model_lib.check_train_options(remat, attention)
+    forward = {"remat": remat, "attention": attention}
 
     def step(state, ref_params, batch, key):
-        return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule)
+        return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule, forward)
 
     kw: dict[str, Any] = {"donate_argnums": (0,)}
     if state_shardings is not None:

@@ -1,31 +1,12 @@
-"""What this machine can do: the memory a run may use (checked before it starts) and the
-matmul peak that "fraction of peak" figures are measured against."""
+"""What this machine can do: the memory a run may use (``jaxapr.train.plan`` checks a run
+against it per device before it starts) and the matmul peak that "fraction of peak" figures
+are measured against."""
 
 from __future__ import annotations
 
 import time
 
 import jax
-
-from jaxapr import model as model_lib
-
-
-def check_memory(
-    cfg: model_lib.ModelConfig, batch_size: int, seq_len: int, accum_steps: int, what: str = "training"
-) -> None:
-    """Fail fast when a preset clearly does not fit this machine's memory (host RAM on CPU)."""
-    params = model_lib.param_count(cfg)
-    micro = batch_size // max(accum_steps, 1)
-    # params + grads + 2 Adam moments + reference (f32), activations ~ 34 * d * L per layer-token
-    # plus the float32 logits; a rough upper bound, conservative by design.
-    need = 5 * 4 * params + micro * seq_len * (cfg.num_layers * 34 * cfg.d_model + 3 * cfg.vocab_size) * 4
-    avail = available_bytes()
-    if avail and need > avail:
-        raise ValueError(
-            f"{what} needs about {need / 2**30:.1f} GiB (model d_model={cfg.d_model}, "
-            f"{cfg.num_layers} layers, micro-batch {micro} x {seq_len}) but this machine has "
-            f"{avail / 2**30:.1f} GiB available: use a smaller preset, batch or seq_len, or more accum_steps"
-        )
 
 
 def available_bytes() -> int | None:

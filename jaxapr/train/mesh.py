@@ -56,9 +56,29 @@ def check_batch_fits(batch_size: int, accum_steps: int, mesh) -> None:
 def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
     """(graphdef, TrainState at step 0, its shardings): parameters placed by ``rules``, the
     optimizer state initialised under jit so its moments follow their parameters."""
+    graphdef, params = nnx.split(policy)
+    make, shardings = _state_layout(policy, tx, mesh, rules)
+    param_sh = sharding.param_shardings(policy, mesh, rules)
+    state = jax.jit(make, out_shardings=shardings)(distributed.put_global(params, param_sh))
+    return graphdef, state, shardings
+
+
+def abstract_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
+    """(graphdef, the TrainState of ``init_state_on_mesh`` as ``jax.ShapeDtypeStruct`` leaves
+    with their shardings, the shardings) for a policy that may be abstract
+    (``nnx.eval_shape``): what a step compiles against, nothing allocated."""
+    graphdef, params = nnx.split(policy)
+    make, shardings = _state_layout(policy, tx, mesh, rules)
+    shapes = jax.eval_shape(make, params)
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+    return graphdef, state, shardings
+
+
+def _state_layout(policy: nnx.Module, tx, mesh, rules):
+    """(params -> TrainState at step 0, the state's shardings)."""
     from jaxapr.train.state import TrainState
 
-    graphdef, params = nnx.split(policy)
+    params = nnx.split(policy)[1]
     param_sh = sharding.param_shardings(policy, mesh, rules)
     by_path = {
         tuple(path): (sh, leaf.shape)
@@ -74,9 +94,7 @@ def init_state_on_mesh(policy: nnx.Module, tx, mesh, rules):
         return rep
 
     make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
-    shardings = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(make, params))
-    state = jax.jit(make, out_shardings=shardings)(distributed.put_global(params, param_sh))
-    return graphdef, state, shardings
+    return make, jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(make, params))
 
 
 def batch_to_device(batch: dict, mesh) -> dict:

@@ -84,7 +84,7 @@ class GRPOTask(loop.Task):
 
     def resolve(self) -> None:
         from jaxapr import policy_io
-        from jaxapr.train import machine
+        from jaxapr.train import plan
 
         config = self.config
         run_config.check_counts(
@@ -114,11 +114,9 @@ class GRPOTask(loop.Task):
             raise ValueError(
                 f"grpo.num_problems={self.gcfg.num_problems}: expected a multiple of the {self.processes} processes"
             )
-        rows_guess = self.gcfg.num_problems * self.gcfg.group_size * 2
-        micro_rows = grpo.micro_chunks(
-            -(-rows_guess // self.gcfg.num_minibatches), config.max_context, self.gcfg.micro_batch_tokens
-        )[1]
-        machine.check_memory(self.cfg, micro_rows, config.max_context, 1, what="GRPO")
+        # The update, the reference and the engine's KV cache per device (jaxapr.train.plan): one
+        # line naming the field to change if they do not fit.
+        plan.check_run(config, "rl", log=self.log)
         if config.optim.learning_rate != self.gcfg.learning_rate:
             raise ValueError(
                 f"config.optim.learning_rate={config.optim.learning_rate} differs from "
@@ -130,7 +128,7 @@ class GRPOTask(loop.Task):
     def build(self, resuming: bool):
         from envs import countdown
         from jaxapr import engine as engine_lib
-        from jaxapr import policy_io
+        from jaxapr import policy_io, sharding
         from jaxapr.train import mesh as mesh_lib
 
         config, gcfg = self.config, self.gcfg
@@ -149,12 +147,26 @@ class GRPOTask(loop.Task):
         policy = nnx.merge(graphdef, self.init_params)
         graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, self.mesh, rules)
         self.ref_params = grpo.reference_params(state.params) if gcfg.beta else None
-        self.step_fn = grpo.make_grpo_step(graphdef, tx, gcfg, schedule, state_shardings=shardings)
-        # One engine per process, on its local devices, decoding with a process-local copy of the params.
+        self.step_fn = grpo.make_grpo_step(
+            graphdef,
+            tx,
+            gcfg,
+            schedule,
+            state_shardings=shardings,
+            remat=config.get("remat", "none"),
+            attention=config.get("attention", "blocked"),
+        )
+        # One engine per process, on its local devices, decoding with a process-local copy of the
+        # params; with shard_slots its slots (and KV cache) are split over the data devices.
+        engine_mesh = None
+        if config.get("shard_slots", False):
+            engine_mesh = self.mesh if self.processes == 1 else sharding.make_mesh(data=-1, devices=jax.local_devices())
         self.engine = engine_lib.Engine(
             nnx.merge(graphdef, distributed.process_local(state.params)),
             num_slots=config.num_slots,
             max_len=config.max_context,
+            mesh=engine_mesh,
+            rules=rules if engine_mesh is self.mesh else None,
         )
         self.base_key = jax.random.key(config.seed)
         return state

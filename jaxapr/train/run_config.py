@@ -8,7 +8,9 @@ A run config is an ``ml_collections.ConfigDict`` (``experiments/configs/sft.py``
 Identity: a work directory holds one run. Its checkpoints store the resolved config, and a
 restart must agree with it on every field except :data:`RESUMABLE` (how long to train, how
 often to evaluate, log and save, how to show progress, how to lay the run out on devices),
-which may change between a run and its continuation without changing what is trained.
+which may change between a run and its continuation without changing what is trained (the
+training forward's ``remat`` and ``attention`` give the same values, ``shard_slots`` only
+places the rollout engine's slots).
 :func:`differences` lists the fields where two configs disagree; the checkpointer and
 ``experiments.gen_data`` both report a mismatch with :func:`describe`.
 """
@@ -42,6 +44,9 @@ RESUMABLE = (
     "mesh",
     "rules",
     "overwrite",
+    "remat",
+    "attention",
+    "shard_slots",
 )
 
 

@@ -31,10 +31,12 @@ from jaxapr.train.state import TrainState
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 
-def token_logprobs(graphdef, params, tokens, positions=None, segment_ids=None) -> jax.Array:
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) as float32[B, L-1] under the policy."""
+def token_logprobs(graphdef, params, tokens, positions=None, segment_ids=None, forward=None) -> jax.Array:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) as float32[B, L-1] under the policy.
+    ``forward``: the training forward's options (``remat``, ``attention``: ``model.REMATS``,
+    ``model.ATTENTIONS``), the same values either way."""
     policy = nnx.merge(graphdef, params)
-    logits = policy(tokens, positions, segment_ids)[:, :-1]
+    logits = policy(tokens, positions, segment_ids, **dict(forward or {}))[:, :-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -46,9 +48,9 @@ def target_mask(batch: dict) -> jax.Array:
     return (same & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)
 
 
-def loss_sums(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+def loss_sums(graphdef, params, batch: dict, forward=None) -> tuple[jax.Array, jax.Array]:
     """(sum of -log p over trained tokens, number of trained tokens)."""
-    logp = token_logprobs(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logp = token_logprobs(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"], forward)
     mask = target_mask(batch)
     return -(logp * mask).sum(), mask.sum()
 
@@ -66,9 +68,9 @@ def _split(batch: dict, parts: int) -> dict:
     return {k: batch[k].reshape(parts, b // parts, *batch[k].shape[1:]) for k in BATCH_KEYS}
 
 
-def sft_grads(graphdef, params, batch: dict, accum_steps: int = 1):
+def sft_grads(graphdef, params, batch: dict, accum_steps: int = 1, forward=None):
     """(mean loss, gradients of it, trained-token count) with gradient accumulation."""
-    grad_fn = jax.value_and_grad(lambda p, mb: loss_sums(graphdef, p, mb), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: loss_sums(graphdef, p, mb, forward), has_aux=True)
     micro = _split(batch, accum_steps)
 
     def body(carry, mb):
@@ -89,14 +91,21 @@ def make_sft_step(
     schedule: optax.Schedule | None = None,
     state_shardings=None,
     batch_sharding=None,
+    remat: str = "none",
+    attention: str = "blocked",
 ):
     """A jitted ``step(state, batch) -> (state, metrics)`` (state donated). Metrics: loss,
-    grad_norm, tokens (trained tokens), lr (when ``schedule`` is given), finite."""
+    grad_norm, tokens (trained tokens), lr (when ``schedule`` is given), finite. ``remat`` and
+    ``attention``: the training forward's options (``model.REMATS``, ``model.ATTENTIONS``)."""
+    from jaxapr import model as model_lib
+
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps!r}: expected a positive int")
+    model_lib.check_train_options(remat, attention)
+    forward = {"remat": remat, "attention": attention}
 
     def step(state: TrainState, batch: dict):
-        loss, grads, count = sft_grads(graphdef, state.params, batch, accum_steps)
+        loss, grads, count = sft_grads(graphdef, state.params, batch, accum_steps, forward)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -152,7 +161,7 @@ class SFTTask(loop.Task):
 
     def resolve(self) -> None:
         from jaxapr import data as data_lib
-        from jaxapr.train import machine
+        from jaxapr.train import plan
 
         config = self.config
         run_config.check_counts(
@@ -174,7 +183,7 @@ class SFTTask(loop.Task):
         self.processes = jax.process_count()
         if config.batch_size % self.processes:
             raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {self.processes} processes")
-        machine.check_memory(self.cfg, config.batch_size, config.seq_len, config.accum_steps)
+        plan.check_run(config, "sft", log=self.log)  # one line naming the field to change if it does not fit
         self.best_metric = "val/accuracy" if config.eval_problems else ("val/loss" if config.eval_batches else None)
         self.best_mode = "max" if config.eval_problems else "min"
 
@@ -236,7 +245,15 @@ class SFTTask(loop.Task):
         if init_from and not resuming:  # fine-tuning (a curriculum stage): another run's parameters, a fresh optimizer
             policy = nnx.merge(nnx.split(policy)[0], init_params(init_from, config.get("init_which", "best"), cfg))
         self.graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, self.mesh, rules)
-        self.step_fn = make_sft_step(self.graphdef, tx, config.accum_steps, schedule, state_shardings=shardings)
+        self.step_fn = make_sft_step(
+            self.graphdef,
+            tx,
+            config.accum_steps,
+            schedule,
+            state_shardings=shardings,
+            remat=config.get("remat", "none"),
+            attention=config.get("attention", "blocked"),
+        )
         self.eval_fn = make_eval_step(self.graphdef)
         self.engine = None
         self.peak = machine.matmul_peak_flops(dtype=cfg.dtype)

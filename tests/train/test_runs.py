@@ -13,7 +13,7 @@ import pytest
 
 from envs import countdown
 from jaxapr import data, policy_io
-from jaxapr.train import loop, machine, rl, sft
+from jaxapr.train import loop, rl, sft
 
 SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
 
@@ -322,8 +322,10 @@ def test_export_round_trip(tmp_path, sft_run):
 
 
 def test_a_preset_that_does_not_fit_memory_fails_fast():
-    from jaxapr import model
+    from experiments.configs import sft as sft_configs
+    from jaxapr.train import plan
 
-    with pytest.raises(ValueError, match=r"training needs about .* GiB .* but this machine has .* GiB available"):
-        machine.check_memory(model.get_config("paper"), batch_size=256, seq_len=4096, accum_steps=1)
-    machine.check_memory(model.get_config("tiny"), batch_size=16, seq_len=512, accum_steps=1)  # fits
+    # per device: the paper preset's 32 rows x 4,096 tokens on each of the 8 (fake) devices
+    with pytest.raises(ValueError, match=r"SFT needs .* GiB per device .* but a device has 2.0 GiB: .*config\."):
+        plan.check_run(sft_configs.get_config("paper"), "sft", limit="2GiB")
+    assert plan.check_run(sft_configs.get_config("tiny"), "sft", limit="2GiB").method == "analytic"  # fits

@@ -1,5 +1,8 @@
 """A static-shape slot engine: batched prefill into free slots, k-step jitted decode chunks.
 
+One module (over 500 lines) because the slot state, the jitted kernels and the host-side
+bookkeeping (buckets, position bounds, input checks) change together.
+
 Threads are rows. The engine holds a fixed pool of ``num_slots`` slots; each slot is one row
 of the policy's KV cache (``Transformer.init_cache``, the one cache layout) plus a row of slot
 state (generated tokens, their log-probabilities, position, per-slot limit, stop ids, sampling

@@ -1,5 +1,8 @@
 """The APR runtime: spawn/join rollouts with threads as rows of one slot engine.
 
+One module (over 500 lines) because the scheduler, its time accounting and the per-problem
+results share one thread/call model; split, each part would import the others' internals.
+
 ``rollout(policy, problems, mode=...)`` runs every problem's threads through one engine
 (``jaxapr.engine.Engine`` or anything with its small interface: ``num_slots``, ``max_len``,
 ``free_slots``, ``insert``, ``decode``, ``finished``, ``read``, ``release``; optionally ``wait``,

@@ -5,8 +5,8 @@
 values (150 steps of 64 problems x 5 rollouts, lr 1e-5, clip 0.2, beta 0.001, 2 inner
 epochs); the CPU presets sample fewer problems per step (tiny 16 x 8; mini 4 x 8 for 6
 steps: a 4-number APR step of 32 rollouts is ~150-300 calls of up to 1,024 tokens; step times
-are in BUILD_NOTES.md) and use lr 3e-5 (on the tiny SoS+ policy 1e-4 oscillated, 3e-5 raised held-out success
-steadily: BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
+are in BUILD_NOTES.md) and use lr 3e-5, the rate that raised held-out success steadily on the
+tiny SoS+ policy where 1e-4 oscillated (BUILD_NOTES.md). ``grpo.micro_batch_tokens`` bounds the rows differentiated at once
 (a larger minibatch is split and its gradients summed), so memory does not grow with the calls;
 ``grpo.pack_calls`` packs several calls per row (the same loss; APR children are short).
 The CPU presets set ``grpo.skip_zero_advantage``: groups whose rollouts all succeed or all

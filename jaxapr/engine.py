@@ -331,7 +331,7 @@ def _decode_step(policy, cache, slots: SlotState):
     ``cache`` may be the first entries of the engine's (see ``_decode``): running slots'
     positions are below its length."""
     run = slots.running
-    max_len = cache["v"][0].shape[2]
+    max_len = model_lib.cache_length(cache)
     pos = jnp.clip(slots.next_pos, 0, max_len - 1)
     logits, cache = policy.forward_cached(slots.last_token[:, None], pos[:, None], cache, run[:, None])
     logits = logits[:, 0]
@@ -362,7 +362,7 @@ def _decode(graphdef, layout, attend_len, params, cache, slots: SlotState, num_s
     entries (static; the host's bound on every running slot's position, see ``Engine.decode``)."""
     TRACE_COUNTS["decode"] += 1
     policy = nnx.merge(graphdef, params)
-    max_len = cache["v"][0].shape[2]
+    max_len = model_lib.cache_length(cache)
     span = min(int(attend_len), max_len)
 
     def cond(carry):

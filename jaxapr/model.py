@@ -72,8 +72,10 @@ ATTENTIONS = ("blocked", "fused")
 # see ``Transformer.forward``.
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
-# The cache-position axis of each cache array (see the module docstring).
-CACHE_SEQ_AXIS = {"k": 3, "v": 2}
+# The KV cache layout (see the module docstring): each array's axes by logical name, None for
+# the cache position; ``jaxapr.sharding`` maps the names to mesh axes.
+CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", None), "v": ("batch", "kv_heads", None, "head_dim")}
+CACHE_SEQ_AXIS = {name: axes.index(None) for name, axes in CACHE_AXES.items()}
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -308,13 +310,13 @@ class Transformer(nnx.Module):
         """A zero KV cache (layout in the module docstring): {"k": per layer [B, kv_heads,
         head_dim, max_len], "v": per layer [B, kv_heads, max_len, head_dim]}, tuples of arrays."""
         cfg = self.cfg
-        max_len = max_len or cfg.max_len
+        sizes = {"batch": batch_size, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.dims_per_head}
+        sizes[None] = max_len or cfg.max_len
         dtype = dtype or self.dtype
-        shapes = {
-            "k": (batch_size, cfg.num_kv_heads, cfg.dims_per_head, max_len),
-            "v": (batch_size, cfg.num_kv_heads, max_len, cfg.dims_per_head),
+        return {
+            name: tuple(jnp.zeros(tuple(sizes[a] for a in axes), dtype) for _ in range(cfg.num_layers))
+            for name, axes in CACHE_AXES.items()
         }
-        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name, shape in shapes.items()}
 
     def forward_cached(self, tokens, positions, cache: dict, write_mask=None, rows=None, window: int | None = None):
         """Forward with a KV cache -> (logits f32[B, T, V], cache); see the module docstring.
@@ -327,7 +329,7 @@ class Transformer(nnx.Module):
         position (a short context need not read the whole row).
         """
         b, t = tokens.shape
-        num_rows, s = cache["v"][0].shape[0], cache["v"][0].shape[2]
+        num_rows, s = cache["v"][0].shape[0], cache_length(cache)
         window = s if window is None else window
         if write_mask is None:
             write_mask = jnp.ones((b, t), bool)
@@ -345,7 +347,8 @@ class Transformer(nnx.Module):
             ck, cv = cache["k"][layer], cache["v"][layer]
             ck = ck.at[at, :, :, where].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[at, :, where].set(v.astype(cv.dtype), mode="drop")
-            kt, vs = ck[..., :window], cv[:, :, :window]
+            kt = jax.lax.slice_in_dim(ck, 0, window, axis=CACHE_SEQ_AXIS["k"])
+            vs = jax.lax.slice_in_dim(cv, 0, window, axis=CACHE_SEQ_AXIS["v"])
             if gather is not None:
                 kt, vs = kt[gather], vs[gather]
             return cached_attention(q, kt, vs, mask), (ck, cv)
@@ -353,6 +356,11 @@ class Transformer(nnx.Module):
         x, layer_caches = self.forward(tokens, positions, attention)
         new_k, new_v = zip(*layer_caches)
         return self.logits(x), {"k": tuple(new_k), "v": tuple(new_v)}
+
+
+def cache_length(cache: dict) -> int:
+    """The number of positions a KV cache (``Transformer.init_cache``) holds per row."""
+    return cache["k"][0].shape[CACHE_SEQ_AXIS["k"]]
 
 
 def cached_attention(q, kt, v, mask):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxapr.model import PRESETS, ModelConfig, get_config, param_count
+from jaxapr.model import CACHE_AXES, PRESETS, ModelConfig, get_config, param_count
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -180,14 +180,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# Logical axes of the KV cache arrays (``Transformer.init_cache``): keys [rows, kv_heads,
-# head_dim, max_len], values [rows, kv_heads, max_len, head_dim].
-CACHE_AXES = {"k": ("batch", "kv_heads", "head_dim", None), "v": ("batch", "kv_heads", None, "head_dim")}
-
-
 def cache_sharding(mesh: Mesh, rules: Rules, name: str, shape: Sequence[int]) -> NamedSharding:
-    """The sharding of one layer's KV cache array ``name`` ("k" or "v") of ``shape``: slots
-    split like a batch, heads like ``kv_heads``."""
+    """The sharding of one layer's KV cache array ``name`` ("k" or "v") of ``shape``
+    (``model.CACHE_AXES``): slots split like a batch, heads like ``kv_heads``."""
     spec = logical_to_mesh(CACHE_AXES[name], rules)
     return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 

@@ -1001,14 +1001,14 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     t0 = time.time()
-    results = {"suite": FLAGS.suite, "quick": FLAGS.quick, "machine": machine()}
     base = None
-    if FLAGS.baseline_commit:
+    if FLAGS.baseline_commit:  # before this process touches JAX: a bad revision is one line on stderr
         try:
             base = _run_at_commit(FLAGS.baseline_commit)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+    results = {"suite": FLAGS.suite, "quick": FLAGS.quick, "machine": machine()}
     results["results"] = SUITES[FLAGS.suite](FLAGS.quick, FLAGS.repeats if not FLAGS.quick else 1)
     results["wall_s"] = time.time() - t0
     if base is not None:

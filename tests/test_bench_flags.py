@@ -15,6 +15,7 @@ def test_bad_grpo_flags_fail_fast(tmp_path):
         (["--grpo_group=0"], "--grpo_group=0: expected a positive int"),
         (["--train_presets=tiny,huge"], "--train_presets: unknown preset 'huge'"),
         (["--sampler_hf_batches=64,x"], "--sampler_hf_batches: 'x' is not a positive int"),
+        (["--baseline_commit=no_such_rev"], "--baseline_commit='no_such_rev': not a commit of this repository"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.bench", "--suite=train", *args],

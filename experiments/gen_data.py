@@ -113,10 +113,11 @@ def is_complete(config, out: str) -> bool:
     )
 
 
-def prepare(config, out: str, log=print) -> str:
+def prepare(config, out: str, log=print, progress: bool = True) -> str:
     """``config``'s dataset in ``out``: reused when ``out`` holds a complete one of the same
     identity, built when ``out`` is new or empty or holds an interrupted build of it; another
-    config's data (or files gen_data did not write) are a one-line ``ValueError``."""
+    config's data (or files gen_data did not write) are a one-line ``ValueError``.
+    ``progress``: a bar per demonstration kind on stderr while building."""
     from jaxapr.train import run_config
 
     saved = recorded_identity(out) if os.path.isdir(out) else None
@@ -126,7 +127,7 @@ def prepare(config, out: str, log=print) -> str:
                 f"{out!r} holds files but no gen_data identity ({IDENTITY}): expected a new directory or "
                 "one written by experiments.gen_data (delete it to rebuild the data)"
             )
-        run(config, out, log=log)
+        run(config, out, log=log, progress=progress)
         return out
     diffs = run_config.differences(saved, identity(config))
     if diffs:
@@ -138,11 +139,11 @@ def prepare(config, out: str, log=print) -> str:
         log(f"  reusing the dataset in {out} (same config)")
     else:
         log(f"  {out} holds an interrupted build of this dataset: building it again")
-        run(config, out, overwrite=True, log=log)
+        run(config, out, overwrite=True, log=log, progress=progress)
     return out
 
 
-def run(config, out: str, overwrite: bool = False, log=print) -> dict:
+def run(config, out: str, overwrite: bool = False, log=print, progress: bool = True) -> dict:
     """Builds ``config``'s dataset in ``out`` (see the module docstring); returns the report."""
     from jaxapr import data
     from jaxapr.train import lock, loop
@@ -154,10 +155,10 @@ def run(config, out: str, overwrite: bool = False, log=print) -> dict:
     out = loop.prepare_workdir(out, what="out")
     with lock.hold(out, log=log):
         distributed.run_on_main(_claim, config, out, overwrite, log)  # nobody writes before process 0 claimed it
-        return _build(config, out, kinds, log)
+        return _build(config, out, kinds, log, progress)
 
 
-def _build(config, out: str, kinds: tuple, log) -> dict:
+def _build(config, out: str, kinds: tuple, log, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from envs import countdown
@@ -199,10 +200,10 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
             file=sys.stderr,
             dynamic_ncols=True,
             smoothing=0.1,
-            disable=not main,
+            disable=not (main and progress),
         )
 
-        def progress(done, total, bar=bar):
+        def advance(done, total, bar=bar):
             bar.total = total
             bar.update(done - bar.n)
 
@@ -215,7 +216,7 @@ def _build(config, out: str, kinds: tuple, log) -> dict:
                 num_workers=workers,
                 problems_per_task=config.problems_per_task,
                 shard_examples=config.shard_examples,
-                progress=progress,
+                progress=advance,
                 process_index=process,
                 num_processes=processes,
             )

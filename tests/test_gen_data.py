@@ -82,3 +82,9 @@ def test_progress_is_a_bar_per_kind_and_the_table_is_printed(tmp_path, capsys):
         assert f"{kind} traces" in err and "problem/s" in err and "28/28" in err
     assert not any("problems (" in line for line in lines)  # no progress lines in the log
     assert any(line.startswith("kind") and "tokens/problem" in line for line in lines)  # the table stays
+
+
+def test_prepare_without_progress_draws_no_bar(tmp_path, capsys):
+    # the quickstart's --progress=False reaches the data step too
+    gen_data.prepare(small(), str(tmp_path / "d"), log=quiet, progress=False)
+    assert "traces" not in capsys.readouterr().err

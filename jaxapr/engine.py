@@ -541,9 +541,15 @@ class Engine:
         return cache, slots
 
     def _place(self, params):
-        if self._param_shardings is None:
-            return params
-        return jax.device_put(params, self._param_shardings)
+        """Parameters as the kernels take them: by the mesh's shardings, or else committed to
+        one device (that of the first leaf), so that the same policy reaching the engine with
+        another placement (e.g. a trainer's one-device mesh) hits the same compiled kernels
+        (jit keys on input shardings)."""
+        if self._param_shardings is not None:
+            return jax.device_put(params, self._param_shardings)
+        leaves = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
+        device = min(leaves[0].devices(), key=lambda d: d.id) if leaves else jax.local_devices()[0]
+        return jax.device_put(params, jax.sharding.SingleDeviceSharding(device))
 
     def update_params(self, policy_or_state) -> None:
         """Swap in new parameters (a policy of the same architecture, or its ``nnx.split``

@@ -232,6 +232,25 @@ def test_no_retrace_beyond_buckets(policy):
     assert delta["prefill"] <= 2 and delta["decode"] <= 1 and delta["release"] <= 1, delta
 
 
+def test_params_placement_does_not_recompile(policy, prompts, reference):
+    # A trainer hands the engine its parameters on a one-device mesh (NamedSharding); the
+    # evaluation, the loaded policy's default placement. Both must run the same compiled kernels.
+    def run(p):
+        eng = engine.Engine(p, num_slots=2, prefill_buckets=(32,), batch_buckets=(2,), decode_buckets=(64,))
+        eng.insert(prompts[:1], max_new_tokens=NEW)
+        eng.decode(NEW)
+        return eng.read([0])[0].tokens
+
+    run(policy)
+    before = dict(engine.TRACE_COUNTS)
+    graphdef, params = nnx.split(policy)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    tokens = run(nnx.merge(graphdef, placed))
+    assert {k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode")} == {"prefill": 0, "decode": 0}
+    np.testing.assert_array_equal(tokens, reference[0])
+
+
 def test_update_params_changes_outputs(policy, prompts, reference):
     eng = engine.Engine(policy, num_slots=2)
     other = model.Transformer(CFG, rngs=nnx.Rngs(11))

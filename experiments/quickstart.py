@@ -38,7 +38,6 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags
 
 from experiments import cli
@@ -203,10 +202,19 @@ def _exported_preset(name: str, path: str) -> str | None:
 
 
 def evaluate_policies(
-    policies: dict, problems, contexts, *, num_slots: int, log=print, progress: bool = True, labels: dict | None = None
+    policies: dict,
+    problems,
+    contexts,
+    *,
+    num_slots: int,
+    log=print,
+    progress: bool = True,
+    labels: dict | None = None,
+    keep: dict | None = None,
 ) -> list:
     """Greedy rollouts of each policy at each per-call context: one row per (policy, context),
-    with the per-problem verdicts (``solved``) and children counts."""
+    with the per-problem verdicts (``solved``) and children counts. ``keep``: a dict that
+    receives each APR condition's rollouts, {(name, context): [RolloutResult, ...]}."""
     labels = labels or {}
     from tqdm.auto import tqdm
 
@@ -223,9 +231,12 @@ def evaluate_policies(
                 f"  {labels.get(name, NAMES.get(name, name))}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped"
             )
             continue
+        results = [] if keep is not None and MODES.get(name, name) == "apr" else None
         r, records = evaluation.evaluate_rollouts(
-            policy, problems, mode=MODES.get(name, name), max_context=ctx, num_slots=num_slots
+            policy, problems, mode=MODES.get(name, name), max_context=ctx, num_slots=num_slots, results=results
         )
+        if results is not None:
+            keep[(name, ctx)] = results
         r.update(
             run=name,
             label=labels.get(name, NAMES.get(name, name)),
@@ -347,7 +358,7 @@ def run(
         if rl_steps > 0:
             runs["apr_rl"] = os.path.join(workdir, "reproduce", "rl_apr")
     else:  # reused only when it holds this preset's data (gen_data's recorded identity)
-        gen_data.prepare(data_config, data_dir, log=lambda *a: None)
+        gen_data.prepare(data_config, data_dir, log=lambda *a: None, progress=progress)
     times["data"] = time.perf_counter() - t0
     splits = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))
     numbers, targets = splits["test"]
@@ -370,6 +381,7 @@ def run(
             policies[name], _ = policy_io.load_exported(path)  # its data preset was checked above
     log(f"\n[2/5] SoS+ vs APR, greedy, at per-call contexts {contexts}")
     t0 = time.perf_counter()
+    rollouts = {}  # APR's evaluation rollouts: the example below draws one of them
     rows = evaluate_policies(
         {k: policies[k] for k in ("sosp", "apr")},
         test,
@@ -378,6 +390,7 @@ def run(
         log=log,
         progress=progress,
         labels=labels,
+        keep=rollouts,
     )
     times["evaluate"] = time.perf_counter() - t0
 
@@ -454,7 +467,7 @@ def run(
     log(table(rows))
     log("\n" + verdict(out["comparison"], preset))
     t0 = time.perf_counter()
-    example = example_trace(policies["apr"], test, rows, workdir, num_slots=num_slots)
+    example = example_trace(rows, rollouts, workdir)
     if example:
         out["example"] = example
         log(f"\nOne APR search from the table, as a tree (and as {example['html']}):\n{example['text']}")
@@ -473,10 +486,11 @@ def run(
     return out
 
 
-def example_trace(policy, problems, rows: list, workdir: str, *, num_slots: int) -> dict | None:
-    """Rolls out again the first test problem APR solved with the most children (at the largest
-    context evaluated) and draws it: {"problem", "text", "html"}; None if APR solved none."""
-    from jaxapr import runtime
+def example_trace(rows: list, rollouts: dict, workdir: str) -> dict | None:
+    """Draws the first test problem APR solved with the most children (at the largest context
+    evaluated), from the evaluation's own rollout (``rollouts``: ``evaluate_policies``'
+    ``keep``): {"problem", "numbers", "target", "solved", "text", "html"}; None if APR solved
+    none."""
     from jaxapr.trace_view import render_text, write_html
 
     apr = [r for r in rows if r["run"] == "apr"]
@@ -487,15 +501,12 @@ def example_trace(policy, problems, rows: list, workdir: str, *, num_slots: int)
     if not solved:
         return None
     i = max(solved, key=lambda j: (row["children_per_problem"][j], -j))
-    nums, target = np.asarray(problems[0][i : i + 1]), np.asarray(problems[1][i : i + 1])
-    (result,) = runtime.rollout(
-        policy, (nums, target), mode="apr", max_context=row["context"], num_slots=min(num_slots, 16)
-    )
+    result = rollouts[("apr", row["context"])][i]
     html = write_html(result, os.path.join(workdir, "trace.html"))
     return {
         "problem": int(i),
-        "numbers": nums[0].tolist(),
-        "target": int(target[0]),
+        "numbers": [int(x) for x in result.nums],
+        "target": int(result.target),
         "solved": bool(result.success),
         "text": render_text(result),
         "html": html,

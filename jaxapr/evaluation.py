@@ -124,11 +124,14 @@ def evaluate_rollouts(
     temperature: float = 0.0,
     key=None,
     engine=None,
+    results: list | None = None,
 ) -> tuple[dict, dict]:
     """Roll ``problems`` = (numbers, targets) out in ``mode`` -> (metrics, records): the
     scalar metrics of ``summarize`` and the per-problem records. Every process must call it
-    (a collective with several processes)."""
-    ids, results, seconds = _local_rollouts(
+    (a collective with several processes). ``results``: a list that receives this process's
+    ``runtime.RolloutResult``s (every P-th problem; all of them with one process), for a caller
+    that shows a rollout without running it again."""
+    ids, local, seconds = _local_rollouts(
         policy,
         problems,
         mode=mode,
@@ -139,7 +142,9 @@ def evaluate_rollouts(
         key=key,
         engine=engine,
     )
-    records, seconds = _gather(ids, problem_records(results, joins=mode == "apr"), seconds)
+    if results is not None:
+        results.extend(local)
+    records, seconds = _gather(ids, problem_records(local, joins=mode == "apr"), seconds)
     return summarize(records, seconds), records
 
 

@@ -147,3 +147,34 @@ def test_quickstart_bad_flags_fail_fast(tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "w")  # nothing was written
+
+
+def test_example_is_the_evaluations_own_rollout(tmp_path):
+    # The drawn search is the evaluation's rollout of that problem, not a second run: it is
+    # the same tree a fresh greedy rollout of the problem gives.
+    import numpy as np
+
+    from jaxapr import policy_io, runtime
+
+    policy, _ = policy_io.load_exported(quickstart.shipped_policies("tiny")["apr"])
+    numbers = np.array([[2, 3, 4], [1, 5, 6], [4, 7, 3], [10, 2, 8], [9, 3, 12], [6, 6, 5]], np.int32)
+    problems = (numbers, np.array([24, 11, 25, 20, 15, 17], np.int32))  # solvable, the tiny preset's ranges
+    kept = {}
+    rows = quickstart.evaluate_policies(
+        {"apr": policy}, problems, [512], num_slots=16, log=lambda *_: None, progress=False, keep=kept
+    )
+    assert len(kept[("apr", 512)]) == 6
+    example = quickstart.example_trace(rows, kept, str(tmp_path))
+    assert example is not None, "the tiny APR policy solved none of 6 problems"
+    i = example["problem"]
+    assert rows[0]["solved"][i] and example["numbers"] == problems[0][i].tolist()
+    (fresh,) = runtime.rollout(
+        policy, (problems[0][i : i + 1], problems[1][i : i + 1]), mode="apr", max_context=512, num_slots=16
+    )
+    assert example["text"] == quickstart_text(fresh) and os.path.isfile(example["html"])
+
+
+def quickstart_text(result):
+    from jaxapr.trace_view import render_text
+
+    return render_text(result)

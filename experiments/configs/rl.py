@@ -74,6 +74,11 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.num_steps = steps
     c.max_context = ctx  # per-call context window of the rollouts
     c.max_depth = 1
+    # paper: 256 slots fit 80 GB devices; on a TPU v5e-8 (8 x 16 GiB) run it with
+    # --config.num_slots=128, with which experiments.plan finds it fits there (BUILD_NOTES.md):
+    # the KV cache of 256 slots leaves too little of a chip for the update. The slots bound how
+    # many calls decode at once, not the rollouts of a step, so the samples and the update are
+    # the paper's; rollouts take more decode steps.
     c.num_slots = slots
     # paper: the engine's slots (and KV cache: 256 x 4,096 tokens of the paper model is ~77 GB)
     # split over the data devices; the CPU presets keep them on one device.

@@ -46,6 +46,10 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         # paper: the APR paper's SFT, 19,531 steps at lr 5e-5 (10 passes over its 500k
         # demonstrations at batch 256), rows of its 4,096-token context; warmup and the
         # evaluation cadence are ours (the paper does not give them in the material we have).
+        # accum 1 fits 80 GB devices; on a TPU v5e-8 (8 x 16 GiB) or v4-8 (4 x 32 GiB) run it
+        # with --config.accum_steps=8, with which experiments.plan finds it fits there (and why
+        # not 4: BUILD_NOTES.md): the same batch of 256 x 4,096 and the same update, its
+        # gradient summed over 8 micro-batches.
         "paper": (4096, 256, 1, 19_531, 5e-5, 1_000, 2_000, 2_000, 1_000, 4096, 256),
     }[preset]
     (

@@ -539,13 +539,24 @@ def _padded(index, size: int, fill: int):
     return jnp.concatenate([index, jnp.full(index.shape[:-1] + (pad,), fill, index.dtype)], axis=-1)
 
 
-def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int, forward=None) -> jax.Array:
+def _gather_rows(batch: dict, idx, rows_sharding=None) -> dict:
+    """``batch``'s rows ``idx``, constrained to ``rows_sharding`` (split over the data devices)
+    when given: the partitioner otherwise replicates a gather's result, and every device
+    would hold and compute every row of the micro-batch."""
+    out = {n: v[idx] for n, v in batch.items()}
+    if rows_sharding is not None:
+        out = jax.lax.with_sharding_constraint(out, jax.tree.map(lambda _: rows_sharding, out))
+    return out
+
+
+def _chunked_logprobs(graphdef, params, batch: dict, k: int, size: int, forward=None, rows_sharding=None) -> jax.Array:
     """token log-probs f32[C, L-1] of the C real rows of ``batch`` (whose last row is the
-    all-zero padding row), k blocks of ``size`` rows at a time (lax.map)."""
+    all-zero padding row), k blocks of ``size`` rows at a time (lax.map), each block split
+    over ``rows_sharding`` when given (``_gather_rows``)."""
     c = batch["tokens"].shape[0] - 1
     idx = _padded(jnp.arange(c, dtype=jnp.int32), k * size, c).reshape(k, size)
     rows = {n: jnp.asarray(batch[n]) for n in ("tokens", "positions", "segment_ids")}
-    out = jax.lax.map(lambda i: _logprobs(graphdef, params, {n: v[i] for n, v in rows.items()}, forward), idx)
+    out = jax.lax.map(lambda i: _logprobs(graphdef, params, _gather_rows(rows, i, rows_sharding), forward), idx)
     return out.reshape(k * size, -1)[:c]
 
 
@@ -559,12 +570,15 @@ def grpo_update(
     key,
     schedule: optax.Schedule | None = None,
     forward=None,
+    rows_sharding=None,
 ) -> tuple[TrainState, dict]:
     """The (unjitted) GRPO update: ``cfg.inner_epochs`` passes, each over the rows shuffled
     with ``fold``s of ``key`` and split into ``cfg.num_minibatches`` minibatches, one
     optimizer update per minibatch (``lax.scan``). An update whose loss or gradient is not
     finite is skipped (params and optimizer state kept) and ``finite`` reports False.
-    ``forward``: the training forward's options (``sft.token_logprobs``)."""
+    ``forward``: the training forward's options (``sft.token_logprobs``). ``rows_sharding``:
+    a batch's data-split sharding on a mesh; every micro-batch (and reference-forward block)
+    gathered from the shuffled rows is split over it (``_gather_rows``)."""
     TRACE_COUNTS["grpo_update"] += 1
     rows = batch["tokens"].shape[0]
     m, epochs = cfg.num_minibatches, cfg.inner_epochs
@@ -582,10 +596,10 @@ def grpo_update(
     }
     fk, fsize = micro_chunks(rows, seq_len, cfg.micro_batch_tokens)
     if cfg.recompute_old_logprobs:
-        old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize, forward)
+        old = _chunked_logprobs(graphdef, state.params, batch, fk, fsize, forward, rows_sharding)
         batch["old_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([old, batch["old_logprobs"][-1:]]))
     if cfg.beta:  # the reference is fixed during the step: one forward per row, not one per epoch
-        ref = _chunked_logprobs(graphdef, ref_params, batch, fk, fsize, forward)
+        ref = _chunked_logprobs(graphdef, ref_params, batch, fk, fsize, forward, rows_sharding)
         batch["ref_logprobs"] = jax.lax.stop_gradient(jnp.concatenate([ref, jnp.zeros_like(ref[:1])]))
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)])
     k, size = micro_chunks(rows // m, seq_len, cfg.micro_batch_tokens)
@@ -595,7 +609,7 @@ def grpo_update(
     )
 
     def micro_grad(params, idx):  # idx [size]: one micro-batch's rows
-        mb = {n: v[idx] for n, v in batch.items()}
+        mb = _gather_rows(batch, idx, rows_sharding)
         for n in ("weights", "token_weights"):  # unbiased estimate of the whole batch's loss
             if n in mb:
                 mb[n] = mb[n] * m
@@ -651,15 +665,20 @@ def make_grpo_step(
     state donated). ``ref_params``: ``reference_params(initial params)``, or None when
     ``cfg.beta == 0``. ``state.step`` counts optimizer updates (``inner_epochs x
     num_minibatches`` per call when all are finite). ``remat``, ``attention``: the training
-    forward's options (``model.REMATS``, ``model.ATTENTIONS``)."""
+    forward's options (``model.REMATS``, ``model.ATTENTIONS``). On a mesh (``state_shardings``)
+    each micro-batch is split like ``batch_sharding`` (default: the mesh's data sharding)."""
     from jaxapr import model as model_lib
+    from jaxapr import sharding
 
     cfg.check()
     model_lib.check_train_options(remat, attention)
     forward = {"remat": remat, "attention": attention}
+    rows_sharding = batch_sharding
+    if rows_sharding is None and state_shardings is not None:
+        rows_sharding = sharding.data_sharding(jax.tree.leaves(state_shardings)[0].mesh)
 
     def step(state, ref_params, batch, key):
-        return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule, forward)
+        return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule, forward, rows_sharding)
 
     kw: dict[str, Any] = {"donate_argnums": (0,)}
     if state_shardings is not None:

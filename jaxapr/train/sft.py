@@ -62,19 +62,26 @@ def sft_loss(graphdef, params, batch: dict) -> jax.Array:
 
 
 def _split(batch: dict, parts: int) -> dict:
+    """[parts, B / parts, ...] micro-batches, micro-batch m holding rows m, m + parts, ...: a
+    device's contiguous block of a data-split batch gives every micro-batch the same share, so
+    each stays split over the data devices (contiguous micro-batches would each sit on
+    1 / parts of them)."""
     b = batch["tokens"].shape[0]
     if b % parts:
         raise ValueError(f"batch size {b} is not divisible by accum_steps={parts}")
-    return {k: batch[k].reshape(parts, b // parts, *batch[k].shape[1:]) for k in BATCH_KEYS}
+    return {k: jnp.swapaxes(batch[k].reshape(b // parts, parts, *batch[k].shape[1:]), 0, 1) for k in BATCH_KEYS}
 
 
-def sft_grads(graphdef, params, batch: dict, accum_steps: int = 1, forward=None):
-    """(mean loss, gradients of it, trained-token count) with gradient accumulation."""
+def sft_grads(graphdef, params, batch: dict, accum_steps: int = 1, forward=None, micro_sharding=None):
+    """(mean loss, gradients of it, trained-token count) with gradient accumulation;
+    ``micro_sharding`` (a batch's data-split sharding on a mesh) keeps each micro-batch split."""
     grad_fn = jax.value_and_grad(lambda p, mb: loss_sums(graphdef, p, mb, forward), has_aux=True)
     micro = _split(batch, accum_steps)
 
     def body(carry, mb):
         total, count, grads = carry
+        if micro_sharding is not None:
+            mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: micro_sharding, mb))
         (t, c), g = grad_fn(params, mb)
         return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
 
@@ -96,16 +103,22 @@ def make_sft_step(
 ):
     """A jitted ``step(state, batch) -> (state, metrics)`` (state donated). Metrics: loss,
     grad_norm, tokens (trained tokens), lr (when ``schedule`` is given), finite. ``remat`` and
-    ``attention``: the training forward's options (``model.REMATS``, ``model.ATTENTIONS``)."""
+    ``attention``: the training forward's options (``model.REMATS``, ``model.ATTENTIONS``). On a
+    mesh (``state_shardings``) each micro-batch is split like ``batch_sharding`` (default: the
+    mesh's data sharding)."""
     from jaxapr import model as model_lib
+    from jaxapr import sharding
 
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps!r}: expected a positive int")
     model_lib.check_train_options(remat, attention)
     forward = {"remat": remat, "attention": attention}
+    micro_sharding = batch_sharding
+    if micro_sharding is None and state_shardings is not None:
+        micro_sharding = sharding.data_sharding(jax.tree.leaves(state_shardings)[0].mesh)
 
     def step(state: TrainState, batch: dict):
-        loss, grads, count = sft_grads(graphdef, state.params, batch, accum_steps, forward)
+        loss, grads, count = sft_grads(graphdef, state.params, batch, accum_steps, forward, micro_sharding)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

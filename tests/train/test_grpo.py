@@ -538,3 +538,27 @@ def test_micro_batched_update_equals_the_whole_minibatch(tiny):
         assert float(m["tokens"]) == 35 and int(m["updates"]) == 2
     with pytest.raises(ValueError, match="micro_batch_tokens=-1"):
         whole.replace(micro_batch_tokens=-1)
+
+
+def test_update_on_a_mesh_equals_the_update_on_one_device(tiny):
+    """On 8 data devices (each micro-batch split over them, ``make_grpo_step``'s
+    ``batch_sharding``) the micro-batched update gives one device's parameters and metrics."""
+    from jaxapr import sharding
+    from jaxapr.train import mesh as mesh_lib
+
+    policy, _, _, _ = tiny
+    tx = optax.sgd(0.1)
+    cfg = grpo.GRPOConfig(group_size=2, num_minibatches=2, inner_epochs=2, beta=0.5, micro_batch_tokens=4 * SEQ)
+    batch, _ = grpo.build_batch(hand_results(0), cfg, seq_len=SEQ, num_rows=16)  # 2 micro-batches of 4 rows
+    key = jax.random.key(3)
+    graphdef, state = init_train_state(policy, tx)
+    want, want_m = grpo.make_grpo_step(graphdef, tx, cfg)(_copy(state), grpo.reference_params(state.params), batch, key)
+    mesh = sharding.make_mesh(data=8)
+    graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, mesh, sharding.RULES["replicated"])
+    step = grpo.make_grpo_step(graphdef, tx, cfg, state_shardings=shardings)
+    got, got_m = step(state, grpo.reference_params(state.params), mesh_lib.batch_to_device(batch, mesh), key)
+    for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    for name in ("loss", "kl", "clip_fraction", "tokens", "grad_norm"):
+        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-4, err_msg=name)
+    assert int(got_m["updates"]) == 4 and float(got_m["tokens"]) == 35

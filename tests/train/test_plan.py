@@ -165,3 +165,29 @@ def test_plan_command_prints_a_table_and_json_on_fake_devices():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["fits"] and out["device_bytes"] == 80 * 2**30 and out["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert "engine KV cache" in proc.stdout
+
+
+def _temporaries(p) -> int:
+    return dict(p.rows)["step temporaries (activations, gradients, updates)"]
+
+
+def test_micro_batches_stay_split_over_the_data_devices():
+    """At a fixed batch per device, a step's temporaries per device do not grow with the
+    device count: GRPO's micro-batches gathered from the shuffled rows and SFT's accumulation
+    micro-batches are each split over the data devices, not replicated on every one."""
+    small = dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=256)
+    temps = {}
+    for n in (1, 8):
+        mesh = sharding.make_mesh(data=n, devices=jax.devices()[:n])
+        rl = rl_configs.get_config("paper")
+        rl.model = dataclasses.asdict(model.get_config("tiny", **small))
+        rl.update(max_context=256, num_slots=8)
+        # 4 rows of 256 tokens per device (rl_batch_rows plans two calls per rollout), one
+        # minibatch of two micro-batches of 2 rows per device
+        rl.grpo.update(num_problems=2 * n, group_size=1, num_minibatches=1, micro_batch_tokens=256 * 2 * n)
+        assert plan.rl_batch_rows(rl, mesh) == 4 * n
+        sft_config = small_sft_config(**small)
+        sft_config.update(batch_size=8 * n, seq_len=256, accum_steps=4)  # micro-batches of 2 rows per device
+        temps[n] = (_temporaries(plan.rl_plan(rl, mesh, limit="1GiB")), _temporaries(plan.sft_plan(sft_config, mesh)))
+    for what, one, eight in zip(("GRPO", "SFT"), temps[1], temps[8]):
+        assert eight <= 1.25 * one, (what, one, eight)

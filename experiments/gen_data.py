@@ -38,10 +38,17 @@ from experiments import cli
 from jaxapr import distributed
 
 FLAGS = flags.FLAGS
-distributed.define_flags()
-cli.define_config_file("config", cli.config_path("data.py:tiny"), "Dataset config (file:preset).")
-flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
-flags.DEFINE_bool("overwrite", False, "Replace the gen_data output in --out (all of it).")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program: ``prepare`` and ``run`` are
+    imported by other absl programs (the pipeline, the quickstart, the benchmarks), whose own
+    flags (e.g. ``--out``) would clash."""
+    distributed.define_flags()
+    cli.define_config_file("config", cli.config_path("data.py:tiny"), "Dataset config (file:preset).")
+    flags.DEFINE_string("out", None, "Output directory (created; must be empty or not exist).")
+    flags.DEFINE_bool("overwrite", False, "Replace the gen_data output in --out (all of it).")
+
 
 IDENTITY = "identity.json"
 IDENTITY_FORMAT = "jaxapr.gen_data/1"
@@ -291,4 +298,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

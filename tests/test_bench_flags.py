@@ -29,6 +29,14 @@ def test_bad_grpo_flags_fail_fast(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and "matmul peak" not in proc.stdout  # nothing ran
 
 
+def test_quickstart_suite_imports_the_quickstart_without_flag_clashes():
+    # --suite=quickstart runs quickstart.run in the bench's process, which imports gen_data and
+    # the pipeline: none of them may define a flag the bench defines too (e.g. --out).
+    code = "import experiments.bench, experiments.quickstart, experiments.gen_data, experiments.pipeline"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+
+
 def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
     import json
 

@@ -42,14 +42,6 @@ parent is evicted), and re-prefilling the joins is a small share of device time 
 ``extend`` from the engine. keep_slot is for setups where prefill weighs more (long join
 contexts, spare slots).
 
-**Shared greedy calls.** At temperature 0 a call's output depends only on its prompt and token
-limit, so identical calls (a spawn's duplicate children; the same sub-problem reached from two
-problems) are decoded once: a call whose (prompt, limit) matches a running call follows it and
-one matching a finished call takes its output at once. Every thread still counts the tokens of
-its calls (the metrics below are those of decoding each call); the batch's ``schedule`` counts
-the shared calls and their tokens, and wall time is what the engine ran. Sampled calls each
-decode with their own key and are never shared.
-
 Metrics per problem (``jaxapr.evaluation`` defines the reported ones from these): generated
 tokens (``total_tokens``), prompt tokens (``prompt_tokens``: every call's whole prompt, join
 contexts included, however much of it was prefilled; the batch's ``schedule`` counts the tokens
@@ -92,7 +84,6 @@ class Call:
     logprobs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
     output: str = ""  # decoded output (EOS not included)
     stopped: str = ""  # "eos", "length" (its token limit or the context end), "" if never run
-    limit: int = 0  # its max new tokens, set when it is scheduled
 
     @property
     def text(self) -> str:
@@ -181,7 +172,6 @@ class _Scheduler:
         top_p,
         join="reprefill",
         key_ids=None,
-        share_greedy=True,
     ):
         self.engine, self.mode, self.temperature, self.key = engine, mode, temperature, key
         self.key_ids = key_ids  # problem -> the index its keys are drawn from (default: itself)
@@ -206,14 +196,6 @@ class _Scheduler:
         self.reused_tokens = 0  # prompt tokens of extended calls that were not prefilled again
         self.evictions = 0
         self.to_release: set = set()  # slots to free once the finished calls are processed
-        # Greedy calls with the same prompt and limit decode the same tokens: one of them runs,
-        # the others take its output (``_share``). (prompt bytes, limit) -> output of a finished
-        # call / followers of a running one.
-        self.share = share_greedy and temperature == 0
-        self.outputs: dict = {}
-        self.followers: dict = {}
-        self.shared_calls = 0
-        self.shared_tokens = 0
 
     # -- threads -------------------------------------------------------------------------
     def start(self, problem: int, prompt: str, path=()) -> None:
@@ -270,17 +252,13 @@ class _Scheduler:
             if short > 0 and self.held:
                 self._evict(min(short, len(self.held)))
                 free = eng.free_slots()
-            batch, limits = [], []
-            while self.queue and len(batch) < len(free):
-                tid, call = self.queue.popleft()
-                limit = max(
-                    1, min(self.max_context - len(call.prompt_tokens), self._budget_left(self.threads[tid].problem))
-                )
-                if not self._share(tid, call, limit):
-                    batch.append((tid, call))
-                    limits.append(limit)
-            if batch:
+            if self.queue and free:
+                batch = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
                 prompts = [call.prompt_tokens for _, call in batch]
+                limits = [
+                    max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(self.threads[t].problem)))
+                    for t, call in batch
+                ]
                 keys = [self._call_key(self.threads[t]) for t, _ in batch] if self.temperature > 0 else None
                 slots = eng.insert(
                     prompts,
@@ -298,11 +276,6 @@ class _Scheduler:
                 self.prefill_tokens += sum(len(p) for p in prompts)
                 for slot, (tid, call) in zip(slots, batch):
                     self.in_slot[slot] = (tid, call, self.step)
-            if not self.in_slot and not self.extends:  # every call left was answered by _share
-                if self.to_release:
-                    eng.release(sorted(self.to_release))
-                    self.to_release.clear()
-                continue
             saturated = bool(self.queue)  # calls wait while every slot is busy
             pending = eng.decode(self.decode_chunk)
             t0 = time.perf_counter()
@@ -320,37 +293,11 @@ class _Scheduler:
                 tid, call, start = self.in_slot.pop(slot)
                 self.spans.append((start, max(0, len(out.tokens) - 1)))
                 self._complete(self.threads[tid], call, out, slot)
-                if self.share:
-                    key = (call.prompt_tokens.tobytes(), call.limit)
-                    self.outputs[key] = out
-                    for ftid, fcall in self.followers.pop(key, ()):
-                        self._take(ftid, fcall, out)
             kept = set(self.held) | {slot for _, _, slot, _ in self.extends}  # keep_slot parents
             eng.release(sorted((set(finished) - kept) | self.to_release))
             self.to_release.clear()
         if self.held:  # cannot happen: a held parent's join always follows its children
             raise RuntimeError(f"slots {sorted(self.held)} still held by waiting parents at the end")
-
-    def _share(self, tid: int, call: Call, limit: int) -> bool:
-        """Greedy only: answers ``call`` with the output of a finished call of the same prompt
-        and limit, or makes it follow such a call while that runs; False when it must run."""
-        call.limit = limit
-        if not self.share:
-            return False
-        key = (call.prompt_tokens.tobytes(), limit)
-        if key in self.outputs:
-            self._take(tid, call, self.outputs[key])
-            return True
-        if key in self.followers:
-            self.followers[key].append((tid, call))
-            return True
-        self.followers[key] = []  # this call runs; later identical ones follow it
-        return False
-
-    def _take(self, tid: int, call: Call, out) -> None:
-        self.shared_calls += 1
-        self.shared_tokens += len(out.tokens)
-        self._complete(self.threads[tid], call, out, None)
 
     def _extend(self, wait) -> None:
         """Run the joins of parents that kept their slots: one ``extend`` for all of them."""
@@ -362,8 +309,6 @@ class _Scheduler:
         limits = [
             max(1, min(self.max_context - len(call.prompt_tokens), self._budget_left(th.problem))) for th, call in calls
         ]
-        for (_, call), limit in zip(calls, limits):
-            call.limit = limit
         keys = [self._call_key(th) for th, _ in calls] if self.temperature > 0 else None
         self.engine.extend(
             slots,
@@ -427,8 +372,6 @@ class _Scheduler:
             "reused_prefix_tokens": self.reused_tokens,
             "evictions": self.evictions,
             "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks)),
-            "shared_calls": self.shared_calls,
-            "shared_tokens": self.shared_tokens,
         }
 
     def _complete(self, thread: Thread, call: Call, out, slot: int) -> None:
@@ -443,7 +386,7 @@ class _Scheduler:
             except ValueError:
                 prompts = None  # no or malformed spawn block: the thread ends here
             if prompts:
-                if self.join == "keep_slot" and slot is not None:  # a shared call has no slot of its own
+                if self.join == "keep_slot":
                     self.held[slot] = thread.id  # before its children run: one may finish at once
                 self._spawn(thread, prompts)
                 return
@@ -539,7 +482,6 @@ def rollout(
     prefix: str = "",
     join: str = "reprefill",
     problem_ids=None,
-    share_greedy: bool = True,
 ) -> list[RolloutResult]:
     """Runs ``problems`` = (numbers int[P, N], targets int[P]) and returns one result each.
 
@@ -553,9 +495,6 @@ def rollout(
     results are the same either way; the schedule differs. ``problem_ids``: each problem's index
     in a larger batch that is rolled out in parts (one per process), default ``0..P-1``; keys
     are drawn from these indices, so the parts sample what the whole batch would.
-    ``share_greedy``: at temperature 0, calls with the same prompt and token limit (e.g. a
-    spawn's duplicate children, or the same sub-problem in two problems) are decoded once and
-    the others take that output (see the module docstring); False decodes every call.
     """
     kind, n = parse_mode(mode)
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -607,7 +546,6 @@ def rollout(
         top_k=top_k,
         top_p=top_p,
         join=join,
-        share_greedy=share_greedy,
         key_ids=None if problem_ids is None else [int(i) * n + s for i in problem_ids for s in range(n)],
     )
     prompt_mode = "apr" if kind == "apr" else "sosp"

@@ -472,48 +472,6 @@ def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
     assert eng.free_slots() == list(range(16))
 
 
-@pytest.mark.parametrize("join", ["reprefill", "keep_slot"])
-def test_identical_greedy_calls_are_decoded_once(fixture_rows, join):
-    # Every problem twice: each call of the second copy has the prompt of one of the first's,
-    # so greedy decoding runs it once; the results are those of decoding every call.
-    rows = [r for r in fixture_rows if len(r["nums"]) == 3][:12]
-    numbers, targets = problems_of(rows)
-    twice = np.concatenate([numbers, numbers]), np.concatenate([targets, targets])
-    responses = responses_of(r["apr"]["tree"] for r in rows)
-    runs = {}
-    for share in (True, False):
-        eng = ScriptedEngine(responses, num_slots=5, max_len=BIG)
-        runs[share] = (
-            eng,
-            runtime.rollout(None, twice, "apr", engine=eng, decode_chunk=4, join=join, share_greedy=share),
-        )
-    (eng_on, on), (eng_off, off) = runs[True], runs[False]
-    for a, b, row in zip(on, off, rows + rows):
-        assert a.tree == b.tree == row["apr"]["tree"]
-        assert (a.total_tokens, a.prompt_tokens, a.sequential_tokens, a.latency_steps, a.num_children) == (
-            b.total_tokens,
-            b.prompt_tokens,
-            b.sequential_tokens,
-            b.latency_steps,
-            b.num_children,
-        )
-    first_copy_calls = sum(r.num_calls for r in on[: len(rows)])
-    assert on[0].schedule["shared_calls"] >= first_copy_calls and off[0].schedule["shared_calls"] == 0
-    assert len(eng_on.inserted) + on[0].schedule["shared_calls"] == len(eng_off.inserted)
-    assert on[0].schedule["shared_tokens"] >= sum(r.total_tokens for r in on[: len(rows)])
-    assert eng_on.free_slots() == list(range(5))
-    # Sampled calls are never shared: each has its own key.
-    sampled = runtime.rollout(
-        None,
-        twice,
-        "apr",
-        engine=ScriptedEngine(responses, num_slots=5, max_len=BIG),
-        temperature=1.0,
-        key=jax.random.key(0),
-    )
-    assert sampled[0].schedule["shared_calls"] == 0
-
-
 def test_join_diagnostics_by_hand():
     """Duplicate children, solved children, a join cut by the context, a lost join: by hand."""
     from jaxapr import evaluation

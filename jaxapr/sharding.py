@@ -175,6 +175,15 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def rows_sharding(state_shardings, batch_sharding=None) -> NamedSharding | None:
+    """How a train step splits the rows of its (micro-)batches: ``batch_sharding`` when given,
+    else ``data_sharding`` of the mesh the state lives on (``state_shardings``); None without a
+    mesh."""
+    if batch_sharding is not None or state_shardings is None:
+        return batch_sharding
+    return data_sharding(jax.tree.leaves(state_shardings)[0].mesh)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A whole copy on every device."""
     return NamedSharding(mesh, PartitionSpec())

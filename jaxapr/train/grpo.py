@@ -673,9 +673,7 @@ def make_grpo_step(
     cfg.check()
     model_lib.check_train_options(remat, attention)
     forward = {"remat": remat, "attention": attention}
-    rows_sharding = batch_sharding
-    if rows_sharding is None and state_shardings is not None:
-        rows_sharding = sharding.data_sharding(jax.tree.leaves(state_shardings)[0].mesh)
+    rows_sharding = sharding.rows_sharding(state_shardings, batch_sharding)
 
     def step(state, ref_params, batch, key):
         return grpo_update(graphdef, tx, cfg, state, ref_params, batch, key, schedule, forward, rows_sharding)

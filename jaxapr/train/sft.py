@@ -113,9 +113,7 @@ def make_sft_step(
         raise ValueError(f"accum_steps={accum_steps!r}: expected a positive int")
     model_lib.check_train_options(remat, attention)
     forward = {"remat": remat, "attention": attention}
-    micro_sharding = batch_sharding
-    if micro_sharding is None and state_shardings is not None:
-        micro_sharding = sharding.data_sharding(jax.tree.leaves(state_shardings)[0].mesh)
+    micro_sharding = sharding.rows_sharding(state_shardings, batch_sharding)
 
     def step(state: TrainState, batch: dict):
         loss, grads, count = sft_grads(graphdef, state.params, batch, accum_steps, forward, micro_sharding)

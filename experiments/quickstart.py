@@ -214,7 +214,7 @@ def evaluate_policies(
 ) -> list:
     """Greedy rollouts of each policy at each per-call context: one row per (policy, context),
     with the per-problem verdicts (``solved``) and children counts. ``keep``: a dict that
-    receives each APR condition's rollouts, {(name, context): [RolloutResult, ...]}."""
+    receives the "apr" policy's rollouts per context, {context: [RolloutResult, ...]}."""
     labels = labels or {}
     from tqdm.auto import tqdm
 
@@ -231,12 +231,12 @@ def evaluate_policies(
                 f"  {labels.get(name, NAMES.get(name, name))}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped"
             )
             continue
-        results = [] if keep is not None and MODES.get(name, name) == "apr" else None
+        results = [] if keep is not None and name == "apr" else None
         r, records = evaluation.evaluate_rollouts(
             policy, problems, mode=MODES.get(name, name), max_context=ctx, num_slots=num_slots, results=results
         )
         if results is not None:
-            keep[(name, ctx)] = results
+            keep[ctx] = results
         r.update(
             run=name,
             label=labels.get(name, NAMES.get(name, name)),
@@ -501,7 +501,7 @@ def example_trace(rows: list, rollouts: dict, workdir: str) -> dict | None:
     if not solved:
         return None
     i = max(solved, key=lambda j: (row["children_per_problem"][j], -j))
-    result = rollouts[("apr", row["context"])][i]
+    result = rollouts[row["context"]][i]
     html = write_html(result, os.path.join(workdir, "trace.html"))
     return {
         "problem": int(i),

@@ -64,7 +64,12 @@ flags.DEFINE_integer("grpo_problems", None, "train: GRPO problems per step (defa
 flags.DEFINE_integer("grpo_group", 4, "train: GRPO rollouts per problem.")
 flags.DEFINE_string("quickstart_json", None, "quickstart: an existing quickstart.json to report (default: run it).")
 flags.DEFINE_string("baseline_json", None, "quickstart: another run's quickstart.json, reported side by side.")
-flags.DEFINE_string("quickstart_workdir", "/tmp/jaxapr_bench_quickstart", "quickstart: where the run goes.")
+flags.DEFINE_string(
+    "quickstart_workdir",
+    "/tmp/jaxapr_bench_quickstart",
+    "quickstart: each run goes into a new directory under it (a benchmark times a first run: the "
+    "quickstart would reuse a finished GRPO run or dataset in its workdir).",
+)
 flags.DEFINE_string(
     "baseline_commit",
     None,
@@ -865,10 +870,13 @@ def suite_quickstart(quick: bool, repeats: int) -> dict:
         with open(FLAGS.quickstart_json) as f:
             out = json.load(f)
     else:
+        import tempfile
+
         from experiments import quickstart
 
         kw = dict(problems=16, scratch_steps=2, rl_steps=1, progress=False) if quick else dict(progress=False)
-        out = quickstart.run(FLAGS.quickstart_workdir, **kw)
+        os.makedirs(FLAGS.quickstart_workdir, exist_ok=True)
+        out = quickstart.run(tempfile.mkdtemp(prefix="run_", dir=FLAGS.quickstart_workdir), **kw)
     stages = quickstart_stages(out)
     base = None
     if FLAGS.baseline_json:

@@ -37,6 +37,28 @@ def test_quickstart_suite_imports_the_quickstart_without_flag_clashes():
     assert proc.returncode == 0, proc.stderr[-500:]
 
 
+def test_quickstart_suite_times_a_first_run_in_a_new_directory(tmp_path, monkeypatch):
+    # The quickstart resumes a finished GRPO run in its workdir (nothing left to do), so two
+    # benchmark runs (or a --baseline_commit run and this one) must not share a workdir.
+    from experiments import bench, quickstart
+
+    seen = []
+
+    def fake_run(workdir, **kw):
+        seen.append(workdir)
+        return {"rows": [], "times": {"data": 1.0, "total": 1.0}}
+
+    monkeypatch.setattr(quickstart, "run", fake_run)
+    bench.FLAGS(["bench", f"--quickstart_workdir={tmp_path / 'qs'}"])
+    try:
+        for _ in range(2):
+            bench.suite_quickstart(quick=False, repeats=1)
+    finally:
+        bench.FLAGS.unparse_flags()
+    assert len(set(seen)) == 2 and all(os.path.dirname(w) == str(tmp_path / "qs") for w in seen)
+    assert all(os.path.isdir(w) and not os.listdir(w) for w in seen)
+
+
 def test_quickstart_suite_reports_stages_beside_a_baseline(tmp_path):
     import json
 

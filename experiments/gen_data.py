@@ -122,8 +122,10 @@ def is_complete(config, out: str) -> bool:
 
 def prepare(config, out: str, log=print, progress: bool = True) -> str:
     """``config``'s dataset in ``out``: reused when ``out`` holds a complete one of the same
-    identity, built when ``out`` is new or empty or holds an interrupted build of it; another
-    config's data (or files gen_data did not write) are a one-line ``ValueError``.
+    identity or of it with more demonstration kinds (``config.kinds``); built when ``out`` is new
+    or empty, holds an interrupted build of it, or lacks some of its kinds (built again with the
+    kinds of both); another config's data (or files gen_data did not write) are a one-line
+    ``ValueError``.
     ``progress``: a bar per demonstration kind on stderr while building."""
     from jaxapr.train import run_config
 
@@ -136,17 +138,26 @@ def prepare(config, out: str, log=print, progress: bool = True) -> str:
             )
         run(config, out, log=log, progress=progress)
         return out
-    diffs = run_config.differences(saved, identity(config))
+    wanted = identity(config)
+    have, need = set(saved.get("kinds", ())), set(wanted.get("kinds", ()))
+    diffs = run_config.differences(dict(saved, kinds=None), dict(wanted, kinds=None))
     if diffs:
         raise ValueError(
             f"{out!r} holds the dataset of another config: {run_config.describe(diffs)}: expected the "
             "same config to reuse it (use another directory, or gen_data --overwrite to replace it)"
         )
-    if is_complete(config, out):
+    if need <= have and is_complete(config, out):
         log(f"  reusing the dataset in {out} (same config)")
-    else:
+        return out
+    from jaxapr import data
+
+    if need <= have:
         log(f"  {out} holds an interrupted build of this dataset: building it again")
-        run(config, out, overwrite=True, log=log, progress=progress)
+    else:  # the same problems, with this run's demonstration kinds added
+        log(f"  {out} holds this dataset without {sorted(need - have)}: building it again with them")
+    config = config.copy_and_resolve_references()
+    config.kinds = tuple(k for k in data.KINDS if k in have | need)
+    run(config, out, overwrite=True, log=log, progress=progress)
     return out
 
 

@@ -129,6 +129,9 @@ def _configs(preset: str, scratch_steps: int, rl_steps: int, rl_problems: int, r
     from experiments.configs import sft as sft_cfg
 
     d = data_cfg.get_config(preset)
+    # The shipped policies need only the problems (test to evaluate, train for GRPO); the
+    # from-scratch demo trains on SoS+ demonstrations. --from_scratch runs reproduce's own data.
+    d.kinds = ("sosp",) if scratch_steps else ()
     s = sft_cfg.get_config(preset)
     s.init_from = ""  # the from-scratch demo starts from random weights (mini's SFT starts from tiny's)
     s.eval_problems, s.eval_num_slots = 0, num_slots  # the quickstart evaluates on its own, on test

@@ -88,3 +88,26 @@ def test_prepare_without_progress_draws_no_bar(tmp_path, capsys):
     # the quickstart's --progress=False reaches the data step too
     gen_data.prepare(small(), str(tmp_path / "d"), log=quiet, progress=False)
     assert "traces" not in capsys.readouterr().err
+
+
+def test_prepare_serves_fewer_kinds_from_more_and_adds_missing_ones(tmp_path):
+    # The quickstart needs only the problems; its from-scratch demo adds SoS+ demonstrations.
+    out, lines = str(tmp_path / "data"), []
+    none = small()
+    none.kinds = ()
+    gen_data.prepare(none, out, log=lines.append)
+    assert sorted(os.listdir(out)) == ["config.json", "gen_data.json", "identity.json", "problems"]
+    problems = open(os.path.join(out, "problems", "manifest.json")).read()
+    sosp = small()
+    sosp.kinds = ("sosp",)
+    gen_data.prepare(sosp, out, log=lines.append)
+    assert any("without ['sosp']: building it again with them" in line for line in lines)
+    assert gen_data.recorded_identity(out)["kinds"] == ["sosp"] and gen_data.is_complete(sosp, out)
+    assert open(os.path.join(out, "problems", "manifest.json")).read() == problems  # the same problems
+    built = os.path.getmtime(os.path.join(out, "gen_data.json"))
+    gen_data.prepare(none, out, log=lines.append)  # a superset of the kinds serves
+    assert "reusing" in lines[-1] and os.path.getmtime(os.path.join(out, "gen_data.json")) == built
+    other = small(train=24)
+    other.kinds = ()
+    with pytest.raises(ValueError, match=r"holds the dataset of another config: problems.train=20 differs"):
+        gen_data.prepare(other, out, log=quiet)

@@ -8,7 +8,9 @@
 - each step draws ``grpo.num_problems`` training problems (from ``(seed, step)``: the data
   position is the step), samples ``group_size`` rollouts of each with one ``engine.Engine``
   that decodes with the trainer's current parameters (``update_params``: the same arrays, no
-  copy), builds the batch (``grpo.build_batch``) and applies ``grpo.make_grpo_step``;
+  copy), builds the batch (``grpo.build_batch``) and applies ``grpo.make_grpo_step``; a step
+  where no call is trained (every group's rewards equal: no advantage) runs no update, its
+  parameters and optimizer state unchanged and its update metrics 0;
 - logs per step: reward, success, children per problem, total / sequential tokens, KL, clip
   fraction, loss, grad norm, rollout and update seconds; validates greedily on held-out
   problems every ``eval_every`` steps; checkpoints (orbax) every ``checkpoint_every`` steps.
@@ -143,6 +145,7 @@ class GRPOTask(loop.Task):
         self.ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows of every minibatch split over them
         self.mine = distributed.share(gcfg.num_problems)
         tx, schedule = run_config.make_optimizer(run_config.optimizer_config(config))
+        self.schedule = schedule
         graphdef = nnx.split(policy_io.make_policy(self.cfg, 0))[0]
         policy = nnx.merge(graphdef, self.init_params)
         graphdef, state, shardings = mesh_lib.init_state_on_mesh(policy, tx, self.mesh, rules)
@@ -201,9 +204,12 @@ class GRPOTask(loop.Task):
             processes=self.processes,
             num_rows=rows_per_process(max_rows, gcfg.num_minibatches, self.ways, self.processes),
         )
-        state, m = self.step_fn(state, self.ref_params, mesh_lib.batch_to_device(batch, self.mesh), k_upd)
-        m = mesh_lib.host(m)
-        loop.check_finite(m, step + 1)
+        if max_rows:
+            state, m = self.step_fn(state, self.ref_params, mesh_lib.batch_to_device(batch, self.mesh), k_upd)
+            m = mesh_lib.host(m)
+            loop.check_finite(m, step + 1)
+        else:  # no trained call on any process (every group's rewards were equal): nothing to update
+            m = {"kl": 0.0, "clip_fraction": 0.0, "loss": 0.0, "grad_norm": 0.0, "lr": float(self.schedule(state.step))}
         t2 = time.perf_counter()
         r = grpo.rewards(results, gcfg)
         local = [

@@ -329,3 +329,24 @@ def test_a_preset_that_does_not_fit_memory_fails_fast():
     with pytest.raises(ValueError, match=r"SFT needs .* GiB per device .* but a device has 2.0 GiB: .*config\."):
         plan.check_run(sft_configs.get_config("paper"), "sft", limit="2GiB")
     assert plan.check_run(sft_configs.get_config("tiny"), "sft", limit="2GiB").method == "analytic"  # fits
+
+
+def test_rl_step_without_a_trained_call_runs_no_update(tmp_path, data_dir, sft_run):
+    # Without the length penalty every rollout of the barely trained policy fails, so every
+    # group's rewards are equal: no call carries an advantage and the update is not even traced.
+    from jaxapr.train import grpo
+
+    init, _ = sft_run
+    c = rl_config(data_dir, init, init_which="latest", num_steps=1, eval_problems=0)
+    c.grpo.length_penalty = 0.0
+    traced = grpo.TRACE_COUNTS["grpo_update"]
+    workdir = str(tmp_path / "rl")
+    s = rl.train(c, workdir, log=lambda *_: None)
+    row = next(json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if "rl/reward" in l)
+    assert s["rl_step"] == 1 and row["rl/success"] == 0 and row["rl/trained_calls"] == 0 < row["rl/calls"]
+    assert row["rl/loss"] == row["rl/kl"] == row["rl/grad_norm"] == 0.0
+    assert grpo.TRACE_COUNTS["grpo_update"] == traced
+    after = policy_io.load_params(workdir, which="latest")[1]
+    before = policy_io.load_params(init, which="latest")[1]
+    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -938,6 +938,16 @@ def _check_flags() -> None:
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name}={value}: expected a positive int")
+    if FLAGS.suite == "quickstart" and not FLAGS.quickstart_json:
+        path = FLAGS.quickstart_workdir
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"--quickstart_workdir={path!r}: cannot be created ({e.strerror}): expected a writable directory"
+            ) from None
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"--quickstart_workdir={path!r} is not writable: expected a writable directory")
 
 
 def _run_at_commit(rev: str) -> dict:

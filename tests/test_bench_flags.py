@@ -16,7 +16,12 @@ def test_bad_grpo_flags_fail_fast(tmp_path):
         (["--train_presets=tiny,huge"], "--train_presets: unknown preset 'huge'"),
         (["--sampler_hf_batches=64,x"], "--sampler_hf_batches: 'x' is not a positive int"),
         (["--baseline_commit=no_such_rev"], "--baseline_commit='no_such_rev': not a commit of this repository"),
+        (
+            ["--suite=quickstart", f"--quickstart_workdir={tmp_path / 'a_file' / 'runs'}"],
+            "/runs': cannot be created (Not a directory): expected a writable directory",
+        ),
     ):
+        (tmp_path / "a_file").write_text("")
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.bench", "--suite=train", *args],
             cwd=ROOT,

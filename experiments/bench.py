@@ -49,6 +49,13 @@ flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (median report
 flags.DEFINE_list("sampler_presets", ["tiny", "mini"], "sampler: model presets (quick: tiny).")
 flags.DEFINE_list("sampler_batches", ["1", "16", "64", "256"], "sampler: batch sizes (quick: 1, 16).")
 flags.DEFINE_list("sampler_hf_batches", None, "sampler: the batch sizes that also time HF generate (default: all).")
+flags.DEFINE_list(
+    "sampler_windows",
+    ["128", "256", "512", "1024"],
+    "sampler: attention windows (cache entries a decode step reads) of the decode-step table, at "
+    "--sampler_window_batch slots (empty: no table; quick: 128, 256).",
+)
+flags.DEFINE_integer("sampler_window_batch", 64, "sampler: slots of the decode-step-by-window table.")
 flags.DEFINE_list("train_presets", ["tiny", "mini"], "train: SFT step presets (paper: batch 4 x 2048; for a GPU/TPU).")
 flags.DEFINE_bool("train_grpo", True, "train: also time the GRPO step (rollout + update).")
 flags.DEFINE_enum("runtime_preset", "mini", ["tiny", "mini"], "runtime: model preset (random weights).")
@@ -550,7 +557,47 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
     )
     if all(r["HF tok/s"] is None for r in rows):
         print("torch/transformers not installed (or --sampler_hf_batches empty): HF generate not timed")
+    windows = [128, 256] if quick else [int(w) for w in FLAGS.sampler_windows]
+    if windows:
+        results["decode_by_window"] = _decode_by_window(presets, FLAGS.sampler_window_batch, windows, repeats)
     return results
+
+
+def _decode_by_window(presets, batch: int, windows, repeats: int) -> list[dict]:
+    """Milliseconds per decode step of ``batch`` busy slots whose attention reads ``window``
+    cache entries (every slot's position just under it), and the KV cache bytes a step reads
+    over that time: where the step's cost goes as contexts grow."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxapr import engine, model
+
+    rows, steps = [], 32
+    for preset in presets:
+        cfg = model.PRESETS[preset]
+        policy = model.Transformer(cfg, rngs=nnx.Rngs(0))
+        for window in windows:
+            if window > cfg.max_len or window <= steps:
+                continue
+            eng = engine.Engine(policy, num_slots=batch, decode_buckets=[window])
+            prompts = list(np.full((batch, window - steps - 1), 5, np.int32))  # the last step at window - 1
+
+            def run():
+                eng.release(range(batch))
+                eng.insert(prompts, max_new_tokens=steps + 1)
+                eng.wait()
+                t0 = time.perf_counter()
+                ran = int(eng.decode(steps))
+                assert ran == steps and eng.attend_counts.most_common(1)[0][0] == window
+                return time.perf_counter() - t0
+
+            run()  # compiles
+            ms = statistics.median(run() for _ in range(max(repeats, 2))) / steps * 1e3
+            read = batch * model.cache_bytes_per_slot(cfg, window)
+            rows.append({"preset": preset, "slots": batch, "window": window, "ms/step": ms, "KV GB/s": read / ms / 1e6})
+    print(f"\nDecode steps by attention window ({steps} steps, every slot busy, median of runs)")
+    print_table(rows, ["preset", "slots", "window", "ms/step", "KV GB/s"])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -926,7 +973,7 @@ def _check_flags() -> None:
         bad = [p for p in getattr(FLAGS, name) if p not in allowed]
         if bad:
             raise ValueError(f"--{name}: unknown preset {bad[0]!r}: expected some of {sorted(allowed)}")
-    for name in ("sampler_batches", "sampler_hf_batches"):
+    for name in ("sampler_batches", "sampler_hf_batches", "sampler_windows"):
         for b in getattr(FLAGS, name) or []:
             if not b.isdigit() or int(b) < 1:
                 raise ValueError(f"--{name}: {b!r} is not a positive int")

@@ -147,3 +147,12 @@ def test_gpu_bench_commands_parse_on_a_cpu(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "--variants entry 'block/flash'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_decode_by_window_reads_the_window_it_reports():
+    # each row's decode call attends exactly its window (asserted inside), and the figures are sane
+    from experiments import bench
+
+    rows = bench._decode_by_window(["tiny"], 4, [64, 128], 1)
+    assert [r["window"] for r in rows] == [64, 128]
+    assert all(r["ms/step"] > 0 and r["KV GB/s"] > 0 for r in rows)

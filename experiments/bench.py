@@ -919,8 +919,9 @@ def suite_quickstart(quick: bool, repeats: int) -> dict:
     else:
         import tempfile
 
-        from experiments import quickstart
+        from experiments import cli, quickstart
 
+        cli.quiet_logs()  # as the quickstart's own command line: orbax logs several lines per save
         kw = dict(problems=16, scratch_steps=2, rl_steps=1, progress=False) if quick else dict(progress=False)
         os.makedirs(FLAGS.quickstart_workdir, exist_ok=True)
         out = quickstart.run(tempfile.mkdtemp(prefix="run_", dir=FLAGS.quickstart_workdir), **kw)

@@ -16,3 +16,18 @@ def fixture_rows():
     from tests.traces import mutations
 
     return mutations.load_rows()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compile caches after each test module. Every compiled XLA:CPU executable
+    holds its own memory mappings until it is freed; over the whole suite in one process they
+    would pass the kernel's per-process map limit (vm.max_map_count, 65,530 by default) and
+    XLA then fails to compile ("Cannot allocate memory")."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -228,6 +228,9 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
             )
             hit = {m: {"metrics": metrics, "records": records} for m, (metrics, records) in rows.items()}
             cache.put(run, spec, hit)
+        else:
+            for m in modes:
+                hit[m]["metrics"]["cached"] = True
         for mode in modes:
             record(
                 {

@@ -20,7 +20,10 @@ every condition):
    paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.
 
 Writes ``<out>/evaluate.json``, ``<out>/records.json`` (per-problem values) and the plots, and
-prints the tables.
+prints the tables. With ``--cache_dir`` each finished condition of an exported policy is stored
+there and a rerun reuses it, so an evaluation of many conditions can be stopped and resumed
+(the store is keyed by the policy file's sha256, the problems and the condition, not by the
+code: use a fresh directory after changing the evaluation).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature of pass@n / cons@n.
 flags.DEFINE_integer("num_slots", 64, "Engine slots.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Store each finished condition of an exported (.npz) policy here; a rerun on the same policy files and"
+    " problems reuses it, so a long evaluation that is stopped resumes (default: no store).",
+)
 
 
 def main(argv):
@@ -97,7 +106,7 @@ def main(argv):
             seed=FLAGS.seed,
         ).check()
         os.makedirs(FLAGS.out, exist_ok=True)
-        result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan)
+        result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir)
     except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)

@@ -168,3 +168,13 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
         ("sosp", "tokens"),
     }
     assert result["runs"]["apr"].endswith("tiny_apr_sft.npz")
+    assert not any(c.get("cached") for c in result["conditions"])
+    # --cache_dir: a second run reuses every stored condition, with the same records
+    cached = [*args, f"--data_dir={workdir}/data", f"--cache_dir={tmp_path / 'cache'}", f"--out={tmp_path / 'again'}"]
+    for expect_cached in (False, True):
+        proc = subprocess.run(cached, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        again = json.load(open(tmp_path / "again" / "evaluate.json"))
+        assert [bool(c.get("cached")) for c in again["conditions"]] == [expect_cached] * len(result["conditions"])
+        assert [c["accuracy"] for c in again["conditions"]] == [c["accuracy"] for c in result["conditions"]]
+    assert len(os.listdir(tmp_path / "cache")) == 3  # the two greedy conditions and one sampled rollout

@@ -92,20 +92,21 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class SlotState:
     """Per-slot device state; every leading axis is the slot axis S (L = engine max_len)."""
 
-    tokens: jax.Array  # int32[S, L]  generated tokens (first num_tokens are valid); a forced
-    #              slot holds its tokens still to emit at num_tokens..num_forced-1
-    logprobs: jax.Array  # f32[S, L]    policy log-prob of each generated token
-    num_tokens: jax.Array  # int32[S]     tokens generated so far
-    next_pos: jax.Array  # int32[S]     cache index where the last token will be written
-    limit: jax.Array  # int32[S]     most tokens this slot may generate
-    done: jax.Array  # bool[S]      finished (stop token or limit)
-    active: jax.Array  # bool[S]      holds a sequence (inserted, not released)
-    stop_ids: jax.Array  # int32[S, K]  stop token ids, -1 = none
-    temperature: jax.Array  # f32[S]       0 = greedy
-    top_k: jax.Array  # int32[S]     0 = off
-    top_p: jax.Array  # f32[S]       1 = off
-    key: jax.Array  # uint32[S, 2] raw PRNG key data of the prompt
-    num_forced: jax.Array  # int32[S]     forced decoding: emit tokens[:num_forced] (0 = free sampling)
+    # Each field: dtype[shape], then what it holds.
+    tokens: jax.Array  # int32[S, L]: generated tokens (the first num_tokens are valid); a forced slot holds
+    # the tokens it has still to emit at num_tokens..num_forced-1
+    logprobs: jax.Array  # f32[S, L]: the policy's log-prob of each generated token
+    num_tokens: jax.Array  # int32[S]: tokens generated so far
+    next_pos: jax.Array  # int32[S]: the cache index where the last token will be written
+    limit: jax.Array  # int32[S]: the most tokens this slot may generate
+    done: jax.Array  # bool[S]: finished (stop token or limit)
+    active: jax.Array  # bool[S]: holds a sequence (inserted, not released)
+    stop_ids: jax.Array  # int32[S, K]: stop token ids, -1 = none
+    temperature: jax.Array  # f32[S]: 0 = greedy
+    top_k: jax.Array  # int32[S]: 0 = off
+    top_p: jax.Array  # f32[S]: 1 = off
+    key: jax.Array  # uint32[S, 2]: raw PRNG key data of the prompt
+    num_forced: jax.Array  # int32[S]: forced decoding, emit tokens[:num_forced] (0 = free sampling)
 
     @property
     def running(self) -> jax.Array:

@@ -566,7 +566,9 @@ def suite_sampler(quick: bool, repeats: int) -> dict:
 def _decode_by_window(presets, batch: int, windows, repeats: int) -> list[dict]:
     """Milliseconds per decode step of ``batch`` busy slots whose attention reads ``window``
     cache entries (every slot's position just under it), and the KV cache bytes a step reads
-    over that time: where the step's cost goes as contexts grow."""
+    over that time: where the step's cost goes as contexts grow. Beside it, the floor: one
+    jitted sum over as many bytes (a read at the machine's streaming rate) and the step's
+    ratio to it."""
     import numpy as np
     from flax import nnx
 
@@ -594,10 +596,39 @@ def _decode_by_window(presets, batch: int, windows, repeats: int) -> list[dict]:
             run()  # compiles
             ms = statistics.median(run() for _ in range(max(repeats, 2))) / steps * 1e3
             read = batch * model.cache_bytes_per_slot(cfg, window)
-            rows.append({"preset": preset, "slots": batch, "window": window, "ms/step": ms, "KV GB/s": read / ms / 1e6})
+            floor = _read_ms(read, repeats)
+            rows.append(
+                {
+                    "preset": preset,
+                    "slots": batch,
+                    "window": window,
+                    "ms/step": ms,
+                    "KV GB/s": read / ms / 1e6,
+                    "read floor ms": floor,
+                    "x floor": ms / floor,
+                }
+            )
     print(f"\nDecode steps by attention window ({steps} steps, every slot busy, median of runs)")
-    print_table(rows, ["preset", "slots", "window", "ms/step", "KV GB/s"])
+    print_table(rows, ["preset", "slots", "window", "ms/step", "KV GB/s", "read floor ms", "x floor"])
     return rows
+
+
+def _read_ms(num_bytes: int, repeats: int) -> float:
+    """Milliseconds of one jitted sum over ``num_bytes`` of float32 (median of runs): the time
+    to stream that much memory once, a floor for a step that must read it."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((max(num_bytes // 4, 1),), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+
+    def run():
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        return time.perf_counter() - t0
+
+    return statistics.median(run() for _ in range(max(repeats, 3))) * 1e3
 
 
 # ----------------------------------------------------------------------------------------

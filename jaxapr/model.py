@@ -124,7 +124,8 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # ~0.9M parameters: the tests and the 3-number quickstart (--preset=tiny).
     "tiny": ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=1024),
-    # ~4.8M parameters: the mini pipeline (experiments.reproduce --preset=mini) on a CPU.
+    # ~4.8M parameters: a larger CPU model (reproduce --preset=mini trains the tiny dimensions:
+    # this one sees too few tokens in its budget; experiments/configs/sft.py).
     "mini": ModelConfig(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=768, max_len=1024),
     # the APR paper: 18 layers, d 1024, 16 heads, MLP 2752, 4096 context (228M non-embedding).
     "paper": ModelConfig(

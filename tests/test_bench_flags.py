@@ -156,3 +156,11 @@ def test_decode_by_window_reads_the_window_it_reports():
     rows = bench._decode_by_window(["tiny"], 4, [64, 128], 1)
     assert [r["window"] for r in rows] == [64, 128]
     assert all(r["ms/step"] > 0 and r["KV GB/s"] > 0 for r in rows)
+    assert all(r["read floor ms"] > 0 and r["x floor"] == r["ms/step"] / r["read floor ms"] for r in rows)
+
+
+def test_read_floor_grows_with_the_bytes():
+    from experiments import bench
+
+    small, large = bench._read_ms(1 << 20, 5), bench._read_ms(256 << 20, 5)
+    assert 0 < small < large

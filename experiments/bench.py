@@ -621,14 +621,7 @@ def _read_ms(num_bytes: int, repeats: int) -> float:
 
     x = jnp.ones((max(num_bytes // 4, 1),), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-
-    def run():
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        return time.perf_counter() - t0
-
-    return statistics.median(run() for _ in range(max(repeats, 3))) * 1e3
+    return median_time(lambda: total(x).block_until_ready(), max(repeats, 3)) * 1e3
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ r"""The main job: APR vs serial search on a laptop, in minutes.
     python -m experiments.quickstart [--workdir=/tmp/jaxapr_quickstart] [--preset=mini|tiny] [--from_scratch]
 
 With the policies shipped in ``experiments/checkpoints/`` (default ``--preset=mini``: 4-number
-Countdown, 0.9M parameters (the tiny model's dimensions); for each method the policy that validation chose among the SFT and
-GRPO outputs of ``experiments.reproduce --preset=mini``, as ``manifest.json`` records):
+Countdown, 0.9M parameters, the tiny model's dimensions; for each method the policy that
+validation chose among the SFT and GRPO outputs of ``experiments.reproduce --preset=mini``, as
+``manifest.json`` records):
 
 1. **data**: the preset's dataset (``experiments/configs/data.py:<preset>``, seed 0: the
    problems and demonstrations the shipped policies were trained on; ``test`` is held out);

@@ -123,6 +123,10 @@ def test_evaluate_bad_input(tmp_path):
         (["--out=" + str(tmp_path)], "no runs found"),
         (["--workdir=" + str(tmp_path / "missing"), "--out=" + str(tmp_path)], "does not exist"),
         (["--workdir=" + str(tmp_path)], "--out is required"),
+        (
+            ["--out=" + str(tmp_path), "--cache_dir=" + __file__],
+            "--cache_dir=" + repr(__file__) + " is not a directory",
+        ),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.evaluate", *args],

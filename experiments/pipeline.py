@@ -14,8 +14,9 @@ What each stage leaves in the work directory:
 - ``sft_sosp/``, ``sft_apr/``, ``rl_sosp/``, ``rl_apr/``: training runs;
 - ``export/``: the four policies as compact files (``{preset}_{method}_{sft|grpo}.npz``),
   ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
-  stage, SFT steps and tokens, RL steps, seed, command, config, wall time, machine, sha256):
-  what ``experiments/checkpoints/`` ships;
+  stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
+  command, config, wall time, machine, sha256; paths inside the repository are written
+  relative to its root): what ``experiments/checkpoints/`` ships;
 - ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired
   comparisons), ``records.json`` (per-problem values), ``tables.txt`` and the plots. The test
   split is read here only; the choice between a method's SFT and GRPO policy (its "best") is
@@ -31,6 +32,7 @@ import platform
 import time
 
 KINDS = ("sosp", "apr")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stage(stage: str, fn, log, name: str) -> tuple[dict, bool]:
@@ -84,6 +86,21 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
     }
+
+
+def portable(value):
+    """``value`` (a config dict, a list, a string) with every absolute path inside this
+    repository written relative to its root, so that a manifest reads the same from any clone;
+    other paths (the work directory the command named) stay as given."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value, REPO)
+        if rel != os.curdir and not rel.startswith(os.pardir):
+            return rel
+    return value
 
 
 def trained_tokens(data_dir: str, config) -> dict:
@@ -351,6 +368,7 @@ def export(
         for stage, run, which in stages:
             policy = policy_io.load_policy(os.path.join(workdir, run), which=which)
             rl_cfg = configs.get(f"rl_{kind}") if stage == "grpo" else None
+            init_from = sft_cfg.init_from.replace("{kind}", kind)
             entry = {
                 # The SFT budget is its token slots (steps x batch x seq_len: the compute); what the
                 # slots held (non-padding tokens) and what trained (target tokens) differ by method.
@@ -369,14 +387,17 @@ def export(
                     "sft": int(sft_cfg.seed),
                     **({"rl": int(rl_cfg.seed)} if rl_cfg else {}),
                 },
-                "init_from": sft_cfg.init_from.replace("{kind}", kind) if stage == "sft" else f"{run}'s SFT policy",
+                "init_from": portable(init_from) if stage == "sft" else f"{run}'s SFT policy",
+                **({"init_sha256": sha256_file(init_from)} if stage == "sft" and os.path.isfile(init_from) else {}),
                 "checkpoint": which,
                 "command": command,
-                "config": {
-                    "data": data_config.to_dict(),
-                    "sft": sft_cfg.to_dict(),
-                    **({"rl": rl_cfg.to_dict()} if rl_cfg else {}),
-                },
+                "config": portable(
+                    {
+                        "data": data_config.to_dict(),
+                        "sft": sft_cfg.to_dict(),
+                        **({"rl": rl_cfg.to_dict()} if rl_cfg else {}),
+                    }
+                ),
                 "wall_s": stage_times.get(run, {}).get("wall_s"),
                 "machine": host,
             }

@@ -101,3 +101,18 @@ def test_presets_are_consistent(preset):
             path = s.init_from.replace("{kind}", kind)
             cfg, _, _ = policy_io.load_params(path)
             assert cfg == run_config.model_config(s), path
+
+
+def test_manifest_paths_inside_the_repository_are_relative_to_it():
+    """A manifest written from any clone names the repository's files the same way; the work
+    directory a command named (outside the repository) stays as given."""
+    from experiments.pipeline import REPO, portable
+
+    tiny = os.path.join(REPO, "experiments", "checkpoints", "tiny_{kind}_sft.npz")
+    config = {"sft": {"init_from": tiny, "data_dir": "/tmp/w/data", "seeds": [os.path.join(REPO, "a")]}, "n": 3}
+    assert portable(config) == {
+        "sft": {"init_from": "experiments/checkpoints/tiny_{kind}_sft.npz", "data_dir": "/tmp/w/data", "seeds": ["a"]},
+        "n": 3,
+    }
+    assert portable(REPO + "x/y") == REPO + "x/y"  # a sibling directory whose name starts like the repository's
+    assert portable(REPO) == REPO and portable("relative/path") == "relative/path"

@@ -336,6 +336,39 @@ def without_records(result: dict) -> dict:
     return dict(result, conditions=[{k: v for k, v in c.items() if k != "records"} for c in result["conditions"]])
 
 
+def solution_counts(numbers, targets) -> np.ndarray:
+    """The exact solver's number of solving move sequences per problem (a difficulty measure)."""
+    import jax
+
+    from envs import countdown
+
+    return np.asarray(jax.jit(jax.vmap(countdown.count_solutions))(numbers, targets))
+
+
+def save(result: dict, out: str, problems, *, plots: bool = True, rl_metrics: dict | None = None) -> None:
+    """An evaluation's files in ``out``: ``records.json`` (the problems with each one's solution
+    count, and every condition's per-problem values), ``evaluate.json`` (the rest) and, with
+    ``plots``, the PNGs (their paths in ``result["plots"]``; ``rl_metrics`` as ``plot``'s)."""
+    numbers, targets = (np.asarray(a) for a in problems)
+    difficulty = solution_counts(numbers, targets)
+    if plots:
+        result["plots"] = plot(result, out, difficulty=difficulty, rl_metrics=rl_metrics)
+    with open(os.path.join(out, "records.json"), "w") as f:
+        json.dump(
+            {
+                "problems": {
+                    "numbers": numbers.tolist(),
+                    "targets": targets.tolist(),
+                    "solutions": difficulty.tolist(),
+                },
+                "conditions": [{**_key(c), "records": c["records"]} for c in result["conditions"]],
+            },
+            f,
+        )
+    with open(os.path.join(out, "evaluate.json"), "w") as f:
+        json.dump(without_records(result), f, indent=2)
+
+
 def tables(result: dict) -> str:
     from jaxapr import stats
 

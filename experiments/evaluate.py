@@ -19,8 +19,9 @@ every condition):
    matched total tokens, the largest budget before / after GRPO), each with a 95%
    paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.
 
-Writes ``<out>/evaluate.json``, ``<out>/records.json`` (per-problem values) and the plots, and
-prints the tables. With ``--cache_dir`` each finished condition of an exported policy is stored
+Writes ``<out>/evaluate.json``, ``<out>/records.json`` (the problems with each one's exact
+solution count, and every condition's per-problem values) and the plots (children and accuracy
+vs that difficulty among them), and prints the tables. With ``--cache_dir`` each finished condition of an exported policy is stored
 there and a rerun reuses it, so an evaluation of many conditions can be stopped and resumed
 (the store is keyed by the policy file's sha256, the problems and the condition, not by the
 code: use a fresh directory after changing the evaluation).
@@ -112,12 +113,7 @@ def main(argv):
     except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)
-    if FLAGS.plots:
-        result["plots"] = analysis.plot(result, FLAGS.out)
-    with open(os.path.join(FLAGS.out, "records.json"), "w") as f:
-        json.dump([{**analysis._key(c), "records": c["records"]} for c in result["conditions"]], f)
-    with open(os.path.join(FLAGS.out, "evaluate.json"), "w") as f:
-        json.dump(analysis.without_records(result), f, indent=2)
+    analysis.save(result, FLAGS.out, (numbers[:n], targets[:n]), plots=FLAGS.plots)
     print(analysis.tables(result))
     print(
         f"\nwrote {os.path.join(FLAGS.out, 'evaluate.json')}"

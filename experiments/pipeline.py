@@ -262,24 +262,7 @@ def run(
     result = analysis.evaluate(runs, problems, plan, cache_dir=os.path.join(out, "cache"), log=log)
     result.update(split=eval_config.split, data_dir=data_dir, choice=manifest.get("choice", {}))
     result["headline"] = headline(result)
-    difficulty = solution_counts(*problems)
-    rl_metrics = _rl_metrics(workdir)
-    result["plots"] = analysis.plot(result, out, difficulty=difficulty, rl_metrics=rl_metrics)
-    with open(os.path.join(out, "records.json"), "w") as f:
-        json.dump(
-            {
-                "problems": {
-                    "numbers": problems[0].tolist(),
-                    "targets": problems[1].tolist(),
-                    "solutions": difficulty.tolist(),
-                },
-                "conditions": [{**analysis._key(c), "records": c["records"]} for c in result["conditions"]],
-            },
-            f,
-        )
-    small = analysis.without_records(result)
-    with open(os.path.join(out, "evaluate.json"), "w") as f:
-        json.dump(small, f, indent=2)
+    analysis.save(result, out, problems, rl_metrics=_rl_metrics(workdir))
     text = analysis.tables(result) + "\n\n" + format_headline(result["headline"])
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text + "\n")
@@ -298,16 +281,6 @@ def run(
     log(text)
     log("\n" + format_times(times.rows))
     return report
-
-
-def solution_counts(numbers, targets):
-    """The exact solver's number of solving move sequences per problem (a difficulty measure)."""
-    import jax
-    import numpy as np
-
-    from envs import countdown
-
-    return np.asarray(jax.jit(jax.vmap(countdown.count_solutions))(numbers, targets))
 
 
 def _run_name(m: dict) -> str:

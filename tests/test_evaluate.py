@@ -106,8 +106,21 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     for c in result["comparisons"]:
         assert c["low"] <= c["diff"] <= c["high"] and c["n"] == 3
     records = json.load(open(os.path.join(out, "records.json")))
-    assert len(records) == len(conds) and all(len(r["records"]["success"]) == 3 for r in records)
-    assert len(result["plots"]) == 3 and all(os.path.getsize(p) > 1000 for p in result["plots"])
+    assert len(records["conditions"]) == len(conds)
+    assert all(len(r["records"]["success"]) == 3 for r in records["conditions"])
+    # the problems evaluated, each with its exact solution count (the difficulty plot's measure)
+    numbers, targets = countdown.ProblemSplits.load(os.path.join(workdir, "data", "problems"))["test"]
+    assert records["problems"]["numbers"] == numbers[:3].tolist()
+    assert (
+        records["problems"]["solutions"] == [int(countdown.count_solutions(a, t)) for a, t in zip(numbers, targets)][:3]
+    )
+    assert sorted(os.path.basename(p) for p in result["plots"]) == [
+        "accuracy_vs_context.png",
+        "accuracy_vs_latency.png",
+        "accuracy_vs_total_tokens.png",
+        "children_vs_difficulty.png",
+    ]
+    assert all(os.path.getsize(p) > 1000 for p in result["plots"])
     assert "Accuracy vs per-call context window" in proc.stdout and "Paired comparisons" in proc.stdout
     # APR rows carry the join diagnostics (runtime.join_diagnostics means), serial rows do not
     for c in conds:

@@ -235,12 +235,13 @@ def evaluate_policies(
                 f"  {labels.get(name, NAMES.get(name, name))}: context {ctx} exceeds the model's {policy.cfg.max_len}; skipped"
             )
             continue
-        results = [] if keep is not None and name == "apr" else None
+        results = []
         r, records = evaluation.evaluate_rollouts(
             policy, problems, mode=MODES.get(name, name), max_context=ctx, num_slots=num_slots, results=results
         )
-        if results is not None:
+        if keep is not None and name == "apr":
             keep[ctx] = results
+        sched = results[0].schedule if results else {}  # the whole batch's (this process's share)
         r.update(
             run=name,
             label=labels.get(name, NAMES.get(name, name)),
@@ -248,6 +249,7 @@ def evaluate_policies(
             mode=MODES.get(name, name),
             solved=records["success"],
             children_per_problem=records["children"],
+            schedule={k: sched[k] for k in SCHEDULE if k in sched},
         )
         rows.append(r)
         log(
@@ -260,8 +262,34 @@ def evaluate_policies(
                 if "lost_at_join" in r
                 else ""
             )
+            + (f"\n  {'':18s} {_schedule_line(sched)}" if "attention_window_entries" in sched else "")
         )
     return rows
+
+
+# The evaluation's schedule figures kept per row (runtime's ``schedule``): where its time went.
+SCHEDULE = (
+    "steps",
+    "useful_slot_steps",
+    "num_slots",
+    "prefill_tokens",
+    "prefill_s",
+    "decode_s",
+    "wall_s",
+    "attention_window_entries",
+    "attention_prefix_entries",
+)
+
+
+def _schedule_line(s: dict) -> str:
+    """One line on a batch's decode: steps, useful slot-steps, blocked seconds, and how many
+    cache entries attention read against what the calls' own prefixes hold."""
+    useful = s["useful_slot_steps"] / max(1, s["num_slots"] * s["steps"])
+    reads = s["attention_window_entries"] / max(1, s["attention_prefix_entries"])
+    return (
+        f"decode {s['steps']} steps ({useful:.0%} of slot-steps useful, {s['decode_s']:.0f} s), prefill"
+        f" {s['prefill_tokens']} tokens ({s['prefill_s']:.0f} s); attention read {reads:.2f}x the calls' prefixes"
+    )
 
 
 def run(

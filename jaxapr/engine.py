@@ -516,6 +516,11 @@ class Engine:
         self._busy = np.zeros((num_slots,), bool)
         self._pos_bound = np.zeros((num_slots,), np.int64)  # >= each occupied slot's next cache index
         self.attend_counts: collections.Counter = collections.Counter()  # decode calls per attention bucket
+        # Cache entries (per row, layer and KV head) that decode attention read ("window": every
+        # row, the call's window) and that the occupied slots' own prefixes hold ("prefix": what
+        # an attention reading each row's prefix in place would read), summed over dispatched
+        # steps (a call that ends early counts all of them on both sides).
+        self.decode_reads = {"window": 0, "prefix": 0}
 
     # -- setup -------------------------------------------------------------------------
     @staticmethod
@@ -714,6 +719,10 @@ class Engine:
         self.cache, self.slots, steps = _decode_jit(
             self.graphdef, self._layout, attend, self.params, self.cache, self.slots, np.int32(num_steps)
         )
+        self.decode_reads["window"] += num_steps * self.num_slots * attend
+        ahead = np.arange(1, num_steps + 1)  # a slot at cache index p reads p + 1 entries, then p + 2, ...
+        held = self._pos_bound[self._busy]
+        self.decode_reads["prefix"] += int(np.minimum(held[:, None] + ahead, self.max_len).sum())
         self._pos_bound = bound
         self.attend_counts[attend] += 1
         return steps

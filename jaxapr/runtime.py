@@ -196,6 +196,7 @@ class _Scheduler:
         self.reused_tokens = 0  # prompt tokens of extended calls that were not prefilled again
         self.evictions = 0
         self.to_release: set = set()  # slots to free once the finished calls are processed
+        self.reads_before = dict(getattr(engine, "decode_reads", {}))  # the engine's counts before this batch
 
     # -- threads -------------------------------------------------------------------------
     def start(self, problem: int, prompt: str, path=()) -> None:
@@ -346,7 +347,10 @@ class _Scheduler:
         ``useful_slot_steps``: decode steps that produced a token, summed over calls: a call
         with n generated tokens ran n - 1 decode steps (its first token comes from its
         prefill). Utilization = useful / (num_slots x steps); ``*_saturated`` counts only the
-        chunks that started with calls waiting in the queue (demand exceeding the slots)."""
+        chunks that started with calls waiting in the queue (demand exceeding the slots).
+        ``attention_window_entries`` / ``attention_prefix_entries`` (engines that count them):
+        cache entries decode attention read over the call windows of every row, and the entries
+        the occupied slots' own prefixes hold; their ratio is what per-slot windows would save."""
         sat = np.zeros(self.step + 1, bool)
         for first, steps, saturated, _ in self.chunks:
             sat[first : first + steps] = saturated
@@ -372,6 +376,11 @@ class _Scheduler:
             "reused_prefix_tokens": self.reused_tokens,
             "evictions": self.evictions,
             "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks)),
+            # decode attention's cache reads and the occupied slots' prefixes (Engine.decode_reads)
+            **{
+                f"attention_{k}_entries": int(v - self.reads_before.get(k, 0))
+                for k, v in getattr(self.engine, "decode_reads", {}).items()
+            },
         }
 
     def _complete(self, thread: Thread, call: Call, out, slot: int) -> None:

@@ -200,6 +200,13 @@ def test_decode_reads_only_the_used_prefix(policy, prompts, reference):
         outs[buckets] = eng.read([a[1]] + b + c)
         expected = {64: 7} if len(buckets) == 1 else {8: 1, 32: 2, 64: 4}  # positions < 7, 20, 32, then 34..
         assert dict(eng.attend_counts) == expected, eng.attend_counts
+        # the read accounting, by hand: each decode call reads steps x 4 rows x its window; the
+        # occupied slots' prefixes hold position + 1 entries at each step (finished slots too)
+        windows = [64] * 7 if len(buckets) == 1 else [8, 32, 32, 64, 64, 64, 64]
+        steps = [2, 3, 2, 2, 2, 2, 2]
+        held = [[1, 5], [3, 7, 9, 17]] + [[30 + 2 * i, 10 + 2 * i, 12 + 2 * i, 20 + 2 * i] for i in range(5)]
+        prefix = sum(min(p + k, CFG.max_len) for n, ps in zip(steps, held) for p in ps for k in range(1, n + 1))
+        assert eng.decode_reads == {"window": sum(n * 4 * w for n, w in zip(steps, windows)), "prefix": prefix}
         for out, ref in zip(outs[buckets], [reference[1], reference[2], reference[3], reference[5]]):
             np.testing.assert_array_equal(out.tokens, ref)
     for full, small in zip(outs[(64,)], outs[(8, 16, 32, 64)]):

@@ -384,6 +384,16 @@ def test_forced_engine_rebuilds_scripted_trees():
     assert sched["steps"] == scripted[0].schedule["steps"] > 0 and 0 < sched["device_s"] < sched["wall_s"]
     assert sched["useful_slot_steps"] == sum(len(c.output_tokens) - 1 for r in forced for c in r.calls)
     assert sched["useful_slot_steps"] <= 3 * sched["steps"]
+    # the engine's read accounting, per batch: decode read whole windows, at least the prefixes
+    # the calls hold (every generated token attended to its call's prefix); a scripted engine
+    # reads nothing and reports nothing
+    window, prefix = sched["attention_window_entries"], sched["attention_prefix_entries"]
+    ran = sum((len(c.output_tokens) - 1) * (len(c.prompt_tokens) + 1) for r in forced for c in r.calls)
+    assert 0 < ran <= prefix <= window
+    assert window <= sched["decode_calls"] * 8 * 3 * 512
+    again = runtime.rollout(None, (numbers, targets), "apr", engine=forced_eng, decode_chunk=8)[0].schedule
+    assert (again["attention_window_entries"], again["attention_prefix_entries"]) == (window, prefix)
+    assert "attention_window_entries" not in scripted[0].schedule
 
 
 # ----------------------------------------------------------------------------------------

@@ -515,11 +515,12 @@ class Engine:
         self.cache, self.slots = cache, slots
         self._busy = np.zeros((num_slots,), bool)
         self._pos_bound = np.zeros((num_slots,), np.int64)  # >= each occupied slot's next cache index
+        self._stopped = np.zeros((num_slots,), bool)  # occupied slots seen finished (``done``): they advance no more
         self.attend_counts: collections.Counter = collections.Counter()  # decode calls per attention bucket
         # Cache entries (per row, layer and KV head) that decode attention read ("window": every
-        # row, the call's window) and that the occupied slots' own prefixes hold ("prefix": what
-        # an attention reading each row's prefix in place would read), summed over dispatched
-        # steps (a call that ends early counts all of them on both sides).
+        # row, the call's window) and that the prefixes of the occupied slots not seen finished
+        # hold ("prefix": what an attention reading each row's prefix in place would read), summed
+        # over dispatched steps (a call that ends early counts all of them on both sides).
         self.decode_reads = {"window": 0, "prefix": 0}
 
     # -- setup -------------------------------------------------------------------------
@@ -702,6 +703,7 @@ class Engine:
             num_forced,
         )
         self._busy[slots] = True
+        self._stopped[slots] = False
         self._pos_bound[slots] = end  # the cache index of each new call's next token
 
     def decode(self, num_steps: int) -> jax.Array:
@@ -712,17 +714,19 @@ class Engine:
             raise ValueError(f"num_steps={num_steps!r}: expected an int >= 0")
         # Every running slot advances at most one position per step, so its position stays below
         # its start + the steps dispatched since (the host's bound, no device read); attention
-        # reads the smallest bucket of cache entries that covers every occupied slot's bound.
-        bound = np.minimum(self._pos_bound + num_steps, self.max_len)
-        need = int(bound[self._busy].max()) if self._busy.any() else 1
+        # reads the smallest bucket of cache entries that covers the bound of every occupied
+        # slot not yet seen finished (a finished slot neither advances nor writes, so its
+        # entries need not be in the window: e.g. a parent holding its slot through its children).
+        live = self._busy & ~self._stopped
+        bound = np.where(live, np.minimum(self._pos_bound + num_steps, self.max_len), self._pos_bound)
+        need = int(bound[live].max()) if live.any() else 1
         attend = _bucket(need, self.decode_buckets, "context")
         self.cache, self.slots, steps = _decode_jit(
             self.graphdef, self._layout, attend, self.params, self.cache, self.slots, np.int32(num_steps)
         )
         self.decode_reads["window"] += num_steps * self.num_slots * attend
         ahead = np.arange(1, num_steps + 1)  # a slot at cache index p reads p + 1 entries, then p + 2, ...
-        held = self._pos_bound[self._busy]
-        self.decode_reads["prefix"] += int(np.minimum(held[:, None] + ahead, self.max_len).sum())
+        self.decode_reads["prefix"] += int(np.minimum(self._pos_bound[live][:, None] + ahead, self.max_len).sum())
         self._pos_bound = bound
         self.attend_counts[attend] += 1
         return steps
@@ -733,7 +737,9 @@ class Engine:
 
     def done(self) -> np.ndarray:
         """bool[S]: slot holds a sequence that has finished (blocks on the device)."""
-        return np.asarray(self.slots.done) & self._busy
+        done = np.asarray(self.slots.done) & self._busy
+        self._stopped |= done  # until the slot is released or a new call starts in it
+        return done
 
     def finished(self) -> list[int]:
         """Occupied slots whose sequence has finished (stop token, max new tokens or context end)."""
@@ -741,7 +747,7 @@ class Engine:
 
     def running(self) -> list[int]:
         """Occupied slots still generating."""
-        return np.flatnonzero(self._busy & ~np.asarray(self.slots.done)).tolist()
+        return np.flatnonzero(self._busy & ~self.done()).tolist()
 
     def read(self, slots: Sequence[int]) -> list[SlotOutput]:
         """Tokens generated so far in each slot and their log-probs (finished or not)."""
@@ -765,6 +771,7 @@ class Engine:
         mask[slots] = True
         self.slots = _release_jit(self._layout, self.slots, mask)
         self._busy[slots] = False
+        self._stopped[slots] = False
 
     # -- input checks ------------------------------------------------------------------
     def _check_prompt(self, prompt, i: int, what: str = "prompt") -> np.ndarray:

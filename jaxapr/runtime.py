@@ -350,7 +350,8 @@ class _Scheduler:
         chunks that started with calls waiting in the queue (demand exceeding the slots).
         ``attention_window_entries`` / ``attention_prefix_entries`` (engines that count them):
         cache entries decode attention read over the call windows of every row, and the entries
-        the occupied slots' own prefixes hold; their ratio is what per-slot windows would save."""
+        the prefixes of the slots still running hold; their ratio is what per-slot windows would
+        save."""
         sat = np.zeros(self.step + 1, bool)
         for first, steps, saturated, _ in self.chunks:
             sat[first : first + steps] = saturated

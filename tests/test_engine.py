@@ -213,6 +213,24 @@ def test_decode_reads_only_the_used_prefix(policy, prompts, reference):
         np.testing.assert_allclose(small.logprobs, full.logprobs, atol=1e-5)
 
 
+def test_finished_slots_leave_the_decode_window(policy, prompts, reference):
+    """A slot seen finished but kept (as a parent keeps its slot through its children) no longer
+    sets the decode window: the window follows the running slot alone, whose tokens are the
+    reference's."""
+    eng = engine.Engine(policy, num_slots=2, decode_buckets=(8, 16, 32, 64))
+    held = eng.insert([prompts[5]], max_new_tokens=1)  # length 30: finished at its prefill
+    eng.decode(1)  # not yet seen finished: the window covers it (31 entries -> 32)
+    assert eng.finished() == held and eng.running() == []
+    run = eng.insert([prompts[0]], max_new_tokens=NEW)  # length 1
+    for _ in range(NEW):
+        eng.decode(1)
+    # the running slot needs 2..11 entries over its ten calls; the held one would need 32 on
+    assert dict(eng.attend_counts) == {32: 1, 8: 7, 16: 3}, eng.attend_counts
+    np.testing.assert_array_equal(eng.read(run)[0].tokens, reference[0])
+    np.testing.assert_array_equal(eng.read(held)[0].tokens, reference[5][:1])
+    assert eng.decode_reads["prefix"] == 31 + sum(range(2, 12))  # the held slot counts until seen
+
+
 def test_no_retrace_beyond_buckets(policy):
     before = dict(engine.TRACE_COUNTS)
     eng = engine.Engine(policy, num_slots=4, prefill_buckets=(8, 32), batch_buckets=(4,))

@@ -15,16 +15,19 @@ every condition):
 2. **accuracy vs total tokens** on the first ``--sweep_problems``: SoS+ ``pass@n`` / ``cons@n``
    for n = 1..``n_max`` (one sampled rollout of n_max per problem) and APR with each
    ``Sub Call Budget: b`` of ``--budgets`` (when the APR data has budgets);
-3. **paired comparisons** (APR vs SoS+, each method + GRPO vs itself, children under GRPO,
+3. with ``--spawn_problems``, **spawn decisions**: each APR policy's probability of spawning
+   after the k-th root node, teacher-forced on the demonstrations, against their own rate;
+4. **paired comparisons** (APR vs SoS+, each method + GRPO vs itself, children under GRPO,
    matched total tokens, the largest budget before / after GRPO), each with a 95%
    paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.
 
 Writes ``<out>/evaluate.json``, ``<out>/records.json`` (the problems with each one's exact
 solution count, and every condition's per-problem values) and the plots (children and accuracy
-vs that difficulty among them), and prints the tables. With ``--cache_dir`` each finished condition of an exported policy is stored
-there and a rerun reuses it, so an evaluation of many conditions can be stopped and resumed
-(the store is keyed by the policy file's sha256, the problems and the condition, not by the
-code: use a fresh directory after changing the evaluation).
+vs that difficulty among them), and prints the tables. With ``--cache_dir`` each finished
+condition of an exported policy is stored there and a rerun reuses it, so an evaluation of many
+conditions can be stopped and resumed (the store is keyed by the policy file's sha256, the
+problems and the condition, not by the code: use a fresh directory after changing the
+evaluation).
 """
 
 from __future__ import annotations
@@ -56,12 +59,37 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature of pass@n / cons@n.
 flags.DEFINE_integer("num_slots", 64, "Engine slots.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_integer(
+    "spawn_problems",
+    0,
+    "Also measure the APR policies' spawn decisions, teacher-forced on the demonstrations of this many of the"
+    " problems (experiments/analysis.py: spawn_decisions; 0: off).",
+)
 flags.DEFINE_string(
     "cache_dir",
     None,
     "Store each finished condition of an exported (.npz) policy here; a rerun on the same policy files and"
     " problems reuses it, so a long evaluation that is stopped resumes (default: no store).",
 )
+
+
+def spawn_decisions(runs: dict, data_dir: str, problems, count: int) -> dict:
+    """{APR run: ``analysis.spawn_decisions`` rows} on the first ``count`` problems, with the
+    demonstrations the APR dataset's manifest describes (``<data_dir>/apr``: its traces' config
+    and seed)."""
+    from experiments import analysis
+    from jaxapr import data, policy_io
+
+    manifest = data.load_manifest(os.path.join(data_dir, "apr"))
+    trace_config = data.TraceConfig(**manifest["config"]).check()
+    numbers, targets = problems
+    return {
+        run: analysis.spawn_decisions(
+            policy_io.load_policy(runs[run]), (numbers[:count], targets[:count]), trace_config, seed=manifest["seed"]
+        )
+        for run in ("apr", "apr_rl")
+        if run in runs
+    }
 
 
 def main(argv):
@@ -110,6 +138,8 @@ def main(argv):
         ).check()
         os.makedirs(FLAGS.out, exist_ok=True)
         result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir)
+        if FLAGS.spawn_problems > 0:
+            result["spawn_decisions"] = spawn_decisions(runs, data_dir, (numbers, targets), FLAGS.spawn_problems)
     except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)

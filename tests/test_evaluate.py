@@ -1,5 +1,7 @@
 """experiments.evaluate on two very small trained runs: every analysis, JSON and plots."""
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -28,7 +30,7 @@ def workdir(tmp_path_factory):
         data.build_dataset(
             str(root / "data" / kind),
             splits.splits,
-            data.TraceConfig(kind=kind, max_beam_size=2, sub_call_budget=kind == "apr"),
+            data.TraceConfig(kind=kind, max_beam_size=2, sub_call_budget=0.5 if kind == "apr" else 0.0),
             seed=0,
             num_workers=0,
         )
@@ -62,6 +64,7 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
             "--n_max=2",
             "--budgets=1,2",
             "--num_slots=8",
+            "--spawn_problems=6",
         ],
         cwd=ROOT,
         env=env,
@@ -128,6 +131,13 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
         if c["run"] == "apr":
             assert 0.0 <= c["lost_at_join"] <= c["child_solved"] <= 1.0 and c["distinct_children"] <= c["children"]
     assert "APR joins" in proc.stdout
+    # spawn decisions: the APR run only, one row per k, probabilities and rates in [0, 1]
+    assert list(result["spawn_decisions"]) == ["apr"] and "Spawn decisions" in proc.stdout
+    rows = result["spawn_decisions"]["apr"]
+    assert [r["k"] for r in rows] == sorted({r["k"] for r in rows}) and rows[0]["k"] >= 1
+    for r in rows:
+        assert r["decisions"] > 0 and 0 <= r["data_spawn_rate"] <= 1 and 0 <= r["greedy_spawns"] <= 1
+        assert 0 <= r["policy_spawn_p10"] <= r["policy_spawn_prob"] <= r["policy_spawn_p90"] <= 1
 
 
 def test_evaluate_bad_input(tmp_path):
@@ -195,3 +205,63 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
         assert [bool(c.get("cached")) for c in again["conditions"]] == [expect_cached] * len(result["conditions"])
         assert [c["accuracy"] for c in again["conditions"]] == [c["accuracy"] for c in result["conditions"]]
     assert len(os.listdir(tmp_path / "cache")) == 3  # the two greedy conditions and one sampled rollout
+
+
+class _SameEverywhere:
+    """A stand-in policy: one next-token distribution at every position, the spawn token's
+    logit ``lift`` above the others' (0)."""
+
+    def __init__(self, lift: float, max_len: int = 1024):
+        from types import SimpleNamespace
+
+        from jaxapr.tokenizer import CountdownTokenizer
+
+        self.tok = CountdownTokenizer()
+        self.cfg = SimpleNamespace(max_len=max_len)
+        self.lift = lift
+
+    def __call__(self, tokens):
+        import jax.numpy as jnp
+
+        logits = jnp.zeros(tokens.shape + (len(self.tok),), jnp.float32) * tokens[..., None]  # not a constant
+        return logits.at[..., self.tok.token_id("<Calling Sub Searches>")].set(self.lift)
+
+
+@pytest.mark.parametrize("lift", [0.0, 2.0])
+def test_spawn_decisions_against_the_demonstrations_text(lift):
+    """``analysis.spawn_decisions`` finds every decision a root call's text shows (the k-th
+    "Generated Node" line of an expansion followed by another exploration or the spawn), with
+    the demonstrations' spawn rate per k, and reads the policy's probability there."""
+    import math
+
+    from experiments import analysis
+
+    config = data.TraceConfig(kind="apr", min_beam_size=2, max_beam_size=4, max_sub_call_beam_size=3, shuffle=False)
+    config = dataclasses.replace(config, sub_call_budget=0.5)
+    numbers, targets = countdown.make_splits(
+        0, {"test": 30}, num_numbers=4, min_target=5, max_target=25, max_number=10
+    )["test"]
+    decisions, spawned = {}, {}
+    for i, (x, t) in enumerate(zip(numbers, targets)):  # the oracle: the root call's lines
+        (prompt, output, _), *_ = data.problem_texts(x, t, config, 7, i)[0]
+        if prompt.startswith("Sub Call Budget"):
+            continue
+        lines = output.splitlines()
+        k = 0
+        for line, after in itertools.pairwise(lines):
+            k = 0 if line.startswith("Current State: ") else k + line.startswith("Generated Node #")
+            if line.startswith("Generated Node #") and after.startswith(
+                ("Exploring Operation", "<Calling Sub Searches>")
+            ):
+                decisions[k] = decisions.get(k, 0) + 1
+                spawned[k] = spawned.get(k, 0) + after.startswith("<Calling Sub Searches>")
+    assert decisions and any(spawned.values())
+    rows = analysis.spawn_decisions(_SameEverywhere(lift), (numbers, targets), config, seed=7)
+    assert {r["k"]: r["decisions"] for r in rows} == decisions
+    vocab = len(_SameEverywhere(lift).tok)
+    expect = math.exp(lift) / (math.exp(lift) + vocab - 1)
+    for r in rows:
+        assert r["data_spawn_rate"] == spawned[r["k"]] / decisions[r["k"]]
+        assert math.isclose(r["policy_spawn_prob"], expect, rel_tol=1e-5)
+        assert math.isclose(r["policy_spawn_p10"], r["policy_spawn_p90"], rel_tol=1e-5)
+        assert r["greedy_spawns"] == (1.0 if lift > 0 else 0.0)

@@ -204,6 +204,9 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     sweep = plan.sweep_problems or len(targets)
     sweep = min(sweep, len(targets))
     out["sweep_problems"] = sweep
+    budgeted = [run for run in ("apr", "apr_rl") if run in runs and plan.budgets and has_budgets(runs[run])]
+    for run in budgeted:  # no budget, on the sweep's problems: with cons@n, the matched-tokens comparison
+        greedy(run, "tokens", main_ctx, subset=sweep)
     for run in ("sosp", "sosp_rl"):
         if run not in runs or not plan.n_max:
             continue
@@ -246,11 +249,9 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
                     "records": hit[mode]["records"],
                 }
             )
-    for run in ("apr", "apr_rl"):
-        if run in runs and plan.budgets and has_budgets(runs[run]):
-            for b in plan.budgets:
-                greedy(run, "tokens", main_ctx, prefix=f"Sub Call Budget: {int(b)} ", subset=sweep)
-            greedy(run, "tokens", main_ctx, subset=sweep)  # no budget: the same problems as the sweep
+    for run in budgeted:  # the budget sweep last: the longest, and a stopped run resumes it from the store
+        for b in plan.budgets:
+            greedy(run, "tokens", main_ctx, prefix=f"Sub Call Budget: {int(b)} ", subset=sweep)
     out["comparisons"] = compare(out)
     return out
 

@@ -381,7 +381,8 @@ def spawn_decisions(policy, problems, trace_config, *, seed: int = 0, batch_size
     and 90th percentiles over problems, and the share of decisions where the spawn is the
     policy's most likely token (what greedy decoding does there). A policy that only learned
     the demonstrations' beam draw matches their rate at every k on every problem (a narrow
-    spread), and greedy decoding then spawns at the first k where that rate passes 1/2."""
+    spread), and greedy decoding then spawns at the first k where that rate passes 1/2. No rows
+    when no root call without a budget prefix fits the policy's context."""
     import jax
 
     from jaxapr import data
@@ -417,8 +418,8 @@ def spawn_decisions(policy, problems, trace_config, *, seed: int = 0, batch_size
         expansion = nodes - nodes[last_state]
         at = np.flatnonzero(np.isin(ids[1:], (spawn, explore)) & (ids[head[:-1]] == node))
         rows.append((ids, at, expansion[at], ids[at + 1] == spawn))
-    if not rows:
-        raise ValueError("no demonstration root call without a budget prefix fits the policy's context")
+    if not rows:  # every root call carries a budget prefix (or none fits the context): nothing to read
+        return []
     forward = jax.jit(lambda t: jax.nn.softmax(policy(t), axis=-1))
     ks, labels, p_spawn, greedy = [], [], [], []
     for b in range(0, len(rows), batch_size):
@@ -450,6 +451,21 @@ def spawn_decisions(policy, problems, trace_config, *, seed: int = 0, batch_size
     return out
 
 
+def spawn_decisions_of(runs: dict, data_dir: str, problems) -> dict:
+    """{APR run: ``spawn_decisions`` rows} for the APR runs among ``runs``, on ``problems`` with
+    the demonstrations the APR dataset's manifest describes (``<data_dir>/apr``: its traces'
+    config and seed)."""
+    from jaxapr import data, policy_io
+
+    manifest = data.load_manifest(os.path.join(data_dir, "apr"))
+    trace_config = data.TraceConfig(**manifest["config"]).check()
+    return {
+        run: spawn_decisions(policy_io.load_policy(runs[run]), problems, trace_config, seed=manifest["seed"])
+        for run in ("apr", "apr_rl")
+        if run in runs
+    }
+
+
 def format_spawn_decisions(result: dict) -> str:
     """The ``spawn_decisions`` rows of every run in ``result["spawn_decisions"]`` as a table."""
     lines = [
@@ -458,6 +474,8 @@ def format_spawn_decisions(result: dict) -> str:
         f"{'policy':12s} {'k':>3s} {'decisions':>9s} {'data rate':>9s} {'P(spawn)':>9s} {'[p10, p90]':>15s} {'greedy':>7s}",
     ]
     for run, rows in result.get("spawn_decisions", {}).items():
+        if not rows:
+            lines.append(f"{NAMES.get(run, run):12s} (no demonstration root call without a budget prefix fits)")
         for r in rows:
             spread = "[{:.3f}, {:.3f}]".format(r["policy_spawn_p10"], r["policy_spawn_p90"])
             lines.append(

@@ -73,25 +73,6 @@ flags.DEFINE_string(
 )
 
 
-def spawn_decisions(runs: dict, data_dir: str, problems, count: int) -> dict:
-    """{APR run: ``analysis.spawn_decisions`` rows} on the first ``count`` problems, with the
-    demonstrations the APR dataset's manifest describes (``<data_dir>/apr``: its traces' config
-    and seed)."""
-    from experiments import analysis
-    from jaxapr import data, policy_io
-
-    manifest = data.load_manifest(os.path.join(data_dir, "apr"))
-    trace_config = data.TraceConfig(**manifest["config"]).check()
-    numbers, targets = problems
-    return {
-        run: analysis.spawn_decisions(
-            policy_io.load_policy(runs[run]), (numbers[:count], targets[:count]), trace_config, seed=manifest["seed"]
-        )
-        for run in ("apr", "apr_rl")
-        if run in runs
-    }
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -139,7 +120,9 @@ def main(argv):
         os.makedirs(FLAGS.out, exist_ok=True)
         result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir)
         if FLAGS.spawn_problems > 0:
-            result["spawn_decisions"] = spawn_decisions(runs, data_dir, (numbers, targets), FLAGS.spawn_problems)
+            result["spawn_decisions"] = analysis.spawn_decisions_of(
+                runs, data_dir, (numbers[: FLAGS.spawn_problems], targets[: FLAGS.spawn_problems])
+            )
     except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)

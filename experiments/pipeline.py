@@ -18,7 +18,7 @@ What each stage leaves in the work directory:
   command, config, wall time, machine, sha256; paths inside the repository are written
   relative to its root): what ``experiments/checkpoints/`` ships;
 - ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired
-  comparisons), ``records.json`` (per-problem values), ``tables.txt`` and the plots. The test
+  comparisons, the APR policies' spawn decisions on validation problems), ``records.json`` (per-problem values), ``tables.txt`` and the plots. The test
   split is read here only; the choice between a method's SFT and GRPO policy (its "best") is
   made on validation, by the GRPO run's own greedy evaluations before and after training;
 - ``reproduce.json``: the headline, per-stage wall times and trained tokens/s.
@@ -154,6 +154,8 @@ def check_eval_config(eval_config) -> None:
     """A one-line ValueError for an evaluation config that the last stage would reject."""
     if int(eval_config.problems) < 0:
         raise ValueError(f"eval_config.problems={eval_config.problems}: expected >= 0 (0 skips the evaluation)")
+    if int(eval_config.get("spawn_problems", 0)) < 0:
+        raise ValueError(f"eval_config.spawn_problems={eval_config.spawn_problems}: expected >= 0 (0: off)")
     if eval_config.policies not in ("all", "best"):
         raise ValueError(f"eval_config.policies={eval_config.policies!r}: expected 'all' or 'best'")
     plan_of(eval_config).check()
@@ -261,6 +263,12 @@ def run(
     os.makedirs(out, exist_ok=True)
     result = analysis.evaluate(runs, problems, plan, cache_dir=os.path.join(out, "cache"), log=log)
     result.update(split=eval_config.split, data_dir=data_dir, choice=manifest.get("choice", {}))
+    spawn = int(eval_config.get("spawn_problems", 0))
+    if spawn > 0:  # a diagnostic of the policies, on validation problems like every other look before test
+        val_numbers, val_targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))["val"]
+        result["spawn_decisions"] = analysis.spawn_decisions_of(
+            runs, data_dir, (val_numbers[:spawn], val_targets[:spawn])
+        )
     result["headline"] = headline(result)
     analysis.save(result, out, problems, rl_metrics=_rl_metrics(workdir))
     text = analysis.tables(result) + "\n\n" + format_headline(result["headline"])

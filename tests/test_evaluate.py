@@ -265,3 +265,5 @@ def test_spawn_decisions_against_the_demonstrations_text(lift):
         assert math.isclose(r["policy_spawn_prob"], expect, rel_tol=1e-5)
         assert math.isclose(r["policy_spawn_p10"], r["policy_spawn_p90"], rel_tol=1e-5)
         assert r["greedy_spawns"] == (1.0 if lift > 0 else 0.0)
+    every_budget = dataclasses.replace(config, sub_call_budget=1.0)  # no unconditioned root call: no rows
+    assert analysis.spawn_decisions(_SameEverywhere(lift), (numbers, targets), every_budget, seed=7) == []

@@ -78,6 +78,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     for c in result["conditions"]:
         assert c["accuracy_low"] <= c["accuracy"] <= c["accuracy_high"] and c["problems"] in (3,)
     assert any(c["label"].startswith("APR - SoS+ at 128") for c in result["comparisons"])
+    # the APR policies' spawn decisions, on the validation problems
+    assert set(result["spawn_decisions"]) == {"apr", "apr_rl"} and "Spawn decisions" in proc.stdout
+    assert all(r["decisions"] > 0 for rows in result["spawn_decisions"].values() for r in rows)
     assert "Headline" in proc.stdout and "Paired comparisons" in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "== SFT sosp: done" in again.stdout and "cached" in again.stdout

@@ -6,7 +6,9 @@ the largest is the main one), ``n_max`` (SoS+ pass@n / cons@n, n = 1..n_max, sam
 ``temperature``), ``budgets`` (APR "Sub Call Budget: b" conditions, greedy), ``sweep_problems``
 (the first problems of the split used by the pass@n / cons@n and budget sweeps; 0 = all),
 ``num_slots`` (engine rows), ``seed`` (sampling), ``policies`` ("all": every exported policy;
-"best": each method's policy chosen on validation, SFT or GRPO).
+"best": each method's policy chosen on validation, SFT or GRPO), ``spawn_problems`` (validation
+problems of the APR policies' spawn decisions, teacher-forced on their demonstrations:
+``experiments/analysis.py: spawn_decisions``; 0 = off).
 """
 
 from ml_collections import ConfigDict
@@ -33,4 +35,5 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.temperature = 1.0
     c.seed = 0
     c.policies = "best" if preset == "mini" else "all"
+    c.spawn_problems = {"tiny": 100, "mini": 500, "paper": 500}[preset]
     return c

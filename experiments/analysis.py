@@ -469,7 +469,7 @@ def spawn_decisions_of(runs: dict, data_dir: str, problems) -> dict:
 def format_spawn_decisions(result: dict) -> str:
     """The ``spawn_decisions`` rows of every run in ``result["spawn_decisions"]`` as a table."""
     lines = [
-        "Spawn decisions after the k-th root node (teacher-forced on the demonstrations; "
+        "Spawn decisions after an expansion's k-th node (teacher-forced on the demonstrations' root calls; "
         "P(spawn): the policy's mean [p10, p90] over problems; greedy: share where the spawn is its top token)",
         f"{'policy':12s} {'k':>3s} {'decisions':>9s} {'data rate':>9s} {'P(spawn)':>9s} {'[p10, p90]':>15s} {'greedy':>7s}",
     ]

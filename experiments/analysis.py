@@ -7,8 +7,9 @@ Runs are named: ``sosp`` / ``apr`` (SFT), ``sosp_rl`` / ``apr_rl`` (+ GRPO). Con
 - **context** (greedy): every run at every per-call context window (the paper's comparison
   at equal context), on all problems;
 - **tokens** (the paper's Fig. 4a): SoS+ ``pass@n`` / ``cons@n`` for n = 1..``n_max`` (one
-  sampled rollout of n_max per problem, each n judged on the first n) and APR with each
-  ``Sub Call Budget: b`` prefix (greedy), on the first ``sweep_problems`` problems;
+  sampled rollout of n_max per problem, each n judged on the first n) and APR greedy without
+  a budget (the matched-tokens comparison's side) and, when its data has budgets, with each
+  ``Sub Call Budget: b`` prefix, on the first ``sweep_problems`` problems;
 - **comparisons**: paired-bootstrap intervals over problems for A - B, at each context (APR vs
   SoS+, each method + GRPO vs itself), for children under RL, at matched total tokens (APR
   against the SoS+ cons@n whose tokens come closest) and for the enforced-children ablation
@@ -205,8 +206,10 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     sweep = min(sweep, len(targets))
     out["sweep_problems"] = sweep
     budgeted = [run for run in ("apr", "apr_rl") if run in runs and plan.budgets and has_budgets(runs[run])]
-    for run in budgeted:  # no budget, on the sweep's problems: with cons@n, the matched-tokens comparison
-        greedy(run, "tokens", main_ctx, subset=sweep)
+    sampled = plan.n_max and ("sosp" in runs or "sosp_rl" in runs)
+    for run in ("apr", "apr_rl"):  # no budget, on the sweep's problems: with cons@n, the matched-tokens comparison
+        if run in budgeted or (run in runs and sampled):
+            greedy(run, "tokens", main_ctx, subset=sweep)
     for run in ("sosp", "sosp_rl"):
         if run not in runs or not plan.n_max:
             continue

@@ -255,7 +255,8 @@ def run(
     if eval_config.policies == "best":
         best = set(best_runs(manifest.get("choice", {})).values())
         runs = {name: path for name, path in runs.items() if name in best}
-    numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))[eval_config.split]
+    splits = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))
+    numbers, targets = splits[eval_config.split]
     n = min(int(eval_config.problems), len(targets))
     problems = (numbers[:n], targets[:n])
     plan = plan_of(eval_config)
@@ -265,7 +266,7 @@ def run(
     result.update(split=eval_config.split, data_dir=data_dir, choice=manifest.get("choice", {}))
     spawn = int(eval_config.get("spawn_problems", 0))
     if spawn > 0:  # a diagnostic of the policies, on validation problems like every other look before test
-        val_numbers, val_targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))["val"]
+        val_numbers, val_targets = splits["val"]
         result["spawn_decisions"] = analysis.spawn_decisions_of(
             runs, data_dir, (val_numbers[:spawn], val_targets[:spawn])
         )

@@ -16,7 +16,8 @@ every condition):
    for n = 1..``n_max`` (one sampled rollout of n_max per problem) and APR with each
    ``Sub Call Budget: b`` of ``--budgets`` (when the APR data has budgets);
 3. with ``--spawn_problems``, **spawn decisions**: each APR policy's probability of spawning
-   after the k-th root node, teacher-forced on the demonstrations, against their own rate;
+   after an expansion's k-th node, teacher-forced on the demonstrations' root calls, against
+   their own rate;
 4. **paired comparisons** (APR vs SoS+, each method + GRPO vs itself, children under GRPO,
    matched total tokens, the largest budget before / after GRPO), each with a 95%
    paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.

@@ -17,10 +17,11 @@ What each stage leaves in the work directory:
   stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
   command, config, wall time, machine, sha256; paths inside the repository are written
   relative to its root): what ``experiments/checkpoints/`` ships;
-- ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired
-  comparisons, the APR policies' spawn decisions on validation problems), ``records.json`` (per-problem values), ``tables.txt`` and the plots. The test
-  split is read here only; the choice between a method's SFT and GRPO policy (its "best") is
-  made on validation, by the GRPO run's own greedy evaluations before and after training;
+- ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired comparisons,
+  the APR policies' spawn decisions on validation problems), ``records.json`` (per-problem
+  values), ``tables.txt`` and the plots. The test split is read here only; the choice between
+  a method's SFT and GRPO policy (its "best") is made on validation, by the GRPO run's own
+  greedy evaluations before and after training;
 - ``reproduce.json``: the headline, per-stage wall times and trained tokens/s.
 """
 

@@ -377,7 +377,7 @@ class _Scheduler:
             "reused_prefix_tokens": self.reused_tokens,
             "evictions": self.evictions,
             "held_slot_steps": int(sum(s * h for _, s, _, h in self.chunks)),
-            # decode attention's cache reads and the occupied slots' prefixes (Engine.decode_reads)
+            # decode attention's cache reads and the running slots' prefixes (Engine.decode_reads)
             **{
                 f"attention_{k}_entries": int(v - self.reads_before.get(k, 0))
                 for k, v in getattr(self.engine, "decode_reads", {}).items()

@@ -88,6 +88,8 @@ def main(argv):
             raise ValueError("--out is required: expected a directory for evaluate.json and the plots")
         if FLAGS.cache_dir and os.path.exists(FLAGS.cache_dir) and not os.path.isdir(FLAGS.cache_dir):
             raise ValueError(f"--cache_dir={FLAGS.cache_dir!r} is not a directory: expected a directory for the store")
+        if FLAGS.spawn_problems < 0:
+            raise ValueError(f"--spawn_problems={FLAGS.spawn_problems}: expected >= 0 (0: off)")
         if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"--workdir={FLAGS.workdir!r} does not exist")
         runs = analysis.resolve_runs(FLAGS.workdir, {name: getattr(FLAGS, name) for name in analysis.RUNS})

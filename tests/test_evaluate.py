@@ -150,6 +150,7 @@ def test_evaluate_bad_input(tmp_path):
             ["--out=" + str(tmp_path), "--cache_dir=" + __file__],
             "--cache_dir=" + repr(__file__) + " is not a directory",
         ),
+        (["--out=" + str(tmp_path), "--spawn_problems=-1"], "--spawn_problems=-1: expected >= 0"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.evaluate", *args],

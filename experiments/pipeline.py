@@ -16,7 +16,8 @@ What each stage leaves in the work directory:
   ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
   stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
   command, config, wall time, machine, sha256; paths inside the repository are written
-  relative to its root): what ``experiments/checkpoints/`` ships;
+  relative to its root, the work directory as ``<workdir>``, so the policy files are the same
+  bytes from any clone and work directory): what ``experiments/checkpoints/`` ships;
 - ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired comparisons,
   the APR policies' spawn decisions on validation problems), ``records.json`` (per-problem
   values), ``tables.txt`` and the plots. The test split is read here only; the choice between
@@ -89,19 +90,41 @@ def machine() -> dict:
     }
 
 
-def portable(value):
+def portable(value, workdir: str | None = None):
     """``value`` (a config dict, a list, a string) with every absolute path inside this
-    repository written relative to its root, so that a manifest reads the same from any clone;
-    other paths (the work directory the command named) stay as given."""
+    repository written relative to its root and, given ``workdir``, every path inside the work
+    directory written as ``<workdir>/...`` (as ``recorded_command`` writes the flag), so that a
+    manifest reads the same from any clone and any work directory; other paths stay as given."""
     if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
+        return {k: portable(v, workdir) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(portable(v) for v in value)
+        return type(value)(portable(v, workdir) for v in value)
     if isinstance(value, str) and os.path.isabs(value):
+        if workdir:
+            rel = os.path.relpath(value, os.path.abspath(workdir))
+            if not rel.startswith(os.pardir):
+                return "<workdir>" if rel == os.curdir else f"<workdir>/{rel}"
         rel = os.path.relpath(value, REPO)
         if rel != os.curdir and not rel.startswith(os.pardir):
             return rel
     return value
+
+
+def recorded_command(args: list[str], program: str = "python -m experiments.reproduce") -> str:
+    """The command as the manifest and the exported policies record it: ``program`` and its
+    arguments, with ``--workdir``'s value written as ``<workdir>``. Where a run wrote is not
+    what it computed, so the files it exports are the same bytes from any directory."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            out.append("<workdir>")
+            skip = False
+        elif a.startswith("--workdir="):
+            out.append("--workdir=<workdir>")
+        else:
+            out.append(a)
+            skip = a == "--workdir"
+    return " ".join([program, *out])
 
 
 def trained_tokens(data_dir: str, config) -> dict:
@@ -370,7 +393,7 @@ def export(
                     "sft": int(sft_cfg.seed),
                     **({"rl": int(rl_cfg.seed)} if rl_cfg else {}),
                 },
-                "init_from": portable(init_from) if stage == "sft" else f"{run}'s SFT policy",
+                "init_from": portable(init_from, workdir) if stage == "sft" else f"{run}'s SFT policy",
                 **({"init_sha256": sha256_file(init_from)} if stage == "sft" and os.path.isfile(init_from) else {}),
                 "checkpoint": which,
                 "command": command,
@@ -379,7 +402,8 @@ def export(
                         "data": data_config.to_dict(),
                         "sft": sft_cfg.to_dict(),
                         **({"rl": rl_cfg.to_dict()} if rl_cfg else {}),
-                    }
+                    },
+                    workdir,
                 ),
                 "wall_s": stage_times.get(run, {}).get("wall_s"),
                 "machine": host,

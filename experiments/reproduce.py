@@ -59,7 +59,7 @@ def main(argv):
     configs = {"data": FLAGS.data_config, "sft": FLAGS.sft_config, "rl": FLAGS.rl_config, "eval": FLAGS.eval_config}
     for name, c in configs.items():
         print(f"resolved {name} config:\n{c}")
-    command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
+    command = pipeline.recorded_command(sys.argv[1:])
     try:
         pipeline.run(
             FLAGS.workdir, configs["data"], configs["sft"], configs["rl"], configs["eval"], rl=FLAGS.rl, command=command

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,8 +83,22 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert set(result["spawn_decisions"]) == {"apr", "apr_rl"} and "Spawn decisions" in proc.stdout
     assert all(r["decisions"] > 0 for rows in result["spawn_decisions"].values() for r in rows)
     assert "Headline" in proc.stdout and "Paired comparisons" in proc.stdout
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "== SFT sosp: done" in again.stdout and "cached" in again.stdout
+    for entry in policies.values():  # where the run wrote is not part of what it recorded
+        assert "--workdir=<workdir>" in entry["command"] and str(tmp_path) not in json.dumps(entry)
+    # The same command in another work directory holding the finished stages: every stage is
+    # done, the export is the same bytes (so the evaluation is the cache's, keyed by file hash).
+    other = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, other)
+    shutil.rmtree(other / "export")
+    again = subprocess.run(
+        [*cmd[:4], f"--workdir={other}", *cmd[5:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== SFT sosp: done" in again.stdout
+    conditions = json.load(open(other / "eval" / "evaluate.json"))["conditions"]
+    assert conditions and all(c.get("cached") for c in conditions)
+    for name, entry in manifest["files"].items():
+        assert sha256_file(str(other / "export" / name)) == entry["sha256"], name
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])
@@ -107,8 +122,8 @@ def test_presets_are_consistent(preset):
 
 
 def test_manifest_paths_inside_the_repository_are_relative_to_it():
-    """A manifest written from any clone names the repository's files the same way; the work
-    directory a command named (outside the repository) stays as given."""
+    """A manifest written from any clone and work directory names the repository's files and
+    the work directory's the same way; other paths stay as given."""
     from experiments.pipeline import REPO, portable
 
     tiny = os.path.join(REPO, "experiments", "checkpoints", "tiny_{kind}_sft.npz")
@@ -117,5 +132,16 @@ def test_manifest_paths_inside_the_repository_are_relative_to_it():
         "sft": {"init_from": "experiments/checkpoints/tiny_{kind}_sft.npz", "data_dir": "/tmp/w/data", "seeds": ["a"]},
         "n": 3,
     }
+    assert portable(config, "/tmp/w")["sft"]["data_dir"] == "<workdir>/data"
+    assert portable("/tmp/w", "/tmp/w/") == "<workdir>" and portable("/tmp/wx/data", "/tmp/w") == "/tmp/wx/data"
     assert portable(REPO + "x/y") == REPO + "x/y"  # a sibling directory whose name starts like the repository's
     assert portable(REPO) == REPO and portable("relative/path") == "relative/path"
+
+
+def test_recorded_command_leaves_out_where_the_run_wrote():
+    from experiments.pipeline import recorded_command
+
+    expected = "python -m experiments.reproduce --preset=mini --workdir=<workdir> --rl=False"
+    assert recorded_command(["--preset=mini", "--workdir=/tmp/r", "--rl=False"]) == expected
+    assert recorded_command(["--preset=mini", "--workdir", "/tmp/r", "--rl=False"]) == expected.replace("=<", " <")
+    assert recorded_command(["--preset=tiny"]) == "python -m experiments.reproduce --preset=tiny"

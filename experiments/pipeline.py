@@ -15,7 +15,7 @@ What each stage leaves in the work directory:
 - ``export/``: the four policies as compact files (``{preset}_{method}_{sft|grpo}.npz``),
   ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
   stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
-  command, config, wall time, machine, sha256; paths inside the repository are written
+  command, config, wall time, machine, the git commit its stage ran at, sha256; paths inside the repository are written
   relative to its root, the work directory as ``<workdir>``, so the policy files are the same
   bytes from any clone and work directory): what ``experiments/checkpoints/`` ships;
 - ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired comparisons,
@@ -53,6 +53,7 @@ class _Times:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "stages.json")
+        self.code = code_revision()
         self.rows = {}
         if os.path.isfile(self.path):
             with open(self.path) as f:
@@ -61,10 +62,28 @@ class _Times:
     def add(self, stage: str, seconds: float, ran: bool, **extra) -> None:
         if not ran and stage in self.rows:
             return  # done before: keep the invocation that did it
-        self.rows[stage] = {"wall_s": seconds, **extra}
+        self.rows[stage] = {"wall_s": seconds, "code": self.code, **extra}
         with open(self.path + ".tmp", "w") as f:
             json.dump(self.rows, f, indent=2)
         os.replace(self.path + ".tmp", self.path)
+
+
+def code_revision() -> dict:
+    """Which code ran (for the manifest): the repository's git commit and whether tracked files
+    differed from it; both None outside a git checkout (e.g. an installed package). A GRPO
+    stage's result depends on the code's floating-point order, not just its configs."""
+    import subprocess
+
+    def git(*args):
+        try:
+            p = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def machine() -> dict:
@@ -406,6 +425,7 @@ def export(
                     workdir,
                 ),
                 "wall_s": stage_times.get(run, {}).get("wall_s"),
+                "code": stage_times.get(run, {}).get("code"),  # None: the stage ran before revisions were recorded
                 "machine": host,
             }
             name = f"{preset}_{kind}_{stage}.npz"
@@ -426,7 +446,7 @@ def export(
             entry["sha256"] = sha256_file(path)
             files[name] = entry
             log(f"  exported {name}")
-    manifest = {"preset": preset, "command": command, "choice": choice, "files": files}
+    manifest = {"preset": preset, "command": command, "code": code_revision(), "choice": choice, "files": files}
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest

@@ -83,6 +83,10 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert set(result["spawn_decisions"]) == {"apr", "apr_rl"} and "Spawn decisions" in proc.stdout
     assert all(r["decisions"] > 0 for rows in result["spawn_decisions"].values() for r in rows)
     assert "Headline" in proc.stdout and "Paired comparisons" in proc.stdout
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the code that ran each stage and the export (a git checkout)
+        assert manifest["code"]["commit"] == head.stdout.strip()
+        assert all(e["code"] == manifest["code"] for e in policies.values())
     for entry in policies.values():  # where the run wrote is not part of what it recorded
         assert "--workdir=<workdir>" in entry["command"] and str(tmp_path) not in json.dumps(entry)
     # The same command in another work directory holding the finished stages: every stage is

@@ -101,6 +101,8 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert "== SFT sosp: done" in again.stdout
     conditions = json.load(open(other / "eval" / "evaluate.json"))["conditions"]
     assert conditions and all(c.get("cached") for c in conditions)
+    # the stage times are the invocations that computed them, not the cached rerun's
+    assert json.load(open(other / "stages.json"))["evaluate"] == report["times"]["evaluate"]
     for name, entry in manifest["files"].items():
         assert sha256_file(str(other / "export" / name)) == entry["sha256"], name
 

@@ -15,9 +15,10 @@ What each stage leaves in the work directory:
 - ``export/``: the four policies as compact files (``{preset}_{method}_{sft|grpo}.npz``),
   ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
   stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
-  command, config, wall time, machine, the git commit its stage ran at, sha256; paths inside the repository are written
-  relative to its root, the work directory as ``<workdir>``, so the policy files are the same
-  bytes from any clone and work directory): what ``experiments/checkpoints/`` ships;
+  command, config, wall time, machine, the git revision its stage ran at, sha256; paths
+  inside the repository are written relative to its root, the work directory as
+  ``<workdir>``, so the policy files are the same bytes from any clone and work directory):
+  what ``experiments/checkpoints/`` ships;
 - ``eval/``: ``evaluate.json`` (every condition with its 95% interval, the paired comparisons,
   the APR policies' spawn decisions on validation problems), ``records.json`` (per-problem
   values), ``tables.txt`` and the plots. The test split is read here only; the choice between

@@ -48,8 +48,12 @@ SMALL = [
 @pytest.mark.slow
 def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={tmp_path}", *SMALL]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    def reproduce(workdir):
+        cmd = [sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={workdir}", *SMALL]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    proc = reproduce(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "reproduce.json"))
     assert [
@@ -94,9 +98,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     other = tmp_path.parent / (tmp_path.name + "_moved")
     shutil.copytree(tmp_path, other)
     shutil.rmtree(other / "export")
-    again = subprocess.run(
-        [*cmd[:4], f"--workdir={other}", *cmd[5:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    again = reproduce(other)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "== SFT sosp: done" in again.stdout
     conditions = json.load(open(other / "eval" / "evaluate.json"))["conditions"]

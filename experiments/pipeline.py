@@ -428,7 +428,7 @@ def export(
                     workdir,
                 ),
                 "wall_s": stage_times.get(run, {}).get("wall_s"),
-                "code": stage_times.get(run, {}).get("code"),  # None: the stage ran before revisions were recorded
+                "code": stage_times.get(run, {}).get("code"),  # None when the stage's row records no revision
                 "machine": host,
             }
             name = f"{preset}_{kind}_{stage}.npz"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import zstandard
 from flax import nnx
 
 from jaxapr import model, sharding
@@ -319,9 +320,43 @@ def _delete_tree_metadata(step_dir):
     os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _rot_bit(blob):
+    """Offset of one bit flip in `blob` that leaves it decodable with different content.
+
+    Orbax writes each array chunk as a zstd frame, packed one after another in a data file; a flip in a frame
+    header or between frames makes the file unreadable (caught, but
+    not by the checksums), and where the middle of the file falls depends on the order of
+    concurrent writes. So the flip goes into the largest frame, at the first offset past its
+    middle that zstd still decodes to as many bytes as before, checked with an independent
+    decoder. A file that is not zstd (uncompressed arrays) is flipped in its middle."""
+    if not blob.startswith(ZSTD_MAGIC):
+        return len(blob) // 2
+    frames, start = [], 0
+    while start >= 0:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        payload = d.decompress(blob[start:])
+        end = len(blob) - len(d.unused_data)
+        frames.append((start, end, payload))
+        start = blob.find(ZSTD_MAGIC, end)
+    start, end, payload = max(frames, key=lambda f: f[1] - f[0])
+    for offset in range((start + end) // 2, end):
+        frame = bytearray(blob[start:end])
+        frame[offset - start] ^= 0x10
+        try:
+            out = zstandard.ZstdDecompressor().decompress(bytes(frame), max_output_size=2 * len(payload))
+        except zstandard.ZstdError:
+            continue
+        if len(out) == len(payload) and out != payload:
+            return offset
+    raise AssertionError("no bit of the largest zstd frame flips to a decodable, different frame")
+
+
 def _flip_bytes(step_dir):
-    """Bit rot in the middle of every array data file: orbax reads such files without
-    complaint (the values are wrong), so only the checksums can tell."""
+    """Bit rot inside every array data file that leaves it readable: orbax reads such files
+    without complaint (the values are wrong), so only the checksums can tell."""
     files = [
         p
         for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
@@ -329,11 +364,11 @@ def _flip_bytes(step_dir):
     ]
     assert files
     for path in files:
-        with open(path, "r+b") as f:
-            f.seek(os.path.getsize(path) // 2)
-            chunk = f.read(16)
-            f.seek(os.path.getsize(path) // 2)
-            f.write(bytes(b ^ 0x5A for b in chunk))
+        with open(path, "rb") as f:
+            blob = bytearray(f.read())
+        blob[_rot_bit(bytes(blob))] ^= 0x10
+        with open(path, "wb") as f:
+            f.write(blob)
 
 
 @pytest.mark.parametrize(

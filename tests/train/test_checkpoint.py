@@ -326,11 +326,11 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 def _rot_bit(blob):
     """Offset of one bit flip in `blob` that leaves it decodable with different content.
 
-    Orbax writes each array chunk as a zstd frame, packed one after another in a data file; a flip in a frame
-    header or between frames makes the file unreadable (caught, but
-    not by the checksums), and where the middle of the file falls depends on the order of
-    concurrent writes. So the flip goes into the largest frame, at the first offset past its
-    middle that zstd still decodes to as many bytes as before, checked with an independent
+    Orbax writes each array chunk as a zstd frame, packed one after another in a data file; a
+    flip in a frame header or between frames makes the file unreadable (caught, but not by the
+    checksums), and where the middle of the file falls depends on the order of concurrent
+    writes. So the flip goes into the largest frame, at the first offset past its middle that
+    zstd still decodes to as many bytes as before, checked with an independent
     decoder. A file that is not zstd (uncompressed arrays) is flipped in its middle."""
     if not blob.startswith(ZSTD_MAGIC):
         return len(blob) // 2

@@ -17,7 +17,8 @@ every condition):
    ``Sub Call Budget: b`` of ``--budgets`` (when the APR data has budgets);
 3. with ``--spawn_problems``, **spawn decisions**: each APR policy's probability of spawning
    after an expansion's k-th node, teacher-forced on the demonstrations' root calls, against
-   their own rate;
+   their own rate, for the calls without a budget prefix and for those of each ``--budgets``
+   (whether the policy reads its budget);
 4. **paired comparisons** (APR vs SoS+, each method + GRPO vs itself, children under GRPO,
    matched total tokens, the largest budget before / after GRPO), each with a 95%
    paired-bootstrap interval over problems; every accuracy carries its 95% Wilson interval.
@@ -124,7 +125,7 @@ def main(argv):
         result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir)
         if FLAGS.spawn_problems > 0:
             result["spawn_decisions"] = analysis.spawn_decisions_of(
-                runs, data_dir, (numbers[: FLAGS.spawn_problems], targets[: FLAGS.spawn_problems])
+                runs, data_dir, (numbers[: FLAGS.spawn_problems], targets[: FLAGS.spawn_problems]), budgets
             )
     except Exception as e:
         cli.fail(e)

@@ -312,7 +312,7 @@ def run(
     if spawn > 0:  # a diagnostic of the policies, on validation problems like every other look before test
         val_numbers, val_targets = splits["val"]
         result["spawn_decisions"] = analysis.spawn_decisions_of(
-            runs, data_dir, (val_numbers[:spawn], val_targets[:spawn])
+            runs, data_dir, (val_numbers[:spawn], val_targets[:spawn]), plan.budgets
         )
     result["headline"] = headline(result)
     analysis.save(result, out, problems, rl_metrics=_rl_metrics(workdir))

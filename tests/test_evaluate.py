@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -131,10 +132,13 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
         if c["run"] == "apr":
             assert 0.0 <= c["lost_at_join"] <= c["child_solved"] <= 1.0 and c["distinct_children"] <= c["children"]
     assert "APR joins" in proc.stdout
-    # spawn decisions: the APR run only, one row per k, probabilities and rates in [0, 1]
+    # spawn decisions: the APR run only, one row per (budget, k) (unconditioned root calls first,
+    # then --budgets' among those the 6 problems drew), probabilities and rates in [0, 1]
     assert list(result["spawn_decisions"]) == ["apr"] and "Spawn decisions" in proc.stdout
     rows = result["spawn_decisions"]["apr"]
-    assert [r["k"] for r in rows] == sorted({r["k"] for r in rows}) and rows[0]["k"] >= 1
+    keys = [(-1 if r["budget"] is None else r["budget"], r["k"]) for r in rows]
+    assert keys == sorted(set(keys)) and keys[0][0] == -1 and min(k for _, k in keys) >= 1
+    assert {b for b, _ in keys} <= {-1, 1, 2}
     for r in rows:
         assert r["decisions"] > 0 and 0 <= r["data_spawn_rate"] <= 1 and 0 <= r["greedy_spawns"] <= 1
         assert 0 <= r["policy_spawn_p10"] <= r["policy_spawn_prob"] <= r["policy_spawn_p90"] <= 1
@@ -236,8 +240,9 @@ class _SameEverywhere:
 @pytest.mark.parametrize("lift", [0.0, 2.0])
 def test_spawn_decisions_against_the_demonstrations_text(lift):
     """``analysis.spawn_decisions`` finds every decision a root call's text shows (the k-th
-    "Generated Node" line of an expansion followed by another exploration or the spawn), with
-    the demonstrations' spawn rate per k, and reads the policy's probability there."""
+    "Generated Node" line of an expansion followed by another exploration or the spawn), per
+    budget prefix (none, or each asked-for ``Sub Call Budget: b``), with the demonstrations'
+    spawn rate per (budget, k), and reads the policy's probability there."""
     import math
 
     from experiments import analysis
@@ -247,11 +252,10 @@ def test_spawn_decisions_against_the_demonstrations_text(lift):
     numbers, targets = countdown.make_splits(
         0, {"test": 30}, num_numbers=4, min_target=5, max_target=25, max_number=10
     )["test"]
-    decisions, spawned = {}, {}
+    decisions, spawned = {}, {}  # (budget or None, k) -> count
     for i, (x, t) in enumerate(zip(numbers, targets)):  # the oracle: the root call's lines
         (prompt, output, _), *_ = data.problem_texts(x, t, config, 7, i)[0]
-        if prompt.startswith("Sub Call Budget"):
-            continue
+        budget = int(re.match(r"Sub Call Budget: (\d+) ", prompt)[1]) if prompt.startswith("Sub Call") else None
         lines = output.splitlines()
         k = 0
         for line, after in itertools.pairwise(lines):
@@ -259,17 +263,27 @@ def test_spawn_decisions_against_the_demonstrations_text(lift):
             if line.startswith("Generated Node #") and after.startswith(
                 ("Exploring Operation", "<Calling Sub Searches>")
             ):
-                decisions[k] = decisions.get(k, 0) + 1
-                spawned[k] = spawned.get(k, 0) + after.startswith("<Calling Sub Searches>")
-    assert decisions and any(spawned.values())
-    rows = analysis.spawn_decisions(_SameEverywhere(lift), (numbers, targets), config, seed=7)
-    assert {r["k"]: r["decisions"] for r in rows} == decisions
-    vocab = len(_SameEverywhere(lift).tok)
+                decisions[budget, k] = decisions.get((budget, k), 0) + 1
+                spawned[budget, k] = spawned.get((budget, k), 0) + after.startswith("<Calling Sub Searches>")
+    budgets = sorted({b for b, _ in decisions if b is not None})
+    assert len(budgets) >= 2 and any(spawned[key] for key in spawned if key[0] is None)
+    policy = _SameEverywhere(lift)
+    unconditioned = {key: n for key, n in decisions.items() if key[0] is None}
+    rows = analysis.spawn_decisions(policy, (numbers, targets), config, seed=7)
+    assert {(r["budget"], r["k"]): r["decisions"] for r in rows} == unconditioned
+    some = budgets[:2]
+    rows = analysis.spawn_decisions(policy, (numbers, targets), config, budgets=some, seed=7)
+    assert [(r["budget"], r["k"]) for r in rows] == sorted(
+        (key for key in decisions if key[0] in (None, *some)),
+        key=lambda key: (-1 if key[0] is None else key[0], key[1]),
+    )
+    vocab = len(policy.tok)
     expect = math.exp(lift) / (math.exp(lift) + vocab - 1)
     for r in rows:
-        assert r["data_spawn_rate"] == spawned[r["k"]] / decisions[r["k"]]
+        key = r["budget"], r["k"]
+        assert r["decisions"] == decisions[key] and r["data_spawn_rate"] == spawned[key] / decisions[key]
         assert math.isclose(r["policy_spawn_prob"], expect, rel_tol=1e-5)
         assert math.isclose(r["policy_spawn_p10"], r["policy_spawn_p90"], rel_tol=1e-5)
         assert r["greedy_spawns"] == (1.0 if lift > 0 else 0.0)
     every_budget = dataclasses.replace(config, sub_call_budget=1.0)  # no unconditioned root call: no rows
-    assert analysis.spawn_decisions(_SameEverywhere(lift), (numbers, targets), every_budget, seed=7) == []
+    assert analysis.spawn_decisions(policy, (numbers, targets), every_budget, seed=7) == []

@@ -127,7 +127,9 @@ class _Cache:
     def _path(self, run: str, spec: dict) -> str | None:
         if not self.dir or self.fp.get(run) is None:
             return None
-        key = json.dumps({"policy": self.fp[run], "problems": self.problems_key, **spec}, sort_keys=True)
+        # the condition nested under its own name: none of its fields can stand in for the
+        # policy's or the problem set's (a condition's "problems" is a count, not the set)
+        key = json.dumps({"policy": self.fp[run], "problem_set": self.problems_key, "condition": spec}, sort_keys=True)
         return os.path.join(self.dir, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
     def get(self, run: str, spec: dict):

@@ -215,6 +215,15 @@ def test_evaluate_takes_exported_policies(workdir, tmp_path):
         assert [bool(c.get("cached")) for c in again["conditions"]] == expect_cached
         assert [c["accuracy"] for c in again["conditions"]] == [c["accuracy"] for c in result["conditions"]]
     assert len(os.listdir(tmp_path / "cache")) == 3  # the two greedy conditions and one sampled rollout
+    # as many problems of another split (train): other problems, so nothing is read from the store
+    other = [a for a in cached if not a.startswith("--out=")] + ["--split=train", f"--out={tmp_path / 'train'}"]
+    proc = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.load(open(tmp_path / "train" / "evaluate.json"))
+    assert [bool(c.get("cached")) for c in got["conditions"]] == same and got["split"] == "train"
+    assert len(os.listdir(tmp_path / "cache")) == 6
+    records = json.load(open(tmp_path / "train" / "records.json"))
+    assert records["problems"]["targets"] != json.load(open(tmp_path / "again" / "records.json"))["problems"]["targets"]
 
 
 class _SameEverywhere:

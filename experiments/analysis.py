@@ -184,18 +184,24 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
             f"children {cond['children']:5.2f} ({cond['seconds']:.0f} s{', cached' if cond.get('cached') else ''})"
         )
 
+    done = {}  # greedy conditions rolled out in this call: the same one under two analyses runs once
+
     def greedy(run, analysis, context, prefix="", subset=None):
         probs = (numbers, targets) if subset is None else (numbers[:subset], targets[:subset])
         spec = {"mode": MODES[run], "context": int(context), "prefix": prefix, "problems": len(probs[1])}
+        key = (run, json.dumps(spec, sort_keys=True))
         hit = cache.get(run, spec)
-        if hit is None:
+        if hit is not None:
+            hit["metrics"]["cached"] = True
+        elif key in done:  # a training work directory has no store entry: reuse this call's rollout
+            hit = done[key]
+        else:
             metrics, records = evaluation.evaluate_rollouts(
                 policy(run), probs, mode=MODES[run], max_context=context, num_slots=plan.num_slots, prefix=prefix
             )
             hit = {"metrics": metrics, "records": records}
             cache.put(run, spec, hit)
-        else:
-            hit["metrics"]["cached"] = True
+        done[key] = hit
         record(
             {"run": run, "analysis": analysis, "temperature": 0.0, **spec, **hit["metrics"], "records": hit["records"]}
         )

@@ -94,6 +94,11 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     assert sampled["pass@1"]["total_tokens"] == sampled["cons@1"]["total_tokens"]  # the same first sample
     assert sampled["pass@2"]["total_tokens"] == sampled["cons@2"]["total_tokens"] > sampled["pass@1"]["total_tokens"]
     assert sampled["pass@2"]["accuracy"] >= sampled["pass@1"]["accuracy"]
+    # a work directory has no store: the tokens analysis's unconditioned APR row (every problem,
+    # the main window) is the context row's rollout, reused in the call (its timing, not a rerun)
+    (ctx_row,) = [c for c in conds if c["run"] == "apr" and c["analysis"] == "context" and c["context"] == 128]
+    (tok_row,) = [c for c in conds if c["run"] == "apr" and c["analysis"] == "tokens" and not c["prefix"]]
+    assert tok_row["seconds"] == ctx_row["seconds"] and not tok_row.get("cached")
     # the budget sweep runs on the same problems as an unconditioned APR row of the tokens analysis
     assert sorted(c["prefix"] for c in conds if c["run"] == "apr" and c["analysis"] == "tokens") == [
         "",

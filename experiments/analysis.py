@@ -154,6 +154,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     import jax
 
     from jaxapr import evaluation, policy_io
+    from jaxapr.traces import spawn_join
 
     plan = plan.check()
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
@@ -262,7 +263,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
             )
     for run in budgeted:  # the budget sweep last: the longest, and a stopped run resumes it from the store
         for b in plan.budgets:
-            greedy(run, "tokens", main_ctx, prefix=f"Sub Call Budget: {int(b)} ", subset=sweep)
+            greedy(run, "tokens", main_ctx, prefix=spawn_join.budget_prefix(b), subset=sweep)
     out["comparisons"] = compare(out)
     return out
 
@@ -402,6 +403,7 @@ def spawn_decisions(policy, problems, trace_config, *, budgets=(), seed: int = 0
 
     from jaxapr import data
     from jaxapr.tokenizer import CountdownTokenizer
+    from jaxapr.traces import spawn_join
 
     tok = CountdownTokenizer()
     spawn, explore, node, state, move = (
@@ -415,13 +417,12 @@ def spawn_decisions(policy, problems, trace_config, *, budgets=(), seed: int = 0
         )
     )
     length = policy.cfg.max_len
-    budget_prefix = "Sub Call Budget: "
     wanted = {int(b) for b in budgets}
     rows = []  # (token ids, decision positions, k at each, label: the demonstration spawned, budget)
     for i, (nums, target) in enumerate(zip(*problems)):
         calls, _ = data.problem_texts(nums, target, trace_config, seed, i)
         prompt, output, _ = calls[0]
-        budget = int(prompt[len(budget_prefix) :].split(" ", 1)[0]) if prompt.startswith(budget_prefix) else None
+        budget = spawn_join.prompt_budget(prompt)
         if budget is not None and budget not in wanted:
             continue
         ids = np.concatenate([[tok.bos_id], tok.encode(prompt + output)]).astype(np.int32)

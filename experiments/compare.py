@@ -22,6 +22,7 @@ import os
 from absl import app, flags
 
 from experiments import cli
+from jaxapr.traces import spawn_join
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "Condition A: <evaluate out dir>:<run>[/<mode>][#<budget>].")
@@ -48,7 +49,7 @@ def parse(spec: str) -> tuple[str, str, str, str]:
         raise ValueError(f"condition {spec!r}: run {run!r}, expected sosp, apr, sosp_rl or apr_rl after ':'")
     if budget and not budget.isdigit():
         raise ValueError(f"condition {spec!r}: budget {budget!r}, expected an integer after '#'")
-    prefix = f"Sub Call Budget: {int(budget)} " if budget else ""
+    prefix = spawn_join.budget_prefix(int(budget)) if budget else ""
     return directory, run, mode or run.removesuffix("_rl"), prefix
 
 
@@ -60,46 +61,38 @@ def load(directory: str) -> dict:
         return json.load(f)
 
 
-def pick(records: dict, run: str, mode: str, prefix: str, context: int, spec: str) -> dict:
-    """The condition ``run``/``mode``/``prefix`` at ``context`` (a greedy one from either analysis)."""
-    hits = [
-        c
-        for c in records["conditions"]
-        if c["run"] == run and c["mode"] == mode and c["prefix"] == prefix and c["context"] == context
-    ]
-    if not hits:
-        have = sorted(
-            {c["context"] for c in records["conditions"] if (c["run"], c["mode"], c["prefix"]) == (run, mode, prefix)}
-        )
-        raise ValueError(f"condition {spec!r} has no context {context} in its records.json: it has {have}")
-    return max(hits, key=lambda c: c["problems"])  # the condition over the most problems
-
-
-def _budget(prefix: str) -> str:
-    return "#" + prefix.removeprefix("Sub Call Budget: ").strip() if prefix else ""
-
-
-def contexts_of(records: dict, run: str, mode: str, prefix: str) -> set[int]:
-    return {c["context"] for c in records["conditions"] if (c["run"], c["mode"], c["prefix"]) == (run, mode, prefix)}
+def _name(c: dict) -> str:
+    budget = spawn_join.prompt_budget(c["prefix"])
+    return f"{c['run']}/{c['mode']}" + ("" if budget is None else f"#{budget}")
 
 
 def compare(spec_a: str, spec_b: str, context: int = 0) -> dict:
     from jaxapr import stats
 
-    sides = []
+    sides = []  # (spec, records, the condition's entries by context)
     for spec in (spec_a, spec_b):
         directory, run, mode, prefix = parse(spec)
-        sides.append((spec, load(directory), run, mode, prefix))
-    for spec, r, run, mode, prefix in sides:
-        if not contexts_of(r, run, mode, prefix):
-            have = sorted({f"{c['run']}/{c['mode']}{_budget(c['prefix'])}" for c in r["conditions"]})
+        records = load(directory)
+        by_context = {}  # where two analyses hold the condition: the one over more problems
+        for c in records["conditions"]:
+            if (c["run"], c["mode"], c["prefix"]) == (run, mode, prefix):
+                if c["context"] not in by_context or c["problems"] > by_context[c["context"]]["problems"]:
+                    by_context[c["context"]] = c
+        if not by_context:
+            have = sorted({_name(c) for c in records["conditions"]})
             raise ValueError(f"condition {spec!r} is not in its records.json: it has {have}")
+        sides.append((spec, records, by_context))
     if not context:
-        common = set.intersection(*(contexts_of(r, run, mode, prefix) for _, r, run, mode, prefix in sides))
+        common = set(sides[0][2]) & set(sides[1][2])
         if not common:
             raise ValueError(f"conditions {spec_a!r} and {spec_b!r} share no context window")
         context = max(common)
-    conds = [pick(r, run, mode, prefix, context, spec) for spec, r, run, mode, prefix in sides]
+    for spec, _, by_context in sides:
+        if context not in by_context:
+            raise ValueError(
+                f"condition {spec!r} has no context {context} in its records.json: it has {sorted(by_context)}"
+            )
+    conds = [by_context[context] for _, _, by_context in sides]
     n = min(len(c["records"]["success"]) for c in conds)
     (_, ra, *_), (_, rb, *_) = sides
     for key in ("numbers", "targets"):

@@ -49,6 +49,7 @@ def show(
 
     from envs.countdown import rules
     from jaxapr import policy_io, runtime
+    from jaxapr.traces import spawn_join
 
     try:
         nums = [int(x) for x in numbers]
@@ -63,7 +64,7 @@ def show(
     ctx = context or policy.cfg.max_len
     if not 32 <= ctx <= policy.cfg.max_len:
         raise ValueError(f"--context={ctx}: expected 32..{policy.cfg.max_len} (the policy's context)")
-    prefix = "" if budget is None else f"Sub Call Budget: {budget} "
+    prefix = "" if budget is None else spawn_join.budget_prefix(budget)
     (result,) = runtime.rollout(
         policy,
         (np.array([nums]), np.array([target])),

@@ -679,6 +679,5 @@ def apr(
         n = _count_children(tree) if sub_call_budget is True else sub_call_budget
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"sub_call_budget={sub_call_budget!r}: expected True, False or an int >= 0")
-        prefix = f"Sub Call Budget: {n} "
-        tree.main_calls = [prefix + c for c in tree.main_calls]
+        tree.main_calls = [sj.budget_prefix(n) + c for c in tree.main_calls]
     return tree

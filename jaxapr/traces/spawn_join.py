@@ -260,6 +260,22 @@ class CallTree:
                 )
 
 
+SUB_CALL_BUDGET = "Sub Call Budget: "
+
+
+def budget_prefix(budget: int) -> str:
+    """The conditioning prefix of a root prompt that asks for ``budget`` child calls in the
+    whole tree (the paper's format): ``"Sub Call Budget: 4 "``."""
+    return f"{SUB_CALL_BUDGET}{int(budget)} "
+
+
+def prompt_budget(prompt: str) -> int | None:
+    """The budget a root prompt's ``budget_prefix`` asks for; None without one."""
+    if not prompt.startswith(SUB_CALL_BUDGET):
+        return None
+    return int(prompt[len(SUB_CALL_BUDGET) :].split(" ", 1)[0])
+
+
 def root_prompt(nums, target, mode: str = "apr", prefix: str = "") -> str:
     """The prompt that starts a problem: for ``apr`` the root thread's two lines
     (``Moving to Node #0`` / ``Current State: T:[...], Operations: []``), for ``sosp`` the

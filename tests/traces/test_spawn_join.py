@@ -281,3 +281,15 @@ def test_child_prompts_needs_the_generated_node():
     with pytest.raises(ValueError, match=r"sub search 1: no 'Generated Node #0,5") as e:
         child_prompts(text)
     assert "\n" not in str(e.value)
+
+
+def test_budget_prefix_round_trip():
+    """The paper's conditioning prefix, written and read back from a root prompt."""
+    from jaxapr.traces import root_prompt, spawn_join
+
+    for b in (0, 2, 17):
+        prompt = root_prompt([1, 2, 3, 4], 10, prefix=spawn_join.budget_prefix(b))
+        assert prompt.startswith(f"Sub Call Budget: {b} Moving to Node #0\n")
+        assert spawn_join.prompt_budget(prompt) == b
+    assert spawn_join.prompt_budget(root_prompt([1, 2, 3, 4], 10)) is None
+    assert spawn_join.prompt_budget("Token Budget: 1024 Moving to Node #0\n") is None

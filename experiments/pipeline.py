@@ -178,20 +178,29 @@ def trained_tokens(data_dir: str, config) -> dict:
 def val_choice(rl_dir: str) -> dict:
     """A method's best policy, chosen on validation: the GRPO run evaluates its start (the SFT
     policy) and its end greedily on the same validation problems; GRPO's policy is chosen only
-    if it solves more of them (a tie keeps SFT)."""
+    if it solves more of them (a tie keeps SFT). Where the run kept its per-problem validation
+    records, the choice also carries GRPO - SFT on them with its paired 95% interval
+    (``grpo_minus_sft``: ``jaxapr.stats.paired_bootstrap``'s fields), which says whether the
+    choice rests on more than a few problems."""
+    from jaxapr import stats
     from jaxapr.train.metrics import read_metrics
+    from jaxapr.train.rl import read_val_records
 
     rows = [r for r in read_metrics(rl_dir) if "val/accuracy" in r]
     if not rows or rows[0]["step"] != 0:
         raise ValueError(f"{rl_dir}: expected greedy validation at GRPO step 0 and at the end (eval_at_start)")
     start, end = rows[0], rows[-1]
-    return {
+    out = {
         "sft_val_accuracy": start["val/accuracy"],
         "grpo_val_accuracy": end["val/accuracy"],
         "val_problems": start.get("val/problems"),
         "grpo_step": end["step"],
         "best": "grpo" if end["val/accuracy"] > start["val/accuracy"] else "sft",
     }
+    records = read_val_records(rl_dir)
+    if 0 in records and end["step"] in records:
+        out["grpo_minus_sft"] = stats.paired_bootstrap(records[end["step"]]["success"], records[0]["success"])
+    return out
 
 
 def check_eval_config(eval_config) -> None:
@@ -316,7 +325,9 @@ def run(
         )
     result["headline"] = headline(result)
     analysis.save(result, out, problems, rl_metrics=_rl_metrics(workdir))
-    text = analysis.tables(result) + "\n\n" + format_headline(result["headline"])
+    text = "\n\n".join(
+        [analysis.tables(result), format_headline(result["headline"]), format_choice(manifest.get("choice", {}))]
+    )
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text + "\n")
     # An evaluation read whole from its cache keeps the time of the invocation that computed it.
@@ -510,6 +521,27 @@ def format_headline(rows: list[dict]) -> str:
             f"{NAMES[r['sosp']]} {stats.format_interval(r['sosp_accuracy'], r['sosp_accuracy_low'], r['sosp_accuracy_high'])}"
             f": lead {stats.format_interval(r['lead'], r['lead_low'], r['lead_high'])} points (n={r['problems']})"
         )
+    return "\n".join(lines)
+
+
+def format_choice(choice: dict) -> str:
+    """One line per method: its SFT and GRPO policies' greedy validation accuracy, which one
+    was chosen and, where the run kept per-problem records, GRPO - SFT with its paired
+    interval."""
+    from experiments.analysis import NAMES
+    from jaxapr import stats
+
+    lines = ["Validation choice (greedy; GRPO is chosen only if it solves more problems)"]
+    for kind, c in choice.items():
+        line = (
+            f"  {NAMES[kind]:5s}: SFT {100 * c['sft_val_accuracy']:.1f}% vs + GRPO "
+            f"{100 * c['grpo_val_accuracy']:.1f}% after {c['grpo_step']} steps (n={c['val_problems']}) -> "
+            f"{c['best']}"
+        )
+        paired = c.get("grpo_minus_sft")
+        if paired:
+            line += f"; GRPO - SFT {stats.format_interval(paired['diff'], paired['low'], paired['high'])} points paired"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from jaxapr.train import lock as lock_lib
 from jaxapr.train import run_config
 
 # What a run writes into its work directory (a fresh run deletes these and nothing else).
-OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "config.json", "summary.json")
+OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "val_records.jsonl", "config.json", "summary.json")
 
 
 class TrainingError(RuntimeError):
@@ -45,7 +45,8 @@ class TrainingError(RuntimeError):
 
 class Task:
     """One kind of training run plugged into :func:`run`. Subclasses set the class fields and
-    implement the methods; ``self.config`` is the run config, ``self.log`` prints on process 0."""
+    implement the methods; ``self.config`` is the run config, ``self.log`` prints on process 0,
+    ``self.workdir`` is the run's directory (set by :func:`run`)."""
 
     counter = "step"  # the summary key of the run's step counter
     counter_label = "step"  # how log lines name it
@@ -55,6 +56,7 @@ class Task:
 
     def __init__(self, config, log=print):
         self.config, self.log = config, log
+        self.workdir: str | None = None
 
     def resolve(self) -> None:
         """Check the config and fill what follows from it (cheap: the checkpoint identity is
@@ -154,6 +156,7 @@ class _Loop:
         from jaxapr.train.checkpoint import Checkpointer
 
         self.task, self.config, self.log, self.workdir = task, task.config, task.log, workdir
+        task.workdir = workdir
         self.main = distributed.is_main()
         self.ckpt = Checkpointer(
             os.path.join(workdir, "checkpoints"),

@@ -13,7 +13,9 @@
   parameters and optimizer state unchanged and its update metrics 0;
 - logs per step: reward, success, children per problem, total / sequential tokens, KL, clip
   fraction, loss, grad norm, rollout and update seconds; validates greedily on held-out
-  problems every ``eval_every`` steps; checkpoints (orbax) every ``checkpoint_every`` steps.
+  problems every ``eval_every`` steps (the scalars in ``metrics.jsonl``, each problem's
+  success, children and tokens in ``val_records.jsonl``, so two validations of the run compare
+  paired: :func:`read_val_records`); checkpoints (orbax) every ``checkpoint_every`` steps.
 
 Randomness: the step's problems and keys come from ``(seed, step)`` alone, so a run resumed
 from a checkpoint continues exactly.
@@ -38,6 +40,31 @@ from flax import nnx
 
 from jaxapr import distributed, evaluation
 from jaxapr.train import grpo, loop, run_config
+
+
+VAL_RECORDS = "val_records.jsonl"
+_RECORD_FIELDS = ("success", "children", "total_tokens", "sequential_tokens")
+
+
+def read_val_records(workdir: str) -> dict[int, dict]:
+    """{RL step: that step's validation records ({field: per-problem list} for
+    ``success``, ``children``, ``total_tokens``, ``sequential_tokens``)} from
+    ``<workdir>/val_records.jsonl``; a step written twice (a resumed run evaluates it again)
+    keeps its last row; {} when the run wrote none."""
+    import json
+
+    path = os.path.join(workdir, VAL_RECORDS)
+    out: dict[int, dict] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a torn last line (a crash mid-write)
+                continue
+            out[int(row["rl_step"])] = {k: row[k] for k in _RECORD_FIELDS}
+    return out
 
 
 def grpo_config(config) -> grpo.GRPOConfig:
@@ -250,8 +277,10 @@ class GRPOTask(loop.Task):
     def evaluate(self, state, step: int) -> dict:
         if self.eval_problems is None:
             return {}
+        import json
+
         self.engine.update_params(distributed.process_local(state.params))
-        r = evaluation.rollout_metrics(
+        r, records = evaluation.evaluate_rollouts(
             None,
             self.eval_problems,
             mode=self.config.kind,
@@ -259,6 +288,9 @@ class GRPOTask(loop.Task):
             num_slots=self.config.num_slots,
             engine=self.engine,
         )
+        if self.workdir and distributed.is_main():
+            with open(os.path.join(self.workdir, VAL_RECORDS), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"rl_step": step, **{k: records[k] for k in _RECORD_FIELDS}}) + "\n")
         return {f"val/{k}": v for k, v in r.items()}
 
 

@@ -286,8 +286,21 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
         "rl/rollout_seconds",
         "rl/update_seconds",
     } <= set(rl_rows[0])
+    # each validation's per-problem records: their means are the logged scalars
+    records = rl.read_val_records(straight)
+    val_rows = {r["step"]: r for r in rows if "val/accuracy" in r}
+    assert sorted(records) == sorted(val_rows) == [1, 2, 3]
+    for step, rec in records.items():
+        assert len(rec["success"]) == val_rows[step]["val/problems"] == 4
+        assert np.mean(rec["success"]) == pytest.approx(val_rows[step]["val/accuracy"])
+        assert np.mean(rec["children"]) == pytest.approx(val_rows[step]["val/children"])
+        assert np.mean(rec["total_tokens"]) == pytest.approx(val_rows[step]["val/total_tokens"])
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
     rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
+    with open(os.path.join(split, rl.VAL_RECORDS), "a") as f:
+        f.write('{"rl_step": 3, "succ')  # a torn last line (a crash mid-write) is skipped
+    assert rl.read_val_records(split) == records
+    assert rl.read_val_records(str(tmp_path)) == {}
     a = policy_io.load_params(straight, which="latest")[1]
     b = policy_io.load_params(split, which="latest")[1]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -78,7 +78,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
         assert entry["rl_steps"] == (1 if entry["stage"] == "grpo" else 0)
         assert entry["command"].startswith("python -m experiments.reproduce --preset=tiny")
     assert set(manifest["choice"]) == {"sosp", "apr"}
-    for kind, c in manifest["choice"].items():  # GRPO - SFT on the same validation problems, paired
+    for c in manifest["choice"].values():  # GRPO - SFT on the same validation problems, paired
         paired = c["grpo_minus_sft"]
         assert paired["n"] == c["val_problems"]
         assert paired["diff"] == pytest.approx(c["grpo_val_accuracy"] - c["sft_val_accuracy"])

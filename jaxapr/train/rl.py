@@ -30,6 +30,7 @@ process needs) and the update runs on the global batch of all processes' rows
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -41,7 +42,6 @@ from flax import nnx
 from jaxapr import distributed, evaluation
 from jaxapr.train import grpo, loop, run_config
 
-
 VAL_RECORDS = "val_records.jsonl"
 _RECORD_FIELDS = ("success", "children", "total_tokens", "sequential_tokens")
 
@@ -51,8 +51,6 @@ def read_val_records(workdir: str) -> dict[int, dict]:
     ``success``, ``children``, ``total_tokens``, ``sequential_tokens``)} from
     ``<workdir>/val_records.jsonl``; a step written twice (a resumed run evaluates it again)
     keeps its last row; {} when the run wrote none."""
-    import json
-
     path = os.path.join(workdir, VAL_RECORDS)
     out: dict[int, dict] = {}
     if not os.path.isfile(path):
@@ -277,8 +275,6 @@ class GRPOTask(loop.Task):
     def evaluate(self, state, step: int) -> dict:
         if self.eval_problems is None:
             return {}
-        import json
-
         self.engine.update_params(distributed.process_local(state.params))
         r, records = evaluation.evaluate_rollouts(
             None,

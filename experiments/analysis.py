@@ -349,6 +349,20 @@ def without_records(result: dict) -> dict:
     return dict(result, conditions=[{k: v for k, v in c.items() if k != "records"} for c in result["conditions"]])
 
 
+def rl_metrics_of(runs: dict) -> dict:
+    """{run: the rows of its ``metrics.jsonl``} for the runs that are GRPO work directories
+    (an exported policy or an SFT run has none): the data of the RL curves plot."""
+    from jaxapr.train.metrics import read_metrics
+
+    out = {}
+    for run, path in runs.items():
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            rows = read_metrics(path)
+            if any("rl/success" in r for r in rows):
+                out[run] = rows
+    return out
+
+
 def solution_counts(numbers, targets) -> np.ndarray:
     """The exact solver's number of solving move sequences per problem (a difficulty measure)."""
     import jax
@@ -693,15 +707,30 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
             ax1.plot(
                 steps, _smooth([r["rl/success"] for r in rows if "rl/success" in r]), label=f"{NAMES[run]} (rollouts)"
             )
-            val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+            val = [r for r in rows if "val/accuracy" in r]
             if val:
-                ax1.plot(*zip(*val), "s--", label=f"{NAMES[run]} (val, greedy)")
+                ax1.errorbar(
+                    [r["step"] for r in val],
+                    [r["val/accuracy"] for r in val],
+                    _errorbars(
+                        [{k: r[f"val/{k}"] for k in ("accuracy", "accuracy_low", "accuracy_high")} for r in val]
+                    ),
+                    fmt="s--",
+                    capsize=3,
+                    label=f"{NAMES[run]} (val, greedy, 95% CI)",
+                )
             if run.startswith("apr"):
                 ax2.plot(
-                    steps, _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]), label=NAMES[run]
+                    steps,
+                    _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]),
+                    label=f"{NAMES[run]} (rollouts)",
                 )
+                if val and "val/children" in val[0]:
+                    ax2.plot(
+                        [r["step"] for r in val], [r["val/children"] for r in val], "s--", label=f"{NAMES[run]} (val)"
+                    )
         ax1.set(xlabel="GRPO step", ylabel="success", ylim=(0, 1), title="GRPO: success")
-        ax2.set(xlabel="GRPO step", ylabel="children per problem (rollouts)", title="GRPO: children")
+        ax2.set(xlabel="GRPO step", ylabel="children per problem", title="GRPO: children")
         ax1.legend(fontsize=7)
         ax2.legend(fontsize=7)
         save(fig, "rl_curves.png")

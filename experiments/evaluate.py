@@ -130,7 +130,9 @@ def main(argv):
     except Exception as e:
         cli.fail(e)
     result.update(data_dir=data_dir, split=FLAGS.split)
-    analysis.save(result, FLAGS.out, (numbers[:n], targets[:n]), plots=FLAGS.plots)
+    analysis.save(
+        result, FLAGS.out, (numbers[:n], targets[:n]), plots=FLAGS.plots, rl_metrics=analysis.rl_metrics_of(runs)
+    )
     print(analysis.tables(result))
     print(
         f"\nwrote {os.path.join(FLAGS.out, 'evaluate.json')}"

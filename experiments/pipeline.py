@@ -324,7 +324,12 @@ def run(
             runs, data_dir, (val_numbers[:spawn], val_targets[:spawn]), plan.budgets
         )
     result["headline"] = headline(result)
-    analysis.save(result, out, problems, rl_metrics=_rl_metrics(workdir))
+    analysis.save(
+        result,
+        out,
+        problems,
+        rl_metrics=analysis.rl_metrics_of({f"{k}_rl": os.path.join(workdir, f"rl_{k}") for k in KINDS}),
+    )
     text = "\n\n".join(
         [analysis.tables(result), format_headline(result["headline"]), format_choice(manifest.get("choice", {}))]
     )
@@ -351,17 +356,6 @@ def run(
 
 def _run_name(m: dict) -> str:
     return m["method"] + ("_rl" if m["stage"] == "grpo" else "")
-
-
-def _rl_metrics(workdir: str) -> dict:
-    from jaxapr.train.metrics import read_metrics
-
-    out = {}
-    for kind in KINDS:
-        path = os.path.join(workdir, f"rl_{kind}")
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            out[f"{kind}_rl"] = read_metrics(path)
-    return out
 
 
 def export(

@@ -301,3 +301,26 @@ def test_spawn_decisions_against_the_demonstrations_text(lift):
         assert r["greedy_spawns"] == (1.0 if lift > 0 else 0.0)
     every_budget = dataclasses.replace(config, sub_call_budget=1.0)  # no unconditioned root call: no rows
     assert analysis.spawn_decisions(policy, (numbers, targets), every_budget, seed=7) == []
+
+
+def test_rl_curves_come_from_grpo_work_directories(tmp_path):
+    """Only a run whose metrics.jsonl has GRPO rows gives RL curves; the plot is written from them."""
+    from experiments import analysis
+    from jaxapr.train.metrics import MetricWriter
+
+    for name, rows in {
+        "rl": [(0, {"val/accuracy": 0.1, "val/accuracy_low": 0.05, "val/accuracy_high": 0.2, "val/children": 5.0})]
+        + [(s, {"rl/success": 0.1 * s, "rl/children_per_problem": 5.0 + s}) for s in (1, 2, 3)],
+        "sft": [(1, {"train/loss": 1.0})],
+    }.items():
+        w = MetricWriter(str(tmp_path / name), tensorboard=False, progress=False)
+        for step, row in rows:
+            w.write(step, row)
+        w.close()
+    runs = {"apr_rl": str(tmp_path / "rl"), "apr": str(tmp_path / "sft"), "sosp": str(tmp_path / "none.npz")}
+    metrics = analysis.rl_metrics_of(runs)
+    assert list(metrics) == ["apr_rl"] and [r["step"] for r in metrics["apr_rl"]] == [0, 1, 2, 3]
+    out = tmp_path / "out"
+    out.mkdir()
+    files = analysis.plot({"conditions": []}, str(out), rl_metrics=metrics)
+    assert [os.path.basename(f) for f in files] == ["rl_curves.png"] and os.path.getsize(files[0]) > 0

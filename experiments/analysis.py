@@ -147,10 +147,10 @@ class _Cache:
             os.replace(path + ".tmp", path)
 
 
-def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, log=print) -> dict:
+def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, which: str = "best", log=print) -> dict:
     """Every condition of ``plan`` for the ``runs`` that exist -> {"conditions", "comparisons",
     ...}; each condition carries its metrics (``jaxapr.evaluation.summarize``) and per-problem
-    ``records``."""
+    ``records``. ``which``: the checkpoint of a training work directory ("best" or "latest")."""
     import jax
 
     from jaxapr import evaluation, policy_io
@@ -164,7 +164,7 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
 
     def policy(run):
         if run not in policies:
-            policies[run] = policy_io.load_policy(runs[run])
+            policies[run] = policy_io.load_policy(runs[run], which=which)
         return policies[run]
 
     main_ctx = plan.main_context
@@ -486,17 +486,22 @@ def spawn_decisions(policy, problems, trace_config, *, budgets=(), seed: int = 0
     return out
 
 
-def spawn_decisions_of(runs: dict, data_dir: str, problems, budgets=()) -> dict:
+def spawn_decisions_of(runs: dict, data_dir: str, problems, budgets=(), which: str = "best") -> dict:
     """{APR run: ``spawn_decisions`` rows} for the APR runs among ``runs``, on ``problems`` with
     the demonstrations the APR dataset's manifest describes (``<data_dir>/apr``: its traces'
-    config and seed), with rows for the root calls of each of ``budgets``."""
+    config and seed), with rows for the root calls of each of ``budgets``; ``which`` as
+    :func:`evaluate`'s."""
     from jaxapr import data, policy_io
 
     manifest = data.load_manifest(os.path.join(data_dir, "apr"))
     trace_config = data.TraceConfig(**manifest["config"]).check()
     return {
         run: spawn_decisions(
-            policy_io.load_policy(runs[run]), problems, trace_config, budgets=budgets, seed=manifest["seed"]
+            policy_io.load_policy(runs[run], which=which),
+            problems,
+            trace_config,
+            budgets=budgets,
+            seed=manifest["seed"],
         )
         for run in ("apr", "apr_rl")
         if run in runs

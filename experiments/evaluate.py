@@ -61,6 +61,13 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature of pass@n / cons@n.
 flags.DEFINE_integer("num_slots", 64, "Engine slots.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_enum(
+    "checkpoint",
+    "best",
+    ["best", "latest"],
+    "Which checkpoint of a training work directory: its best by validation (a GRPO run's best is chosen on"
+    " its validation problems) or its latest (a run's end). An exported .npz has one.",
+)
 flags.DEFINE_integer(
     "spawn_problems",
     0,
@@ -111,7 +118,7 @@ def main(argv):
         except ValueError:
             raise ValueError(f"--contexts={FLAGS.contexts} / --budgets={FLAGS.budgets}: expected integers") from None
         if not contexts:
-            contexts = (max(policy_io.load_policy(r).cfg.max_len for r in runs.values()),)
+            contexts = (max(policy_io.load_policy(r, which=FLAGS.checkpoint).cfg.max_len for r in runs.values()),)
         plan = analysis.Plan(
             contexts=contexts,
             n_max=FLAGS.n_max,
@@ -122,10 +129,16 @@ def main(argv):
             seed=FLAGS.seed,
         ).check()
         os.makedirs(FLAGS.out, exist_ok=True)
-        result = analysis.evaluate(runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir)
+        result = analysis.evaluate(
+            runs, (numbers[:n], targets[:n]), plan, cache_dir=FLAGS.cache_dir, which=FLAGS.checkpoint
+        )
         if FLAGS.spawn_problems > 0:
             result["spawn_decisions"] = analysis.spawn_decisions_of(
-                runs, data_dir, (numbers[: FLAGS.spawn_problems], targets[: FLAGS.spawn_problems]), budgets
+                runs,
+                data_dir,
+                (numbers[: FLAGS.spawn_problems], targets[: FLAGS.spawn_problems]),
+                budgets,
+                which=FLAGS.checkpoint,
             )
     except Exception as e:
         cli.fail(e)

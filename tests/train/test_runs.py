@@ -295,6 +295,17 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
         assert np.mean(rec["success"]) == pytest.approx(val_rows[step]["val/accuracy"])
         assert np.mean(rec["children"]) == pytest.approx(val_rows[step]["val/children"])
         assert np.mean(rec["total_tokens"]) == pytest.approx(val_rows[step]["val/total_tokens"])
+    # experiments.evaluate's latest checkpoint, on the run's validation problems: the run's own
+    # last validation, problem by problem
+    from experiments import analysis
+
+    numbers, targets = countdown.ProblemSplits.load(os.path.join(data_dir, "problems"))["val"]
+    plan = analysis.Plan(contexts=(128,), n_max=0, budgets=(), num_slots=8)
+    result = analysis.evaluate(
+        {"apr_rl": straight}, (numbers[:4], targets[:4]), plan, which="latest", log=lambda *_: None
+    )
+    (cond,) = [c for c in result["conditions"] if c["analysis"] == "context"]
+    assert {k: cond["records"][k] for k in records[3]} == records[3]
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
     rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
     with open(os.path.join(split, rl.VAL_RECORDS), "a") as f:

@@ -9,6 +9,13 @@ Each side is ``<evaluate --out directory>:<run>`` with optional ``/<mode>`` (a S
 that directory's ``records.json`` at ``--context`` (default: the largest both have). Evaluations
 made separately compare only on the same problems, in the same order: the two files' problem
 lists must match for the first n both evaluated, or the command stops with a one-line error.
+A side may also be ``<train_rl workdir>@<step>``: that GRPO run's greedy validation at RL step
+``step`` (its ``val_records.jsonl``; the problems are the first ``eval_problems`` of its data's
+``eval_split``), so a run's learning curve compares paired with its start or with an
+evaluation of the same validation problems:
+
+    python -m experiments.compare --a=/tmp/rl_apr@30 --b=/tmp/rl_apr@0
+
 Prints each condition's accuracy with its 95% Wilson interval and the paired-bootstrap interval
 of A - B over problems for success, children and total tokens; ``--json`` writes them.
 ``experiments.evaluate`` already states the comparisons inside one evaluation; this is for two
@@ -25,7 +32,9 @@ from experiments import cli
 from jaxapr.traces import spawn_join
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("a", None, "Condition A: <evaluate out dir>:<run>[/<mode>][#<budget>].")
+flags.DEFINE_string(
+    "a", None, "Condition A: <evaluate out dir>:<run>[/<mode>][#<budget>] or <train_rl workdir>@<step>."
+)
 flags.DEFINE_string("b", None, "Condition B, the same form.")
 flags.DEFINE_integer("context", 0, "Per-call window of both conditions (0: the largest both have).")
 flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
@@ -33,7 +42,7 @@ flags.DEFINE_string("json", None, "Also write the comparison to this JSON file."
 FIELDS = ("success", "children", "total_tokens")
 
 
-SPEC = "<evaluate out dir>:<run>[/<mode>][#<budget>]"
+SPEC = "<evaluate out dir>:<run>[/<mode>][#<budget>] or <train_rl workdir>@<step>"
 
 
 def parse(spec: str) -> tuple[str, str, str, str]:
@@ -61,6 +70,37 @@ def load(directory: str) -> dict:
         return json.load(f)
 
 
+def run_step(spec: str) -> tuple[dict, dict] | None:
+    """``<train_rl workdir>@<step>`` -> (records in ``load``'s form, the condition): the run's
+    validation records at that RL step; None for a spec of the other form."""
+    directory, at, step = spec.rpartition("@")
+    if not at or not step.isdigit() or not os.path.isfile(os.path.join(directory, "config.json")):
+        return None
+    from envs import countdown
+    from jaxapr.train import rl
+
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    records = rl.read_val_records(directory)
+    if int(step) not in records:
+        raise ValueError(
+            f"condition {spec!r}: the run has no validation records at RL step {step}: it has {sorted(records)}"
+        )
+    rec = records[int(step)]
+    numbers, targets = countdown.ProblemSplits.load(os.path.join(config["data_dir"], "problems"))[config["eval_split"]]
+    n = len(rec["success"])
+    condition = {
+        "run": os.path.basename(os.path.normpath(directory)) + f"@{step}",
+        "mode": config["kind"],
+        "prefix": "",
+        "context": int(config["max_context"]),
+        "problems": n,
+        "records": rec,
+    }
+    problems = {"numbers": numbers[:n].tolist(), "targets": targets[:n].tolist()}
+    return {"problems": problems, "conditions": [condition]}, condition
+
+
 def _name(c: dict) -> str:
     budget = spawn_join.prompt_budget(c["prefix"])
     return f"{c['run']}/{c['mode']}" + ("" if budget is None else f"#{budget}")
@@ -71,6 +111,11 @@ def compare(spec_a: str, spec_b: str, context: int = 0) -> dict:
 
     sides = []  # (spec, records, the condition's entries by context)
     for spec in (spec_a, spec_b):
+        at_step = run_step(spec)
+        if at_step is not None:
+            records, condition = at_step
+            sides.append((spec, records, {condition["context"]: condition}))
+            continue
         directory, run, mode, prefix = parse(spec)
         records = load(directory)
         by_context = {}  # where two analyses hold the condition: the one over more problems

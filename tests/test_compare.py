@@ -111,5 +111,43 @@ def test_command_line(two, tmp_path):
     assert json.load(open(out))["n"] == 30
     proc = subprocess.run(cmd[:3] + [f"--a={a}:apr"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "compare: error: --a and --b are required: expected <evaluate out dir>:<run>[/<mode>][#<budget>]"
+        f"compare: error: --a and --b are required: expected {compare.SPEC}"
     )
+
+
+def test_a_grpo_runs_validation_at_a_step(tmp_path):
+    """``<train_rl workdir>@<step>``: the run's validation records at that step, on the first
+    problems of its data's validation split, paired with another step or an evaluate output."""
+    from envs import countdown
+
+    splits = countdown.make_splits(0, {"train": 5, "val": 12}, num_numbers=3, min_target=1, max_target=30)
+    splits.save(str(tmp_path / "data" / "problems"))
+    run = tmp_path / "rl"
+    run.mkdir()
+    config = {"data_dir": str(tmp_path / "data"), "eval_split": "val", "kind": "apr", "max_context": 256}
+    (run / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    steps = {s: (rng.random(10) < 0.5).astype(int).tolist() for s in (0, 5)}
+    with open(run / "val_records.jsonl", "w") as f:
+        for s, success in steps.items():
+            row = {"success": success, "children": [s] * 10, "total_tokens": [7] * 10, "sequential_tokens": [3] * 10}
+            f.write(json.dumps({"rl_step": s, **row}) + "\n")
+    r = compare.compare(f"{run}@5", f"{run}@0")
+    assert r["n"] == 10 and r["context"] == 256
+    assert r["paired"]["success"] == stats.paired_bootstrap(np.array(steps[5], float), np.array(steps[0], float))
+    assert r["paired"]["children"]["diff"] == 5.0
+    numbers, targets = splits["val"]
+    ev = _write(
+        tmp_path / "ev",
+        [_condition("apr", "apr", "", 256, [float(x) for x in steps[0]], [0] * 10)],
+        numbers[:10].tolist(),
+        targets[:10].tolist(),
+    )
+    assert compare.compare(f"{run}@0", f"{ev}:apr")["paired"]["success"]["diff"] == 0.0
+    with pytest.raises(ValueError, match=r"no validation records at RL step 3: it has \[0, 5\]"):
+        compare.compare(f"{run}@3", f"{run}@0")
+    other = _write(
+        tmp_path / "other", [_condition("apr", "apr", "", 256, [0.0] * 10, [0] * 10)], [[1, 2, 3]] * 10, [6] * 10
+    )
+    with pytest.raises(ValueError, match="evaluated on different problems"):
+        compare.compare(f"{run}@0", f"{other}:apr")

@@ -131,7 +131,7 @@ def test_a_grpo_runs_validation_at_a_step(tmp_path):
     with open(run / "val_records.jsonl", "w") as f:
         for s, success in steps.items():
             row = {"success": success, "children": [s] * 10, "total_tokens": [7] * 10, "sequential_tokens": [3] * 10}
-            f.write(json.dumps({"rl_step": s, **row}) + "\n")
+            f.write(json.dumps({"step": s, **row}) + "\n")
     r = compare.compare(f"{run}@5", f"{run}@0")
     assert r["n"] == 10 and r["context"] == 256
     assert r["paired"]["success"] == stats.paired_bootstrap(np.array(steps[5], float), np.array(steps[0], float))

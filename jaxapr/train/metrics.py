@@ -75,8 +75,10 @@ def _decode(row: dict) -> dict:
     return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
 
 
-def _read_lines(path: str) -> tuple[list[dict], bool]:
-    """The rows of a JSONL file and whether its last line was a torn (partial) write."""
+def read_jsonl(path: str) -> tuple[list[dict], bool]:
+    """The rows of a JSONL file of ``{"step": int, ...}`` objects and whether its last line was a
+    torn (partial) write (skipped); any other line that is not such an object is a one-line
+    ValueError."""
     rows: list[dict] = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -109,7 +111,7 @@ def read_metrics(workdir: str | os.PathLike, prefix: str | None = None) -> list[
     path = os.path.join(os.fspath(workdir), JSONL)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {JSONL} in '{workdir}': expected a workdir written by MetricWriter")
-    rows = [_decode(r) for r in _read_lines(path)[0]]
+    rows = [_decode(r) for r in read_jsonl(path)[0]]
     if prefix is not None:
         rows = [r for r in rows if any(k.startswith(prefix) for k in r if k != "step")]
     return rows
@@ -210,7 +212,7 @@ class MetricWriter:
             )
 
     def _truncate_after(self, step: int) -> None:
-        rows, torn = _read_lines(self.path)
+        rows, torn = read_jsonl(self.path)
         kept = [r for r in rows if r["step"] <= step]
         if len(kept) == len(rows) and not torn:
             return

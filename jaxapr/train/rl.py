@@ -49,20 +49,15 @@ _RECORD_FIELDS = ("success", "children", "total_tokens", "sequential_tokens")
 def read_val_records(workdir: str) -> dict[int, dict]:
     """{RL step: that step's validation records ({field: per-problem list} for
     ``success``, ``children``, ``total_tokens``, ``sequential_tokens``)} from
-    ``<workdir>/val_records.jsonl``; a step written twice (a resumed run evaluates it again)
-    keeps its last row; {} when the run wrote none."""
+    ``<workdir>/val_records.jsonl`` (``metrics.read_jsonl``: a torn last line is skipped); a
+    step written twice (a resumed run evaluates it again) keeps its last row; {} when the run
+    wrote none."""
+    from jaxapr.train.metrics import read_jsonl
+
     path = os.path.join(workdir, VAL_RECORDS)
-    out: dict[int, dict] = {}
     if not os.path.isfile(path):
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a torn last line (a crash mid-write)
-                continue
-            out[int(row["rl_step"])] = {k: row[k] for k in _RECORD_FIELDS}
-    return out
+        return {}
+    return {row["step"]: {k: row[k] for k in _RECORD_FIELDS} for row in read_jsonl(path)[0]}
 
 
 def grpo_config(config) -> grpo.GRPOConfig:
@@ -286,7 +281,7 @@ class GRPOTask(loop.Task):
         )
         if self.workdir and distributed.is_main():
             with open(os.path.join(self.workdir, VAL_RECORDS), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"rl_step": step, **{k: records[k] for k in _RECORD_FIELDS}}) + "\n")
+                f.write(json.dumps({"step": step, **{k: records[k] for k in _RECORD_FIELDS}}) + "\n")
         return {f"val/{k}": v for k, v in r.items()}
 
 

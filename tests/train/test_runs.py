@@ -309,7 +309,7 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
     rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
     with open(os.path.join(split, rl.VAL_RECORDS), "a") as f:
-        f.write('{"rl_step": 3, "succ')  # a torn last line (a crash mid-write) is skipped
+        f.write('{"step": 3, "succ')  # a torn last line (a crash mid-write) is skipped
     assert rl.read_val_records(split) == records
     assert rl.read_val_records(str(tmp_path)) == {}
     a = policy_io.load_params(straight, which="latest")[1]

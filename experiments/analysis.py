@@ -572,13 +572,19 @@ def tables(result: dict) -> str:
     if joins:
         lines.append(
             "\nAPR joins (shares of problems: a root child solved its sub-problem / the rollout still failed"
-            " / a call after a join ran out of room; children: all / distinct / solved)"
+            " / a call after a join ran out of room; children: all / distinct / solved; the root's last"
+            " call after a join: mean prompt / output tokens)"
         )
         for r in joins:
             lines.append(
                 f"  {NAMES.get(r['run'], r['run']):12s} ctx {r['context']:5d} child ok {r['child_solved']:.3f} "
                 f"lost {r['lost_at_join']:.3f} overflow {r['join_overflow']:.3f} children {r['children']:.2f} "
                 f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}"
+                + (
+                    f" join prompt {r['join_prompt_tokens']:.0f} output {r['join_output_tokens']:.0f}"
+                    if "join_prompt_tokens" in r  # absent from evaluate.json files of earlier versions
+                    else ""
+                )
             )
     return "\n".join(lines)
 

@@ -601,7 +601,15 @@ def _result(sched: _Scheduler, root: Thread, nums, target, wall) -> RolloutResul
 
 
 _CHILD_STATE_RE = re.compile(r"Current State: ([0-9]+):\[([0-9, ]*)\]")
-JOIN_FIELDS = ("distinct_children", "solved_children", "child_solved", "join_overflow", "lost_at_join")
+JOIN_FIELDS = (
+    "distinct_children",
+    "solved_children",
+    "child_solved",
+    "join_overflow",
+    "lost_at_join",
+    "join_prompt_tokens",
+    "join_output_tokens",
+)
 
 
 def join_diagnostics(result: RolloutResult) -> dict:
@@ -616,7 +624,12 @@ def join_diagnostics(result: RolloutResult) -> dict:
     - ``join_overflow``: 1 if a root call after a join ended without EOS: the per-call
       context (its prompt is the join context, which grows with every child's result) or the
       token budget ran out, or it never ran;
-    - ``lost_at_join``: 1 if a child solved its sub-problem and the rollout still failed.
+    - ``lost_at_join``: 1 if a child solved its sub-problem and the rollout still failed;
+    - ``join_prompt_tokens`` / ``join_output_tokens``: the root's last call after a join (0 if
+      it never joined or that call never ran): its prompt's tokens (BOS, the parent's text and
+      the joined results) and the tokens it generated. They tell an overflow apart: a join
+      context near the window is cut by its size, a short one followed by a long output is
+      a parent that searched on instead of restating a child's path.
     """
     tree, calls = result.tree, list(result.calls)
     subs = tree.get("sub_calls", [])
@@ -630,9 +643,14 @@ def join_diagnostics(result: RolloutResult) -> dict:
             state = [int(x) for x in m.group(2).split(", ")]
             solved += traces.verify(final, state, int(m.group(1))).success
     overflow, at = 0, 0  # root call k sits at ``at`` in ``calls`` (parents before their children)
+    join_prompt = join_output = 0
     for k in range(len(tree["main_calls"])):
         if k and (at >= len(calls) or calls[at].stopped != "eos"):
             overflow = 1
+        if k:
+            ran = at < len(calls) and calls[at].stopped != ""
+            join_prompt = len(calls[at].prompt_tokens) if ran else 0
+            join_output = len(calls[at].output_tokens) if ran else 0
         at += 1 + (sum(_num_calls(c) for c in subs[k]) if k < len(subs) else 0)
     return {
         "distinct_children": len(distinct),
@@ -640,6 +658,8 @@ def join_diagnostics(result: RolloutResult) -> dict:
         "child_solved": int(solved > 0),
         "join_overflow": overflow,
         "lost_at_join": int(solved > 0 and not result.success),
+        "join_prompt_tokens": join_prompt,
+        "join_output_tokens": join_output,
     }
 
 

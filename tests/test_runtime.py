@@ -485,7 +485,9 @@ def test_keep_slot_greedy_equals_reprefill_on_a_real_engine():
 def test_join_diagnostics_by_hand():
     """Duplicate children, solved children, a join cut by the context, a lost join: by hand."""
     from jaxapr import evaluation
+    from jaxapr.tokenizer import CountdownTokenizer
 
+    tok = CountdownTokenizer()
     nums, target = [1, 4, 5], 20
     root = (
         "Exploring Operation: 5*4=20, Resulting Numbers: [1, 20]\nGenerated Node #0,0: 20:[1, 20] Operation: 5*4=20\n"
@@ -525,7 +527,10 @@ def test_join_diagnostics_by_hand():
         "child_solved": 1,
         "join_overflow": 0,
         "lost_at_join": 0,
+        "join_prompt_tokens": len(won.calls[4].prompt_tokens),
+        "join_output_tokens": len(tok.encode(final)) + 1,  # the restated path and EOS
     }
+    assert won.calls[4].prompt.endswith("<End Sub Searches>\n") and len(won.calls[4].prompt_tokens) > len(tok.encode(root))
     (lost,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers("No solution found.\n"), 2, BIG))
     assert not lost.success
     assert runtime.join_diagnostics(lost) == {
@@ -534,6 +539,8 @@ def test_join_diagnostics_by_hand():
         "child_solved": 1,
         "join_overflow": 0,
         "lost_at_join": 1,
+        "join_prompt_tokens": len(won.calls[4].prompt_tokens),  # the same join context
+        "join_output_tokens": len(tok.encode("No solution found.\n")) + 1,
     }
     # The join context leaves 3 tokens of the window: the root's last call is cut (the children fit).
     window = len(won.calls[4].prompt_tokens) + 3
@@ -546,6 +553,8 @@ def test_join_diagnostics_by_hand():
         "child_solved": 1,
         "join_overflow": 1,
         "lost_at_join": 1,
+        "join_prompt_tokens": window - 3,
+        "join_output_tokens": 3,  # the window's rest
     }
     # Serial traces and roots that never spawn: all zero.
     (serial,) = runtime.rollout(None, probs, "sosp", engine=ScriptedEngine(lambda p: path + path, 1, BIG))

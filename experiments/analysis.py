@@ -710,7 +710,12 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
             ax.legend(fontsize=8)
         save(fig, "children_vs_difficulty.png")
     if rl_metrics:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        # the children panel only when an APR run is plotted (serial runs spawn none)
+        with_children = any(run.startswith("apr") for run in rl_metrics)
+        fig, axes = plt.subplots(
+            1, 2 if with_children else 1, figsize=(9 if with_children else 4.5, 3.5), squeeze=False
+        )
+        ax1, ax2 = axes[0, 0], (axes[0, 1] if with_children else None)
         for run, rows in rl_metrics.items():
             steps = [r["step"] for r in rows if "rl/success" in r]
             if not steps:
@@ -741,9 +746,10 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
                         [r["step"] for r in val], [r["val/children"] for r in val], "s--", label=f"{NAMES[run]} (val)"
                     )
         ax1.set(xlabel="GRPO step", ylabel="success", ylim=(0, 1), title="GRPO: success")
-        ax2.set(xlabel="GRPO step", ylabel="children per problem", title="GRPO: children")
         ax1.legend(fontsize=7)
-        ax2.legend(fontsize=7)
+        if ax2 is not None:
+            ax2.set(xlabel="GRPO step", ylabel="children per problem", title="GRPO: children")
+            ax2.legend(fontsize=7)
         save(fig, "rl_curves.png")
     return files
 

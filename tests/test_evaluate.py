@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -324,3 +325,8 @@ def test_rl_curves_come_from_grpo_work_directories(tmp_path):
     out.mkdir()
     files = analysis.plot({"conditions": []}, str(out), rl_metrics=metrics)
     assert [os.path.basename(f) for f in files] == ["rl_curves.png"] and os.path.getsize(files[0]) > 0
+    # A serial run alone: its success panel only (no empty children panel, no legend warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (serial,) = analysis.plot({"conditions": []}, str(tmp_path), rl_metrics={"sosp_rl": metrics["apr_rl"]})
+    assert os.path.getsize(serial) > 0

@@ -530,7 +530,8 @@ def test_join_diagnostics_by_hand():
         "join_prompt_tokens": len(won.calls[4].prompt_tokens),
         "join_output_tokens": len(tok.encode(final)) + 1,  # the restated path and EOS
     }
-    assert won.calls[4].prompt.endswith("<End Sub Searches>\n") and len(won.calls[4].prompt_tokens) > len(tok.encode(root))
+    join_prompt = won.calls[4].prompt_tokens
+    assert won.calls[4].prompt.endswith("<End Sub Searches>\n") and len(join_prompt) > len(tok.encode(root))
     (lost,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(answers("No solution found.\n"), 2, BIG))
     assert not lost.success
     assert runtime.join_diagnostics(lost) == {

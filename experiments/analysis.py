@@ -720,9 +720,10 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
             steps = [r["step"] for r in rows if "rl/success" in r]
             if not steps:
                 continue
-            ax1.plot(
+            (line,) = ax1.plot(
                 steps, _smooth([r["rl/success"] for r in rows if "rl/success" in r]), label=f"{NAMES[run]} (rollouts)"
             )
+            color = line.get_color()  # a run's rollouts and validation in one colour
             val = [r for r in rows if "val/accuracy" in r]
             if val:
                 ax1.errorbar(
@@ -733,17 +734,23 @@ def plot(result: dict, out: str, difficulty=None, rl_metrics: dict | None = None
                     ),
                     fmt="s--",
                     capsize=3,
+                    color=color,
                     label=f"{NAMES[run]} (val, greedy, 95% CI)",
                 )
             if run.startswith("apr"):
                 ax2.plot(
                     steps,
                     _smooth([r["rl/children_per_problem"] for r in rows if "rl/success" in r]),
+                    color=color,
                     label=f"{NAMES[run]} (rollouts)",
                 )
                 if val and "val/children" in val[0]:
                     ax2.plot(
-                        [r["step"] for r in val], [r["val/children"] for r in val], "s--", label=f"{NAMES[run]} (val)"
+                        [r["step"] for r in val],
+                        [r["val/children"] for r in val],
+                        "s--",
+                        color=color,
+                        label=f"{NAMES[run]} (val)",
                     )
         ax1.set(xlabel="GRPO step", ylabel="success", ylim=(0, 1), title="GRPO: success")
         ax1.legend(fontsize=7)

@@ -529,6 +529,77 @@ def format_spawn_decisions(result: dict) -> str:
     return "\n".join(lines)
 
 
+JOIN_LOSSES = ("solved", "lost_context_full", "lost_writing_on", "lost_stopped", "no_child_solved")
+
+
+def join_losses(records: dict, context: int, full: float = 0.75) -> dict:
+    """Where an APR condition's problems end, from its per-problem records (with
+    ``runtime.join_diagnostics``' fields) at per-call window ``context``: counts that partition
+    the problems into ``solved``; lost at the join (a root child solved its sub-problem, the
+    rollout failed) because the joined context took ``>= full * context`` tokens or could not
+    run (``lost_context_full``), because the parent wrote on to the window's end from a shorter
+    one (``lost_writing_on``), or because it stopped with a wrong or no path
+    (``lost_stopped``); and failed without any child solving (``no_child_solved``). Also:
+    ``overflow`` (problems whose call after a join ran out of room) and how many of them had no
+    solved child (``overflow_no_child_solved``), the joined context's median and 90th
+    percentile over the problems that joined, and the mean tokens the root's last call after
+    the join generated in solved problems and in ``lost_writing_on`` ones."""
+    fields = ("success", "child_solved", "lost_at_join", "join_overflow", "join_prompt_tokens", "join_output_tokens")
+    r = {k: np.asarray(records[k]) for k in fields}
+    lost = r["lost_at_join"] == 1
+    overflow = r["join_overflow"] == 1
+    filled = (r["join_prompt_tokens"] >= full * context) | (r["join_prompt_tokens"] == 0)
+    out = {
+        "solved": r["success"] == 1,
+        "lost_context_full": lost & overflow & filled,
+        "lost_writing_on": lost & overflow & ~filled,
+        "lost_stopped": lost & ~overflow,
+        "no_child_solved": ~lost & (r["success"] == 0),
+    }
+    joined = r["join_prompt_tokens"][r["join_prompt_tokens"] > 0]
+
+    def mean_output(mask):
+        return float(r["join_output_tokens"][mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "problems": len(r["success"]),
+        **{k: int(v.sum()) for k, v in out.items()},
+        "overflow": int(overflow.sum()),
+        "overflow_no_child_solved": int((overflow & (r["child_solved"] == 0)).sum()),
+        "join_prompt_median": float(np.median(joined)) if len(joined) else float("nan"),
+        "join_prompt_p90": float(np.percentile(joined, 90)) if len(joined) else float("nan"),
+        "output_solved": mean_output(out["solved"]),
+        "output_writing_on": mean_output(out["lost_writing_on"]),
+    }
+
+
+def format_join_losses(conditions) -> str:
+    """``join_losses`` of every greedy APR condition (with records) as lines of a table; works
+    on ``records.json``'s conditions as on an evaluation's."""
+    rows = [
+        c
+        for c in conditions
+        if c["analysis"] == "context" and "join_prompt_tokens" in c.get("records", {})  # APR rows (not SoS+)
+    ]
+    if not rows:
+        return ""
+    lines = [
+        "Where APR problems end (counts: solved / lost at the join: joined context >= 3/4 of the window or"
+        " not run, parent wrote on to the window's end, parent stopped / no child solved)"
+    ]
+    for c in rows:
+        n = join_losses(c["records"], c["context"])
+        lines.append(
+            f"  {NAMES.get(c['run'], c['run']):12s} ctx {c['context']:5d} of {n['problems']}: solved {n['solved']}"
+            f" / lost {n['lost_context_full']} context, {n['lost_writing_on']} wrote on, {n['lost_stopped']} stopped"
+            f" / no child solved {n['no_child_solved']}\n  {'':12s} joined context median {n['join_prompt_median']:.0f}"
+            f" p90 {n['join_prompt_p90']:.0f} tokens; after the join the root wrote {n['output_solved']:.0f} tokens"
+            f" in solved problems, {n['output_writing_on']:.0f} in those it wrote on; overflow {n['overflow']}"
+            f" ({n['overflow_no_child_solved']} without a solved child)"
+        )
+    return "\n".join(lines)
+
+
 def tables(result: dict) -> str:
     from jaxapr import stats
 
@@ -586,6 +657,9 @@ def tables(result: dict) -> str:
                     else ""
                 )
             )
+        losses = format_join_losses(conds)
+        if losses:
+            lines.append("\n" + losses)
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
 from jaxapr.trace_view import render_text, write_html
 
 FLAGS = flags.FLAGS
@@ -87,6 +88,7 @@ def main(argv):
     for name in ("policy", "numbers", "target"):
         if getattr(FLAGS, name) is None:
             raise app.UsageError(f"--{name} is required")
+    cli.quiet_logs()  # a training workdir's checkpoint restore logs several INFO lines
     try:
         show(
             FLAGS.policy,

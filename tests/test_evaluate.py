@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 from envs import countdown
@@ -330,3 +331,39 @@ def test_rl_curves_come_from_grpo_work_directories(tmp_path):
         warnings.simplefilter("error")
         (serial,) = analysis.plot({"conditions": []}, str(tmp_path), rl_metrics={"sosp_rl": metrics["apr_rl"]})
     assert os.path.getsize(serial) > 0
+
+
+def test_join_losses_partition_the_problems_by_hand():
+    """Each problem lands in exactly one class; the context threshold and the never-run join."""
+    from experiments import analysis
+
+    records = {  # problems: solved, filled (800 >= 768), not run, wrote on, stopped, no child, no child
+        "success": [1, 0, 0, 0, 0, 0, 0],
+        "child_solved": [1, 1, 1, 1, 1, 0, 0],
+        "lost_at_join": [0, 1, 1, 1, 1, 0, 0],
+        "join_overflow": [0, 1, 1, 1, 0, 1, 0],
+        "join_prompt_tokens": [500, 800, 0, 767, 300, 900, 300],
+        "join_output_tokens": [170, 224, 0, 257, 40, 124, 30],
+    }
+    got = analysis.join_losses(records, context=1024)
+    assert got == {
+        "problems": 7,
+        "solved": 1,
+        "lost_context_full": 2,
+        "lost_writing_on": 1,
+        "lost_stopped": 1,
+        "no_child_solved": 2,
+        "overflow": 4,
+        "overflow_no_child_solved": 1,
+        "join_prompt_median": 633.5,  # of the six that joined: (500 + 767) / 2
+        "join_prompt_p90": float(np.percentile([500, 800, 767, 300, 900, 300], 90)),
+        "output_solved": 170.0,
+        "output_writing_on": 257.0,
+    }
+    assert sum(got[k] for k in analysis.JOIN_LOSSES) == got["problems"]
+    assert analysis.join_losses(records, context=1024, full=0.5)["lost_context_full"] == 3  # 767 >= 512
+    serial = {"run": "sosp", "analysis": "context", "context": 1024, "records": {"success": [1]}}
+    apr = {"run": "apr", "analysis": "context", "context": 1024, "records": records}
+    text = analysis.format_join_losses([serial, apr])
+    assert "SoS+" not in text and "of 7: solved 1 / lost 2 context, 1 wrote on, 1 stopped / no child solved 2" in text
+    assert analysis.format_join_losses([serial]) == ""

@@ -573,9 +573,9 @@ def join_losses(records: dict, context: int, full: float = 0.75) -> dict:
     }
 
 
-def format_join_losses(conditions) -> str:
-    """``join_losses`` of every greedy APR condition (with records) as lines of a table; works
-    on ``records.json``'s conditions as on an evaluation's."""
+def format_join_losses(conditions, full: float = 0.75) -> str:
+    """``join_losses`` (``full`` as there) of every greedy APR condition (with records) as lines
+    of a table; works on ``records.json``'s conditions as on an evaluation's."""
     rows = [
         c
         for c in conditions
@@ -584,11 +584,11 @@ def format_join_losses(conditions) -> str:
     if not rows:
         return ""
     lines = [
-        "Where APR problems end (counts: solved / lost at the join: joined context >= 3/4 of the window or"
+        f"Where APR problems end (counts: solved / lost at the join: joined context >= {full:g} of the window or"
         " not run, parent wrote on to the window's end, parent stopped / no child solved)"
     ]
     for c in rows:
-        n = join_losses(c["records"], c["context"])
+        n = join_losses(c["records"], c["context"], full)
         lines.append(
             f"  {NAMES.get(c['run'], c['run']):12s} ctx {c['context']:5d} of {n['problems']}: solved {n['solved']}"
             f" / lost {n['lost_context_full']} context, {n['lost_writing_on']} wrote on, {n['lost_stopped']} stopped"
@@ -653,7 +653,7 @@ def tables(result: dict) -> str:
                 f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}"
                 + (
                     f" join prompt {r['join_prompt_tokens']:.0f} output {r['join_output_tokens']:.0f}"
-                    if "join_prompt_tokens" in r  # absent from evaluate.json files of earlier versions
+                    if "join_prompt_tokens" in r  # optional: a stored condition or evaluate.json may lack them
                     else ""
                 )
             )

@@ -645,12 +645,12 @@ def join_diagnostics(result: RolloutResult) -> dict:
     overflow, at = 0, 0  # root call k sits at ``at`` in ``calls`` (parents before their children)
     join_prompt = join_output = 0
     for k in range(len(tree["main_calls"])):
-        if k and (at >= len(calls) or calls[at].stopped != "eos"):
-            overflow = 1
-        if k:
-            ran = at < len(calls) and calls[at].stopped != ""
-            join_prompt = len(calls[at].prompt_tokens) if ran else 0
-            join_output = len(calls[at].output_tokens) if ran else 0
+        if k:  # a call after a join
+            call = calls[at] if at < len(calls) else None
+            if call is None or call.stopped != "eos":
+                overflow = 1
+            ran = call is not None and call.stopped != ""
+            join_prompt, join_output = (len(call.prompt_tokens), len(call.output_tokens)) if ran else (0, 0)
         at += 1 + (sum(_num_calls(c) for c in subs[k]) if k < len(subs) else 0)
     return {
         "distinct_children": len(distinct),

@@ -41,6 +41,7 @@ from flax import nnx
 
 from jaxapr import distributed, evaluation
 from jaxapr.train import grpo, loop, run_config
+from jaxapr.train.metrics import read_jsonl
 
 VAL_RECORDS = "val_records.jsonl"
 _RECORD_FIELDS = ("success", "children", "total_tokens", "sequential_tokens")
@@ -52,8 +53,6 @@ def read_val_records(workdir: str) -> dict[int, dict]:
     ``<workdir>/val_records.jsonl`` (``metrics.read_jsonl``: a torn last line is skipped); a
     step written twice (a resumed run evaluates it again) keeps its last row; {} when the run
     wrote none."""
-    from jaxapr.train.metrics import read_jsonl
-
     path = os.path.join(workdir, VAL_RECORDS)
     if not os.path.isfile(path):
         return {}

@@ -119,8 +119,9 @@ def has_budgets(run: str) -> bool:
 class _Cache:
     """Finished conditions on disk (one JSON file each), so an interrupted evaluation resumes."""
 
-    def __init__(self, directory: str | None, fingerprints: dict, problems_key: str):
+    def __init__(self, directory: str | None, fingerprints: dict, problems_key: str, fields=()):
         self.dir, self.fp, self.problems_key = directory, fingerprints, problems_key
+        self.fields = sorted(fields)  # the per-problem record fields a stored condition holds
         if directory:
             os.makedirs(directory, exist_ok=True)
 
@@ -128,8 +129,10 @@ class _Cache:
         if not self.dir or self.fp.get(run) is None:
             return None
         # the condition nested under its own name: none of its fields can stand in for the
-        # policy's or the problem set's (a condition's "problems" is a count, not the set)
-        key = json.dumps({"policy": self.fp[run], "problem_set": self.problems_key, "condition": spec}, sort_keys=True)
+        # policy's or the problem set's (a condition's "problems" is a count, not the set); the
+        # record fields too, so a condition stored before a field was added is computed again
+        key = {"policy": self.fp[run], "problem_set": self.problems_key, "condition": spec, "fields": self.fields}
+        key = json.dumps(key, sort_keys=True)
         return os.path.join(self.dir, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
     def get(self, run: str, spec: dict):
@@ -153,13 +156,14 @@ def evaluate(runs: dict, problems, plan: Plan, *, cache_dir: str | None = None, 
     ``records``. ``which``: the checkpoint of a training work directory ("best" or "latest")."""
     import jax
 
-    from jaxapr import evaluation, policy_io
+    from jaxapr import evaluation, policy_io, runtime
     from jaxapr.traces import spawn_join
 
     plan = plan.check()
     numbers, targets = np.asarray(problems[0]), np.asarray(problems[1])
     problems_key = hashlib.sha256(numbers.tobytes() + targets.tobytes()).hexdigest()[:16]
-    cache = _Cache(cache_dir, {name: _fingerprint(path) for name, path in runs.items()}, problems_key)
+    fields = (*evaluation.RECORD_FIELDS, *runtime.JOIN_FIELDS)
+    cache = _Cache(cache_dir, {name: _fingerprint(path) for name, path in runs.items()}, problems_key, fields)
     policies = {}
 
     def policy(run):

@@ -367,3 +367,26 @@ def test_join_losses_partition_the_problems_by_hand():
     text = analysis.format_join_losses([serial, apr])
     assert "SoS+" not in text and "of 7: solved 1 / lost 2 context, 1 wrote on, 1 stopped / no child solved 2" in text
     assert analysis.format_join_losses([serial]) == ""
+
+
+def test_cache_keys_by_policy_problems_condition_and_record_fields(tmp_path):
+    """A stored condition is read back only for the same policy, problem set, condition and
+    record fields: one stored before a field was added is computed again, not served short."""
+    from experiments.analysis import _Cache
+
+    spec = {"analysis": "context", "context": 1024, "problems": 4}
+    store = _Cache(str(tmp_path), {"apr": "sha-a"}, "problems-1", ("success", "children"))
+    store.put("apr", spec, {"records": {"success": [1, 0, 0, 1], "children": [2, 3, 4, 5]}})
+    again = _Cache(str(tmp_path), {"apr": "sha-a"}, "problems-1", ("children", "success"))
+    assert again.get("apr", spec) == {"records": {"success": [1, 0, 0, 1], "children": [2, 3, 4, 5]}}
+    for other in (
+        _Cache(str(tmp_path), {"apr": "sha-a"}, "problems-1", ("success", "children", "join_prompt_tokens")),
+        _Cache(str(tmp_path), {"apr": "sha-b"}, "problems-1", ("success", "children")),
+        _Cache(str(tmp_path), {"apr": "sha-a"}, "problems-2", ("success", "children")),
+    ):
+        assert other.get("apr", spec) is None
+    assert again.get("apr", {**spec, "context": 4096}) is None
+    # a training work directory (no fingerprint) is never stored
+    unstored = _Cache(str(tmp_path), {"apr": None}, "problems-1", ("success",))
+    unstored.put("apr", spec, {"records": {}})
+    assert unstored.get("apr", spec) is None and len(os.listdir(tmp_path)) == 1

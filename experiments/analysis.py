@@ -547,7 +547,9 @@ def join_losses(records: dict, context: int, full: float = 0.75) -> dict:
     ``overflow`` (problems whose call after a join ran out of room) and how many of them had no
     solved child (``overflow_no_child_solved``), the joined context's median and 90th
     percentile over the problems that joined, and the mean tokens the root's last call after
-    the join generated in solved problems and in ``lost_writing_on`` ones."""
+    the join generated in solved problems and in ``lost_writing_on`` ones. Where the records
+    have ``root_spawns``: ``spawned_again`` (roots that spawned another round after a join)
+    and how many of those problems were solved (``spawned_again_solved``)."""
     fields = ("success", "child_solved", "lost_at_join", "join_overflow", "join_prompt_tokens", "join_output_tokens")
     r = {k: np.asarray(records[k]) for k in fields}
     lost = r["lost_at_join"] == 1
@@ -565,7 +567,7 @@ def join_losses(records: dict, context: int, full: float = 0.75) -> dict:
     def mean_output(mask):
         return float(r["join_output_tokens"][mask].mean()) if mask.any() else float("nan")
 
-    return {
+    result = {
         "problems": len(r["success"]),
         **{k: int(v.sum()) for k, v in out.items()},
         "overflow": int(overflow.sum()),
@@ -575,6 +577,11 @@ def join_losses(records: dict, context: int, full: float = 0.75) -> dict:
         "output_solved": mean_output(out["solved"]),
         "output_writing_on": mean_output(out["lost_writing_on"]),
     }
+    if "root_spawns" in records:
+        again = np.asarray(records["root_spawns"]) > 1
+        result["spawned_again"] = int(again.sum())
+        result["spawned_again_solved"] = int((again & out["solved"]).sum())
+    return result
 
 
 def format_join_losses(conditions, full: float = 0.75) -> str:
@@ -600,6 +607,11 @@ def format_join_losses(conditions, full: float = 0.75) -> str:
             f" p90 {n['join_prompt_p90']:.0f} tokens; after the join the root wrote {n['output_solved']:.0f} tokens"
             f" in solved problems, {n['output_writing_on']:.0f} in those it wrote on; overflow {n['overflow']}"
             f" ({n['overflow_no_child_solved']} without a solved child)"
+            + (
+                f"; spawned again after a join {n['spawned_again']} ({n['spawned_again_solved']} solved)"
+                if "spawned_again" in n
+                else ""
+            )
         )
     return "\n".join(lines)
 

@@ -609,6 +609,7 @@ JOIN_FIELDS = (
     "lost_at_join",
     "join_prompt_tokens",
     "join_output_tokens",
+    "root_spawns",
 )
 
 
@@ -629,7 +630,9 @@ def join_diagnostics(result: RolloutResult) -> dict:
       it never joined or that call never ran): its prompt's tokens (BOS, the parent's text and
       the joined results) and the tokens it generated. They tell an overflow apart: a join
       context near the window is cut by its size, a short one followed by a long output is
-      a parent that searched on instead of restating a child's path.
+      a parent that searched on instead of restating a child's path;
+    - ``root_spawns``: the root's ``spawn()`` calls; more than one is a root that spawned
+      another round of children after a join.
     """
     tree, calls = result.tree, list(result.calls)
     subs = tree.get("sub_calls", [])
@@ -660,6 +663,7 @@ def join_diagnostics(result: RolloutResult) -> dict:
         "lost_at_join": int(solved > 0 and not result.success),
         "join_prompt_tokens": join_prompt,
         "join_output_tokens": join_output,
+        "root_spawns": len(subs),
     }
 
 

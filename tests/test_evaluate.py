@@ -367,6 +367,13 @@ def test_join_losses_partition_the_problems_by_hand():
     text = analysis.format_join_losses([serial, apr])
     assert "SoS+" not in text and "of 7: solved 1 / lost 2 context, 1 wrote on, 1 stopped / no child solved 2" in text
     assert analysis.format_join_losses([serial]) == ""
+    assert "spawned again" not in text  # records made before root_spawns was recorded
+    # roots that spawned another round after a join: the first (solved) and the stopped one
+    again = {**records, "root_spawns": [2, 1, 0, 1, 3, 1, 1]}
+    got = analysis.join_losses(again, context=1024)
+    assert (got["spawned_again"], got["spawned_again_solved"]) == (2, 1)
+    text = analysis.format_join_losses([{**apr, "records": again}])
+    assert text.endswith("; spawned again after a join 2 (1 solved)")
 
 
 def test_cache_keys_by_policy_problems_condition_and_record_fields(tmp_path):

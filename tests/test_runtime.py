@@ -529,6 +529,7 @@ def test_join_diagnostics_by_hand():
         "lost_at_join": 0,
         "join_prompt_tokens": len(won.calls[4].prompt_tokens),
         "join_output_tokens": len(tok.encode(final)) + 1,  # the restated path and EOS
+        "root_spawns": 1,
     }
     join_prompt = won.calls[4].prompt_tokens
     assert won.calls[4].prompt.endswith("<End Sub Searches>\n") and len(join_prompt) > len(tok.encode(root))
@@ -542,6 +543,7 @@ def test_join_diagnostics_by_hand():
         "lost_at_join": 1,
         "join_prompt_tokens": len(won.calls[4].prompt_tokens),  # the same join context
         "join_output_tokens": len(tok.encode("No solution found.\n")) + 1,
+        "root_spawns": 1,
     }
     # The join context leaves 3 tokens of the window: the root's last call is cut (the children fit).
     window = len(won.calls[4].prompt_tokens) + 3
@@ -556,6 +558,33 @@ def test_join_diagnostics_by_hand():
         "lost_at_join": 1,
         "join_prompt_tokens": window - 3,
         "join_output_tokens": 3,  # the window's rest
+        "root_spawns": 1,
+    }
+    # A root that spawns a second round after its first join (one child, on node #0,2 again,
+    # which fails) and then restates the solved path: two spawns, 4 children of 2 distinct
+    # states, the last join's tokens.
+    again = (
+        "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,2\n<End Calling Sub Searches>\n"
+    )
+
+    def twice(p):
+        if p.count("<End Sub Searches>") == 1:
+            return again
+        return answers(final)(p)
+
+    (two_rounds,) = runtime.rollout(None, probs, "apr", engine=ScriptedEngine(twice, 2, BIG))
+    assert two_rounds.success and two_rounds.num_children == 4
+    last_join = [c for c in two_rounds.calls if c.prompt.count("<End Sub Searches>") == 2]
+    assert len(last_join) == 1
+    assert runtime.join_diagnostics(two_rounds) == {
+        "distinct_children": 2,
+        "solved_children": 2,
+        "child_solved": 1,
+        "join_overflow": 0,
+        "lost_at_join": 0,
+        "join_prompt_tokens": len(last_join[0].prompt_tokens),
+        "join_output_tokens": len(tok.encode(final)) + 1,
+        "root_spawns": 2,
     }
     # Serial traces and roots that never spawn: all zero.
     (serial,) = runtime.rollout(None, probs, "sosp", engine=ScriptedEngine(lambda p: path + path, 1, BIG))

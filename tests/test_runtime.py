@@ -563,9 +563,7 @@ def test_join_diagnostics_by_hand():
     # A root that spawns a second round after its first join (one child, on node #0,2 again,
     # which fails) and then restates the solved path: two spawns, 4 children of 2 distinct
     # states, the last join's tokens.
-    again = (
-        "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,2\n<End Calling Sub Searches>\n"
-    )
+    again = "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,2\n<End Calling Sub Searches>\n"
 
     def twice(p):
         if p.count("<End Sub Searches>") == 1:

@@ -669,7 +669,7 @@ def tables(result: dict) -> str:
                 f"distinct {r['distinct_children']:.2f} solved {r['solved_children']:.2f}"
                 + (
                     f" join prompt {r['join_prompt_tokens']:.0f} output {r['join_output_tokens']:.0f}"
-                    if "join_prompt_tokens" in r  # optional: a stored condition or evaluate.json may lack them
+                    if "join_prompt_tokens" in r  # optional: an evaluate.json written without them
                     else ""
                 )
             )

@@ -369,7 +369,7 @@ def test_join_losses_partition_the_problems_by_hand():
     assert analysis.format_join_losses([serial]) == ""
     assert "spawned again" not in text  # records made before root_spawns was recorded
     # roots that spawned another round after a join: the first (solved) and the stopped one
-    again = {**records, "root_spawns": [2, 1, 0, 1, 3, 1, 1]}
+    again = {**records, "root_spawns": [2, 1, 1, 1, 3, 1, 1]}
     got = analysis.join_losses(again, context=1024)
     assert (got["spawned_again"], got["spawned_again_solved"]) == (2, 1)
     text = analysis.format_join_losses([{**apr, "records": again}])

@@ -44,19 +44,19 @@ from jaxapr.train import grpo, loop, run_config
 from jaxapr.train.metrics import read_jsonl
 
 VAL_RECORDS = "val_records.jsonl"
-_RECORD_FIELDS = ("success", "children", "total_tokens", "sequential_tokens")
 
 
 def read_val_records(workdir: str) -> dict[int, dict]:
-    """{RL step: that step's validation records ({field: per-problem list} for
-    ``success``, ``children``, ``total_tokens``, ``sequential_tokens``)} from
+    """{RL step: that step's validation records ({field: per-problem list}: every
+    ``evaluation.problem_records`` field, for APR runs with ``runtime.join_diagnostics``'
+    fields, so a run's join losses need no second evaluation)} from
     ``<workdir>/val_records.jsonl`` (``metrics.read_jsonl``: a torn last line is skipped); a
     step written twice (a resumed run evaluates it again) keeps its last row; {} when the run
     wrote none."""
     path = os.path.join(workdir, VAL_RECORDS)
     if not os.path.isfile(path):
         return {}
-    return {row["step"]: {k: row[k] for k in _RECORD_FIELDS} for row in read_jsonl(path)[0]}
+    return {row["step"]: {k: v for k, v in row.items() if k != "step"} for row in read_jsonl(path)[0]}
 
 
 def grpo_config(config) -> grpo.GRPOConfig:
@@ -280,7 +280,7 @@ class GRPOTask(loop.Task):
         )
         if self.workdir and distributed.is_main():
             with open(os.path.join(self.workdir, VAL_RECORDS), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **{k: records[k] for k in _RECORD_FIELDS}}) + "\n")
+                f.write(json.dumps({"step": step, **records}) + "\n")
         return {f"val/{k}": v for k, v in r.items()}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from envs import countdown
-from jaxapr import data, policy_io
+from jaxapr import data, evaluation, policy_io, runtime
 from jaxapr.train import loop, rl, sft
 
 SMALL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 64, "max_len": 256}
@@ -290,6 +290,8 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     records = rl.read_val_records(straight)
     val_rows = {r["step"]: r for r in rows if "val/accuracy" in r}
     assert sorted(records) == sorted(val_rows) == [1, 2, 3]
+    # an APR run keeps every record field, the join diagnostics included
+    assert set(records[3]) == {*evaluation.RECORD_FIELDS, *runtime.JOIN_FIELDS}
     for step, rec in records.items():
         assert len(rec["success"]) == val_rows[step]["val/problems"] == 4
         assert np.mean(rec["success"]) == pytest.approx(val_rows[step]["val/accuracy"])

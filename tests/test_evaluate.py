@@ -367,7 +367,7 @@ def test_join_losses_partition_the_problems_by_hand():
     text = analysis.format_join_losses([serial, apr])
     assert "SoS+" not in text and "of 7: solved 1 / lost 2 context, 1 wrote on, 1 stopped / no child solved 2" in text
     assert analysis.format_join_losses([serial]) == ""
-    assert "spawned again" not in text  # records made before root_spawns was recorded
+    assert "spawned again" not in text  # records without root_spawns
     # roots that spawned another round after a join: the first (solved) and the stopped one
     again = {**records, "root_spawns": [2, 1, 1, 1, 3, 1, 1]}
     got = analysis.join_losses(again, context=1024)

@@ -12,7 +12,8 @@ tiny SoS+ policy where 1e-4 oscillated (BUILD_NOTES.md). ``grpo.micro_batch_toke
 The CPU presets set ``grpo.skip_zero_advantage``: groups whose rollouts all succeed or all
 fail (a quarter to a half of the mini preset's) get no rows in the update, which leaves the
 batch's policy gradient unchanged (only their ~1e-4 KL term goes); the paper preset trains every
-rollout, as the paper did.
+rollout, as the paper did. ``grpo.call_weighting`` shares each rollout's weight among its calls
+("rollout", the paper's) or weights every call ("call") or token ("token") alike.
 """
 
 from ml_collections import ConfigDict
@@ -57,6 +58,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             micro_batch_tokens=65_536,
             pack_calls=True,
             skip_zero_advantage=preset != "paper",
+            call_weighting="rollout",
         )
     )
     c.optim = ConfigDict(

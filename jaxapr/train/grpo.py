@@ -20,10 +20,22 @@ One GRPO step:
 4. **Batch** (``make_batch``): one row per call c (every decoding of every thread) of every
    rollout: ``tokens = prompt_tokens (BOS + prompt) ++ output_tokens`` (the EOS included when
    the call stopped on it), padded with id 0. Only generated tokens train (``loss_mask``).
-   The call inherits its rollout's advantage ``A_c = A_i``, and its weight is
-   ``w_c = 1 / (K_i * N)`` with ``K_i`` the number of calls of rollout i that generated
-   tokens and N the number of rollouts in the batch (so the weights of a rollout sum to 1/N,
-   and of the batch to 1). ``old_logprobs`` are the log-probs the engine recorded while
+   The call inherits its rollout's advantage ``A_c = A_i``, and its weight ``w_c`` (the
+   weights of the batch sum to 1) is set by ``call_weighting``:
+
+   - ``"rollout"`` (default): ``w_c = 1 / (K_i * N)`` with ``K_i`` the number of calls of
+     rollout i that generated tokens and N the number of rollouts in the batch: every rollout
+     counts 1/N, shared among its calls (the APR paper's code divides each thread's loss by
+     its rollout's thread count);
+   - ``"call"``: ``w_c = 1 / M`` with M the calls that generated tokens in the batch: every
+     call counts the same, so a rollout counts by its number of calls (a failing rollout of
+     many threads pushes each of them, its root's spawn decisions included, as hard as a
+     single-call rollout pushes its one call). With one call per rollout (SoS+) it is
+     ``"rollout"``;
+   - ``"token"``: ``w_c = |T_c| / T`` with T the generated tokens in the batch: every
+     generated token counts the same (the token-level loss of DAPO).
+
+   ``old_logprobs`` are the log-probs the engine recorded while
    sampling: ``log_softmax(logits)[token]`` of the policy at temperature 1 (the engine records
    them before temperature/top-k/top-p, so with GRPO's temperature 1 and no filtering they are
    exactly the sampling distribution's; see ``engine``). Rows are padded to a static bucket
@@ -33,8 +45,8 @@ One GRPO step:
    per-token ``token_advantages`` and ``token_weights = w_c / |T_c|``: the same loss below on
    fewer rows (most APR calls are children far shorter than the context). With
    ``skip_zero_advantage`` the calls of rollouts with A = 0 (groups whose rewards are all
-   equal) get no rows; N still counts them, so the batch's policy-gradient term is the same
-   and only their KL term is left out.
+   equal) get no rows; N, M and T still count them, so the batch's policy-gradient term is
+   the same and only their KL term is left out.
 5. **Update** (``make_grpo_step``): ``inner_epochs`` passes (mu) over ``num_minibatches``
    shuffled minibatches of rows, one optimizer update per minibatch, all in one jitted call.
 
@@ -88,6 +100,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _KL_CLAMP = 20.0
 PAD_ID = 0
+CALL_WEIGHTINGS = ("rollout", "call", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +136,9 @@ class GRPOConfig:
     # update shrinks by the share of such groups (DAPO's dynamic sampling drops them too).
     # The logged kl / clip_fraction are then means over the kept rollouts' tokens only.
     skip_zero_advantage: bool = False
+    # How the batch's weight is shared among calls (the module docstring): "rollout" (each
+    # rollout 1/N), "call" (each call alike) or "token" (each generated token alike).
+    call_weighting: str = "rollout"
 
     def check(self) -> GRPOConfig:
         for name in ("num_problems", "group_size", "inner_epochs", "num_minibatches"):
@@ -151,6 +167,8 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected True or False")
         if self.length_measure not in ("total", "sequential"):
             raise ValueError(f"GRPOConfig.length_measure={self.length_measure!r}: expected 'total' or 'sequential'")
+        if self.call_weighting not in CALL_WEIGHTINGS:
+            raise ValueError(f"GRPOConfig.call_weighting={self.call_weighting!r}: expected one of {CALL_WEIGHTINGS}")
         return self
 
     def replace(self, **kw) -> GRPOConfig:
@@ -256,6 +274,7 @@ def make_batch(
     multiple_of: int = 1,
     pack: bool = False,
     keep=None,
+    weighting: str = "rollout",
 ) -> dict:
     """The training batch of ``results`` (see the module docstring), numpy arrays:
 
@@ -265,8 +284,9 @@ def make_batch(
     - ``loss_mask`` int32[C, L]: 1 on generated tokens (output_tokens, EOS included);
     - ``old_logprobs`` f32[C, L-1]: the engine's log-prob of token t+1 at index t (as
       ``sft.token_logprobs``), 0 elsewhere;
-    - ``advantages`` f32[C]: the call's rollout's; ``weights`` f32[C]: 1 / (calls that
-      generated tokens in its rollout) / (rollouts);
+    - ``advantages`` f32[C]: the call's rollout's; ``weights`` f32[C]: w_c of ``weighting``
+      (``GRPOConfig.call_weighting``; default "rollout": 1 / (calls that generated tokens in
+      its rollout) / (rollouts));
     - ``rollout`` int32[C]: the rollout's index in ``results`` (-1 for padding rows).
 
     ``pack=True``: calls are packed several to a row (first fit, longest first; call j of a row
@@ -278,7 +298,7 @@ def make_batch(
     ``advantages``: one per rollout (shape [len(results)] or [P, G]). Calls that generated no
     tokens (never run: the context or token budget was full) get no row and do not count.
     ``keep``: optional bool[len(results)]; the calls of rollouts not kept get no row, but the
-    rollouts still count in N (``rollout_mask``: skipping zero-advantage rollouts).
+    rollouts still count in N, M and T (``rollout_mask``: skipping zero-advantage rollouts).
     C = ``num_rows`` (default: ``bucket_rows`` of the rows needed, a multiple of
     ``multiple_of``); the extra rows are padding with weight 0. ``seq_len``: L, at least the
     longest call.
@@ -288,7 +308,10 @@ def make_batch(
         raise ValueError(f"{adv.shape[0]} advantages for {len(results)} rollouts: expected one per rollout")
     if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
         raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
+    if weighting not in CALL_WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}: expected one of {CALL_WEIGHTINGS}")
     calls, rows = _row_layout(results, seq_len, pack, keep)
+    weight = _call_weights(results, weighting)
     if num_rows is None:
         num_rows = bucket_rows(len(rows), multiple_of)
     what = "packed rows" if pack else "calls"
@@ -296,7 +319,7 @@ def make_batch(
         raise ValueError(f"num_rows={num_rows!r}: expected an int >= the number of {what} ({len(rows)})")
     if num_rows % multiple_of:
         raise ValueError(f"num_rows={num_rows} is not a multiple of {multiple_of}")
-    c_rows, n_roll = int(num_rows), len(results)
+    c_rows = int(num_rows)
     batch = {
         "tokens": np.full((c_rows, seq_len), PAD_ID, np.int32),
         "positions": np.zeros((c_rows, seq_len), np.int32),
@@ -323,7 +346,7 @@ def make_batch(
             batch["loss_mask"][row, off + n : off + n + m] = 1
             trained = slice(off + n - 1, off + n - 1 + m)  # index t scores token t + 1
             batch["old_logprobs"][row, trained] = c.logprobs
-            w = 1.0 / (k * n_roll)
+            w = weight(k, m)
             if pack:
                 batch["token_advantages"][row, trained] = adv[i]
                 batch["token_weights"][row, trained] = w / m
@@ -331,6 +354,20 @@ def make_batch(
                 batch["advantages"][row], batch["weights"][row], batch["rollout"][row] = adv[i], w, i
             off += n + m
     return batch
+
+
+def _call_weights(results: Sequence, weighting: str):
+    """``w(calls of the call's rollout, generated tokens of the call)``: w_c of
+    ``weighting`` (the module docstring), counting every rollout's calls and tokens (``keep``
+    drops rows, not the totals)."""
+    if weighting == "rollout":
+        n_roll = len(results)
+        return lambda k, m: 1.0 / (k * n_roll)
+    if weighting == "call":
+        total = sum(1 for r in results for c in r.calls if len(c.output_tokens))
+        return lambda k, m: 1.0 / total
+    total = sum(len(c.output_tokens) for r in results for c in r.calls)
+    return lambda k, m: m / total
 
 
 def _row_layout(results: Sequence, seq_len: int, pack: bool, keep=None) -> tuple[list, list[list[int]]]:
@@ -425,6 +462,7 @@ def build_batch(results: Sequence, cfg: GRPOConfig, *, seq_len: int, num_rows: i
         multiple_of=cfg.num_minibatches,
         pack=cfg.pack_calls,
         keep=keep,
+        weighting=cfg.call_weighting,
     )
     stats = {
         "reward_mean": float(r.mean()),

@@ -100,6 +100,7 @@ def test_config_defaults_and_checks():
         (dict(num_minibatches=2.5), "num_minibatches=2.5"),
         (dict(temperature=0.0), "temperature=0.0"),
         (dict(length_measure="wall"), "length_measure"),
+        (dict(call_weighting="thread"), "call_weighting='thread': expected one of"),
     ):
         with pytest.raises(ValueError, match=match) as err:
             cfg.replace(**bad)
@@ -153,6 +154,16 @@ def test_make_batch_by_hand():
         want[n - 1 : n - 1 + m] = c.logprobs
         np.testing.assert_array_equal(b["old_logprobs"][row], want)
     assert not b["segment_ids"][7].any() and not b["loss_mask"][7].any()
+    # weighting="call": every trained call 1 / 7; "token": its generated tokens / all 35
+    # (6 + 3 + 5 + 8 + 4 + 2 + 7); the same rows otherwise
+    per_call = grpo.make_batch(results, adv, seq_len=SEQ, multiple_of=4, weighting="call")
+    per_token = grpo.make_batch(results, adv, seq_len=SEQ, multiple_of=4, weighting="token")
+    np.testing.assert_allclose(per_call["weights"], [1 / 7] * 7 + [0], rtol=1e-6)
+    np.testing.assert_allclose(per_token["weights"], np.array([6, 3, 5, 8, 4, 2, 7, 0]) / 35, rtol=1e-6)
+    for other in (per_call, per_token):
+        assert all(np.array_equal(other[k], b[k]) for k in b if k != "weights")
+    with pytest.raises(ValueError, match="weighting='calls': expected one of"):
+        grpo.make_batch(results, adv, seq_len=SEQ, weighting="calls")
     assert grpo.make_batch(results, adv, seq_len=SEQ, num_rows=12)["tokens"].shape == (12, SEQ)
     assert grpo.make_batch(results, adv, seq_len=SEQ)["tokens"].shape == (7, SEQ)
     assert [grpo.bucket_rows(n, 3) for n in (1, 3, 4, 7, 13)] == [3, 3, 6, 9, 15]
@@ -218,6 +229,10 @@ def test_packed_batch_layout_and_same_loss_and_gradient(tiny):
             off += n + m
         assert not packed["segment_ids"][row, off:].any()
     np.testing.assert_allclose(packed["token_weights"].sum(), 1.0, rtol=1e-6)
+    # weighting="token" packed: every generated token of the batch weighs 1 / 35
+    per_token = grpo.make_batch(results, adv, seq_len=SEQ, multiple_of=2, pack=True, weighting="token")
+    np.testing.assert_allclose(per_token["token_weights"][per_token["loss_mask"][:, 1:] > 0], 1 / 35, rtol=1e-6)
+    assert not per_token["token_weights"][per_token["loss_mask"][:, 1:] == 0].any()
     assert not packed["segment_ids"][3].any() and not packed["token_weights"][3].any()
     # the same loss, metrics and gradient as one call per row (old log-probs moved off-policy)
     for b in (flat, packed):
@@ -286,6 +301,10 @@ def test_skip_zero_advantage_drops_rows_not_the_policy_gradient(tiny, pack):
     if not pack:  # the kept calls keep their weights 1 / (calls x all 4 rollouts)
         np.testing.assert_allclose(skip["weights"], [1 / 4, 1 / 8, 1 / 8], rtol=1e-6)
         np.testing.assert_array_equal(skip["rollout"], [0, 1, 1])
+        # and with the other weightings their weights over all 7 calls / 35 tokens
+        for how, want in (("call", [1 / 7] * 3), ("token", [6 / 35, 3 / 35, 5 / 35])):
+            b, _ = grpo.build_batch(results, cfg.replace(skip_zero_advantage=True, call_weighting=how), seq_len=SEQ)
+            np.testing.assert_allclose(b["weights"], want, rtol=1e-6)
 
     def loss_and_grad(batch, beta):
         return jax.value_and_grad(lambda p: grpo.grpo_loss(graphdef, p, ref_params, batch, 0.2, beta)[0])(params)
@@ -373,6 +392,35 @@ def test_grpo_loss_matches_hand_computation(tiny):
     np.testing.assert_allclose(float(grpo.grpo_loss(graphdef, params, None, pre, eps, beta)[0]), total, rtol=1e-5)
     loss0, _ = grpo.grpo_loss(graphdef, params, None, b, eps, 0.0)
     np.testing.assert_allclose(float(loss0), pg_total, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_call_weightings_on_policy_loss_by_hand(tiny, pack):
+    """On-policy (r_t = 1) with beta = 0 every generated token's loss is -A of its rollout, so
+    the loss is -sum_c w_c A_c: -mean_i A_i over rollouts ("rollout"), -mean over calls
+    ("call"), -mean over generated tokens ("token"); single-call rollouts make "call" and
+    "rollout" the same batch."""
+    _, graphdef, params, ref_params = tiny
+    results = hand_results()  # trained calls per rollout: 1, 2, 1, 3; tokens 6 | 3, 5 | 8 | 4, 2, 7
+    adv = np.array([1.0, -0.5, 0.7, -0.9], np.float32)
+    calls = [1, 2, 1, 3]
+    tokens = [[6], [3, 5], [8], [4, 2, 7]]
+    want = {
+        "rollout": -adv.mean(),
+        "call": -np.repeat(adv, calls).mean(),
+        "token": -sum(a * sum(t) for a, t in zip(adv, tokens)) / 35,
+    }
+    for how, value in want.items():
+        b = grpo.make_batch(results, adv, seq_len=SEQ, pack=pack, weighting=how)
+        logp = np.asarray(token_logprobs(graphdef, params, b["tokens"], b["positions"], b["segment_ids"]))
+        b["old_logprobs"] = np.where(b["loss_mask"][:, 1:] > 0, logp, 0.0).astype(np.float32)
+        loss = float(grpo.grpo_loss(graphdef, params, ref_params, b, 0.2, 0.0)[0])
+        np.testing.assert_allclose(loss, value, rtol=1e-5, err_msg=how)
+    assert len({round(float(v), 6) for v in want.values()}) == 3  # the three weightings differ here
+    single = [dataclasses.replace(r, calls=r.calls[:1]) for r in results]
+    a = grpo.make_batch(single, adv, seq_len=SEQ, pack=pack)
+    c = grpo.make_batch(single, adv, seq_len=SEQ, pack=pack, weighting="call")
+    assert a.keys() == c.keys() and all(np.array_equal(a[k], c[k]) for k in a)
 
 
 def test_on_policy_gradient_is_reinforce(tiny):

@@ -31,6 +31,7 @@ SMALL = [
     "--data_config.problems.val=4",
     "--data_config.problems.test=4",
     "--data_config.num_workers=0",
+    "--data_config.apr.sub_call_budget=0.5",  # budget prefixes, for the second stage's sweep
     "--rl_config.num_steps=1",
     "--rl_config.grpo.num_problems=2",
     "--rl_config.grpo.group_size=2",
@@ -113,6 +114,30 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert json.load(open(other / "stages.json"))["evaluate"] == report["times"]["evaluate"]
     for name, entry in manifest["files"].items():
         assert sha256_file(str(other / "export" / name)) == entry["sha256"], name
+    # The second stage (evaluate.py:mini_sweep, sized down): the first stage's conditions come
+    # from the cache, only the budget sweep is computed, and its time is a row of its own.
+    stage2 = "--eval_config=experiments/configs/evaluate.py:mini_sweep"  # before SMALL's overrides of it
+    sweep = ["--eval_config.budgets=(1,2)", "--eval_config.sweep_problems=0", "--eval_config.spawn_problems=100"]
+    cmd = [sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={other}", stage2, *SMALL, *sweep]
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    swept = json.load(open(other / "eval" / "evaluate.json"))["conditions"]
+    budget = [c for c in swept if c["prefix"]]
+    assert {(c["run"], c["prefix"].strip()) for c in budget} == {
+        (run, f"Sub Call Budget: {b}") for run in ("apr", "apr_rl") for b in (1, 2)
+    }
+    assert not any(c.get("cached") for c in budget)
+    first = {(c["run"], c["analysis"], c["mode"], c["context"]): c["accuracy"] for c in conditions}
+    assert {
+        (c["run"], c["analysis"], c["mode"], c["context"]): c["accuracy"] for c in swept if not c["prefix"]
+    } == first
+    assert all(c.get("cached") for c in swept if not c["prefix"])
+    stages = json.load(open(other / "stages.json"))
+    assert stages["evaluate"] == report["times"]["evaluate"] and stages["evaluate_mini_sweep"]["wall_s"] > 0
+    assert any(
+        c["label"].startswith("enforced children")
+        for c in json.load(open(other / "eval" / "evaluate.json"))["comparisons"]
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])

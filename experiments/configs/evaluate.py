@@ -9,16 +9,32 @@ the largest is the main one), ``n_max`` (SoS+ pass@n / cons@n, n = 1..n_max, sam
 "best": each method's policy chosen on validation, SFT or GRPO), ``spawn_problems`` (validation
 problems of the APR policies' spawn decisions, teacher-forced on their demonstrations:
 ``experiments/analysis.py: spawn_decisions``; 0 = off).
+
+``mini_sweep`` is the mini pipeline's second stage: the same test problems for all four
+exported policies (SFT and GRPO of each method), with SoS+ pass@n / cons@n for n = 1..8 and
+APR's "Sub Call Budget: b" for b = 2, 4, 6 on the first 200 of them (the paper's Fig. 4a,
+GRPO against SFT with the children's change, and the budgets before and after RL). Run after
+the pipeline, the same command with this config evaluates only what the first stage did not
+(finished conditions are read from ``eval/cache``)::
+
+    python -m experiments.reproduce --preset=mini --workdir=W \
+      --eval_config=experiments/configs/evaluate.py:mini_sweep
 """
 
 from ml_collections import ConfigDict
 
 PRESETS = ("tiny", "mini", "paper")
+SECOND_STAGES = ("mini_sweep",)
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
+    if preset == "mini_sweep":
+        c = get_config("mini")
+        c.preset = preset  # its time is its own row in the pipeline's stages.json
+        c.policies, c.n_max, c.budgets, c.sweep_problems = "all", 8, (2, 4, 6), 200
+        return c
     if preset not in PRESETS:
-        raise ValueError(f"unknown evaluation preset {preset!r}: expected one of {PRESETS}")
+        raise ValueError(f"unknown evaluation preset {preset!r}: expected one of {PRESETS + SECOND_STAGES}")
     c = ConfigDict()
     c.preset = preset
     c.split = "test"
@@ -26,8 +42,8 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     row = {
         "tiny": (200, (256, 384, 512), 4, (), 0, 64),
         # mini: the test split's 1,000 problems at the main window, for each method's policy chosen on
-        # validation; the 768 window, pass@n / cons@n and the budget sweep (experiments.evaluate
-        # --config.contexts=768,1024 ...) do not fit reproduce's 2.5 hours on 2 CPU cores.
+        # validation; pass@n / cons@n and the budget sweep do not fit reproduce's 2.5 hours on 2
+        # CPU cores: they are the second stage, mini_sweep.
         "mini": (1_000, (1024,), 0, (), 0, 64),
         "paper": (1_000, (4096,), 8, tuple(range(1, 11)), 0, 256),
     }[preset]

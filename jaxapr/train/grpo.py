@@ -310,8 +310,9 @@ def make_batch(
         raise ValueError(f"multiple_of={multiple_of!r}: expected a positive int")
     if weighting not in CALL_WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: expected one of {CALL_WEIGHTINGS}")
-    calls, rows = _row_layout(results, seq_len, pack, keep)
-    weight = _call_weights(results, weighting)
+    trained = _trained_calls(results, seq_len)
+    weight = _call_weights(trained, len(results), weighting)
+    calls, rows = _row_layout(trained, len(results), seq_len, pack, keep)
     if num_rows is None:
         num_rows = bucket_rows(len(rows), multiple_of)
     what = "packed rows" if pack else "calls"
@@ -356,29 +357,27 @@ def make_batch(
     return batch
 
 
-def _call_weights(results: Sequence, weighting: str):
-    """``w(calls of the call's rollout, generated tokens of the call)``: w_c of
-    ``weighting`` (the module docstring), counting every rollout's calls and tokens (``keep``
-    drops rows, not the totals)."""
+def _call_weights(trained: list, num_rollouts: int, weighting: str):
+    """``w(calls of the call's rollout, generated tokens of the call)``: w_c of ``weighting``
+    (the module docstring), its totals over ``trained`` (``_trained_calls``: every rollout's
+    calls, so ``keep`` drops rows, not the totals)."""
     if weighting == "rollout":
-        n_roll = len(results)
-        return lambda k, m: 1.0 / (k * n_roll)
+        return lambda k, m: 1.0 / (k * num_rollouts)
     if weighting == "call":
-        total = sum(1 for r in results for c in r.calls if len(c.output_tokens))
-        return lambda k, m: 1.0 / total
-    total = sum(len(c.output_tokens) for r in results for c in r.calls)
+        return lambda k, m: 1.0 / len(trained)
+    total = sum(len(c.output_tokens) for _, c, _ in trained)
     return lambda k, m: m / total
 
 
-def _row_layout(results: Sequence, seq_len: int, pack: bool, keep=None) -> tuple[list, list[list[int]]]:
-    """(``_trained_calls`` of the kept rollouts, the indices of the calls in each row: several
-    per row when packed, else one)."""
-    calls = _trained_calls(results, seq_len)
+def _row_layout(trained: list, num_rollouts: int, seq_len: int, pack: bool, keep=None) -> tuple[list, list[list[int]]]:
+    """(the calls of ``trained`` (``_trained_calls``) whose rollouts are kept, the indices of
+    the calls in each row: several per row when packed, else one)."""
+    calls = trained
     if keep is not None:
         keep = np.asarray(keep)
-        if keep.shape != (len(results),) or keep.dtype != bool:
+        if keep.shape != (num_rollouts,) or keep.dtype != bool:
             raise ValueError(
-                f"keep of shape {keep.shape} and dtype {keep.dtype}: expected bool[{len(results)}], one per rollout"
+                f"keep of shape {keep.shape} and dtype {keep.dtype}: expected bool[{num_rollouts}], one per rollout"
             )
         calls = [c for c in calls if keep[c[0]]]
     if not pack:
@@ -429,7 +428,7 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
 
 def rows_needed(results: Sequence, seq_len: int, pack: bool, keep=None) -> int:
     """How many rows ``make_batch(results, ..., pack=pack, keep=keep)`` fills before padding."""
-    return len(_row_layout(results, seq_len, pack, keep)[1])
+    return len(_row_layout(_trained_calls(results, seq_len), len(results), seq_len, pack, keep)[1])
 
 
 def rollout_mask(results: Sequence, cfg: GRPOConfig) -> np.ndarray:

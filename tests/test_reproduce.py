@@ -121,7 +121,8 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     cmd = [sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={other}", stage2, *SMALL, *sweep]
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    swept = json.load(open(other / "eval" / "evaluate.json"))["conditions"]
+    swept_result = json.load(open(other / "eval" / "evaluate.json"))
+    swept = swept_result["conditions"]
     budget = [c for c in swept if c["prefix"]]
     assert {(c["run"], c["prefix"].strip()) for c in budget} == {
         (run, f"Sub Call Budget: {b}") for run in ("apr", "apr_rl") for b in (1, 2)
@@ -134,10 +135,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     assert all(c.get("cached") for c in swept if not c["prefix"])
     stages = json.load(open(other / "stages.json"))
     assert stages["evaluate"] == report["times"]["evaluate"] and stages["evaluate_mini_sweep"]["wall_s"] > 0
-    assert any(
-        c["label"].startswith("enforced children")
-        for c in json.load(open(other / "eval" / "evaluate.json"))["comparisons"]
-    )
+    assert any(c["label"].startswith("enforced children") for c in swept_result["comparisons"])
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])

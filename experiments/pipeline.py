@@ -71,6 +71,12 @@ class _Times:
         os.replace(self.path + ".tmp", self.path)
 
 
+def _resumed(summary: dict) -> dict:
+    """A training stage that resumed from a checkpoint: its wall time is the last invocation's
+    (the interrupted ones' time is lost with them), its ``train_seconds`` the whole run's."""
+    return {"resumed_from": summary["resumed_from"]} if summary.get("resumed_from") else {}
+
+
 def code_revision() -> dict:
     """Which code ran (for the manifest): the repository's git commit and whether tracked files
     differed from it; both None outside a git checkout (e.g. an installed package). A GRPO
@@ -271,6 +277,7 @@ def run(
             steps=s.get("step"),
             train_seconds=s.get("train_seconds"),
             tokens_per_s=s.get("tokens_per_s"),
+            **_resumed(s),
         )
     if rl:
         for kind in KINDS:
@@ -290,6 +297,7 @@ def run(
                 steps=s.get("rl_step"),
                 train_seconds=s.get("train_seconds"),
                 tokens_per_s=s.get("gen_tokens_per_s"),
+                **_resumed(s),
             )
 
     t0 = time.perf_counter()
@@ -437,6 +445,7 @@ def export(
                     workdir,
                 ),
                 "wall_s": stage_times.get(run, {}).get("wall_s"),
+                **{k: stage_times[run][k] for k in ("train_seconds", "resumed_from") if k in stage_times.get(run, {})},
                 "code": stage_times.get(run, {}).get("code"),  # None when the stage's row records no revision
                 "machine": host,
             }
@@ -549,6 +558,7 @@ def format_times(rows: dict) -> str:
         lines.append(
             f"{stage:12s} {r['wall_s']:8.0f} {r.get('steps') or ''!s:>6s} "
             f"{(r.get('train_seconds') or 0):8.0f} {(r.get('tokens_per_s') or 0):9,.0f}"
+            + (f"  resumed from step {r['resumed_from']}: wall s is that invocation's" if r.get("resumed_from") else "")
         )
     lines.append(f"{'total':12s} {sum(r['wall_s'] for r in rows.values()):8.0f}")
     return "\n".join(lines)

@@ -100,6 +100,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
         assert all(e["code"] == manifest["code"] for e in policies.values())
     for entry in policies.values():  # where the run wrote is not part of what it recorded
         assert "--workdir=<workdir>" in entry["command"] and str(tmp_path) not in json.dumps(entry)
+    assert not any("resumed_from" in e for e in policies.values())  # every stage ran start to end
     # The same command in another work directory holding the finished stages: every stage is
     # done, the export is the same bytes (so the evaluation is the cache's, keyed by file hash).
     other = tmp_path.parent / (tmp_path.name + "_moved")
@@ -136,6 +137,19 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     stages = json.load(open(other / "stages.json"))
     assert stages["evaluate"] == report["times"]["evaluate"] and stages["evaluate_mini_sweep"]["wall_s"] > 0
     assert any(c["label"].startswith("enforced children") for c in swept_result["comparisons"])
+    # APR's SFT stage in the first directory loses its summary (as if stopped after its last
+    # checkpoint): it resumes from step 3, and its row, the manifest and the table say its wall
+    # time is that invocation's, its train_seconds the whole run's.
+    (tmp_path / "sft_apr" / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "export")
+    third = reproduce(tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "== SFT sosp: done" in third.stdout and "resumed from step 3: wall s is" in third.stdout
+    resumed = json.load(open(tmp_path / "stages.json"))["sft_apr"]
+    assert resumed["resumed_from"] == 3 and resumed["train_seconds"] == report["times"]["sft_apr"]["train_seconds"]
+    entry = json.load(open(tmp_path / "export" / "manifest.json"))["files"]["tiny_apr_sft.npz"]
+    assert entry["resumed_from"] == 3 and entry["wall_s"] == resumed["wall_s"]
+    assert entry["sha256"] == manifest["files"]["tiny_apr_sft.npz"]["sha256"]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "paper"])

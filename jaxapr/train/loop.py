@@ -15,7 +15,8 @@
    of training), metrics to ``metrics.jsonl`` and TensorBoard, ``task.evaluate`` every
    ``config.eval_every`` steps, at checkpoints when the task keeps a best checkpoint, and at
    the end; a checkpoint every ``config.checkpoint_every`` steps and at the end;
-7. **summary**: ``summary.json`` (the last training metrics and the last validation row).
+7. **summary**: ``summary.json`` (the last training metrics, the last validation row, and
+   ``resumed_from``: the step this invocation began at, 0 when it ran from the start).
 
 Every process runs the skeleton; process 0 writes the shared files. A :class:`Task` (``sft``,
 ``rl``) says only what differs: its config checks, data, state, step and evaluation.
@@ -191,6 +192,7 @@ class _Loop:
             step = task.resume(state, extra)
             self.train_seconds = float(extra.get("train_seconds", 0.0))
             self.log(f"resumed from {task.counter_label} {step} ({self.train_seconds:.0f} s of training so far)")
+        resumed_from = step  # where this invocation began: its wall time covers only the steps after
         if self.main:  # after the checkpoint's identity check
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
@@ -228,7 +230,7 @@ class _Loop:
                 ev = self._evaluate(state, step)
             if save:
                 self._save(state, step, ev, force=step == config.num_steps)
-        final = {task.counter: step, "train_seconds": self.train_seconds, **last}
+        final = {task.counter: step, "train_seconds": self.train_seconds, "resumed_from": resumed_from, **last}
         if step < config.num_steps:  # stopped by the time budget: evaluate and keep it
             ev = self._evaluate(state, step)
             if self.ckpt.latest_step() != step:

@@ -116,4 +116,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with open(os.path.join(killed, "summary.json")) as f:
-        assert json.load(f)["step"] == 40
+        summary = json.load(f)
+    assert summary["step"] == 40 and summary["resumed_from"] in (10, 20, 30)  # its last checkpoint
+    with open(os.path.join(straight, "summary.json")) as f:
+        assert json.load(f)["resumed_from"] == 0

@@ -15,7 +15,8 @@ What each stage leaves in the work directory:
 - ``export/``: the four policies as compact files (``{preset}_{method}_{sft|grpo}.npz``),
   ``{preset}_splits.npz`` (the problem splits) and ``manifest.json`` (for each file: method,
   stage, SFT steps and tokens, RL steps, seed, the policy SFT started from and its sha256,
-  command, config, wall time, machine, the git revision its stage ran at, sha256; paths
+  command, config, wall time and training seconds (with ``resumed_from`` when the stage
+  resumed from a checkpoint), machine, the git revision its stage ran at, sha256; paths
   inside the repository are written relative to its root, the work directory as
   ``<workdir>``, so the policy files are the same bytes from any clone and work directory):
   what ``experiments/checkpoints/`` ships;

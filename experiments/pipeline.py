@@ -412,6 +412,7 @@ def export(
             stages.append(("grpo", f"rl_{kind}", "latest"))
             choice[kind] = val_choice(os.path.join(workdir, f"rl_{kind}"))
         for stage, run, which in stages:
+            row = stage_times.get(run, {})  # the stage's line of stages.json
             policy = policy_io.load_policy(os.path.join(workdir, run), which=which)
             rl_cfg = configs.get(f"rl_{kind}") if stage == "grpo" else None
             init_from = sft_cfg.init_from.replace("{kind}", kind)
@@ -445,9 +446,9 @@ def export(
                     },
                     workdir,
                 ),
-                "wall_s": stage_times.get(run, {}).get("wall_s"),
-                **{k: stage_times[run][k] for k in ("train_seconds", "resumed_from") if k in stage_times.get(run, {})},
-                "code": stage_times.get(run, {}).get("code"),  # None when the stage's row records no revision
+                "wall_s": row.get("wall_s"),
+                **{k: row[k] for k in ("train_seconds", "resumed_from") if k in row},
+                "code": row.get("code"),  # None when the stage's row records no revision
                 "machine": host,
             }
             name = f"{preset}_{kind}_{stage}.npz"

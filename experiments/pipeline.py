@@ -27,7 +27,8 @@ What each stage leaves in the work directory:
   greedy evaluations before and after training. A second stage's evaluation config
   (``experiments/configs/evaluate.py``: ``mini_sweep``) rewrites them with more conditions,
   computing only those not in ``eval/cache``;
-- ``reproduce.json``: the headline, per-stage wall times and trained tokens/s.
+- ``reproduce.json``: the headline, per-stage wall times and each training stage's mean
+  tokens/s (SFT: slot tokens per training second; GRPO: generated tokens per rollout second).
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ def _resumed(summary: dict) -> dict:
     """A training stage that resumed from a checkpoint: its wall time is the last invocation's
     (the interrupted ones' time is lost with them), its ``train_seconds`` the whole run's."""
     return {"resumed_from": summary["resumed_from"]} if summary.get("resumed_from") else {}
+
+
+def _mean_rate(summary: dict, tokens: str, seconds: str, last: str) -> float | None:
+    """A training stage's tokens/s over the whole run (its summary's run totals); the last
+    logging window's rate for a summary written without them."""
+    if summary.get(tokens) and summary.get(seconds):
+        return summary[tokens] / summary[seconds]
+    return summary.get(last)
 
 
 def code_revision() -> dict:
@@ -277,7 +286,7 @@ def run(
             ran,
             steps=s.get("step"),
             train_seconds=s.get("train_seconds"),
-            tokens_per_s=s.get("tokens_per_s"),
+            tokens_per_s=_mean_rate(s, "slot_tokens", "train_seconds", "tokens_per_s"),
             **_resumed(s),
         )
     if rl:
@@ -297,7 +306,7 @@ def run(
                 ran,
                 steps=s.get("rl_step"),
                 train_seconds=s.get("train_seconds"),
-                tokens_per_s=s.get("gen_tokens_per_s"),
+                tokens_per_s=_mean_rate(s, "generated_tokens", "generation_seconds", "gen_tokens_per_s"),
                 **_resumed(s),
             )
 

@@ -66,6 +66,11 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
     for stage in ("sft_sosp", "sft_apr", "rl_sosp", "rl_apr"):
         assert os.path.isfile(tmp_path / stage / "summary.json")
         assert report["times"][stage]["wall_s"] > 0
+        summary = json.load(open(tmp_path / stage / "summary.json"))
+        tokens, seconds = (
+            ("slot_tokens", "train_seconds") if stage.startswith("sft") else ("generated_tokens", "generation_seconds")
+        )
+        assert report["times"][stage]["tokens_per_s"] == summary[tokens] / summary[seconds]  # the run's mean
     manifest = json.load(open(tmp_path / "export" / "manifest.json"))
     policies = {k: v for k, v in manifest["files"].items() if "method" in v}
     assert sorted(policies) == ["tiny_apr_grpo.npz", "tiny_apr_sft.npz", "tiny_sosp_grpo.npz", "tiny_sosp_sft.npz"]

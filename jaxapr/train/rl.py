@@ -191,7 +191,15 @@ class GRPOTask(loop.Task):
             rules=rules if engine_mesh is self.mesh else None,
         )
         self.base_key = jax.random.key(config.seed)
+        self.generated = {"generated_tokens": 0.0, "generation_seconds": 0.0}  # the run's so far
         return state
+
+    def resume(self, state, extra: dict) -> int:
+        self.generated = {k: float(extra.get(k, 0.0)) for k in self.generated}
+        return super().resume(state, extra)
+
+    def checkpoint_extra(self) -> dict:
+        return dict(self.generated)
 
     def train_step(self, state, step: int):
         from jaxapr.train import mesh as mesh_lib
@@ -246,6 +254,8 @@ class GRPOTask(loop.Task):
             distributed.allgather(np.array(local, np.float64)).sum(axis=0),
             distributed.max_across(t1 - t0),
         )
+        self.generated["generated_tokens"] += gen
+        self.generated["generation_seconds"] += rollout_seconds
         metrics = {
             "reward": reward / n,
             "success": success / n,
@@ -262,7 +272,8 @@ class GRPOTask(loop.Task):
             "lr": m.get("lr", gcfg.learning_rate),
             "rollout_seconds": rollout_seconds,
             "update_seconds": t2 - t1,
-            "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),
+            "gen_tokens_per_s": gen / max(rollout_seconds, 1e-9),  # this step's
+            **self.generated,  # the run's: their ratio is its mean generation rate
         }
         return state, metrics, {"reward": f"{metrics['reward']:.3f}", "kl": f"{metrics['kl']:.2e}"}
 

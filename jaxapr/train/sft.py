@@ -270,6 +270,7 @@ class SFTTask(loop.Task):
         self.peak = machine.matmul_peak_flops(dtype=cfg.dtype)
         self.flops_per_token = 3 * model_flops(cfg, config.seq_len)
         self.window_t, self.window_tokens = time.perf_counter(), 0.0
+        self.slot_tokens = 0.0  # all processes' non-pad tokens up to the last logged window
         return state
 
     def resume(self, state, extra: dict) -> int:
@@ -281,12 +282,16 @@ class SFTTask(loop.Task):
                 f"warning: the checkpoint was written by {saved} processes, this run has {self.processes}: "
                 "parameters and optimizer state are restored, the data loaders start a new pass"
             )
+        self.slot_tokens = float(extra.get("slot_tokens", 0.0))
         return super().resume(state, extra)
 
     def checkpoint_extra(self) -> dict:  # every process's loader position (the meta JSON is process 0's)
         from jaxapr import distributed
 
-        extra = {"data": self.it.get_state()}
+        pending = self.window_tokens  # a checkpoint between two logged windows
+        if self.processes > 1:
+            pending = distributed.sum_across({"tokens": pending})["tokens"]
+        extra = {"data": self.it.get_state(), "slot_tokens": self.slot_tokens + pending}
         if self.processes > 1:
             extra.update(data_processes=self.processes, data_by_process=distributed.allgather_json(extra["data"]))
         return extra
@@ -309,12 +314,14 @@ class SFTTask(loop.Task):
             tokens = distributed.sum_across({"tokens": tokens})["tokens"]
         tps = tokens / max(elapsed, 1e-9)
         self.window_t, self.window_tokens = time.perf_counter(), 0.0
+        self.slot_tokens += tokens
         metrics = {
             "loss": m["loss"],
             "grad_norm": m["grad_norm"],
             "lr": m["lr"],
             "trained_tokens": m["tokens"],
-            "tokens_per_s": tps,
+            "tokens_per_s": tps,  # this window's (evaluation and checkpoints in it included)
+            "slot_tokens": self.slot_tokens,  # the run's so far: over train_seconds, its mean rate
             "peak_fraction": tps * self.flops_per_token / self.peak,
         }
         return state, metrics, {"loss": f"{m['loss']:.3f}", "tok_s": f"{tps:,.0f}"}

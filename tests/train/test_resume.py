@@ -119,4 +119,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir):
         summary = json.load(f)
     assert summary["step"] == 40 and summary["resumed_from"] in (10, 20, 30)  # its last checkpoint
     with open(os.path.join(straight, "summary.json")) as f:
-        assert json.load(f)["resumed_from"] == 0
+        straight_summary = json.load(f)
+    assert straight_summary["resumed_from"] == 0
+    # the run's slot tokens (its mean rate's numerator) carried over the kill: _rows compared them
+    assert summary["slot_tokens"] == straight_summary["slot_tokens"] > 0

@@ -278,6 +278,11 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     rows = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
     rl_rows = [r for r in rows if "rl/reward" in r]
     assert [r["step"] for r in rl_rows] == [1, 2, 3]
+    # the run's generated tokens and generation seconds so far: each step's, summed
+    g = rl_config(data_dir, init).grpo
+    per_step = [r["rl/total_tokens"] * g.num_problems * g.group_size for r in rl_rows]
+    assert [r["rl/generated_tokens"] for r in rl_rows] == pytest.approx(np.cumsum(per_step).tolist())
+    assert s["generation_seconds"] == pytest.approx(sum(r["rl/rollout_seconds"] for r in rl_rows))
     assert {
         "rl/kl",
         "rl/clip_fraction",
@@ -309,7 +314,8 @@ def test_rl_run_resumes_exactly(tmp_path, data_dir, sft_run):
     (cond,) = [c for c in result["conditions"] if c["analysis"] == "context"]
     assert {k: cond["records"][k] for k in records[3]} == records[3]
     rl.train(rl_config(data_dir, init, init_which="latest", num_steps=2), split, log=lambda *_: None)
-    rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
+    resumed = rl.train(rl_config(data_dir, init, init_which="latest"), split, log=lambda *_: None)
+    assert resumed["generated_tokens"] == s["generated_tokens"]  # carried over the resume
     with open(os.path.join(split, rl.VAL_RECORDS), "a") as f:
         f.write('{"step": 3, "succ')  # a torn last line (a crash mid-write) is skipped
     assert rl.read_val_records(split) == records

@@ -11,9 +11,10 @@ Runs are named: ``sosp`` / ``apr`` (SFT), ``sosp_rl`` / ``apr_rl`` (+ GRPO). Con
   a budget (the matched-tokens comparison's side) and, when its data has budgets, with each
   ``Sub Call Budget: b`` prefix, on the first ``sweep_problems`` problems;
 - **comparisons**: paired-bootstrap intervals over problems for A - B, at each context (APR vs
-  SoS+, each method + GRPO vs itself), for children under RL, at matched total tokens (APR
-  against the SoS+ cons@n whose tokens come closest) and for the enforced-children ablation
-  (the largest budget, before and after GRPO).
+  SoS+, each method + GRPO vs itself), for children under RL, at matched total tokens (each
+  point of APR's curve, without a budget and at each budget, against the SoS+ cons@n whose
+  tokens come closest: where the curves cross) and for the enforced-children ablation (the
+  largest budget, before and after GRPO).
 
 Every condition keeps per-problem records (``jaxapr.evaluation``) so that comparisons pair the
 same problems; with ``cache_dir`` each finished condition is stored and a rerun reuses it
@@ -326,19 +327,21 @@ def compare(result: dict) -> list[dict]:
             )
     main = result["main_context"]
     cons = [c for c in result["conditions"] if c["run"] == "sosp" and c["mode"].startswith("cons@")]
-    for run in ("apr", "apr_rl"):
-        apr = find(result, run, "tokens", context=main, prefix="")
-        if apr and cons:  # matched total tokens: the cons@n whose tokens come closest
-            near = min(cons, key=lambda c: abs(c["total_tokens"] - apr["total_tokens"]))
-            out.append(
-                paired(
-                    apr,
-                    near,
-                    label=f"{NAMES[run]} - SoS+ {near['mode']} at matched total tokens "
-                    f"({apr['total_tokens']:.0f} vs {near['total_tokens']:.0f})",
-                )
-            )
     budgets = sorted({c["prefix"] for c in result["conditions"] if c["prefix"]}, key=lambda p: int(p.split(": ")[1]))
+    for run in ("apr", "apr_rl"):
+        for prefix in ("", *budgets):  # each point of APR's curve against the cons@n nearest in total tokens
+            apr = find(result, run, "tokens", context=main, prefix=prefix)
+            if apr and cons:
+                near = min(cons, key=lambda c: abs(c["total_tokens"] - apr["total_tokens"]))
+                at = f" ({prefix.strip()})" if prefix else ""
+                out.append(
+                    paired(
+                        apr,
+                        near,
+                        label=f"{NAMES[run]}{at} - SoS+ {near['mode']} at matched total tokens "
+                        f"({apr['total_tokens']:.0f} vs {near['total_tokens']:.0f})",
+                    )
+                )
     if budgets:
         top = budgets[-1]
         a, b = find(result, "apr_rl", "tokens", prefix=top), find(result, "apr", "tokens", prefix=top)

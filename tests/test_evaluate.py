@@ -114,6 +114,15 @@ def test_evaluate_writes_every_analysis(workdir, tmp_path):
     labels = [c["label"] for c in result["comparisons"]]
     assert "APR - SoS+ at 64" in labels and "APR - SoS+ at 128" in labels
     assert any("matched total tokens" in label for label in labels)
+    # each budget's point of APR's curve against the cons@n nearest in total tokens
+    cons = {c["mode"]: c["total_tokens"] for c in conds if c["run"] == "sosp" and c["mode"].startswith("cons@")}
+    for b in (1, 2):
+        (cmp,) = [c for c in result["comparisons"] if c["label"].startswith(f"APR (Sub Call Budget: {b}) - SoS+ cons@")]
+        (apr,) = [c for c in conds if c["run"] == "apr" and c["prefix"] == f"Sub Call Budget: {b} "]
+        assert cmp["a"]["prefix"] == apr["prefix"] and cmp["b"]["mode"] in cons
+        assert abs(cons[cmp["b"]["mode"]] - apr["total_tokens"]) == min(
+            abs(t - apr["total_tokens"]) for t in cons.values()
+        )
     for c in result["comparisons"]:
         assert c["low"] <= c["diff"] <= c["high"] and c["n"] == 3
     records = json.load(open(os.path.join(out, "records.json")))
